@@ -1,0 +1,120 @@
+"""Command line: `diffusers-api serve | ...`. Flags override the environment (see config.Settings).
+
+Only argparse is imported at module level so that `--help` answers at once; torch, diffusers and the server
+are imported when a command actually runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+# flag -> Settings field, for the flags shared by the commands that load a model
+_MODEL_FLAGS = {
+    "model": "model_id",
+    "precision": "model_precision",
+    "revision": "model_revision",
+    "variant": "model_variant",
+    "models_dir": "models_dir",
+    "device": "device",
+    "pipeline": "pipeline",
+    "scheduler": "scheduler",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffusers-api",
+        description="A fast inference server for Hugging Face diffusers image models. "
+        "Every flag has an environment variable of the same name in upper case (e.g. --model is MODEL_ID).",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP server",
+        description="Run the HTTP server: POST / (docker-diffusers-api envelope), POST /v1/generate, "
+        "GET /health, /healthcheck, /ping, /docs.",
+    )
+    _add_model_flags(serve)
+    serve.add_argument("--host", help="interface to listen on (HOST, default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="port to listen on (PORT, default 8000)")
+    serve.add_argument(
+        "--runtime-downloads",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="let requests name other models (RUNTIME_DOWNLOADS, default off)",
+    )
+    serve.add_argument("--cors-origins", help="comma-separated allowed origins (CORS_ORIGINS)")
+    serve.add_argument("--max-queue", type=int, help="waiting requests before BUSY (MAX_QUEUE, default 64)")
+    serve.add_argument("--debug", action="store_true", default=None, help="include stack traces in errors")
+    serve.add_argument("--log-level", help="debug, info, warning, error (LOG_LEVEL, default info)")
+    return parser
+
+
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", help="model id: hub repo, local directory or builtin/tiny-sd (MODEL_ID)")
+    group.add_argument("--precision", help="fp16, bf16, fp32 (MODEL_PRECISION; default: as stored)")
+    group.add_argument("--revision", help="hub revision (MODEL_REVISION)")
+    group.add_argument("--variant", help="weight-file variant, e.g. fp16 (MODEL_VARIANT)")
+    group.add_argument("--models-dir", help="model store directory (MODELS_DIR, default ~/.cache/diffusers-api)")
+    group.add_argument("--device", help="auto, cuda, cuda:N, mps, cpu (DEVICE, default auto)")
+    group.add_argument("--pipeline", help="default pipeline: class name, txt2img, img2img, inpaint (PIPELINE)")
+    group.add_argument("--scheduler", help="default scheduler class or alias (SCHEDULER)")
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    """Settings from the environment with the given flags laid over it; exits with a clear message if invalid."""
+    from pydantic import ValidationError
+
+    from .config import Settings
+    from .schema import describe_validation_error
+
+    flags = {_MODEL_FLAGS.get(name, name): value for name, value in vars(args).items() if value is not None}
+    flags.pop("command", None)
+    flags.pop("version", None)
+    try:
+        return Settings(**flags)
+    except ValidationError as exc:
+        raise SystemExit(f"diffusers-api: invalid configuration: {describe_validation_error(exc)}") from None
+
+
+def serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if not settings.model_id and not settings.runtime_downloads:
+        print(
+            "diffusers-api: no model to serve: pass --model (e.g. --model builtin/tiny-sd) or set MODEL_ID",
+            file=sys.stderr,
+        )
+        return 2
+    import uvicorn
+
+    from .http.app import create_app
+    from .logs import configure_logging
+
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        log_config=None,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+
+        print(f"diffusers-api {__version__}")
+        return 0
+    if args.command == "serve":
+        return serve(args)
+    parser.print_help()
+    return 2

@@ -1,0 +1,88 @@
+"""Settings: the only place the environment is read.
+
+Environment names are those of docker-diffusers-api (MODEL_ID, PIPELINE, SCHEDULER, ...) plus the new ones of
+diffusers-api (MODELS_DIR, API_KEY, HOST, PORT, ...). Command-line flags override them: the CLI builds
+`Settings(**flags)` and init arguments win over the environment. Tests build `Settings(...)` directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Precision = Literal["", "fp16", "bf16", "fp32"]
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. Field names are the lower-case environment names."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="", case_sensitive=False, extra="ignore", populate_by_name=True, env_ignore_empty=True
+    )
+
+    # --- the model ---------------------------------------------------------------------------------------
+    model_id: str | None = Field(None, description="Model served by default (hub id, local dir, builtin/...)")
+    hf_model_id: str | None = Field(None, description="Hub repository when MODEL_ID is only an alias")
+    model_revision: str | None = None
+    model_precision: Precision = Field("", description="fp16, bf16, fp32, or empty for the model's default")
+    model_variant: str | None = Field(None, description="Weight-file variant, e.g. fp16")
+    model_url: str | None = Field(None, description="Cloud-cache archive URL")
+    checkpoint_url: str | None = Field(None, description="Single-file checkpoint to convert")
+    pipeline: str | None = Field(None, description="Default pipeline (class name or txt2img/img2img/inpaint)")
+    scheduler: str = Field("DPMSolverMultistepScheduler", description="Default scheduler (class or alias)")
+    runtime_downloads: bool = Field(False, description="Allow requests to name any model")
+    hf_auth_token: SecretStr | None = Field(None, validation_alias=_env("HF_AUTH_TOKEN", "HF_TOKEN"))
+    models_dir: Path = Field(Path("~/.cache/diffusers-api"), description="Where models are stored")
+    device: str = Field("auto", description="auto, cuda, cuda:N, mps or cpu")
+
+    # --- cloud cache ---------------------------------------------------------------------------------------
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_default_region: str | None = None
+    aws_s3_endpoint_url: str | None = None
+    aws_s3_default_bucket: str | None = None
+
+    # --- events --------------------------------------------------------------------------------------------
+    send_url: str | None = None
+    sign_key: SecretStr | None = None
+
+    # --- HTTP ----------------------------------------------------------------------------------------------
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: SecretStr | None = Field(None, description="Bearer token required by HTTP endpoints when set")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest accepted request body")
+    max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Largest input or output image")
+    max_queue: int = Field(64, ge=1, description="Requests waiting beyond this get BUSY (503)")
+
+    # --- engine --------------------------------------------------------------------------------------------
+    max_batch_size: int = Field(8, ge=1, le=256)
+    debug: bool = False
+    log_level: str = "info"
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("models_dir", mode="after")
+    @classmethod
+    def _expand_models_dir(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @field_validator("model_precision", mode="before")
+    @classmethod
+    def _normalize_precision(cls, value: object) -> object:
+        aliases = {"float16": "fp16", "half": "fp16", "bfloat16": "bf16", "float32": "fp32", "full": "fp32"}
+        if isinstance(value, str):
+            return aliases.get(value.strip().lower(), value.strip().lower())
+        return value

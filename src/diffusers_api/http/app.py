@@ -1,0 +1,159 @@
+"""The FastAPI app factory: lifespan (model load), middleware (CORS, body limit), auth and error mapping.
+
+Routes are thin adapters over the engine (routes.py: native /v1 and health; legacy.py: `POST /`). The model
+loads in the background once the server is up, so /health and /ping answer STARTING while it loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from ..errors import DiffusersAPIError, InvalidInputs, PayloadTooLarge, Unauthorized, from_exception
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """Build the app. Without an engine, a SerialEngine over a Runner for `settings` is made."""
+    if engine is None:
+        from ..engine import SerialEngine
+        from ..runner import Runner
+
+        engine = SerialEngine(Runner(settings), max_queue=settings.max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(engine.start())
+        yield
+        loading.cancel()
+        await engine.stop()
+
+    app = FastAPI(
+        title="diffusers-api",
+        version=__version__,
+        summary="Image generation with Hugging Face diffusers, wire-compatible with docker-diffusers-api",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    _add_middleware(app, settings)
+    _add_error_handlers(app, settings)
+
+    from . import legacy, routes
+
+    app.include_router(routes.health_router)
+    app.include_router(routes.router)
+    app.include_router(legacy.router)
+    return app
+
+
+def _add_middleware(app: FastAPI, settings: Settings) -> None:
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Accept"],
+        )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+
+
+def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
+    @app.exception_handler(DiffusersAPIError)
+    async def api_error(request: Request, exc: DiffusersAPIError) -> JSONResponse:
+        return error_response(request, exc, settings.debug)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+        message = "; ".join(f"{e['loc'].removeprefix('body.')}: {e['msg']}" for e in errors)
+        return error_response(request, InvalidInputs(message, errors=errors), settings.debug)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(request, from_exception(exc), settings.debug)
+
+
+def error_response(request: Request, exc: DiffusersAPIError, debug: bool) -> JSONResponse:
+    """`{"error": {...}}` on the native API, `{"$error": {...}}` on the legacy one."""
+    key = "error" if request.url.path.startswith("/v1") else "$error"
+    return JSONResponse({key: exc.to_wire(debug)}, status_code=exc.status)
+
+
+def require_api_key(request: Request) -> None:
+    """FastAPI dependency: the bearer token must match API_KEY when one is set."""
+    expected = request.app.state.settings.api_key
+    if expected is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), expected.get_secret_value()):
+        raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <API_KEY>'")
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over `max_bytes` with 413, by header and by counting what actually arrives.
+
+    The body is read here in full (it is bounded) and replayed to the app, so a chunked upload without a
+    Content-Length is refused with the same clear error instead of failing somewhere inside body parsing.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, send)
+            return
+        messages = await self._read_body(receive)
+        if messages is None:
+            await self._refuse(scope, send)
+            return
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _read_body(self, receive: Receive) -> list[Message] | None:
+        messages: list[Message] = []
+        received = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                return None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return messages
+
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        error = PayloadTooLarge(f"request body exceeds {self.max_bytes} bytes", limit=self.max_bytes)
+        key = "error" if scope["path"].startswith("/v1") else "$error"
+        response = JSONResponse({key: error.to_wire()}, status_code=error.status)
+        await response(scope, receive=_no_receive, send=send)
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}

@@ -1,0 +1,44 @@
+"""`POST /`: the docker-diffusers-api envelope, adapted onto the native request."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from ..schema import decode_envelope, from_legacy, to_legacy
+from .app import require_api_key
+
+router = APIRouter(tags=["legacy"], dependencies=[Depends(require_api_key)])
+
+_ENVELOPE_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["modelInputs", "callInputs"],
+                    "properties": {
+                        "modelInputs": {"type": "object", "description": "the pipeline's __call__ arguments"},
+                        "callInputs": {"type": "object", "description": "MODEL_ID, PIPELINE, SCHEDULER, ..."},
+                    },
+                },
+                "example": {
+                    "modelInputs": {"prompt": "realistic field of grass", "num_inference_steps": 20},
+                    "callInputs": {"MODEL_ID": "builtin/tiny-sd", "SCHEDULER": "DPMSolverMultistepScheduler"},
+                },
+            }
+        },
+    }
+}
+
+
+@router.post("/", summary="docker-diffusers-api compatible inference", openapi_extra=_ENVELOPE_SCHEMA)
+async def legacy_inference(request: Request) -> JSONResponse:
+    """Accepts `{"modelInputs": {...}, "callInputs": {...}}` (also double-encoded as a JSON string) and answers
+    with `image_base64` / `images_base64`, `$meta`, `$timings` and `$mem_usage`; errors as `$error`."""
+    generate_request = from_legacy(decode_envelope(await request.body()))
+    result = await request.app.state.engine.submit(generate_request)
+    return JSONResponse(to_legacy(result))

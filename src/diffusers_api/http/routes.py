@@ -1,0 +1,94 @@
+"""Native API (/v1) and health routes: thin adapters over the engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from ..engine import Engine, Health
+from ..errors import InvalidInputs
+from ..imaging import mime_type
+from ..schema import ErrorResponse, GenerateRequest, GenerateResponse
+from .app import require_api_key
+
+router = APIRouter(prefix="/v1", tags=["native"], dependencies=[Depends(require_api_key)])
+health_router = APIRouter(tags=["health"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (401, 404, 413, 422, 500, 503)
+}
+_IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
+
+
+def _engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses={**_ERRORS, 200: {"content": {mime: {} for mime in _IMAGE_TYPES}}},
+    summary="Generate images and wait for them",
+)
+async def generate(body: GenerateRequest, request: Request) -> Response:
+    """Runs the request and returns its images as base64 JSON, or, when `Accept` names an image type
+    (image/png, image/jpeg, image/webp), the bytes of the single image it made."""
+    wanted = _image_accept(request.headers.get("accept", ""))
+    if wanted is not None:
+        if body.image_count != 1:
+            raise InvalidInputs(f"Accept: image/* returns one image, but this request makes {body.image_count}")
+        body = body.model_copy(update={"image_format": wanted})
+    result = await _engine(request).submit(body)
+    if wanted is not None:
+        headers = {"X-Seed": str(result.seeds[0]), "X-Model": str(result.meta.get("MODEL_ID", ""))}
+        return Response(result.images[0], media_type=mime_type(result.image_format), headers=headers)
+    return JSONResponse(GenerateResponse.from_result(result).model_dump())
+
+
+def _image_accept(accept: str) -> str | None:
+    """The image format an Accept header asks for, if it asks for an image rather than JSON."""
+    for part in accept.split(","):
+        mime = part.split(";")[0].strip().lower()
+        if mime in _IMAGE_TYPES:
+            return _IMAGE_TYPES[mime]
+        if mime in ("application/json", "*/*"):
+            return None
+    return None
+
+
+# --- health ------------------------------------------------------------------------------------------------
+
+_SERVING = (Health.READY, Health.BUSY)
+
+
+@health_router.get("/health", summary="Lifecycle state; 503 until the model is ready")
+async def health(request: Request) -> JSONResponse:
+    engine = _engine(request)
+    state = engine.health
+    body: dict[str, Any] = {"status": state.value, "queue_depth": engine.queue_depth}
+    if engine.setup_error:
+        body["error"] = engine.setup_error
+    return JSONResponse(body, status_code=200 if state in _SERVING else 503)
+
+
+@health_router.get("/healthcheck", summary="docker-diffusers-api health check")
+async def healthcheck(request: Request) -> JSONResponse:
+    import torch
+
+    state = _engine(request).health
+    serving = state in _SERVING
+    body = {"state": "healthy" if serving else state.value.lower(), "gpu": torch.cuda.is_available()}
+    return JSONResponse(body, status_code=200 if serving else 503)
+
+
+@health_router.get("/ping", summary="RunPod load-balancer probe: 200 ready, 204 initializing")
+async def ping(request: Request) -> Response:
+    state = _engine(request).health
+    if state in _SERVING:
+        return JSONResponse({"status": "healthy"})
+    if state is Health.STARTING:
+        return Response(status_code=204)
+    return JSONResponse({"status": state.value.lower()}, status_code=503)

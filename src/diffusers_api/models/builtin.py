@@ -1,0 +1,535 @@
+"""Built-in tiny models: randomly initialised, deterministic pipelines that make the server testable offline.
+
+Each builtin is built in memory by `build_builtin`, saved once with `save_pretrained` (safetensors) into the
+models directory by `ensure_builtin`, and from then on loaded from disk like any other model. They are real
+pipelines (real tokenizer, UNet, VAE, text encoders, safety checker), only tiny: a 64x64 image with 20 steps
+and classifier-free guidance takes well under a second on a CPU. Their images are noise-like; they exist to
+exercise the code paths, not to draw.
+
+Top-level imports stay light (no torch, no diffusers): the CLI imports this module to answer `--help`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from contextlib import suppress
+from functools import cache
+from itertools import pairwise
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from diffusers_api.errors import ModelLoadError, ModelNotFound
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+BUILTIN_PREFIX = "builtin/"
+
+# Written last into a finished build; a directory without it (or with an older recipe) is not a model.
+COMPLETE_MARKER = "builtin.json"
+# Bump when a recipe changes, so directories built by an older recipe are rebuilt instead of reused.
+RECIPE_VERSION = 1
+# Staging directories start with a dot so that nothing listing the models directory takes them for models.
+STAGING_PREFIX = ".staging-"
+DISCARD_PREFIX = ".discard-"
+# A staging directory this old belongs to a process that died: a build takes a few seconds.
+STALE_STAGING_S = 15 * 60
+
+TOKENIZER_MAX_LENGTH = 77
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+END_OF_WORD = "</w>"
+# Words the generated BPE learns merges from, until each is one token: ordinary prompts take fewer tokens.
+MERGE_CORPUS = """
+a an the of and or with in on at to for from by is are was be it this that as my your his her their our
+photo photograph picture painting drawing portrait landscape image art artwork illustration render sketch
+cat dog bird horse fish lion tiger bear fox wolf rabbit mouse cow sheep animal animals dragon monster
+man woman person people child girl boy face eyes hair hand hands body head smile smiling old young
+red green blue yellow orange purple pink black white gray grey brown gold golden silver color colors
+big small large tiny little beautiful cute pretty dark light bright soft sharp detailed realistic
+high quality resolution best masterpiece trending style studio lighting cinematic dramatic night day
+sky sun moon star stars cloud clouds rain snow water sea ocean river lake beach mountain mountains forest
+tree trees flower flowers grass garden field city street house building castle room window door road
+car boat ship train plane space planet earth fire ice wood stone glass metal paper background foreground
+sitting standing running walking eating flying playing holding wearing looking under over near
+astronaut riding squirrel burger pizza apple banana cake coffee cup table chair book computer robot
+"""
+
+SD_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
+# Stable Diffusion XL base ships EulerDiscreteScheduler with these settings.
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    **SD_SCHEDULER_CONFIG,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+}
+
+# One seed per component, so that every component is reproducible on its own.
+SEED_UNET = 0
+SEED_VAE = 1
+SEED_TEXT_ENCODER = 2
+SEED_TEXT_ENCODER_2 = 3
+SEED_SAFETY_CHECKER = 4
+
+# torch's default RNG is global: builds in two threads at once would interleave their draws.
+_BUILD_LOCK = threading.Lock()
+# Serialises ensure_builtin in one process (threads would only redo the same work); processes race on rename.
+_ENSURE_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+
+def builtin_names() -> list[str]:
+    return [BUILTIN_PREFIX + name for name in _RECIPES]
+
+
+def is_builtin(model_id: str) -> bool:
+    return model_id.startswith(BUILTIN_PREFIX)
+
+
+def builtin_dir(model_id: str, models_dir: Path) -> Path:
+    """Where the model store keeps `model_id`: "builtin/tiny-sd" -> models_dir/"models--builtin--tiny-sd"."""
+    return Path(models_dir) / ("models--" + model_id.replace("/", "--"))
+
+
+def build_builtin(model_id: str) -> DiffusionPipeline:
+    """Construct the pipeline in memory. Deterministic: the same recipe always gives the same weights."""
+    recipe = _recipe(model_id)
+    import torch
+
+    # fork_rng: seeding the recipe must not change the random state of the rest of the server.
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+        return recipe()
+
+
+def ensure_builtin(model_id: str, models_dir: Path) -> Path:
+    """Return the complete directory of `model_id`, building and publishing it atomically on first use."""
+    _recipe(model_id)
+    target = builtin_dir(model_id, models_dir)
+    if _is_complete(target, model_id):
+        return target
+    Path(models_dir).mkdir(parents=True, exist_ok=True)
+    _remove_stale_staging(Path(models_dir))
+    with _ENSURE_LOCK:
+        # A thread that waited here may find that another one has just published it.
+        if not _is_complete(target, model_id):
+            _build_and_publish(model_id, target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------- publishing
+
+
+def _build_and_publish(model_id: str, target: Path) -> None:
+    # Same directory as the target, so that the final rename stays on one filesystem (and is atomic).
+    # Not tempfile.mkdtemp: its 0700 mode would be published with the model.
+    staging = target.with_name(f"{STAGING_PREFIX}{target.name}-{uuid.uuid4().hex}")
+    staging.mkdir()
+    try:
+        build_builtin(model_id).save_pretrained(staging, safe_serialization=True)
+        _write_marker(staging, model_id)
+        _publish(staging, target, model_id)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_marker(directory: Path, model_id: str) -> None:
+    marker = {"model_id": model_id, "recipe_version": RECIPE_VERSION}
+    (directory / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def _is_complete(directory: Path, model_id: str) -> bool:
+    try:
+        marker = json.loads((directory / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker == {"model_id": model_id, "recipe_version": RECIPE_VERSION}
+
+
+def _publish(staging: Path, target: Path, model_id: str) -> None:
+    """Rename `staging` onto `target`. If a complete one is already there (another process won), keep it."""
+    for _ in range(3):
+        try:
+            os.rename(staging, target)  # atomic on one filesystem; replaces only an empty directory
+            return
+        except OSError:
+            if _is_complete(target, model_id):
+                return
+            _discard_incomplete(target, model_id)
+    raise ModelLoadError(f"could not publish builtin model {model_id} to {target}")
+
+
+def _discard_incomplete(target: Path, model_id: str) -> None:
+    """Move a half-written or outdated `target` out of the way, without ever deleting a complete one."""
+    aside = target.with_name(f"{DISCARD_PREFIX}{target.name}-{uuid.uuid4().hex}")
+    try:
+        os.rename(target, aside)
+    except FileNotFoundError:
+        return
+    # Another process may have published between our check and the rename: put its work back.
+    if _is_complete(aside, model_id):
+        with suppress(OSError):
+            os.rename(aside, target)
+            return
+    _remove(aside)
+
+
+def _remove_stale_staging(models_dir: Path) -> None:
+    """Remove what killed builds left behind: old staging directories and discarded ones."""
+    now = time.time()
+    for path in models_dir.iterdir():
+        if not path.name.startswith((STAGING_PREFIX, DISCARD_PREFIX)):
+            continue
+        with suppress(OSError):
+            if now - path.stat().st_mtime > STALE_STAGING_S:
+                _remove(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+
+def _recipe(model_id: str) -> Callable[[], DiffusionPipeline]:
+    recipe = _RECIPES.get(model_id.removeprefix(BUILTIN_PREFIX)) if is_builtin(model_id) else None
+    if recipe is None:
+        raise ModelNotFound(f"unknown builtin model {model_id!r}", requested=model_id, available=builtin_names())
+    return recipe
+
+
+def _build_tiny_sd() -> DiffusionPipeline:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(**_sd_components(unet_in_channels=4), requires_safety_checker=True)
+
+
+def _build_tiny_sd_inpaint() -> DiffusionPipeline:
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint import (
+        StableDiffusionInpaintPipeline,
+    )
+
+    # 4 noisy latent + 1 mask + 4 masked-image latent channels, as in SD inpainting checkpoints.
+    return StableDiffusionInpaintPipeline(**_sd_components(unet_in_channels=9), requires_safety_checker=True)
+
+
+def _sd_components(unet_in_channels: int) -> dict[str, Any]:
+    tokenizer = build_clip_tokenizer()
+    return {
+        "vae": _vae(),
+        "text_encoder": _text_encoder(_text_config(tokenizer), SEED_TEXT_ENCODER),
+        "tokenizer": tokenizer,
+        "unet": _sd_unet(unet_in_channels),
+        "scheduler": _sd_scheduler(),
+        "safety_checker": _safety_checker(),
+        "feature_extractor": _feature_extractor(),
+    }
+
+
+def _build_tiny_sdxl() -> DiffusionPipeline:
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
+
+    # SDXL's second tokenizer pads with "!" (id 0), the first with the end-of-text token.
+    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_clip_tokenizer(pad_token="!")
+    return StableDiffusionXLPipeline(
+        vae=_vae(scaling_factor=0.13025),
+        text_encoder=_text_encoder(_text_config(tokenizer), SEED_TEXT_ENCODER),
+        text_encoder_2=_text_encoder(_text_config(tokenizer_2), SEED_TEXT_ENCODER_2, with_projection=True),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=_sdxl_unet(),
+        scheduler=_sdxl_scheduler(),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+_RECIPES: dict[str, Callable[[], DiffusionPipeline]] = {
+    "tiny-sd": _build_tiny_sd,
+    "tiny-sd-inpaint": _build_tiny_sd_inpaint,
+    "tiny-sdxl": _build_tiny_sdxl,
+}
+
+
+# ---------------------------------------------------------------------------------------------- components
+
+# The UNet sees 16x16 latents; with the VAE's factor of 4 (three blocks) the default image is 64x64 pixels.
+# The UNet runs at every step, so a small latent is what keeps 20 steps with guidance well under a second.
+LATENT_SIZE = 16
+UNET_CHANNELS = (32, 64)
+UNET_NORM_GROUPS = 32
+# The VAE runs once per image, but weighs the most on disk at SD widths: narrower keeps a model a few MB.
+VAE_CHANNELS = (16, 32, 32)
+VAE_NORM_GROUPS = 8
+VAE_SCALE_FACTOR = 2 ** (len(VAE_CHANNELS) - 1)
+TEXT_HIDDEN_SIZE = 32
+# The safety checker looks at the image resized and cropped to this size: small, so that the check is cheap.
+FEATURE_SIZE = 32
+
+
+def _seed(seed: int) -> None:
+    """Seed the CPU generator that module initialisers draw from (torch.manual_seed would reseed CUDA too)."""
+    import torch
+
+    torch.default_generator.manual_seed(seed)
+
+
+def _sd_unet(in_channels: int) -> Any:
+    from diffusers import UNet2DConditionModel
+
+    _seed(SEED_UNET)
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=in_channels,
+        out_channels=4,
+        block_out_channels=UNET_CHANNELS,
+        layers_per_block=1,
+        norm_num_groups=UNET_NORM_GROUPS,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN_SIZE,
+        attention_head_dim=8,
+    )
+
+
+def _sdxl_unet() -> Any:
+    from diffusers import UNet2DConditionModel
+
+    time_embed_dim = 8
+    _seed(SEED_UNET)
+    return UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=UNET_CHANNELS,
+        layers_per_block=1,
+        norm_num_groups=UNET_NORM_GROUPS,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        # Both text encoders' hidden states, concatenated.
+        cross_attention_dim=2 * TEXT_HIDDEN_SIZE,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        # Six micro-conditioning numbers (original size, crop, target size) + the pooled text embedding.
+        projection_class_embeddings_input_dim=6 * time_embed_dim + TEXT_HIDDEN_SIZE,
+    )
+
+
+def _vae(scaling_factor: float = 0.18215) -> Any:
+    from diffusers import AutoencoderKL
+
+    _seed(SEED_VAE)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS),
+        block_out_channels=VAE_CHANNELS,
+        layers_per_block=1,
+        norm_num_groups=VAE_NORM_GROUPS,
+        latent_channels=4,
+        sample_size=VAE_SCALE_FACTOR * LATENT_SIZE,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _sd_scheduler() -> Any:
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_config(SD_SCHEDULER_CONFIG)
+
+
+def _sdxl_scheduler() -> Any:
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler.from_config(SDXL_SCHEDULER_CONFIG)
+
+
+def _text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN_SIZE,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=TOKENIZER_MAX_LENGTH,
+        projection_dim=TEXT_HIDDEN_SIZE,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        # Not 2: CLIP then pools at the first end-of-text token, as the real checkpoints do.
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _text_encoder(config: CLIPTextConfig, seed: int, with_projection: bool = False) -> Any:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    _seed(seed)
+    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return model_class(config).eval()
+
+
+def _safety_checker() -> Any:
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    config = CLIPConfig(
+        # The checker has no text tower; its config is only sized down so that it does not describe a big one.
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 37,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "image_size": FEATURE_SIZE,
+            "patch_size": 4,
+        },
+        projection_dim=32,
+    )
+    _seed(SEED_SAFETY_CHECKER)
+    checker = StableDiffusionSafetyChecker(config).eval()
+    _randomise_concepts(checker)
+    return checker
+
+
+def _randomise_concepts(checker: Any) -> None:
+    """Give the concept embeddings random directions, and thresholds of 1.0 so that nothing is ever flagged.
+
+    A concept is flagged when cosine(image, concept) - threshold > 0; a cosine never exceeds 1, so with every
+    threshold at 1.0 the check runs in full and deterministically flags no image, whatever the weights.
+    """
+    import torch
+
+    with torch.no_grad():
+        checker.concept_embeds.normal_()
+        checker.special_care_embeds.normal_()
+        checker.concept_embeds_weights.fill_(1.0)
+        checker.special_care_embeds_weights.fill_(1.0)
+
+
+def _feature_extractor() -> Any:
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": FEATURE_SIZE},
+        do_center_crop=True,
+        crop_size={"height": FEATURE_SIZE, "width": FEATURE_SIZE},
+    )
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def build_clip_tokenizer(pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
+    """A real byte-level BPE CLIPTokenizer laid out like CLIP's, with a small generated vocabulary."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab()
+    return CLIPTokenizer(
+        vocab=dict(vocab),
+        merges=list(merges),  # type: ignore[arg-type]  # annotated list[str], but the BPE wants pairs
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=pad_token,
+        model_max_length=TOKENIZER_MAX_LENGTH,
+    )
+
+
+@cache
+def clip_vocab() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    """CLIP's layout: the 256 byte characters, their end-of-word forms, the merged tokens, BOS and EOS."""
+    byte_chars = list(bytes_to_unicode().values())
+    merges = learn_merges(MERGE_CORPUS.split())
+    tokens = byte_chars + [char + END_OF_WORD for char in byte_chars]
+    tokens += [left + right for left, right in merges]
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    vocab: dict[str, int] = {}
+    for token in tokens:
+        vocab.setdefault(token, len(vocab))  # two merges can make the same token
+    return vocab, tuple(merges)
+
+
+@cache
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map of bytes to printable characters (BPE never sees spaces or controls)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    unprintable = [byte for byte in range(256) if byte not in printable]
+    chars = [chr(byte) for byte in printable] + [chr(256 + shift) for shift in range(len(unprintable))]
+    return dict(zip(printable + unprintable, chars, strict=True))
+
+
+def learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Plain BPE training: merge the most frequent adjacent pair (ties alphabetically) until none is left."""
+    corpus = Counter(_word_symbols(word) for word in words)
+    merges: list[tuple[str, str]] = []
+    while pairs := _pair_counts(corpus):
+        best = min(pairs.items(), key=lambda item: (-item[1], item[0]))[0]
+        merges.append(best)
+        corpus = Counter({_merge_pair(symbols, best): freq for symbols, freq in corpus.items()})
+    return merges
+
+
+def _word_symbols(word: str) -> tuple[str, ...]:
+    encoded = [bytes_to_unicode()[byte] for byte in word.encode("utf-8")]
+    return (*encoded[:-1], encoded[-1] + END_OF_WORD)
+
+
+def _pair_counts(corpus: Counter[tuple[str, ...]]) -> Counter[tuple[str, str]]:
+    pairs: Counter[tuple[str, str]] = Counter()
+    for symbols, freq in corpus.items():
+        for pair in pairwise(symbols):
+            pairs[pair] += freq
+    return pairs
+
+
+def _merge_pair(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    merged: list[str] = []
+    index = 0
+    while index < len(symbols):
+        if symbols[index : index + 2] == pair:
+            merged.append(pair[0] + pair[1])
+            index += 2
+        else:
+            merged.append(symbols[index])
+            index += 1
+    return tuple(merged)

@@ -1,0 +1,202 @@
+"""Pipeline and scheduler registry; derived pipelines share the loaded model's components.
+
+A loaded model holds one base pipeline. Every request gets a *fresh, light* pipeline object of the class it
+asked for, built from the base's components (same UNet, VAE, text encoders: no second copy of weights) and a
+*fresh scheduler* built from the model's scheduler config. Schedulers carry per-run state (timesteps, step
+index, solver history) and pipelines carry per-run flags (guidance scale, interrupt), so nothing a request
+chooses can leak into another, concurrent ones included.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidScheduler, NoSuchPipeline
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+SHORT_NAMES = {
+    "txt2img": "AutoPipelineForText2Image",
+    "img2img": "AutoPipelineForImage2Image",
+    "inpaint": "AutoPipelineForInpainting",
+}
+
+# Alias -> (scheduler class, config overrides). Names as UIs (A1111, ComfyUI) show them.
+SCHEDULER_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "DDIM": ("DDIMScheduler", {}),
+    "DDPM": ("DDPMScheduler", {}),
+    "PNDM": ("PNDMScheduler", {}),
+    "LMS": ("LMSDiscreteScheduler", {}),
+    "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Heun": ("HeunDiscreteScheduler", {}),
+    "DPM2": ("KDPM2DiscreteScheduler", {}),
+    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "DPM++ 2M Karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "DPM++ 2M SDE Karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
+    "DPM++ 2S a": ("DPMSolverSinglestepScheduler", {}),
+    "DEIS": ("DEISMultistepScheduler", {}),
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "LCM": ("LCMScheduler", {}),
+}
+_ALIAS_LOOKUP = {alias.lower(): alias for alias in SCHEDULER_ALIASES}
+
+# Per-request choices are passed as __init__ options only where the class takes them.
+_PIPELINE_OPTIONS = ("requires_safety_checker", "force_zeros_for_empty_prompt", "add_watermarker")
+
+
+def _diffusers() -> Any:
+    import diffusers
+
+    return diffusers
+
+
+def _is_pipeline_class(obj: Any) -> bool:
+    from diffusers import DiffusionPipeline
+
+    return inspect.isclass(obj) and issubclass(obj, DiffusionPipeline)
+
+
+@lru_cache(maxsize=64)
+def _auto_task_class(auto_name: str, base_class_name: str) -> type | None:
+    """The concrete class an AutoPipelineFor* name maps to for a model whose base class is `base_class_name`."""
+    from diffusers.pipelines import auto_pipeline
+
+    mapping = {
+        "AutoPipelineForText2Image": auto_pipeline.AUTO_TEXT2IMAGE_PIPELINES_MAPPING,
+        "AutoPipelineForImage2Image": auto_pipeline.AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
+        "AutoPipelineForInpainting": auto_pipeline.AUTO_INPAINT_PIPELINES_MAPPING,
+    }[auto_name]
+    task_class: type | None = auto_pipeline._get_task_class(mapping, base_class_name, throw_error_if_not_exist=False)
+    return task_class
+
+
+class ModelPipelines:
+    """The pipelines of one loaded model: resolves names to classes and builds per-request instances."""
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+        self.components: dict[str, Any] = dict(base.components)
+        self._options = {k: base.config[k] for k in _PIPELINE_OPTIONS if k in base.config}
+        self._classes: dict[str, type] = {}
+
+    # --- pipelines -------------------------------------------------------------------------------------------
+
+    def available(self) -> list[str]:
+        """Names a request may use with this model (short names, Auto* names and the classes they map to)."""
+        names: list[str] = [*SHORT_NAMES, *SHORT_NAMES.values(), type(self.base).__name__]
+        for auto_name in SHORT_NAMES.values():
+            task_class = _auto_task_class(auto_name, type(self.base).__name__)
+            if task_class is not None and self._missing_components(task_class) == []:
+                names.append(task_class.__name__)
+        return list(dict.fromkeys(names))
+
+    def default_name(self, *, has_image: bool, has_mask: bool) -> str:
+        """The pipeline a request gets when it names none: chosen by the images it carries."""
+        if has_mask:
+            return "inpaint"
+        return "img2img" if has_image else type(self.base).__name__
+
+    def resolve(self, name: str) -> type:
+        """Pipeline class for `name`, checked against this model's components; cached per name."""
+        if name not in self._classes:
+            self._classes[name] = self._resolve_uncached(name)
+        return self._classes[name]
+
+    def _resolve_uncached(self, name: str) -> type:
+        class_name = SHORT_NAMES.get(name, name)
+        if class_name in SHORT_NAMES.values():
+            task_class = _auto_task_class(class_name, type(self.base).__name__)
+            if task_class is None:
+                raise self._no_such(name, f"{class_name} has no pipeline for {type(self.base).__name__}")
+            return self._checked(name, task_class)
+        candidate: type | None = getattr(_diffusers(), class_name, None)
+        if candidate is None or not _is_pipeline_class(candidate):
+            raise self._no_such(name, f"'{name}' is not a diffusers pipeline")
+        return self._checked(name, candidate)
+
+    def _checked(self, name: str, cls: type) -> type:
+        family, base_family = _family(cls.__name__), _family(type(self.base).__name__)
+        if family and base_family and family != base_family:
+            raise self._no_such(name, f"{cls.__name__} is a {family} pipeline; this model is {base_family}")
+        missing = self._missing_components(cls)
+        if missing:
+            raise self._no_such(name, f"{cls.__name__} needs components this model lacks: {', '.join(missing)}")
+        return cls
+
+    def _missing_components(self, cls: Any) -> list[str]:
+        expected, _ = cls._get_signature_keys(cls)
+        optional = set(cls._optional_components) | _defaulted_params(cls)
+        return [name for name in expected if self.components.get(name) is None and name not in optional]
+
+    def _no_such(self, name: str, reason: str) -> NoSuchPipeline:
+        return NoSuchPipeline(f"{reason}", requested=name, available=self.available())
+
+    def build(self, cls: Any, scheduler: SchedulerMixin, *, safety_checker: bool) -> DiffusionPipeline:
+        """A fresh pipeline of `cls` over the shared components, with its own scheduler."""
+        expected, optional_params = cls._get_signature_keys(cls)
+        kwargs: dict[str, Any] = {name: self.components.get(name) for name in expected}
+        kwargs["scheduler"] = scheduler
+        kwargs.update({k: v for k, v in self._options.items() if k in optional_params})
+        if not safety_checker and "safety_checker" in kwargs:
+            kwargs["safety_checker"] = None
+            if "requires_safety_checker" in optional_params:
+                kwargs["requires_safety_checker"] = False
+        pipe = cls(**kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    # --- schedulers ------------------------------------------------------------------------------------------
+
+    def scheduler(self, name: str) -> SchedulerMixin:
+        """A new scheduler instance of `name` (class or alias) built from the model's scheduler config."""
+        cls, overrides = self._scheduler_class(name)
+        config = dict(self.components["scheduler"].config)
+        return cls.from_config(config, **overrides)
+
+    def scheduler_names(self) -> list[str]:
+        compatible = sorted(c.__name__ for c in self.components["scheduler"].compatibles)
+        return [*SCHEDULER_ALIASES, *compatible]
+
+    def _scheduler_class(self, name: str) -> tuple[Any, dict[str, Any]]:
+        alias = _ALIAS_LOOKUP.get(name.strip().lower())
+        class_name, overrides = SCHEDULER_ALIASES[alias] if alias else (name.strip(), {})
+        cls = getattr(_diffusers(), class_name, None)
+        compatible = {c.__name__ for c in self.components["scheduler"].compatibles}
+        if cls is None or class_name not in compatible | {type(self.components["scheduler"]).__name__}:
+            raise InvalidScheduler(
+                f"unknown or incompatible scheduler '{name}'",
+                requested=name,
+                available=self.scheduler_names(),
+            )
+        return cls, overrides
+
+
+@lru_cache(maxsize=256)
+def _family(class_name: str) -> str | None:
+    """The model family diffusers' AutoPipelines file a class under ("stable-diffusion-xl", ...), if any.
+
+    Optional components hide mismatches (SDXL lists both its text encoders as optional), so a pipeline of
+    another family is refused by family, before it would crash half-way through a call."""
+    from diffusers.pipelines import auto_pipeline
+
+    family: str | None = auto_pipeline._get_model(class_name)
+    return family
+
+
+def _defaulted_params(cls: Any) -> set[str]:
+    params = inspect.signature(cls.__init__).parameters
+    return {name for name, p in params.items() if p.default is not inspect.Parameter.empty}

@@ -1,0 +1,256 @@
+"""One request, from validated input to images + meta + timings. No HTTP or RunPod imports here.
+
+The runner is synchronous and runs on the engine's worker thread. It never lets an exception escape as
+anything but a `DiffusersAPIError`, so every transport can turn failures into the same wire errors.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import cache
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+from . import imaging
+from .errors import Cancelled, DiffusersAPIError, InvalidInputs, PipelineError
+from .models.store import LoadedModel, ModelStore
+from .schema import RESERVED_CALL_ARGS, GenerateRequest, GenerateResult
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .config import Settings
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+"""Called after each denoising step with (step, steps)."""
+
+# Request fields that are pipeline __call__ arguments of the same name.
+CALL_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "num_images_per_prompt",
+    "strength",
+    "eta",
+    "cross_attention_kwargs",
+)
+
+
+@cache
+def versions() -> dict[str, str]:
+    names = ("diffusers-api", "diffusers", "torch", "transformers")
+    found = {}
+    for name in names:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "unknown"
+    return found
+
+
+class Timings(dict[str, float]):
+    """Milliseconds per phase."""
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = round(self.get(name, 0.0) + (time.perf_counter() - started) * 1000, 2)
+
+
+class Runner:
+    """Turns a GenerateRequest into a GenerateResult on the configured device."""
+
+    def __init__(self, settings: Settings, store: ModelStore | None = None) -> None:
+        self.settings = settings
+        self.store = store or ModelStore(settings)
+        self._init_ms: float | None = None
+
+    def start(self) -> None:
+        """Load the configured model. Called once, before the first request, off the event loop."""
+        started = time.perf_counter()
+        self.store.load_default()
+        self._init_ms = round((time.perf_counter() - started) * 1000, 2)
+
+    def run(
+        self,
+        request: GenerateRequest,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> GenerateResult:
+        try:
+            return self._run(request, progress, cancel)
+        except DiffusersAPIError:
+            raise
+        except Exception as exc:
+            log.exception("request failed")
+            raise PipelineError(f"{type(exc).__name__}: {exc}") from exc
+
+    def _run(
+        self, request: GenerateRequest, progress: ProgressCallback | None, cancel: threading.Event | None
+    ) -> GenerateResult:
+        timings = Timings()
+        if self._init_ms is not None:
+            timings["init"], self._init_ms = self._init_ms, None
+        with timings.phase("loadModel"):
+            model = self.store.get(request)
+        with timings.phase("decode"):
+            inputs = self._decode_inputs(request)
+        pipe_cls = self._pipeline_class(model, request)
+        scheduler = model.pipelines.scheduler(self._scheduler_name(model, request))
+        pipe = model.pipelines.build(pipe_cls, scheduler, safety_checker=request.safety_checker)
+        seeds = imaging.image_seeds(request.seed, request.image_count)
+        kwargs = self._call_kwargs(pipe_cls, request, inputs, seeds)
+        with timings.phase("inference"):
+            output = self._call(pipe, kwargs, progress, cancel)
+        with timings.phase("encode"):
+            encoded = [imaging.encode_image(img, request.image_format, request.image_quality) for img in output.images]
+        nsfw = getattr(output, "nsfw_content_detected", None)
+        meta = self._meta(model, pipe_cls, scheduler, request, seeds)
+        return GenerateResult(
+            images=encoded,
+            image_format=request.image_format,
+            seeds=seeds,
+            nsfw=[bool(flag) for flag in nsfw] if nsfw is not None else None,
+            meta=meta,
+            timings=dict(timings),
+            mem_usage=memory_usage(model.device),
+        )
+
+    # --- inputs ----------------------------------------------------------------------------------------------
+
+    def _decode_inputs(self, request: GenerateRequest) -> dict[str, Image.Image]:
+        limits = {"max_bytes": self.settings.max_body_bytes, "max_pixels": self.settings.max_image_pixels}
+        decoded: dict[str, Image.Image] = {}
+        if request.image is not None:
+            decoded["image"] = imaging.decode_image(request.image, "image", **limits)
+        if request.mask_image is not None:
+            decoded["mask_image"] = imaging.decode_mask(request.mask_image, "mask_image", **limits)
+        return decoded
+
+    def _pipeline_class(self, model: LoadedModel, request: GenerateRequest) -> Any:
+        has_image, has_mask = request.image is not None, request.mask_image is not None
+        name = request.pipeline or self.settings.pipeline
+        name = name or model.pipelines.default_name(has_image=has_image, has_mask=has_mask)
+        cls = model.pipelines.resolve(name)
+        needs_image = "Img2Img" in cls.__name__ or "Inpaint" in cls.__name__
+        if needs_image and not has_image:
+            raise InvalidInputs(f"image: required by {cls.__name__}", field="image")
+        if "Inpaint" in cls.__name__ and not has_mask:
+            raise InvalidInputs(f"mask_image: required by {cls.__name__}", field="mask_image")
+        return cls
+
+    def _scheduler_name(self, model: LoadedModel, request: GenerateRequest) -> str:
+        if request.scheduler:
+            return request.scheduler
+        # The configured default applies where the model can use it; otherwise the model's own scheduler.
+        default = self.settings.scheduler
+        if default in model.pipelines.scheduler_names():
+            return default
+        return type(model.pipelines.components["scheduler"]).__name__
+
+    def _call_kwargs(
+        self, pipe_cls: Any, request: GenerateRequest, inputs: dict[str, Any], seeds: list[int]
+    ) -> dict[str, Any]:
+        import torch
+
+        accepted = set(inspect.signature(pipe_cls.__call__).parameters) - RESERVED_CALL_ARGS - {"self"}
+        kwargs = {name: getattr(request, name) for name in CALL_FIELDS if getattr(request, name) is not None}
+        kwargs |= inputs | request.extra
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            raise InvalidInputs(
+                f"not inputs of {pipe_cls.__name__}: {', '.join(unknown)}",
+                unknown=unknown,
+                accepted=sorted(accepted),
+            )
+        self._check_size(request)
+        # One CPU generator per image: image i is reproducible alone from seeds[i], on any device.
+        kwargs["generator"] = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        kwargs["output_type"] = "pil"
+        return kwargs
+
+    def _check_size(self, request: GenerateRequest) -> None:
+        if request.width and request.height:
+            pixels = request.width * request.height
+            if pixels > self.settings.max_image_pixels:
+                raise InvalidInputs(
+                    f"width x height = {pixels} pixels exceeds the limit of {self.settings.max_image_pixels}"
+                )
+
+    # --- the call --------------------------------------------------------------------------------------------
+
+    def _call(
+        self,
+        pipe: Any,
+        kwargs: dict[str, Any],
+        progress: ProgressCallback | None,
+        cancel: threading.Event | None,
+    ) -> Any:
+        import torch
+
+        if "callback_on_step_end" in inspect.signature(type(pipe).__call__).parameters:
+            kwargs["callback_on_step_end"] = _step_callback(progress, cancel)
+        try:
+            output = pipe(**kwargs)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise PipelineError(f"out of GPU memory: {exc}; try fewer or smaller images") from exc
+        except (ValueError, TypeError) as exc:
+            # diffusers reports bad arguments (sizes, strength, prompt/batch mismatch) this way
+            raise InvalidInputs(f"{type(pipe).__name__} rejected the inputs: {exc}") from exc
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("request cancelled")
+        return output
+
+    def _meta(
+        self, model: LoadedModel, pipe_cls: Any, scheduler: Any, request: GenerateRequest, seeds: list[int]
+    ) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "MODEL_ID": model.spec.model_id,
+            "PIPELINE": pipe_cls.__name__,
+            "SCHEDULER": type(scheduler).__name__,
+            "PRECISION": model.spec.precision or model.dtype,
+            "seed": seeds[0],
+            "seeds": seeds,
+            "image_format": request.image_format,
+            "device": model.device,
+            "versions": versions(),
+        }
+        if request.scheduler and request.scheduler != meta["SCHEDULER"]:
+            meta["SCHEDULER_ALIAS"] = request.scheduler
+        if request.request_id:
+            meta["startRequestId"] = request.request_id
+        return meta
+
+
+def _step_callback(progress: ProgressCallback | None, cancel: threading.Event | None) -> Callable[..., Any]:
+    def on_step_end(pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        if progress is not None:
+            progress(step + 1, pipe.num_timesteps)
+        if cancel is not None and cancel.is_set():
+            pipe._interrupt = True  # diffusers' own flag: the loop skips the remaining steps
+        return callback_kwargs
+
+    return on_step_end
+
+
+def memory_usage(device: str) -> float:
+    """Fraction of device memory in use (0..1); 0 on CPU."""
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return 0.0
+    free, total = torch.cuda.mem_get_info()
+    return round((total - free) / total, 4)

@@ -1,0 +1,305 @@
+"""Wire models: the native request and response, and the legacy envelope adapter onto them.
+
+One typed request (`GenerateRequest`) serves HTTP, the RunPod handler and the Python client. The legacy
+docker-diffusers-api envelope `{"modelInputs": {...}, "callInputs": {...}}` is translated onto it by
+`from_legacy`, and results go back out through `to_legacy` or `GenerateResponse.from_result`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import InvalidInputs
+
+ImageFormat = Literal["PNG", "JPEG", "WEBP"]
+
+# Arguments of a pipeline's __call__ that the server owns: a request may not set them.
+RESERVED_CALL_ARGS = frozenset(
+    {
+        "generator",
+        "output_type",
+        "return_dict",
+        "callback",
+        "callback_steps",
+        "callback_on_step_end",
+        "callback_on_step_end_tensor_inputs",
+        "latents",
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+        "ip_adapter_image_embeds",
+    }
+)
+
+
+class GenerateRequest(BaseModel):
+    """One image-generation request. Names follow diffusers' `__call__` arguments where one exists."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    # --- what runs it ----------------------------------------------------------------------------------------
+    model: str | None = Field(None, description="Model id (MODEL_ID); defaults to the served model")
+    hf_model_id: str | None = Field(None, description="Hub repository when `model` is only an alias")
+    revision: str | None = Field(None, description="MODEL_REVISION")
+    variant: str | None = Field(None, description="MODEL_VARIANT (weight-file variant, e.g. fp16)")
+    precision: Literal["", "fp16", "bf16", "fp32"] | None = Field(
+        None, description="MODEL_PRECISION; defaults to the served model's"
+    )
+    model_url: str | None = Field(None, description="MODEL_URL: cloud-cache archive")
+    checkpoint_url: str | None = Field(None, description="CHECKPOINT_URL: single-file checkpoint")
+    pipeline: str | None = Field(None, description="Pipeline class, AutoPipelineFor*, or txt2img / img2img / inpaint")
+    scheduler: str | None = Field(None, description="Scheduler class name or alias (e.g. 'Euler a', 'DPM++ 2M')")
+    safety_checker: bool = Field(True, description="Run the model's safety checker, if it has one")
+
+    # --- pipeline inputs -------------------------------------------------------------------------------------
+    prompt: str | list[str] | None = None
+    negative_prompt: str | list[str] | None = None
+    num_inference_steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0, le=100)
+    width: int | None = Field(None, ge=8, le=8192, multiple_of=8)
+    height: int | None = Field(None, ge=8, le=8192, multiple_of=8)
+    num_images_per_prompt: int = Field(1, ge=1, le=16)
+    strength: float | None = Field(None, ge=0, le=1)
+    eta: float | None = Field(None, ge=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Seed of the first image; drawn when absent")
+    image: str | None = Field(None, description="Input image (base64 or data URI) for img2img / inpaint")
+    mask_image: str | None = Field(None, description="Inpainting mask (base64 or data URI); white is repainted")
+    cross_attention_kwargs: dict[str, Any] | None = None
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Other arguments of the pipeline's __call__, passed through"
+    )
+
+    # --- output ----------------------------------------------------------------------------------------------
+    image_format: ImageFormat = "PNG"
+    image_quality: int | None = Field(None, ge=1, le=100, description="JPEG / WEBP quality")
+
+    # --- bookkeeping -----------------------------------------------------------------------------------------
+    request_id: str | None = Field(None, max_length=200, description="Echoed in meta (legacy startRequestId)")
+
+    @field_validator("image_format", mode="before")
+    @classmethod
+    def _upper_format(cls, value: object) -> object:
+        if isinstance(value, str):
+            upper = value.strip().upper()
+            return "JPEG" if upper == "JPG" else upper
+        return value
+
+    @field_validator("cross_attention_kwargs", mode="before")
+    @classmethod
+    def _parse_json_kwargs(cls, value: object) -> object:
+        # The original accepted a JSON string here; keep accepting it.
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON: {exc.msg}") from exc
+        return value
+
+    @field_validator("extra")
+    @classmethod
+    def _no_reserved_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        reserved = sorted(RESERVED_CALL_ARGS & value.keys())
+        if reserved:
+            raise ValueError(f"set by the server, not by a request: {', '.join(reserved)}")
+        return value
+
+    @property
+    def image_count(self) -> int:
+        prompts = len(self.prompt) if isinstance(self.prompt, list) else 1
+        return prompts * self.num_images_per_prompt
+
+
+def parse_request(data: Any) -> GenerateRequest:
+    """Validate a native request, reporting every problem at once as INVALID_INPUTS."""
+    try:
+        return GenerateRequest.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInputs(describe_validation_error(exc), errors=_error_list(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{prefix}{where}: {err['msg']}" if where else err["msg"])
+    return "; ".join(parts)
+
+
+def _error_list(exc: ValidationError) -> list[dict[str, str]]:
+    return [{"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+
+
+# --- results -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateResult:
+    """What the runner returns: encoded images and their seeds, plus meta, timings and memory use."""
+
+    images: list[bytes]
+    image_format: str
+    seeds: list[int]
+    nsfw: list[bool] | None
+    meta: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    mem_usage: float = 0.0
+
+
+class ImageOut(BaseModel):
+    data: str = Field(description="base64 of the encoded image")
+    format: str
+    seed: int
+    nsfw: bool | None = None
+
+
+class GenerateResponse(BaseModel):
+    images: list[ImageOut]
+    meta: dict[str, Any]
+    timings: dict[str, float]
+    mem_usage: float
+
+    @classmethod
+    def from_result(cls, result: GenerateResult) -> GenerateResponse:
+        from .imaging import to_base64
+
+        nsfw: list[bool | None] = list(result.nsfw) if result.nsfw else [None] * len(result.images)
+        images = [
+            ImageOut(data=to_base64(data), format=result.image_format.lower(), seed=seed, nsfw=flag)
+            for data, seed, flag in zip(result.images, result.seeds, nsfw, strict=True)
+        ]
+        return cls(images=images, meta=result.meta, timings=result.timings, mem_usage=result.mem_usage)
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+# --- the legacy envelope -----------------------------------------------------------------------------------
+
+# callInputs key -> GenerateRequest field
+_LEGACY_CALL_INPUTS = {
+    "MODEL_ID": "model",
+    "HF_MODEL_ID": "hf_model_id",
+    "MODEL_REVISION": "revision",
+    "MODEL_VARIANT": "variant",
+    "MODEL_PRECISION": "precision",
+    "MODEL_URL": "model_url",
+    "CHECKPOINT_URL": "checkpoint_url",
+    "PIPELINE": "pipeline",
+    "SCHEDULER": "scheduler",
+    "safety_checker": "safety_checker",
+    "image_format": "image_format",
+    "image_quality": "image_quality",
+    "startRequestId": "request_id",
+}
+# callInputs the server knows but this build does not act on: refused with a clear message rather than ignored,
+# so that nobody believes a webhook or a LoRA was applied when it was not.
+_LEGACY_UNSUPPORTED = (
+    "SEND_URL",
+    "SIGN_KEY",
+    "streamEvents",
+    "lora_weights",
+    "textual_inversions",
+    "train",
+    "use_extra",
+    "attn_procs",
+    "compel_prompts",
+    "custom_pipeline_method",
+)
+# callInputs that were speed hints in the original; PyTorch's SDPA attention makes them moot.
+_LEGACY_IGNORED = ("xformers_memory_efficient_attention",)
+# modelInputs keys with a typed field (plus the legacy alias init_image -> image)
+_TYPED_MODEL_INPUTS = set(GenerateRequest.model_fields) - set(_LEGACY_CALL_INPUTS.values()) - {"extra"}
+
+
+def decode_envelope(body: bytes | str | Any) -> dict[str, Any]:
+    """Parse a legacy body: a JSON object, or a JSON string holding one (old Banana clients double-encode)."""
+    data = body
+    for _ in range(2):
+        if isinstance(data, bytes | bytearray | str):
+            try:
+                data = json.loads(data)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise InvalidInputs(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidInputs("request body must be a JSON object with 'modelInputs' and 'callInputs'")
+    return data
+
+
+def from_legacy(envelope: dict[str, Any]) -> GenerateRequest:
+    """Translate `{"modelInputs", "callInputs"}` onto a GenerateRequest, or raise INVALID_INPUTS."""
+    missing = [key for key in ("modelInputs", "callInputs") if key not in envelope]
+    if missing:
+        raise InvalidInputs(f"missing required key(s): {', '.join(missing)}", missing=missing)
+    model_inputs, call_inputs = envelope["modelInputs"], envelope["callInputs"]
+    for key, value in (("modelInputs", model_inputs), ("callInputs", call_inputs)):
+        if not isinstance(value, dict):
+            raise InvalidInputs(f"{key} must be an object, got {type(value).__name__}")
+    data = _legacy_call_inputs(call_inputs) | _legacy_model_inputs(model_inputs)
+    try:
+        return GenerateRequest.model_validate(data)
+    except ValidationError as exc:
+        message = describe_validation_error(exc)
+        raise InvalidInputs(message, errors=_error_list(exc)) from None
+
+
+def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in call_inputs.items():
+        if key in _LEGACY_CALL_INPUTS:
+            data[_LEGACY_CALL_INPUTS[key]] = value
+        elif key == "is_url":
+            if value:
+                raise InvalidInputs("callInputs.is_url: image URLs are not supported yet; send base64")
+        elif key in _LEGACY_IGNORED:
+            continue
+        elif key in _LEGACY_UNSUPPORTED:
+            if value not in (None, "", False):
+                raise InvalidInputs(f"callInputs.{key} is not supported by this server yet")
+        else:
+            known = sorted([*_LEGACY_CALL_INPUTS, "is_url", *_LEGACY_UNSUPPORTED, *_LEGACY_IGNORED])
+            raise InvalidInputs(f"callInputs.{key} is not a known call input", known=known)
+    return data
+
+
+def _legacy_model_inputs(model_inputs: dict[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in model_inputs.items():
+        if key == "init_image":
+            if "image" in model_inputs:
+                raise InvalidInputs("modelInputs: give 'image' or 'init_image', not both")
+            data["image"] = value
+        elif key == "callback_steps":
+            continue  # progress events every N steps: nothing to emit without SEND_URL / streamEvents
+        elif key in _TYPED_MODEL_INPUTS:
+            data[key] = value
+        else:
+            extra[key] = value
+    if extra:
+        data["extra"] = extra
+    return data
+
+
+def to_legacy(result: GenerateResult) -> dict[str, Any]:
+    """The docker-diffusers-api response: image_base64 (one) or images_base64 (several) plus $meta etc."""
+    from .imaging import to_base64
+
+    encoded = [to_base64(data) for data in result.images]
+    body: dict[str, Any] = {"image_base64": encoded[0]} if len(encoded) == 1 else {"images_base64": encoded}
+    if result.nsfw is not None:
+        body["nsfw_content_detected"] = result.nsfw
+    body["$meta"] = result.meta
+    body["$timings"] = result.timings
+    body["$mem_usage"] = result.mem_usage
+    return body

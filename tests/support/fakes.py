@@ -1,0 +1,56 @@
+"""Fakes (not mocks) that stand in for the device: engines with one behaviour each."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from diffusers_api.engine import Health
+from diffusers_api.errors import DiffusersAPIError
+from diffusers_api.runner import ProgressCallback
+from diffusers_api.schema import GenerateRequest, GenerateResult
+
+
+def png_bytes(color: tuple[int, int, int] = (0, 128, 0), size: int = 8) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass
+class FakeEngine:
+    """Answers every request with solid-colour PNGs, one per image, seeds counting up from the request's."""
+
+    health: Health = Health.READY
+    setup_error: str | None = None
+    fail_with: DiffusersAPIError | None = None
+    delay_s: float = 0.0
+    requests: list[GenerateRequest] = field(default_factory=list)
+    queue_depth: int = 0
+    started: bool = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def stop(self) -> None:
+        pass
+
+    async def submit(self, request: GenerateRequest, progress: ProgressCallback | None = None) -> GenerateResult:
+        self.requests.append(request)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.fail_with is not None:
+            raise self.fail_with
+        count = request.image_count
+        seed = request.seed if request.seed is not None else 42
+        return GenerateResult(
+            images=[png_bytes() for _ in range(count)],
+            image_format=request.image_format,
+            seeds=[seed + i for i in range(count)],
+            nsfw=[False] * count,
+            meta={"MODEL_ID": request.model or "fake", "PIPELINE": "Fake", "SCHEDULER": "Fake", "seed": seed},
+            timings={"inference": 1.0},
+        )

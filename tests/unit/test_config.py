@@ -1,0 +1,50 @@
+"""Settings: environment names of the original, flags over environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from diffusers_api.config import Settings
+
+
+def test_environment_names_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODEL_ID", "builtin/tiny-sd")
+    monkeypatch.setenv("RUNTIME_DOWNLOADS", "1")
+    monkeypatch.setenv("CORS_ORIGINS", "https://a.example, https://b.example")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.setenv("MODEL_PRECISION", "float16")
+    settings = Settings()
+    assert settings.model_id == "builtin/tiny-sd"
+    assert settings.runtime_downloads is True
+    assert settings.cors_origins == ["https://a.example", "https://b.example"]
+    assert settings.hf_auth_token is not None
+    assert settings.hf_auth_token.get_secret_value() == "hf_secret"
+    assert settings.model_precision == "fp16"
+
+
+def test_init_arguments_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "9000")
+    assert Settings(port=1234).port == 1234
+
+
+def test_models_dir_expands_home() -> None:
+    assert Settings(models_dir="~/x").models_dir == Path("~/x").expanduser()
+
+
+def test_secrets_are_not_printed() -> None:
+    settings = Settings(api_key="topsecret")
+    assert "topsecret" not in repr(settings)
+
+
+@pytest.mark.parametrize(("name", "value"), [("port", 0), ("model_precision", "fp8"), ("max_batch_size", 0)])
+def test_invalid_values_are_refused(name: str, value: object) -> None:
+    with pytest.raises(ValidationError):
+        Settings(**{name: value})
+
+
+def test_empty_environment_values_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODEL_ID", "")
+    assert Settings().model_id is None

@@ -1,0 +1,172 @@
+"""The native request model and the legacy envelope adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diffusers_api.errors import InvalidInputs
+from diffusers_api.schema import (
+    GenerateRequest,
+    GenerateResponse,
+    GenerateResult,
+    decode_envelope,
+    from_legacy,
+    parse_request,
+    to_legacy,
+)
+
+GRASS = {
+    "modelInputs": {
+        "prompt": "realistic field of grass",
+        "num_inference_steps": 20,
+        "width": 64,
+        "height": 64,
+    },
+    "callInputs": {"MODEL_ID": "builtin/tiny-sd"},
+}
+
+
+def test_legacy_envelope_maps_onto_the_native_request() -> None:
+    request = from_legacy(GRASS)
+    assert request.model == "builtin/tiny-sd"
+    assert request.prompt == "realistic field of grass"
+    assert (request.width, request.height, request.num_inference_steps) == (64, 64, 20)
+    assert request.image_format == "PNG"
+
+
+@pytest.mark.parametrize(
+    ("call_key", "value", "field", "expected"),
+    [
+        ("PIPELINE", "img2img", "pipeline", "img2img"),
+        ("SCHEDULER", "Euler a", "scheduler", "Euler a"),
+        ("MODEL_PRECISION", "fp16", "precision", "fp16"),
+        ("MODEL_REVISION", "main", "revision", "main"),
+        ("safety_checker", False, "safety_checker", False),
+        ("image_format", "jpg", "image_format", "JPEG"),
+        ("image_quality", 80, "image_quality", 80),
+        ("startRequestId", "abc", "request_id", "abc"),
+    ],
+    ids=lambda v: str(v),
+)
+def test_call_inputs_map_to_fields(call_key: str, value: object, field: str, expected: object) -> None:
+    request = from_legacy({"modelInputs": {}, "callInputs": {call_key: value}})
+    assert getattr(request, field) == expected
+
+
+def test_double_encoded_body_is_accepted() -> None:
+    body = json.dumps(json.dumps(GRASS)).encode()
+    assert decode_envelope(body) == GRASS
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'"\\"just a string\\""', "JSON object"),
+    ],
+    ids=["garbage", "array", "string-of-string"],
+)
+def test_bad_bodies_are_invalid_inputs(body: bytes, fragment: str) -> None:
+    with pytest.raises(InvalidInputs, match=fragment):
+        decode_envelope(body)
+
+
+@pytest.mark.parametrize(
+    ("envelope", "fragment"),
+    [
+        ({"callInputs": {}}, "missing required key\\(s\\): modelInputs"),
+        ({"modelInputs": {}}, "missing required key\\(s\\): callInputs"),
+        ({}, "modelInputs, callInputs"),
+        ({"modelInputs": [], "callInputs": {}}, "modelInputs must be an object"),
+        ({"modelInputs": {}, "callInputs": {"NOPE": 1}}, "callInputs.NOPE is not a known call input"),
+        ({"modelInputs": {}, "callInputs": {"SEND_URL": "http://x"}}, "SEND_URL is not supported"),
+        ({"modelInputs": {}, "callInputs": {"is_url": True}}, "is_url"),
+        ({"modelInputs": {"width": 65}, "callInputs": {}}, "width: Input should be a multiple of 8"),
+        ({"modelInputs": {"num_inference_steps": 0}, "callInputs": {}}, "num_inference_steps"),
+        ({"modelInputs": {"seed": -1}, "callInputs": {}}, "seed"),
+        ({"modelInputs": {"image": "a", "init_image": "b"}, "callInputs": {}}, "not both"),
+        ({"modelInputs": {"generator": 1}, "callInputs": {}}, "set by the server"),
+        ({"modelInputs": {"cross_attention_kwargs": "{bad"}, "callInputs": {}}, "not valid JSON"),
+        ({"modelInputs": {}, "callInputs": {"image_format": "GIF"}}, "image_format"),
+    ],
+    ids=[
+        "no-modelInputs",
+        "no-callInputs",
+        "neither",
+        "modelInputs-list",
+        "unknown-call-input",
+        "unsupported-send-url",
+        "is-url",
+        "width-not-multiple-of-8",
+        "zero-steps",
+        "negative-seed",
+        "image-and-init-image",
+        "reserved-arg",
+        "bad-cross-attention-json",
+        "unknown-format",
+    ],
+)
+def test_bad_envelopes_name_the_problem(envelope: dict, fragment: str) -> None:
+    with pytest.raises(InvalidInputs, match=fragment) as caught:
+        from_legacy(envelope)
+    assert caught.value.status == 422
+    assert caught.value.code == "INVALID_INPUTS"
+
+
+def test_legacy_aliases_and_passthrough() -> None:
+    request = from_legacy(
+        {
+            "modelInputs": {"init_image": "abc", "callback_steps": 5, "guidance_rescale": 0.3},
+            "callInputs": {"xformers_memory_efficient_attention": True, "MODEL_URL": ""},
+        }
+    )
+    assert request.image == "abc"
+    assert request.extra == {"guidance_rescale": 0.3}
+    assert request.model_url == ""
+
+
+def test_cross_attention_kwargs_accepts_a_json_string() -> None:
+    request = from_legacy({"modelInputs": {"cross_attention_kwargs": '{"scale": 0.5}'}, "callInputs": {}})
+    assert request.cross_attention_kwargs == {"scale": 0.5}
+
+
+def test_native_request_reports_all_errors_at_once() -> None:
+    with pytest.raises(InvalidInputs) as caught:
+        parse_request({"width": 7, "height": 9, "bogus": 1})
+    message = caught.value.message
+    assert "width" in message
+    assert "height" in message
+    assert "bogus" in message
+
+
+def test_image_count_multiplies_prompts_and_images_per_prompt() -> None:
+    assert GenerateRequest(prompt=["a", "b"], num_images_per_prompt=3).image_count == 6
+    assert GenerateRequest(prompt="a").image_count == 1
+
+
+def _result(count: int) -> GenerateResult:
+    return GenerateResult(
+        images=[b"img%d" % i for i in range(count)],
+        image_format="PNG",
+        seeds=list(range(7, 7 + count)),
+        nsfw=[False] * count,
+        meta={"MODEL_ID": "m"},
+        timings={"inference": 1.0},
+    )
+
+
+def test_legacy_response_has_one_or_many_images() -> None:
+    single = to_legacy(_result(1))
+    assert set(single) == {"image_base64", "nsfw_content_detected", "$meta", "$timings", "$mem_usage"}
+    double = to_legacy(_result(2))
+    assert len(double["images_base64"]) == 2
+    assert "image_base64" not in double
+
+
+def test_native_response_carries_seed_per_image() -> None:
+    response = GenerateResponse.from_result(_result(2))
+    assert [image.seed for image in response.images] == [7, 8]
+    assert response.images[0].format == "png"
