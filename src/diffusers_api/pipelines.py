@@ -10,6 +10,7 @@ chooses can leak into another, concurrent ones included.
 from __future__ import annotations
 
 import inspect
+import threading
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,11 @@ class ModelPipelines:
         self.components: dict[str, Any] = dict(base.components)
         self._options = {k: base.config[k] for k in _PIPELINE_OPTIONS if k in base.config}
         self._classes: dict[str, type] = {}
+        self._tokenizers = {
+            name: LockedTokenizer(module)
+            for name, module in self.components.items()
+            if name.startswith("tokenizer") and module is not None
+        }
 
     # --- pipelines -------------------------------------------------------------------------------------------
 
@@ -156,6 +162,10 @@ class ModelPipelines:
             if "requires_safety_checker" in optional_params:
                 kwargs["requires_safety_checker"] = False
         pipe = cls(**kwargs)
+        for name, tokenizer in self._tokenizers.items():
+            if getattr(pipe, name, None) is not None:
+                # object.__setattr__: DiffusionPipeline.__setattr__ would record the wrapper in the config
+                object.__setattr__(pipe, name, tokenizer)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -183,6 +193,36 @@ class ModelPipelines:
                 available=self.scheduler_names(),
             )
         return cls, overrides
+
+
+class LockedTokenizer:
+    """A shared tokenizer that concurrent requests can call safely.
+
+    A Hugging Face fast tokenizer keeps padding and truncation as state of its Rust backend and sets them on
+    every call; diffusers calls it with padding="max_length" and then padding="longest". Two requests on two
+    threads interleave those settings and get each other's padding (prompt embeddings of the wrong length, or
+    silently different ones). Calls are serialised here; they take microseconds.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.__dict__.update(tokenizer=tokenizer, _lock=threading.Lock())
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.tokenizer, name)
+        if callable(attribute) and not isinstance(attribute, type):
+            return self._locked(attribute)
+        return attribute
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return self.tokenizer(*args, **kwargs)
+
+    def _locked(self, method: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return method(*args, **kwargs)
+
+        return call
 
 
 @lru_cache(maxsize=256)

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from functools import cache
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .config import Settings
+    from .engine.batcher import StepBatcher
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,10 @@ class Runner:
         self.settings = settings
         self.store = store or ModelStore(settings)
         self._init_ms: float | None = None
+        # Set by the batching engine: UNet calls of concurrent requests then share one forward per step.
+        self.batcher: StepBatcher | None = None
+        # Requests run on several threads under the batching engine; the store loads and swaps one at a time.
+        self._store_lock = threading.Lock()
 
     def start(self) -> None:
         """Load the configured model. Called once, before the first request, off the event loop."""
@@ -104,7 +109,7 @@ class Runner:
         timings = Timings()
         if self._init_ms is not None:
             timings["init"], self._init_ms = self._init_ms, None
-        with timings.phase("loadModel"):
+        with timings.phase("loadModel"), self._store_lock:
             model = self.store.get(request)
         with timings.phase("decode"):
             inputs = self._decode_inputs(request)
@@ -203,14 +208,16 @@ class Runner:
 
         if "callback_on_step_end" in inspect.signature(type(pipe).__call__).parameters:
             kwargs["callback_on_step_end"] = _step_callback(progress, cancel)
+        batched = self.batcher.session(pipe) if self.batcher and hasattr(pipe, "unet") else nullcontext()
         try:
-            output = pipe(**kwargs)
+            with batched:
+                output = pipe(**kwargs)
         except torch.cuda.OutOfMemoryError as exc:
             raise PipelineError(f"out of GPU memory: {exc}; try fewer or smaller images") from exc
         except (ValueError, TypeError) as exc:
             # diffusers reports bad arguments (sizes, strength, prompt/batch mismatch) this way
             raise InvalidInputs(f"{type(pipe).__name__} rejected the inputs: {exc}") from exc
-        if cancel is not None and cancel.is_set():
+        if cancel is not None and cancel.is_set():  # pipelines without step callbacks
             raise Cancelled("request cancelled")
         return output
 
@@ -240,7 +247,8 @@ def _step_callback(progress: ProgressCallback | None, cancel: threading.Event | 
         if progress is not None:
             progress(step + 1, pipe.num_timesteps)
         if cancel is not None and cancel.is_set():
-            pipe._interrupt = True  # diffusers' own flag: the loop skips the remaining steps
+            # Leave the loop now: no further step and no decode of a half-denoised image; the batch goes on.
+            raise Cancelled(f"request cancelled after step {step + 1}")
         return callback_kwargs
 
     return on_step_end

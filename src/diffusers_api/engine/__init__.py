@@ -1,6 +1,25 @@
-"""The GPU engine: queue and worker now; the batcher, denoising loop and CUDA graphs build on this seam."""
+"""The GPU engine: the serial queue, and the batching engine whose requests share their UNet steps."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from .base import Engine, Health
+from .batcher import StepBatcher
+from .batching import BatchingEngine
 from .serial import SerialEngine
 
-__all__ = ["Engine", "Health", "SerialEngine"]
+if TYPE_CHECKING:
+    from ..config import Settings
+
+__all__ = ["BatchingEngine", "Engine", "Health", "SerialEngine", "StepBatcher", "make_engine"]
+
+
+def make_engine(settings: Settings) -> Engine:
+    """The engine for `settings`: batching, or serial when MAX_BATCH_SIZE is 1. Used by every transport."""
+    from ..runner import Runner
+
+    runner = Runner(settings)
+    if settings.max_batch_size == 1:
+        return SerialEngine(runner, max_queue=settings.max_queue)
+    return BatchingEngine(runner, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue)

@@ -30,12 +30,11 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """Build the app. Without an engine, a SerialEngine over a Runner for `settings` is made."""
+    """Build the app. Without an engine, the one for `settings` is made (see `make_engine`)."""
     if engine is None:
-        from ..engine import SerialEngine
-        from ..runner import Runner
+        from ..engine import make_engine
 
-        engine = SerialEngine(Runner(settings), max_queue=settings.max_queue)
+        engine = make_engine(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -1,0 +1,252 @@
+"""Step-level continuous batching: concurrent requests share their UNet calls, one forward per step.
+
+Each request runs diffusers' own denoising loop on its own thread, with its own pipeline object, scheduler,
+generators, prompt embeddings and guidance scale. Only its UNet is swapped for a `BatchedUNet` proxy. When the
+loop calls the UNet, the call is parked at a rendezvous (`StepBatcher`); once every request that is inside
+its loop has parked its call for this step, the calls are concatenated along the batch axis, the real UNet
+runs once per compatible group, and each caller gets back its own rows. So:
+
+- a new request joins the running batch at the next step boundary (its first call joins the next round);
+- a finished request leaves as soon as its last call is answered;
+- classifier-free guidance is batched too (each call already holds its uncond + cond rows);
+- text encoding, VAE decoding and image encoding of one request overlap with the others' steps, because they
+  happen on that request's thread outside the rendezvous;
+- the result of a request is the diffusers result: the same code computes it, only the UNet's batch differs.
+
+A round also fires after `max_wait_s` without all participants, so a slow or stuck request can delay the
+others by at most that much per step, never block them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+# The UNet arguments a batched call may carry; anything else (ControlNet residuals, timestep_cond, attention
+# kwargs) runs the call on its own within the round.
+_BATCHABLE_KWARGS = {"encoder_hidden_states", "added_cond_kwargs", "return_dict"}
+_ALWAYS_NONE_OK = {"timestep_cond", "cross_attention_kwargs"}
+
+UNetForward = Callable[[Any, Any, Any, Any, dict[str, Any] | None], Any]
+"""(unet, sample, timesteps[batch], encoder_hidden_states, added_cond_kwargs) -> noise prediction."""
+
+
+@dataclass(eq=False)
+class _Call:
+    unet: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    key: Any = None
+    result: Any = None
+    error: BaseException | None = None
+    done: bool = False
+
+    @property
+    def sample(self) -> Any:
+        return self.args[0]
+
+    @property
+    def rows(self) -> int:
+        return int(self.sample.shape[0])
+
+
+@dataclass
+class BatchStats:
+    """What the batcher did: rounds run, UNet forwards, and the rows of each forward."""
+
+    rounds: int = 0
+    forwards: int = 0
+    rows: list[int] = field(default_factory=list)
+
+    def record(self, rows: int) -> None:
+        self.forwards += 1
+        self.rows.append(rows)
+        del self.rows[:-1000]  # keep the recent history only
+
+
+class StepBatcher:
+    """The rendezvous of UNet calls from concurrent denoising loops."""
+
+    def __init__(self, forward: UNetForward | None = None, max_wait_s: float = 0.05) -> None:
+        self._forward = forward or eager_forward
+        self.max_wait_s = max_wait_s
+        self._cond = threading.Condition()
+        self._participants = 0
+        self._pending: list[_Call] = []
+        self._unique = itertools.count()
+        self.stats = BatchStats()
+
+    @property
+    def participants(self) -> int:
+        return self._participants
+
+    @contextmanager
+    def session(self, pipe: Any) -> Iterator[None]:
+        """Route `pipe`'s UNet calls through the batcher for the duration of one pipeline call."""
+        proxy = BatchedUNet(self, pipe.unet, pipe)
+        # object.__setattr__: DiffusionPipeline.__setattr__ would record the proxy in the pipeline's config
+        object.__setattr__(pipe, "unet", proxy)
+        try:
+            yield
+        finally:
+            proxy.leave()
+            object.__setattr__(pipe, "unet", proxy.unet)
+
+    # --- participants ----------------------------------------------------------------------------------------
+
+    def _join(self) -> None:
+        with self._cond:
+            self._participants += 1
+
+    def _leave(self) -> None:
+        with self._cond:
+            self._participants -= 1
+            # the round may now be complete without the one that left
+            if self._pending and len(self._pending) >= self._participants:
+                self._cond.notify_all()
+
+    # --- the rendezvous --------------------------------------------------------------------------------------
+
+    def call(self, unet: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        call = _Call(unet, args, kwargs, key=self._key(unet, args, kwargs))
+        batch: list[_Call] | None = None
+        with self._cond:
+            self._pending.append(call)
+            while not call.done:
+                if call in self._pending and (len(self._pending) >= self._participants or batch == []):
+                    batch, self._pending = self._pending, []
+                    break
+                timed_out = not self._cond.wait(self.max_wait_s)
+                if timed_out and not call.done:
+                    batch = []  # next pass: run whatever is pending, stragglers or not
+        if batch:
+            self._run_round(batch)
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def _run_round(self, batch: list[_Call]) -> None:
+        try:
+            for group in _groups(batch):
+                self._run_group(group)
+        except BaseException as exc:  # every caller must wake up, with the error if its group failed
+            for call in batch:
+                if not call.done:
+                    call.error = exc
+            raise
+        finally:
+            with self._cond:
+                for call in batch:
+                    call.done = True
+                self.stats.rounds += 1
+                self._cond.notify_all()
+
+    def _run_group(self, group: list[_Call]) -> None:
+        try:
+            if group[0].key[0] == "alone":
+                call = group[0]
+                call.result = call.unet(*call.args, **call.kwargs)
+                self.stats.record(call.rows)
+                return
+            outputs = self._batched_forward(group)
+            for call, output in zip(group, outputs, strict=True):
+                call.result = _wrap_output(output, call.kwargs.get("return_dict", True))
+        except Exception as exc:
+            for call in group:
+                call.error = exc
+
+    def _batched_forward(self, group: list[_Call]) -> list[Any]:
+        import torch
+
+        first = group[0]
+        sample = torch.cat([call.sample for call in group])
+        timesteps = torch.cat([_timesteps(call) for call in group])
+        hidden = torch.cat([call.kwargs["encoder_hidden_states"] for call in group])
+        added = _cat_added([call.kwargs.get("added_cond_kwargs") for call in group])
+        output = self._forward(first.unet, sample, timesteps, hidden, added)
+        self.stats.record(int(sample.shape[0]))
+        return list(torch.split(output, [call.rows for call in group]))
+
+    def _key(self, unet: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        if not _batchable(args, kwargs):
+            return ("alone", next(self._unique))
+        hidden = kwargs["encoder_hidden_states"]
+        added = kwargs.get("added_cond_kwargs") or {}
+        shapes = tuple(sorted((name, tuple(value.shape[1:])) for name, value in added.items()))
+        sample = args[0]
+        return ("batch", id(unet), tuple(sample.shape[1:]), sample.dtype, tuple(hidden.shape[1:]), shapes)
+
+
+class BatchedUNet:
+    """Stands in for a pipeline's UNet during one call: attributes go to the real UNet, calls to the batcher."""
+
+    def __init__(self, batcher: StepBatcher, unet: Any, pipe: Any) -> None:
+        self.__dict__.update(_batcher=batcher, unet=unet, _pipe=pipe, _joined=False, _calls=0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.unet, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._joined:
+            self.__dict__["_joined"] = True
+            self._batcher._join()
+        try:
+            return self._batcher.call(self.unet, args, kwargs)
+        finally:
+            self.__dict__["_calls"] = self._calls + 1
+            # The loop makes one UNet call per timestep: after the last one the request leaves at once, so the
+            # others do not wait for it while it decodes its image.
+            if self._calls >= getattr(self._pipe, "_num_timesteps", float("inf")):
+                self.leave()
+
+    def leave(self) -> None:
+        if self._joined:
+            self.__dict__["_joined"] = False
+            self._batcher._leave()
+
+
+def eager_forward(unet: Any, sample: Any, timesteps: Any, hidden: Any, added: dict[str, Any] | None) -> Any:
+    return unet(sample, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
+
+
+def _batchable(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    if len(args) != 2 or kwargs.get("encoder_hidden_states") is None:
+        return False
+    extra = set(kwargs) - _BATCHABLE_KWARGS
+    return all(name in _ALWAYS_NONE_OK and kwargs[name] is None for name in extra)
+
+
+def _timesteps(call: _Call) -> Any:
+    """The call's timestep as a float vector with one entry per row (the UNet embeds timesteps as floats)."""
+    import torch
+
+    t = call.args[1]
+    t = t if torch.is_tensor(t) else torch.tensor(t)
+    return t.reshape(-1).to(device=call.sample.device, dtype=torch.float32).expand(call.rows)
+
+
+def _cat_added(added: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    import torch
+
+    if added[0] is None:
+        return None
+    return {name: torch.cat([item[name] for item in added if item is not None]) for name in added[0]}
+
+
+def _groups(batch: list[_Call]) -> list[list[_Call]]:
+    groups: dict[Any, list[_Call]] = {}
+    for call in batch:
+        groups.setdefault(call.key, []).append(call)
+    return list(groups.values())
+
+
+def _wrap_output(output: Any, return_dict: bool) -> Any:
+    if not return_dict:
+        return (output,)
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    return UNet2DConditionOutput(sample=output)

@@ -1,0 +1,111 @@
+"""The batching engine: many requests in flight at once, their UNet steps merged by a StepBatcher.
+
+Admission is first come, first served and bounded by images in flight (MAX_BATCH_SIZE), so the batch never
+grows past what the device was sized for and no request starves: a waiting request is admitted as soon as
+enough images have finished, before any request that came after it. Admitted requests run on a pool of threads
+(one per request) through the same Runner as the serial engine; their UNet calls meet in the batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from ..errors import Busy, DiffusersAPIError, NotReady
+from .base import Health
+from .batcher import StepBatcher
+
+if TYPE_CHECKING:
+    from ..runner import ProgressCallback, Runner
+    from ..schema import GenerateRequest, GenerateResult
+
+log = logging.getLogger(__name__)
+
+
+class BatchingEngine:
+    def __init__(self, runner: Runner, max_batch_size: int, max_queue: int, batcher: StepBatcher | None = None):
+        self.runner = runner
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.batcher = batcher or StepBatcher()
+        runner.batcher = self.batcher
+        self._pool = ThreadPoolExecutor(max_workers=max_batch_size, thread_name_prefix="request")
+        self._health = Health.STARTING
+        self._setup_error: str | None = None
+        self._in_flight = 0  # images admitted and not finished
+        self._running = 0
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def health(self) -> Health:
+        if self._health is Health.READY and (self._running or self._waiting):
+            return Health.BUSY
+        return self._health
+
+    @property
+    def setup_error(self) -> str | None:
+        return self._setup_error
+
+    @property
+    def queue_depth(self) -> int:
+        return self._running + len(self._waiting)
+
+    async def start(self) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self.runner.start)
+        except Exception as exc:
+            message = exc.message if isinstance(exc, DiffusersAPIError) else f"{type(exc).__name__}: {exc}"
+            log.exception("model setup failed: %s", message)
+            self._setup_error, self._health = message, Health.SETUP_FAILED
+            return
+        self._health = Health.READY
+
+    async def stop(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, request: GenerateRequest, progress: ProgressCallback | None = None) -> GenerateResult:
+        if self._health is not Health.READY:
+            raise NotReady(f"the server is {self._health.value.lower()}", state=self._health.value)
+        if len(self._waiting) >= self.max_queue:
+            raise Busy(f"{len(self._waiting)} requests are waiting; try again shortly", queue_depth=len(self._waiting))
+        images = min(request.image_count, self.max_batch_size)  # an oversized request runs when the device is free
+        await self._admit(images)
+        cancel = threading.Event()
+        self._running += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, self.runner.run, request, progress, cancel)
+        except asyncio.CancelledError:
+            cancel.set()  # the client left: its loop stops at the next step boundary and frees its rows
+            raise
+        finally:
+            self._running -= 1
+            self._release(images)
+
+    async def _admit(self, images: int) -> None:
+        if not self._waiting and self._in_flight + images <= self.max_batch_size:
+            self._in_flight += images
+            return
+        ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        ticket.images = images  # type: ignore[attr-defined]
+        self._waiting.append(ticket)
+        try:
+            await ticket
+        except asyncio.CancelledError:
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
+            elif ticket.done() and not ticket.cancelled():
+                self._release(images)  # admitted just as the client left
+            raise
+
+    def _release(self, images: int) -> None:
+        self._in_flight -= images
+        # strictly in order: the head of the queue goes first, even if a later, smaller request would fit
+        while self._waiting and self._in_flight + self._waiting[0].images <= self.max_batch_size:  # type: ignore[attr-defined]
+            ticket = self._waiting.popleft()
+            self._in_flight += ticket.images  # type: ignore[attr-defined]
+            ticket.set_result(None)

@@ -1,0 +1,357 @@
+"""Step-level batching on the tiny models: concurrent requests share UNet calls and still get their own images."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_api.config import Settings
+from diffusers_api.engine import BatchingEngine, StepBatcher
+from diffusers_api.errors import Cancelled, InvalidInputs
+from diffusers_api.imaging import encode_image, to_base64
+from diffusers_api.runner import Runner
+from diffusers_api.schema import GenerateRequest, GenerateResult
+
+# Batched and unbatched kernels may round differently in the last float bits; after 8-bit quantisation that
+# shows as at most one level on a small share of pixels. These bounds are what the tests assert.
+MAX_LEVEL_DIFFERENCE = 1
+MAX_DIFFERING_SHARE = 0.01
+
+SCHEDULERS = ["DPM++ 2M", "Euler a", "DDIM", "Euler", "UniPC", "PNDM", "LMS", "Heun", "DPM++ 2M SDE"]
+
+
+def _runner(models_dir: Path, model_id: str) -> Runner:
+    runner = Runner(Settings(model_id=model_id, models_dir=models_dir))
+    runner.start()
+    return runner
+
+
+@pytest.fixture(scope="module")
+def runner(models_dir: Path) -> Runner:
+    return _runner(models_dir, "builtin/tiny-sd")
+
+
+def pixels(result: GenerateResult, index: int = 0) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(result.images[index]))).astype(int)
+
+
+def assert_close(batched: np.ndarray, alone: np.ndarray) -> None:
+    difference = np.abs(batched - alone)
+    assert difference.max() <= MAX_LEVEL_DIFFERENCE
+    assert (difference > 0).mean() <= MAX_DIFFERING_SHARE
+
+
+def run_alone(runner: Runner, requests: list[GenerateRequest]) -> list[GenerateResult]:
+    runner.batcher = None
+    return [runner.run(request) for request in requests]
+
+
+def run_together(
+    runner: Runner, requests: list[GenerateRequest], batcher: StepBatcher | None = None
+) -> list[GenerateResult]:
+    runner.batcher = batcher or StepBatcher(max_wait_s=5.0)
+    try:
+        with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+            return list(pool.map(runner.run, requests))
+    finally:
+        runner.batcher = None
+
+
+def varied_requests(count: int, **common: object) -> list[GenerateRequest]:
+    prompts = ["a red barn", "blue sky over the sea", "a cat", "an old tree", "city street at night"]
+    return [
+        GenerateRequest(
+            **{
+                "prompt": prompts[i % len(prompts)],
+                "seed": 100 + i,
+                "num_inference_steps": 4 + 2 * (i % 3),
+                "guidance_scale": [7.5, 3.0, 1.0, 5.0][i % 4],
+                **common,
+            }
+        )
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_batched_requests_match_their_solo_results(runner: Runner, scheduler: str) -> None:
+    requests = varied_requests(3, scheduler=scheduler)
+    alone = run_alone(runner, requests)
+    batcher = StepBatcher(max_wait_s=5.0)
+    together = run_together(runner, requests, batcher)
+    assert max(batcher.stats.rows) > 2  # calls were really merged (CFG rows of several requests)
+    for batched, solo in zip(together, alone, strict=True):
+        assert_close(pixels(batched), pixels(solo))
+
+
+def test_batched_results_match_plain_diffusers(runner: Runner) -> None:
+    """Our result is the diffusers pipeline's own result: same call, only the UNet's batch differs."""
+    requests = varied_requests(3, scheduler="Euler a")
+    together = run_together(runner, requests)
+    model = runner.store.get(requests[0])
+    for request, batched in zip(requests, together, strict=True):
+        pipe = model.pipelines.build(
+            model.pipelines.resolve("txt2img"), model.pipelines.scheduler("Euler a"), safety_checker=True
+        )
+        output = pipe(
+            request.prompt,
+            num_inference_steps=request.num_inference_steps,
+            guidance_scale=request.guidance_scale,
+            generator=[torch.Generator("cpu").manual_seed(request.seed or 0)],
+            output_type="np",
+        )
+        plain = (output.images[0] * 255).round().astype(int)
+        assert_close(pixels(batched), plain)
+
+
+def test_several_images_per_request_in_a_batch(runner: Runner) -> None:
+    requests = [
+        GenerateRequest(prompt="a cat", seed=5, num_images_per_prompt=2, num_inference_steps=6),
+        GenerateRequest(prompt="a dog", seed=9, num_inference_steps=6),
+    ]
+    alone = run_alone(runner, requests)
+    together = run_together(runner, requests)
+    assert together[0].seeds == [5, 6]
+    for index in range(2):
+        assert_close(pixels(together[0], index), pixels(alone[0], index))
+    assert_close(pixels(together[1]), pixels(alone[1]))
+
+
+def test_img2img_and_txt2img_share_a_batch(runner: Runner) -> None:
+    image = to_base64(encode_image(Image.new("RGB", (64, 64), (180, 40, 40))))
+    requests = [
+        GenerateRequest(prompt="a cat", seed=1, num_inference_steps=8),
+        GenerateRequest(prompt="a dog", seed=2, num_inference_steps=10, image=image, strength=0.8),
+    ]
+    alone = run_alone(runner, requests)
+    together = run_together(runner, requests)
+    for batched, solo in zip(together, alone, strict=True):
+        assert_close(pixels(batched), pixels(solo))
+
+
+def test_sdxl_batched(models_dir: Path) -> None:
+    runner = _runner(models_dir, "builtin/tiny-sdxl")
+    requests = varied_requests(3)
+    alone = run_alone(runner, requests)
+    batcher = StepBatcher(max_wait_s=5.0)
+    together = run_together(runner, requests, batcher)
+    assert max(batcher.stats.rows) > 2
+    for batched, solo in zip(together, alone, strict=True):
+        assert_close(pixels(batched), pixels(solo))
+
+
+def test_inpaint_batched(models_dir: Path) -> None:
+    runner = _runner(models_dir, "builtin/tiny-sd-inpaint")
+    image = to_base64(encode_image(Image.new("RGB", (64, 64), (90, 90, 90))))
+    mask = to_base64(encode_image(Image.new("RGB", (64, 64), (255, 255, 255))))
+    requests = varied_requests(2, image=image, mask_image=mask)
+    alone = run_alone(runner, requests)
+    together = run_together(runner, requests)
+    for batched, solo in zip(together, alone, strict=True):
+        assert_close(pixels(batched), pixels(solo))
+
+
+def test_different_resolutions_run_as_separate_groups(runner: Runner) -> None:
+    requests = [
+        GenerateRequest(prompt="a", seed=1, num_inference_steps=5, width=64, height=64),
+        GenerateRequest(prompt="b", seed=2, num_inference_steps=5, width=96, height=64),
+    ]
+    alone = run_alone(runner, requests)
+    batcher = StepBatcher(max_wait_s=5.0)
+    together = run_together(runner, requests, batcher)
+    assert max(batcher.stats.rows) == 2  # never mixed in one forward
+    assert batcher.stats.rounds < batcher.stats.forwards  # some rounds ran both groups
+    for batched, solo in zip(together, alone, strict=True):
+        assert_close(pixels(batched), pixels(solo))
+
+
+def test_a_new_request_joins_at_the_next_step(runner: Runner) -> None:
+    batcher = StepBatcher(max_wait_s=5.0)
+    runner.batcher = batcher
+    first_steps: list[int] = []
+    joined_at: list[int] = []
+    started = threading.Event()
+
+    def first_progress(step: int, total: int) -> None:
+        first_steps.append(step)
+        if step == 3:
+            started.set()
+            time.sleep(0.2)  # let the second request reach the rendezvous before our next call
+
+    def second_progress(step: int, total: int) -> None:
+        if not joined_at:
+            joined_at.append(len(first_steps))
+
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            long = pool.submit(runner.run, GenerateRequest(prompt="a", seed=1, num_inference_steps=12), first_progress)
+            started.wait(60)
+            short = pool.submit(runner.run, GenerateRequest(prompt="b", seed=2, num_inference_steps=4), second_progress)
+            long.result(), short.result()
+    finally:
+        runner.batcher = None
+    # steps 1-3 ran the first request alone (2 CFG rows); the second joined at the very next step boundary
+    assert batcher.stats.rows[:4] == [2, 2, 2, 4]
+    assert joined_at
+
+
+def test_cancelled_request_stops_within_a_step_and_the_others_finish(runner: Runner) -> None:
+    requests = varied_requests(3, num_inference_steps=10)
+    alone = run_alone(runner, requests)
+    cancel = threading.Event()
+    steps_seen: list[int] = []
+
+    def progress(step: int, total: int) -> None:
+        steps_seen.append(step)
+        if step == 2:
+            cancel.set()
+
+    runner.batcher = StepBatcher(max_wait_s=5.0)
+    try:
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            first = pool.submit(runner.run, requests[0])
+            victim = pool.submit(runner.run, requests[1], progress, cancel)
+            third = pool.submit(runner.run, requests[2])
+            with pytest.raises(Cancelled):
+                victim.result()
+            results = [first.result(), third.result()]
+    finally:
+        runner.batcher = None
+    assert steps_seen == [1, 2]
+    assert_close(pixels(results[0]), pixels(alone[0]))
+    assert_close(pixels(results[1]), pixels(alone[2]))
+
+
+def test_a_failing_request_does_not_take_the_batch_down(runner: Runner) -> None:
+    good = varied_requests(2)
+    bad = GenerateRequest(prompt=["a", "b"], negative_prompt=["x"] * 3, seed=1, num_inference_steps=6)
+    alone = run_alone(runner, good)
+    runner.batcher = StepBatcher(max_wait_s=5.0)
+    try:
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            futures = [pool.submit(runner.run, request) for request in (good[0], bad, good[1])]
+            with pytest.raises(InvalidInputs):
+                futures[1].result()
+            results = [futures[0].result(), futures[2].result()]
+    finally:
+        runner.batcher = None
+    for batched, solo in zip(results, alone, strict=True):
+        assert_close(pixels(batched), pixels(solo))
+
+
+def test_straggler_only_delays_by_the_wait_bound(runner: Runner) -> None:
+    """A participant that does not come back (here: slow between steps) holds the others up by max_wait_s."""
+    batcher = StepBatcher(max_wait_s=0.05)
+    runner.batcher = batcher
+
+    def dawdle(step: int, total: int) -> None:
+        time.sleep(0.5)
+
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            slow = pool.submit(runner.run, GenerateRequest(prompt="a", seed=1, num_inference_steps=3), dawdle)
+            started = time.perf_counter()
+            fast = pool.submit(runner.run, GenerateRequest(prompt="b", seed=2, num_inference_steps=3))
+            fast.result()
+            fast_s = time.perf_counter() - started
+            slow.result()
+    finally:
+        runner.batcher = None
+    assert fast_s < 1.4  # 3 slow steps would take 1.5 s; waiting is bounded per step
+
+
+# --- the engine: admission and order -------------------------------------------------------------------------
+
+
+def _engine(runner: Runner, max_batch_size: int) -> BatchingEngine:
+    return BatchingEngine(runner, max_batch_size=max_batch_size, max_queue=16, batcher=StepBatcher(max_wait_s=5.0))
+
+
+def _serve(engine: BatchingEngine, requests: list[GenerateRequest], on_done: Callable[[int], None]) -> list:
+    async def main() -> list:
+        await engine.start()
+
+        async def one(index: int, request: GenerateRequest) -> GenerateResult:
+            await asyncio.sleep(0.01 * index)  # arrive in order
+            result = await engine.submit(request)
+            on_done(index)
+            return result
+
+        try:
+            return await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
+        finally:
+            await engine.stop()
+
+    return asyncio.run(main())
+
+
+class RecordingRunner(Runner):
+    """A real runner that notes the order in which requests start running."""
+
+    started: list[str]
+
+    def run(self, request: GenerateRequest, *args: object, **kwargs: object) -> GenerateResult:
+        self.started.append(str(request.prompt))
+        return super().run(request, *args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_engine_bounds_the_batch_and_admits_in_order(models_dir: Path) -> None:
+    runner = RecordingRunner(Settings(model_id="builtin/tiny-sd", models_dir=models_dir))
+    runner.started = []
+    engine = _engine(runner, max_batch_size=2)
+    requests = [GenerateRequest(prompt=f"p{i}", seed=i, num_inference_steps=4) for i in range(5)]
+    results = _serve(engine, requests, lambda index: None)
+    assert len(results) == 5
+    assert max(engine.batcher.stats.rows) <= 2 * 2  # two images, CFG doubles the rows
+    # first come, first served: two at a time, in order of arrival (threads may swap two admitted together)
+    started = runner.started
+    assert (set(started[:2]), set(started[2:4]), started[4]) == ({"p0", "p1"}, {"p2", "p3"}, "p4")
+    alone = run_alone(runner, requests)
+    for batched, solo in zip(results, alone, strict=True):
+        assert_close(pixels(batched), pixels(solo))
+
+
+def test_engine_throughput_gains_from_batching(models_dir: Path) -> None:
+    """The point of the engine, measured: 8 concurrent requests take much less than 8 sequential ones."""
+    runner = Runner(Settings(model_id="builtin/tiny-sd", models_dir=models_dir))
+    runner.start()
+    requests = [GenerateRequest(prompt=f"p{i}", seed=i, num_inference_steps=10) for i in range(8)]
+    run_alone(runner, requests[:1])  # warm-up
+    started = time.perf_counter()
+    run_alone(runner, requests)
+    sequential = time.perf_counter() - started
+    started = time.perf_counter()
+    run_together(runner, requests)
+    batched = time.perf_counter() - started
+    assert sequential / batched > 1.5  # the benchmark (bench/cpu_batching.py) reports the real ratio
+
+
+def test_shared_tokenizer_is_safe_across_threads(runner: Runner) -> None:
+    """diffusers tokenizes with padding="max_length" and "longest" in turn; threads must not mix them up."""
+    model = runner.store.get(GenerateRequest(prompt="x"))
+    pipes = [
+        model.pipelines.build(
+            model.pipelines.resolve("txt2img"), model.pipelines.scheduler("DDIM"), safety_checker=False
+        )
+        for _ in range(8)
+    ]
+
+    def tokenize(index: int) -> bool:
+        tokenizer = pipes[index % 8].tokenizer
+        if index % 2:
+            ids = tokenizer("a red barn " * (index % 5), padding="max_length", max_length=77, truncation=True).input_ids
+            return len(ids) == 77
+        return len(tokenizer("a red barn", padding="longest").input_ids) < 77
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert all(pool.map(tokenize, range(2000)))
