@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1, description="Requests waiting beyond this get BUSY (503)")
 
     # --- engine --------------------------------------------------------------------------------------------
-    max_batch_size: int = Field(8, ge=1, le=256)
+    max_batch_size: int = Field(8, ge=1, le=256, description="Images denoised together; 1: one request at a time")
+    cuda_graphs: bool = Field(True, description="Replay batched UNet steps as CUDA graphs on a CUDA device")
     debug: bool = False
     log_level: str = "info"
 

@@ -7,12 +7,13 @@ from typing import TYPE_CHECKING
 from .base import Engine, Health
 from .batcher import StepBatcher
 from .batching import BatchingEngine
+from .graphs import CudaGraphForward
 from .serial import SerialEngine
 
 if TYPE_CHECKING:
     from ..config import Settings
 
-__all__ = ["BatchingEngine", "Engine", "Health", "SerialEngine", "StepBatcher", "make_engine"]
+__all__ = ["BatchingEngine", "CudaGraphForward", "Engine", "Health", "SerialEngine", "StepBatcher", "make_engine"]
 
 
 def make_engine(settings: Settings) -> Engine:
@@ -22,4 +23,6 @@ def make_engine(settings: Settings) -> Engine:
     runner = Runner(settings)
     if settings.max_batch_size == 1:
         return SerialEngine(runner, max_queue=settings.max_queue)
-    return BatchingEngine(runner, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue)
+    # CudaGraphForward runs eagerly off CUDA, so the same engine serves CPUs and GPUs
+    batcher = StepBatcher(forward=CudaGraphForward() if settings.cuda_graphs else None)
+    return BatchingEngine(runner, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue, batcher=batcher)
