@@ -332,10 +332,13 @@ async def load(url: str, args: argparse.Namespace, size: int, clients: int, per_
 
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        before = (await http.get(f"{url}/health")).json().get("batching", {})
         started = time.perf_counter()
         await asyncio.gather(*(client(i, http) for i in range(clients)))
         wall = time.perf_counter() - started
+        after = (await http.get(f"{url}/health")).json().get("batching", {})
     return {
+        "batching": _batching_delta(before, after),
         "clients": clients,
         "requests": len(latencies),
         "images_per_s": round(len(latencies) / wall, 2),
@@ -344,16 +347,27 @@ async def load(url: str, args: argparse.Namespace, size: int, clients: int, per_
     }
 
 
-def server_runs(path: Path, args: argparse.Namespace, size: int, label: str, concurrency: list[int]) -> dict[str, Any]:
+def _batching_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    delta = {k: after[k] - before.get(k, 0) for k in ("rounds", "forwards", "timeouts", "rows_total") if k in after}
+    if delta.get("forwards"):
+        delta["mean_rows"] = round(delta["rows_total"] / delta["forwards"], 2)
+    return delta
+
+
+def server_runs(
+    path: Path, args: argparse.Namespace, size: int, label: str, concurrency: list[int], wait_ms: int = 250
+) -> dict[str, Any]:
     import httpx
 
-    server = Server(path, args, args.out_dir / f"server_{label}.log", {"MAX_BATCH_SIZE": str(args.max_batch)})
+    env = {"MAX_BATCH_SIZE": str(args.max_batch), "BATCH_WAIT_MS": str(wait_ms)}
+    server = Server(path, args, args.out_dir / f"server_{label}.log", env)
     try:
         server.wait_ready()
         response = httpx.post(f"{server.url}/v1/generate", json=request_body(args, size, 1), timeout=600)
         response.raise_for_status()
         result: dict[str, Any] = {
             "what": f"server_{label}",
+            "batch_wait_ms": wait_ms,
             "cold_start_to_first_image_s": round(time.perf_counter() - server.started, 3),
             "first_request_timings_ms": response.json()["timings"],
         }
@@ -437,6 +451,9 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--image-format", default="JPEG")
     parser.add_argument("--skip-sdxl", action="store_true")
+    parser.add_argument(
+        "--wait-ms", type=lambda v: [int(x) for x in v.split(",")], default=[250], help="BATCH_WAIT_MS values"
+    )
     args = parser.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -450,7 +467,8 @@ def main() -> None:
         section("build_sd", lambda: build_and_save(sd21_base, sd, args), args, env)
         section("plain_W", lambda: plain_diffusers(sd, args, sizes[0], "W"), args, env)
         free_memory()
-        section("server_W", lambda: server_runs(sd, args, sizes[0], "W", clients), args, env)
+        for wait_ms in args.wait_ms:
+            section("server_W", lambda w=wait_ms: server_runs(sd, args, sizes[0], f"W_wait{w}", clients, w), args, env)
         if not args.skip_sdxl:
             section("build_sdxl", lambda: build_and_save(sdxl_base, sdxl, args), args, env)
             section("plain_SDXL", lambda: plain_diffusers(sdxl, args, sizes[1], "SDXL"), args, env)

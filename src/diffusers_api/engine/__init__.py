@@ -24,5 +24,7 @@ def make_engine(settings: Settings) -> Engine:
     if settings.max_batch_size == 1:
         return SerialEngine(runner, max_queue=settings.max_queue)
     # CudaGraphForward runs eagerly off CUDA, so the same engine serves CPUs and GPUs
-    batcher = StepBatcher(forward=CudaGraphForward() if settings.cuda_graphs else None)
+    batcher = StepBatcher(
+        forward=CudaGraphForward() if settings.cuda_graphs else None, max_wait_s=settings.batch_wait_ms / 1000
+    )
     return BatchingEngine(runner, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue, batcher=batcher)

@@ -60,18 +60,31 @@ class BatchStats:
 
     rounds: int = 0
     forwards: int = 0
+    timeouts: int = 0  # rounds fired by the wait bound rather than by everyone arriving
+    rows_total: int = 0
     rows: list[int] = field(default_factory=list)
 
     def record(self, rows: int) -> None:
         self.forwards += 1
+        self.rows_total += rows
         self.rows.append(rows)
         del self.rows[:-1000]  # keep the recent history only
+
+    def summary(self) -> dict[str, float]:
+        recent = self.rows[-200:]
+        mean = sum(recent) / len(recent) if recent else 0.0
+        return {
+            "rounds": self.rounds,
+            "forwards": self.forwards,
+            "timeouts": self.timeouts,
+            "mean_rows": round(mean, 2),
+        }
 
 
 class StepBatcher:
     """The rendezvous of UNet calls from concurrent denoising loops."""
 
-    def __init__(self, forward: UNetForward | None = None, max_wait_s: float = 0.05) -> None:
+    def __init__(self, forward: UNetForward | None = None, max_wait_s: float = 0.25) -> None:
         self._forward = forward or eager_forward
         self.max_wait_s = max_wait_s
         self._cond = threading.Condition()
@@ -118,6 +131,8 @@ class StepBatcher:
             self._pending.append(call)
             while not call.done:
                 if call in self._pending and (len(self._pending) >= self._participants or batch == []):
+                    if batch == []:
+                        self.stats.timeouts += 1
                     batch, self._pending = self._pending, []
                     break
                 timed_out = not self._cond.wait(self.max_wait_s)

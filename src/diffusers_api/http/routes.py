@@ -71,6 +71,9 @@ async def health(request: Request) -> JSONResponse:
     body: dict[str, Any] = {"status": state.value, "queue_depth": engine.queue_depth}
     if engine.setup_error:
         body["error"] = engine.setup_error
+    batcher = getattr(engine, "batcher", None)
+    if batcher is not None:
+        body["batching"] = batcher.stats.summary()
     return JSONResponse(body, status_code=200 if state in _SERVING else 503)
 
 
