@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -32,6 +33,10 @@ GRASS = {
     },
     "callInputs": {"MODEL_ID": "builtin/tiny-sd"},
 }
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data))).astype(int)
 
 
 def free_port() -> int:
@@ -156,7 +161,13 @@ def test_concurrent_requests_with_different_schedulers(server: Server) -> None:
     alone = [ask(name) for name in names]
     with ThreadPoolExecutor(max_workers=3) as pool:
         together = list(pool.map(ask, names))
-    assert together == alone
+    # Batched with each other, their UNet ran at a larger batch: kernels may round the last bits differently,
+    # which shows as at most one 8-bit level on a few pixels. Anything leaking between them would be far more.
+    for batched, solo in zip(together, alone, strict=True):
+        difference = np.abs(pixels(batched) - pixels(solo))
+        assert difference.max() <= 1
+        assert (difference > 0).mean() <= 0.01
+    assert len(set(alone)) == len(names)
 
 
 @pytest.mark.parametrize(
