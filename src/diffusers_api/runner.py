@@ -104,8 +104,8 @@ class Runner:
         timings = Timings()
         if self._init_ms is not None:
             timings["init"], self._init_ms = self._init_ms, None
-        with timings.phase("loadModel"):
-            model = self.store.get(request)
+        # The store reports its own phases: loadModel, and download / upload when it had to fetch the model.
+        model = self.store.get(request, timings)
         with timings.phase("decode"):
             inputs = self._decode_inputs(request)
         pipe_cls = self._pipeline_class(model, request)
