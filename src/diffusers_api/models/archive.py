@@ -37,7 +37,7 @@ def pack(directory: Path, out: Writable, level: int = ZSTD_LEVEL) -> None:
     # zstandard accepts any object with write(); its stubs say IO[bytes].
     with (
         compressor.stream_writer(cast("IO[bytes]", out), closefd=False) as compressed,
-        tarfile.open(fileobj=compressed, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+        tarfile.open(fileobj=compressed, mode="w|", format=tarfile.PAX_FORMAT, dereference=True) as tar,
     ):
         for path in sorted(directory.rglob("*")):
             # dereference: a hub snapshot is a tree of links into its blob store; the archive holds the files.
@@ -57,6 +57,9 @@ def unpack(source: BinaryIO, directory: Path) -> None:
         ):
             for member in tar:
                 _extract(tar, member, directory)
+            # tar stops at its end marker; read on to the end of the zstd frame, whose checksum covers it all.
+            while stream.read(COPY_CHUNK):
+                pass
     except (tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
         raise CorruptArchive(f"corrupt model archive: {type(exc).__name__}: {exc}") from exc
 

@@ -138,7 +138,8 @@ def _expected_size(response: Any, have: int, url: str) -> int | None:
 def _write_body(response: Any, dest: Path, *, append: bool, total: int | None) -> None:
     with dest.open("ab" if append else "wb") as out, progress_bar(total, dest.name) as bar:
         bar.update(out.tell())
-        for chunk in response.iter_bytes(CHUNK):
+        # No chunk size: each piece is written as it arrives, so a broken connection loses nothing received.
+        for chunk in response.iter_bytes():
             out.write(chunk)
             bar.update(len(chunk))
 
