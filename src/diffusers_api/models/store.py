@@ -163,22 +163,22 @@ class ModelStore:
             return self._resident[spec]
         directory = fetch(spec, self.settings, timings)
         # Make room before loading (estimated from the files), so that two big models never meet on the GPU.
-        self._evict_for(archive.directory_bytes(directory) if self.settings.model_memory_budget else 0)
+        self._make_room(archive.weight_bytes(directory))
         model = self._load(spec, directory)
         self._resident[spec] = model
-        self._evict_for(0)  # the estimate was the files' size: correct it with what the weights really take
+        self._trim()  # the estimate was the files' size: correct it with what the weights really take
         return model
 
-    def _evict_for(self, incoming: int) -> None:
-        """Evict least recently used models until `incoming` more bytes fit (the newest model always stays)."""
+    def _make_room(self, incoming: int) -> None:
+        """Evict least recently used models until `incoming` more bytes fit (without a budget: all of them)."""
         budget = self.settings.model_memory_budget
-        while self._resident:
-            if incoming == 0 and len(self._resident) == 1:
-                return
-            if budget is not None and self.resident_bytes() + incoming <= budget:
-                return
-            if budget is None and incoming == 0:
-                return
+        while self._resident and (budget is None or self.resident_bytes() + incoming > budget):
+            self._evict(next(iter(self._resident)))
+
+    def _trim(self) -> None:
+        """Evict least recently used models while over budget; the newest one always stays."""
+        budget = self.settings.model_memory_budget
+        while len(self._resident) > 1 and (budget is None or self.resident_bytes() > budget):
             self._evict(next(iter(self._resident)))
 
     def _evict(self, spec: ModelSpec) -> None:
