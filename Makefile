@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 MODEL  ?= builtin/tiny-sd
 PORT   ?= 8000
 
-.PHONY: install serve test test-fast lint format clean
+.PHONY: install serve test test-fast lint format bench clean
 
 install: $(BIN)/diffusers-api
 
@@ -29,13 +29,16 @@ test-fast: install
 	$(BIN)/pytest tests/unit
 
 lint: install
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
 format: install
-	$(BIN)/ruff format src tests
-	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests bench
+	$(BIN)/ruff check --fix src tests bench
+
+bench: install
+	$(BIN)/python bench/archive_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -19,6 +19,7 @@ from diffusers_api.models import archive, builtin
 from diffusers_api.models.builtin import ensure_builtin
 from diffusers_api.runner import Runner
 from diffusers_api.schema import GenerateRequest
+from support.ldm import ldm_state_dict
 from support.servers import ACCESS_KEY, REGION, SECRET_KEY, FileServer, file_server, free_port, moto_s3, s3_client
 
 BUCKET = "models"
@@ -217,3 +218,33 @@ def test_pickled_checkpoint_is_refused_without_the_opt_in(files: FileServer, tmp
         runner.run(ask(model="acme/pickled", checkpoint_url=f"{files.url}/model.ckpt"))
     assert caught.value.extra["setting"] == "ALLOW_PICKLE"
     assert files.requests == []  # refused before a byte was fetched
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(models_dir: Path) -> bytes:
+    """The tiny SD model as one original-format .safetensors file (see support/ldm.py)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save
+
+    pipe = StableDiffusionPipeline.from_pretrained(ensure_builtin(TINY, models_dir))
+    return save(ldm_state_dict(pipe))
+
+
+def test_single_file_checkpoint_over_http_loads(
+    files: FileServer, tiny_checkpoint: bytes, models_dir: Path, tmp_path: Path
+) -> None:
+    files.files["/tiny.safetensors"] = tiny_checkpoint
+    runner = Runner(Settings(models_dir=tmp_path, runtime_downloads=True, allow_private_urls=True))
+    converted = runner.run(
+        ask(
+            model="acme/tiny-single",
+            checkpoint_url=f"{files.url}/tiny.safetensors",
+            hf_model_id=str(ensure_builtin(TINY, models_dir)),  # the configuration, offline
+            safety_checker=False,
+        )
+    )
+    assert "download" in converted.timings
+    assert published(tmp_path) == ["models--acme--tiny-single"]
+    reference = Runner(Settings(models_dir=models_dir, model_id=TINY))
+    reference.start()
+    assert converted.images == reference.run(ask(safety_checker=False)).images

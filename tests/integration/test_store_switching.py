@@ -15,8 +15,10 @@ from diffusers_api.config import Settings
 from diffusers_api.engine import SerialEngine
 from diffusers_api.errors import ModelMismatch
 from diffusers_api.http.app import create_app
+from diffusers_api.imaging import to_base64
 from diffusers_api.runner import Runner
 from diffusers_api.schema import GenerateRequest
+from support.fakes import png_bytes
 
 SD, INPAINT, SDXL = "builtin/tiny-sd", "builtin/tiny-sd-inpaint", "builtin/tiny-sdxl"
 
@@ -24,9 +26,6 @@ SD, INPAINT, SDXL = "builtin/tiny-sd", "builtin/tiny-sd-inpaint", "builtin/tiny-
 def ask(model: str) -> GenerateRequest:
     request: dict[str, Any] = {"model": model, "prompt": "a cat", "num_inference_steps": 2, "seed": 1}
     if model == INPAINT:
-        from support.fakes import png_bytes
-        from diffusers_api.imaging import to_base64
-
         request |= {"image": to_base64(png_bytes(size=64)), "mask_image": to_base64(png_bytes((255,) * 3, 64))}
     return GenerateRequest(**request)
 
