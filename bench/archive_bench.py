@@ -2,8 +2,9 @@
 
 - archive: pack + unpack throughput (MB/s of model files) of a synthetic safetensors directory, streamed
   through zstd as the cloud cache does it;
-- load: loading a local safetensors directory through the model store (ModelStore, what a request pays)
-  against a bare `DiffusionPipeline.from_pretrained` of the same directory; the target is a ratio <= 1.1.
+- load: loading a local safetensors directory through the model store (ModelStore, what a server start or a
+  model switch pays) against a bare `DiffusionPipeline.from_pretrained(...).to(device)` of the same directory, in
+  a process that has already imported both (the page cache is warm for both alike); target: ratio <= 1.1.
 
 Medians of several runs. Usage: python bench/archive_bench.py [--runs 5] [--megabytes 256]
 """

@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 ATTEMPTS = 4
 BACKOFF_S = 0.5  # doubles after each failed attempt
-CHUNK = 1024 * 1024
 # Multipart above this size: parts upload in parallel and a failed part is retried alone.
 MULTIPART_BYTES = 64 * 1024 * 1024
 SHA256_METADATA = "sha256"
