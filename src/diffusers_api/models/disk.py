@@ -17,6 +17,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
+from ..errors import StorageError
+
 # Dot-prefixed, so that nothing listing the models directory takes them for models.
 STAGING_PREFIX = ".staging-"
 DISCARD_PREFIX = ".discard-"
@@ -42,9 +44,9 @@ def publish(staging: Path, target: Path) -> None:
     """Rename `staging` onto `target`, atomically. If another process published first, its copy is kept."""
     try:
         os.rename(staging, target)  # replaces only an empty directory
-    except OSError:
+    except OSError as exc:
         if not is_published(target):
-            raise
+            raise StorageError(f"cannot publish the model at {target}: {exc}; is something else there?") from exc
 
 
 def is_published(directory: Path) -> bool:
