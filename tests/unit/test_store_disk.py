@@ -10,7 +10,7 @@ import pytest
 
 from diffusers_api.errors import StorageError
 from diffusers_api.models import disk
-from diffusers_api.models.store import cached_models
+from diffusers_api.models.store import cached_models, estimate_bytes
 
 
 def test_a_staged_directory_is_published_whole(tmp_path: Path) -> None:
@@ -68,3 +68,15 @@ def test_leftovers_of_killed_processes_are_never_listed_and_are_cleaned_when_sta
     assert cached_models(tmp_path) == []
     disk.remove_stale(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == [fresh.name]
+
+
+def test_memory_estimate_reads_safetensors_headers_in_the_target_precision(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "unet").mkdir()
+    tensors = {"weight": torch.zeros(10, dtype=torch.float32), "index": torch.zeros(2, dtype=torch.int64)}
+    save_file(tensors, str(tmp_path / "unet" / "model.safetensors"))
+    (tmp_path / "unet" / "config.json").write_text("{}" * 1000)  # not weights
+    assert estimate_bytes(tmp_path) == 10 * 4 + 2 * 8
+    assert estimate_bytes(tmp_path, "fp16") == 10 * 2 + 2 * 8  # floats cast, integers kept

@@ -94,28 +94,6 @@ def directory_bytes(directory: Path) -> int:
     return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
-
-
-def weight_bytes(directory: Path) -> int:
-    """Bytes of tensor data in `directory`'s weight files: what loading it will take, before any dtype cast.
-
-    Files of every variant present are counted, so a directory holding fp16 and fp32 files overestimates."""
-    total = 0
-    for path in directory.rglob("*"):
-        if path.is_file() and path.suffix in WEIGHT_SUFFIXES:
-            total += path.stat().st_size - _safetensors_header(path)
-    return total
-
-
-def _safetensors_header(path: Path) -> int:
-    """Length of a safetensors file's JSON header (8 bytes of length, then the header), 0 for other files."""
-    if path.suffix != ".safetensors":
-        return 0
-    with path.open("rb") as source:
-        return 8 + int.from_bytes(source.read(8), "little")
-
-
 def fsync_tree(directory: Path) -> None:
     """Flush unpacked files to disk before the directory is published under its final name."""
     for path in directory.rglob("*"):

@@ -10,7 +10,9 @@ back to the device. With RUNTIME_DOWNLOADS=0 another model gets MODEL_MISMATCH.
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -163,7 +165,7 @@ class ModelStore:
             return self._resident[spec]
         directory = fetch(spec, self.settings, timings)
         # Make room before loading (estimated from the files), so that two big models never meet on the GPU.
-        self._make_room(archive.weight_bytes(directory))
+        self._make_room(estimate_bytes(directory, spec.precision))
         model = self._load(spec, directory)
         self._resident[spec] = model
         self._trim()  # the estimate was the files' size: correct it with what the weights really take
@@ -256,6 +258,38 @@ def cached_models(models_dir: Path) -> list[dict[str, Any]]:
         for path in sorted(hub.glob("models--*")):
             found.append({"id": path.name.removeprefix("models--").replace("--", "/"), "source": "hub"})
     return found
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_FLOATS = ("F64", "F32", "F16", "BF16")
+
+
+def estimate_bytes(directory: Path, precision: str = "") -> int:
+    """What loading `directory` in `precision` will take, from its weight files, before loading anything.
+
+    safetensors headers give every tensor's dtype and shape (floats are counted in the target precision);
+    other weight files count by size. Files of every variant present are counted (an overestimate)."""
+    target = {"fp16": 2, "bf16": 2, "fp32": 4}.get(precision)
+    total = 0
+    for path in directory.rglob("*"):
+        if path.suffix == ".safetensors" and path.is_file():
+            total += _safetensors_bytes(path, target)
+        elif path.suffix in WEIGHT_SUFFIXES and path.is_file():
+            total += path.stat().st_size
+    return total
+
+
+def _safetensors_bytes(path: Path, float_bytes: int | None) -> int:
+    with path.open("rb") as source:
+        header = json.loads(source.read(int.from_bytes(source.read(8), "little")))
+    total = 0
+    for name, tensor in header.items():
+        if name == "__metadata__":
+            continue
+        size = float_bytes if float_bytes and tensor["dtype"] in _FLOATS else _DTYPE_BYTES.get(tensor["dtype"], 4)
+        total += math.prod(tensor["shape"]) * size
+    return total
 
 
 def _transfer_ms(timings: dict[str, float] | None) -> float:
