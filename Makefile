@@ -39,6 +39,7 @@ format: install
 
 bench: install
 	$(BIN)/python bench/cpu_batching.py --out bench/results/cpu.jsonl
+	$(BIN)/python bench/archive_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -21,6 +21,9 @@ _MODEL_FLAGS = {
     "device": "device",
     "pipeline": "pipeline",
     "scheduler": "scheduler",
+    "hf_model_id": "hf_model_id",
+    "model_url": "model_url",
+    "checkpoint_url": "checkpoint_url",
 }
 
 
@@ -51,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, help="waiting requests before BUSY (MAX_QUEUE, default 64)")
     serve.add_argument("--debug", action="store_true", default=None, help="include stack traces in errors")
     serve.add_argument("--log-level", help="debug, info, warning, error (LOG_LEVEL, default info)")
+    download = commands.add_parser(
+        "download",
+        help="fetch the configured model into MODELS_DIR (at image build time)",
+        description="Fetch the configured model into MODELS_DIR with the same code the server loads it with: "
+        "from the cloud cache (MODEL_URL; built, packed and uploaded there when missing), a single-file "
+        "checkpoint (CHECKPOINT_URL, converted), or the hub. The server then starts from disk, also with "
+        "OFFLINE=1 and no network at all.",
+    )
+    _add_model_flags(download)
+    download.add_argument("--hf-model-id", help="hub repo when --model is only an alias (HF_MODEL_ID)")
+    download.add_argument("--model-url", help="cloud-cache archive: s3://..., http(s)://... (MODEL_URL)")
+    download.add_argument("--checkpoint-url", help="single-file .safetensors checkpoint (CHECKPOINT_URL)")
+    download.add_argument("--log-level", help="debug, info, warning, error (LOG_LEVEL, default info)")
     return parser
 
 
@@ -106,6 +122,29 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def download(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if not settings.model_id:
+        print("diffusers-api: nothing to download: pass --model or set MODEL_ID", file=sys.stderr)
+        return 2
+    from .errors import DiffusersAPIError
+    from .logs import configure_logging
+    from .models.sources import fetch
+    from .models.spec import ModelSpec
+
+    configure_logging(settings.log_level)
+    spec = ModelSpec.from_settings(settings)
+    assert spec is not None
+    timings: dict[str, float] = {}
+    try:
+        directory = fetch(spec, settings, timings)
+    except DiffusersAPIError as exc:
+        print(f"diffusers-api: download failed ({exc.code}): {exc.message}", file=sys.stderr)
+        return 1
+    print(f"{spec.describe()}: {directory} {timings}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -116,5 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         return serve(args)
+    if args.command == "download":
+        return download(args)
     parser.print_help()
     return 2

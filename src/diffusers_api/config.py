@@ -7,6 +7,7 @@ diffusers-api (MODELS_DIR, API_KEY, HOST, PORT, ...). Command-line flags overrid
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,6 +15,19 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Precision = Literal["", "fp16", "bf16", "fp32"]
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def parse_bytes(text: str) -> int:
+    """ "12GB" -> 12e9, "8GiB" -> 8 * 2**30, "1500000" -> 1500000 (units are case-insensitive)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (use bytes or a unit: 500MB, 12GB, 8GiB)")
+    return int(float(match.group(1)) * _UNITS[unit])
 
 
 def _env(*names: str) -> AliasChoices:
@@ -40,6 +54,15 @@ class Settings(BaseSettings):
     runtime_downloads: bool = Field(False, description="Allow requests to name any model")
     hf_auth_token: SecretStr | None = Field(None, validation_alias=_env("HF_AUTH_TOKEN", "HF_TOKEN"))
     models_dir: Path = Field(Path("~/.cache/diffusers-api"), description="Where models are stored")
+    offline: bool = Field(False, description="Never touch the network: load models from MODELS_DIR only")
+    allow_pickle: bool = Field(False, description="Allow pickled .ckpt checkpoints (they can run code)")
+    allow_private_urls: bool = Field(
+        False, description="Allow model and checkpoint URLs on private, loopback or link-local addresses"
+    )
+    model_memory_budget: int | None = Field(
+        None, description="Bytes of weights kept resident (e.g. 12GB, 8GiB); unset: one model at a time"
+    )
+    download_timeout_s: float = Field(60.0, gt=0, description="Connect/read timeout of every model transfer")
     device: str = Field("auto", description="auto, cuda, cuda:N, mps or cpu")
 
     # --- cloud cache ---------------------------------------------------------------------------------------
@@ -82,6 +105,13 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_models_dir(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("model_memory_budget", mode="before")
+    @classmethod
+    def _parse_bytes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_bytes(value)
+        return value
 
     @field_validator("model_precision", mode="before")
     @classmethod

@@ -14,6 +14,7 @@
     ├── Busy                          BUSY                 503
     ├── Cancelled                     CANCELLED            409
     ├── ModelLoadError                MODEL_LOAD_ERROR     500
+    ├── StorageError                  STORAGE_ERROR        502  (a download or upload failed: S3, HTTP, hub)
     └── PipelineError                 PIPELINE_ERROR       500
 
 The codes of docker-diffusers-api are kept (INVALID_INPUTS, NO_MODEL_ID, MODEL_MISMATCH, NO_SUCH_PIPELINE,
@@ -109,6 +110,14 @@ class Cancelled(DiffusersAPIError):
 class ModelLoadError(DiffusersAPIError):
     code = "MODEL_LOAD_ERROR"
     status = 500
+
+
+class StorageError(DiffusersAPIError):
+    """A model download or upload failed (S3 endpoint down, HTTP error, corrupt archive). 502: the server is
+    fine, what it fetches from is not."""
+
+    code = "STORAGE_ERROR"
+    status = 502
 
 
 class PipelineError(DiffusersAPIError):

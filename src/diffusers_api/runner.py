@@ -80,8 +80,6 @@ class Runner:
         self._init_ms: float | None = None
         # Set by the batching engine: UNet calls of concurrent requests then share one forward per step.
         self.batcher: StepBatcher | None = None
-        # Requests run on several threads under the batching engine; the store loads and swaps one at a time.
-        self._store_lock = threading.Lock()
 
     def start(self) -> None:
         """Load the configured model. Called once, before the first request, off the event loop."""
@@ -109,8 +107,8 @@ class Runner:
         timings = Timings()
         if self._init_ms is not None:
             timings["init"], self._init_ms = self._init_ms, None
-        with timings.phase("loadModel"), self._store_lock:
-            model = self.store.get(request)
+        # The store reports its own phases: loadModel, and download / upload when it had to fetch the model.
+        model = self.store.get(request, timings)
         with timings.phase("decode"):
             inputs = self._decode_inputs(request)
         pipe_cls = self._pipeline_class(model, request)

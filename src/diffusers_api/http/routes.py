@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from ..engine import Engine, Health
-from ..errors import InvalidInputs
+from ..errors import InvalidInputs, NotReady
 from ..imaging import mime_type
 from ..schema import ErrorResponse, GenerateRequest, GenerateResponse
 from .app import require_api_key
@@ -57,6 +57,16 @@ def _image_accept(accept: str) -> str | None:
         if mime in ("application/json", "*/*"):
             return None
     return None
+
+
+@router.get("/models", responses=_ERRORS, summary="Loaded and cached models")
+async def models(request: Request) -> JSONResponse:
+    """Resident models (most recently used first, with their weight bytes), models on disk in MODELS_DIR,
+    and the memory budget that bounds the resident ones."""
+    store = getattr(getattr(_engine(request), "runner", None), "store", None)
+    if store is None:
+        raise NotReady("this engine has no model store")
+    return JSONResponse(store.describe())
 
 
 # --- health ------------------------------------------------------------------------------------------------

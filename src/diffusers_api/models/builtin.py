@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -27,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from diffusers_api.errors import ModelLoadError, ModelNotFound
 
+from .disk import DISCARD_PREFIX, STAGING_PREFIX, remove, remove_stale
+
 if TYPE_CHECKING:
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTokenizer
@@ -37,11 +38,6 @@ BUILTIN_PREFIX = "builtin/"
 COMPLETE_MARKER = "builtin.json"
 # Bump when a recipe changes, so directories built by an older recipe are rebuilt instead of reused.
 RECIPE_VERSION = 1
-# Staging directories start with a dot so that nothing listing the models directory takes them for models.
-STAGING_PREFIX = ".staging-"
-DISCARD_PREFIX = ".discard-"
-# A staging directory this old belongs to a process that died: a build takes a few seconds.
-STALE_STAGING_S = 15 * 60
 
 TOKENIZER_MAX_LENGTH = 77
 BOS_TOKEN = "<|startoftext|>"
@@ -127,7 +123,7 @@ def ensure_builtin(model_id: str, models_dir: Path) -> Path:
     if _is_complete(target, model_id):
         return target
     Path(models_dir).mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(Path(models_dir))
+    remove_stale(Path(models_dir))
     with _ENSURE_LOCK:
         # A thread that waited here may find that another one has just published it.
         if not _is_complete(target, model_id):
@@ -189,25 +185,7 @@ def _discard_incomplete(target: Path, model_id: str) -> None:
         with suppress(OSError):
             os.rename(aside, target)
             return
-    _remove(aside)
-
-
-def _remove_stale_staging(models_dir: Path) -> None:
-    """Remove what killed builds left behind: old staging directories and discarded ones."""
-    now = time.time()
-    for path in models_dir.iterdir():
-        if not path.name.startswith((STAGING_PREFIX, DISCARD_PREFIX)):
-            continue
-        with suppress(OSError):
-            if now - path.stat().st_mtime > STALE_STAGING_S:
-                _remove(path)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+    remove(aside)
 
 
 # ---------------------------------------------------------------------------------------------- recipes

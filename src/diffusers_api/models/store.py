@@ -1,84 +1,41 @@
-"""The model store: which model a request means, where its weights come from, and the one resident model.
+"""The model store: which model a request means, and the models resident on the device.
 
-Resolve (builtin, local directory, hub id) -> load through `DiffusionPipeline.from_pretrained` (the built-in
-tiny models too: they are generated into MODELS_DIR first) -> keep resident. A request for another model gets
-MODEL_MISMATCH unless RUNTIME_DOWNLOADS is on, in which case the resident model is swapped and its memory freed.
+A request's ModelSpec is resolved to a local directory by `sources.fetch` (builtin, local directory, hub,
+cloud-cache archive, single-file checkpoint), loaded through `DiffusionPipeline.from_pretrained`, and kept
+resident. With RUNTIME_DOWNLOADS=1 a request may name any model: resident models form an LRU bounded by
+MODEL_MEMORY_BUDGET (bytes of weights; unset: one model at a time), and an evicted model's memory is given
+back to the device. With RUNTIME_DOWNLOADS=0 another model gets MODEL_MISMATCH.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gc
+import json
 import logging
+import math
+import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelLoadError, ModelMismatch, ModelNotFound, NoModelId
-from .builtin import ensure_builtin, is_builtin
+from . import archive, disk
+from .sources import caused_by, fetch, not_found_errors, torch_dtype
+from .spec import ModelSpec
 
 if TYPE_CHECKING:
     from ..config import Settings
     from ..pipelines import ModelPipelines
     from ..schema import GenerateRequest
 
+__all__ = ["LoadedModel", "ModelSpec", "ModelStore", "pipeline_bytes", "resolve_device"]
+
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything that names one set of weights in one precision."""
-
-    model_id: str
-    hf_model_id: str | None = None
-    revision: str | None = None
-    variant: str | None = None
-    precision: str = ""
-    model_url: str | None = None
-    checkpoint_url: str | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ModelSpec | None:
-        if not settings.model_id:
-            return None
-        return cls(
-            model_id=settings.model_id,
-            hf_model_id=settings.hf_model_id,
-            revision=settings.model_revision,
-            variant=settings.model_variant,
-            precision=settings.model_precision,
-            model_url=settings.model_url,
-            checkpoint_url=settings.checkpoint_url,
-        )
-
-    def for_request(self, request: GenerateRequest) -> ModelSpec:
-        """This spec with the request's choices laid over it. A new model id starts from a clean slate."""
-        base = self if request.model in (None, self.model_id) else ModelSpec(model_id=request.model or "")
-        asked = {
-            "hf_model_id": request.hf_model_id,
-            "revision": request.revision,
-            "variant": request.variant,
-            "precision": request.precision,
-            "model_url": request.model_url,
-            "checkpoint_url": request.checkpoint_url,
-        }
-        return dataclasses.replace(base, **{k: v for k, v in asked.items() if v is not None})
-
-    def describe(self) -> str:
-        parts = [self.model_id] + [
-            f"{name}={value}"
-            for name, value in (
-                ("revision", self.revision),
-                ("variant", self.variant),
-                ("precision", self.precision),
-            )
-            if value
-        ]
-        return " ".join(parts)
+# $timings phases that the store reports apart from loadModel.
+TRANSFER_PHASES = ("download", "upload")
 
 
 @dataclass
@@ -89,6 +46,18 @@ class LoadedModel:
     dtype: str
     source: str
     load_ms: float
+    bytes: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model_id": self.spec.model_id,
+            "id": self.spec.normalized_id,
+            "precision": self.spec.precision or self.dtype,
+            "device": self.device,
+            "bytes": self.bytes,
+            "source": self.source,
+            "load_ms": round(self.load_ms, 2),
+        }
 
 
 def resolve_device(name: str) -> str:
@@ -103,35 +72,82 @@ def resolve_device(name: str) -> str:
     return "cpu"
 
 
+def pipeline_bytes(pipe: Any) -> int:
+    """Bytes of the parameters and buffers of a pipeline's torch modules (each tensor counted once)."""
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+    for component in pipe.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for tensor in [*component.parameters(), *component.buffers()]:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
 class ModelStore:
-    """Holds the resident model and loads others on demand (when the settings allow it)."""
+    """Resident models, most recently used last; loads others on demand when the settings allow it."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.device = resolve_device(settings.device)
         self.default_spec = ModelSpec.from_settings(settings)
-        self.loaded: LoadedModel | None = None
+        self._resident: OrderedDict[ModelSpec, LoadedModel] = OrderedDict()
+        # One load at a time: two threads asking for the same new model must not load it twice.
+        self._lock = threading.RLock()
 
-    def load_default(self) -> LoadedModel | None:
+    @property
+    def loaded(self) -> LoadedModel | None:
+        """The most recently used resident model."""
+        models = list(self._resident.values())
+        return models[-1] if models else None
+
+    @property
+    def resident(self) -> list[LoadedModel]:
+        """Resident models, least recently used first."""
+        return list(self._resident.values())
+
+    def resident_bytes(self) -> int:
+        return sum(model.bytes for model in self.resident)
+
+    def load_default(self, timings: dict[str, float] | None = None) -> LoadedModel | None:
         """Load the configured model (at startup). Returns None when no model is configured."""
         if self.default_spec is None:
             return None
-        return self._ensure(self.default_spec)
+        with self._lock:
+            return self._ensure(self.default_spec, timings)
 
-    def get(self, request: GenerateRequest) -> LoadedModel:
-        """The model a request asks for: the resident one, or (RUNTIME_DOWNLOADS) a newly loaded one."""
-        spec = self._spec_for(request)
-        if self.loaded is not None and self.loaded.spec == spec:
-            return self.loaded
-        if not self.settings.runtime_downloads:
-            available = [self.loaded.spec.model_id] if self.loaded else []
-            raise ModelMismatch(
-                f"this server serves {self.loaded.spec.describe() if self.loaded else 'no model'}; "
-                f"set RUNTIME_DOWNLOADS=1 to allow requests for {spec.describe()}",
-                requested=spec.model_id,
-                available=available,
-            )
-        return self._ensure(spec)
+    def get(self, request: GenerateRequest, timings: dict[str, float] | None = None) -> LoadedModel:
+        """The model a request asks for; records loadModel (and download/upload) in `timings`."""
+        started = time.perf_counter()
+        transfers = _transfer_ms(timings)
+        try:
+            return self._get(self._spec_for(request), timings)
+        finally:
+            if timings is not None:
+                elapsed = (time.perf_counter() - started) * 1000 - (_transfer_ms(timings) - transfers)
+                timings["loadModel"] = round(timings.get("loadModel", 0.0) + elapsed, 2)
+
+    def _get(self, spec: ModelSpec, timings: dict[str, float] | None) -> LoadedModel:
+        with self._lock:
+            model = self._resident.get(spec)
+            if model is not None:
+                self._resident.move_to_end(spec)
+                return model
+            if not self.settings.runtime_downloads:
+                raise self._mismatch(spec)
+            return self._ensure(spec, timings)
+
+    def _mismatch(self, spec: ModelSpec) -> ModelMismatch:
+        served = self.loaded.spec.describe() if self.loaded else "no model"
+        return ModelMismatch(
+            f"this server serves {served}; set RUNTIME_DOWNLOADS=1 to allow requests for {spec.describe()}",
+            requested=spec.model_id,
+            available=[model.spec.model_id for model in self.resident],
+        )
 
     def _spec_for(self, request: GenerateRequest) -> ModelSpec:
         base = self.loaded.spec if self.loaded else self.default_spec
@@ -141,95 +157,149 @@ class ModelStore:
             base = ModelSpec(model_id=request.model)
         return base.for_request(request)
 
-    def _ensure(self, spec: ModelSpec) -> LoadedModel:
-        if self.loaded is not None and self.loaded.spec == spec:
-            return self.loaded
-        self.unload()
-        self.loaded = self._load(spec)
-        return self.loaded
+    # --- residency -------------------------------------------------------------------------------------------
+
+    def _ensure(self, spec: ModelSpec, timings: dict[str, float] | None) -> LoadedModel:
+        if spec in self._resident:
+            self._resident.move_to_end(spec)
+            return self._resident[spec]
+        directory = fetch(spec, self.settings, timings)
+        # Make room before loading (estimated from the files), so that two big models never meet on the GPU.
+        self._make_room(estimate_bytes(directory, spec.precision))
+        model = self._load(spec, directory)
+        self._resident[spec] = model
+        self._trim()  # the estimate was the files' size: correct it with what the weights really take
+        return model
+
+    def _make_room(self, incoming: int) -> None:
+        """Evict least recently used models until `incoming` more bytes fit (without a budget: all of them)."""
+        budget = self.settings.model_memory_budget
+        while self._resident and (budget is None or self.resident_bytes() + incoming > budget):
+            self._evict(next(iter(self._resident)))
+
+    def _trim(self) -> None:
+        """Evict least recently used models while over budget; the newest one always stays."""
+        budget = self.settings.model_memory_budget
+        while len(self._resident) > 1 and (budget is None or self.resident_bytes() > budget):
+            self._evict(next(iter(self._resident)))
+
+    def _evict(self, spec: ModelSpec) -> None:
+        model = self._resident.pop(spec)
+        log.info("evicting %s (%d bytes) to make room", spec.describe(), model.bytes)
+        del model
+        free_device_memory()
 
     def unload(self) -> None:
-        """Drop the resident model and give its memory back to the device."""
-        if self.loaded is None:
-            return
-        self.loaded = None
-        gc.collect()
-        import torch
+        """Drop every resident model and give their memory back to the device."""
+        with self._lock:
+            self._resident.clear()
+            free_device_memory()
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    # --- loading ---------------------------------------------------------------------------------------------
 
-    def _load(self, spec: ModelSpec) -> LoadedModel:
+    def _load(self, spec: ModelSpec, directory: Path) -> LoadedModel:
         from ..pipelines import ModelPipelines
 
         started = time.perf_counter()
-        source = self._source(spec)
-        pipe = self._from_pretrained(spec, source)
+        pipe = self._from_pretrained(spec, directory)
         pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)
         elapsed = (time.perf_counter() - started) * 1000
         dtype = str(getattr(pipe, "dtype", "")).removeprefix("torch.")
-        log.info("loaded %s from %s on %s (%s) in %.0f ms", spec.describe(), source, self.device, dtype, elapsed)
-        return LoadedModel(spec, ModelPipelines(pipe), self.device, dtype, str(source), elapsed)
+        size = pipeline_bytes(pipe)
+        log.info(
+            "loaded %s from %s on %s (%s, %d bytes) in %.0f ms",
+            spec.describe(),
+            directory,
+            self.device,
+            dtype,
+            size,
+            elapsed,
+        )
+        source = spec.model_url or spec.checkpoint_url or str(directory)
+        return LoadedModel(spec, ModelPipelines(pipe), self.device, dtype, source, elapsed, size)
 
-    def _source(self, spec: ModelSpec) -> str | Path:
-        if spec.model_url or spec.checkpoint_url:
-            raise ModelLoadError("MODEL_URL and CHECKPOINT_URL sources are not supported by this build yet")
-        if is_builtin(spec.model_id):
-            return ensure_builtin(spec.model_id, self.settings.models_dir)
-        local = Path(spec.model_id).expanduser()
-        if local.is_dir():
-            return local
-        if spec.model_id.startswith(("/", "./", "../", "~")):
-            raise ModelNotFound(f"model directory {spec.model_id} does not exist", requested=spec.model_id)
-        return spec.hf_model_id or spec.model_id
-
-    def _from_pretrained(self, spec: ModelSpec, source: str | Path) -> Any:
-        import torch
+    def _from_pretrained(self, spec: ModelSpec, directory: Path) -> Any:
         from diffusers import DiffusionPipeline
 
         kwargs: dict[str, Any] = {}
         if spec.precision:
-            kwargs["dtype"] = getattr(torch, DTYPES[spec.precision])
-        if isinstance(source, str):
-            token = self.settings.hf_auth_token
-            kwargs |= {
-                "cache_dir": self.settings.models_dir / "hub",
-                "revision": spec.revision,
-                "variant": spec.variant,
-                "token": token.get_secret_value() if token else None,
-            }
-        elif spec.variant:
-            kwargs["variant"] = spec.variant
+            kwargs["torch_dtype"] = torch_dtype(spec.precision)
+        if spec.variant and not (spec.model_url or spec.checkpoint_url):
+            kwargs["variant"] = spec.variant  # a cache entry was saved without variant suffixes
         try:
-            return DiffusionPipeline.from_pretrained(source, **kwargs)
+            return DiffusionPipeline.from_pretrained(directory, **kwargs)
         except (OSError, ValueError) as exc:
-            if _caused_by(exc, _NOT_FOUND):
+            if caused_by(exc, not_found_errors()):
                 raise ModelNotFound(f"model {spec.describe()} not found: {exc}", requested=spec.model_id) from exc
-            raise ModelLoadError(f"could not load {spec.describe()} from {source}: {exc}") from exc
+            raise ModelLoadError(f"could not load {spec.describe()} from {directory}: {exc}") from exc
+
+    # --- listing ---------------------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """Resident models (most recently used first), models on disk, and the memory budget."""
+        return {
+            "loaded": [model.describe() for model in reversed(self.resident)],
+            "cached": cached_models(self.settings.models_dir),
+            "resident_bytes": self.resident_bytes(),
+            "memory_budget": self.settings.model_memory_budget,
+        }
 
 
-def _not_found_errors() -> tuple[type[BaseException], ...]:
-    from huggingface_hub import errors
-
-    # FileNotFoundError covers the hub's "not in the local cache" (LocalEntryNotFoundError)
-    return (
-        FileNotFoundError,
-        errors.RepositoryNotFoundError,
-        errors.RevisionNotFoundError,
-        errors.OfflineModeIsEnabled,
-    )
-
-
-def _caused_by(exc: BaseException | None, kinds: Callable[[], tuple[type[BaseException], ...]]) -> bool:
-    """Whether `exc` or anything in its cause chain is one of `kinds` (diffusers wraps hub errors in OSError)."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, kinds()):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
+def cached_models(models_dir: Path) -> list[dict[str, Any]]:
+    """Published model directories in MODELS_DIR, and hub repositories in its hub cache."""
+    found: list[dict[str, Any]] = []
+    if models_dir.is_dir():
+        for path in sorted(models_dir.iterdir()):
+            if not path.name.startswith(".") and disk.is_published(path):
+                found.append({"id": path.name, "source": "disk", "bytes": archive.directory_bytes(path)})
+    hub = models_dir / "hub"
+    if hub.is_dir():
+        for path in sorted(hub.glob("models--*")):
+            found.append({"id": path.name.removeprefix("models--").replace("--", "/"), "source": "hub"})
+    return found
 
 
-_NOT_FOUND = _not_found_errors
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_FLOATS = ("F64", "F32", "F16", "BF16")
+
+
+def estimate_bytes(directory: Path, precision: str = "") -> int:
+    """What loading `directory` in `precision` will take, from its weight files, before loading anything.
+
+    safetensors headers give every tensor's dtype and shape (floats are counted in the target precision);
+    other weight files count by size. Files of every variant present are counted (an overestimate)."""
+    target = {"fp16": 2, "bf16": 2, "fp32": 4}.get(precision)
+    total = 0
+    for path in directory.rglob("*"):
+        if path.suffix == ".safetensors" and path.is_file():
+            total += _safetensors_bytes(path, target)
+        elif path.suffix in WEIGHT_SUFFIXES and path.is_file():
+            total += path.stat().st_size
+    return total
+
+
+def _safetensors_bytes(path: Path, float_bytes: int | None) -> int:
+    with path.open("rb") as source:
+        header = json.loads(source.read(int.from_bytes(source.read(8), "little")))
+    total = 0
+    for name, tensor in header.items():
+        if name == "__metadata__":
+            continue
+        size = float_bytes if float_bytes and tensor["dtype"] in _FLOATS else _DTYPE_BYTES.get(tensor["dtype"], 4)
+        total += math.prod(tensor["shape"]) * size
+    return total
+
+
+def _transfer_ms(timings: dict[str, float] | None) -> float:
+    return sum(timings.get(name, 0.0) for name in TRANSFER_PHASES) if timings else 0.0
+
+
+def free_device_memory() -> None:
+    """Collect what the dropped references held, and hand cached CUDA blocks back to the driver."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

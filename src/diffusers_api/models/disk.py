@@ -1,0 +1,110 @@
+"""The models directory on disk: staging, atomic publishing, temporary files, and clean-up after crashes.
+
+Everything that becomes a model directory is written under a dot-prefixed staging name beside its final name
+(same filesystem), then published with one `rename`. A directory under a final name is therefore complete; a
+killed download or unpack leaves only dot-prefixed leftovers, which nothing loads and `remove_stale` clears.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import StorageError
+
+# Dot-prefixed, so that nothing listing the models directory takes them for models.
+STAGING_PREFIX = ".staging-"
+DISCARD_PREFIX = ".discard-"
+DOWNLOAD_PREFIX = ".download-"
+# A leftover this old belongs to a process that died (a live transfer touches its file continuously).
+STALE_AFTER_S = 15 * 60
+
+
+@contextmanager
+def staged_directory(target: Path) -> Iterator[Path]:
+    """A fresh staging directory beside `target`; publish it with `publish`. Removed if still there at exit."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Not tempfile.mkdtemp: its 0700 mode would be published with the model.
+    staging = target.with_name(f"{STAGING_PREFIX}{target.name}-{uuid.uuid4().hex}")
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        remove(staging)
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Rename `staging` onto `target`, atomically. If another process published first, its copy is kept."""
+    try:
+        os.rename(staging, target)  # replaces only an empty directory
+    except OSError as exc:
+        if not is_published(target):
+            raise StorageError(f"cannot publish the model at {target}: {exc}; is something else there?") from exc
+
+
+def is_published(directory: Path) -> bool:
+    """A published diffusers directory (only a complete one ever gets its final name)."""
+    return (directory / "model_index.json").is_file()
+
+
+@contextmanager
+def temporary_file(directory: Path, name: str) -> Iterator[Path]:
+    """A dot-prefixed path in `directory` for a transfer; deleted at exit whatever happened."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{DOWNLOAD_PREFIX}{uuid.uuid4().hex}-{name}"
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def remove_stale(models_dir: Path) -> None:
+    """Remove what killed processes left behind: old staging directories, discards and partial downloads."""
+    if not models_dir.is_dir():
+        return
+    now = time.time()
+    for path in models_dir.iterdir():
+        if not path.name.startswith((STAGING_PREFIX, DISCARD_PREFIX, DOWNLOAD_PREFIX)):
+            continue
+        with suppress(OSError):
+            if now - path.stat().st_mtime > STALE_AFTER_S:
+                remove(path)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as source:
+        while chunk := source.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class HashingWriter:
+    """Writes through to `out` while hashing and counting, so a packed archive is hashed as it is written."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.out.write(data)
+
+    def flush(self) -> None:
+        self.out.flush()
