@@ -164,7 +164,7 @@ def test_runpod_mode_stops_on_other_final_states(state: str) -> None:
 def test_runpod_mode_gives_up_after_its_timeout() -> None:
     with fake_runpod([{"status": "IN_PROGRESS"}]) as fake:
         client = RunPodClient(fake.url, timeout_s=0.3, poll_interval_s=0.05)
-        with pytest.raises(ClientError, match="still IN_PROGRESS after 0.3 s; gave up"):
+        with pytest.raises(ClientError, match=r"still IN_PROGRESS after 0\.3 s; gave up"):
             client.send(build_test("txt2img"))
 
 

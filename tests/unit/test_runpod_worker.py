@@ -84,13 +84,12 @@ def test_a_fatal_device_error_asks_runpod_to_refresh_the_worker() -> None:
 
 
 def test_fatal_errors_are_found_in_the_cause_chain() -> None:
-    try:
+    with pytest.raises(PipelineError) as caught:
         try:
             raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasSgemm")
         except RuntimeError as inner:
             raise PipelineError("the pipeline failed") from inner
-    except PipelineError as outer:
-        assert is_fatal_device_error(outer)
+    assert is_fatal_device_error(caught.value)
     assert not is_fatal_device_error(InvalidInputs("width: bad"))
 
 
