@@ -85,10 +85,7 @@ def test_a_fatal_device_error_asks_runpod_to_refresh_the_worker() -> None:
 
 def test_fatal_errors_are_found_in_the_cause_chain() -> None:
     with pytest.raises(PipelineError) as caught:
-        try:
-            raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasSgemm")
-        except RuntimeError as inner:
-            raise PipelineError("the pipeline failed") from inner
+        _fail_inside_cublas()
     assert is_fatal_device_error(caught.value)
     assert not is_fatal_device_error(InvalidInputs("width: bad"))
 
@@ -123,3 +120,10 @@ def test_concurrent_jobs_all_complete() -> None:
 
 def test_concurrency_comes_from_the_settings() -> None:
     assert concurrency(Settings(runpod_concurrency=6))(1) == 6
+
+
+def _fail_inside_cublas() -> None:
+    try:
+        raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasSgemm")
+    except RuntimeError as inner:
+        raise PipelineError("the pipeline failed") from inner
