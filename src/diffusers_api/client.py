@@ -98,16 +98,18 @@ def build_test(
     name: str, model_args: Mapping[str, Any] | None = None, call_args: Mapping[str, Any] | None = None
 ) -> Envelope:
     """The legacy envelope of test `name` with the overrides laid over it. Input images are drawn at the
-    requested width x height (512 x 512 by default)."""
+    requested width x height (512 x 512 by default), which then leave the request."""
     if name not in TESTS:
         raise ClientError(f"no test named {name!r}; known: {', '.join(TESTS)}")
     model_inputs = {**TESTS[name]["modelInputs"], **(model_args or {})}
     call_inputs = {**TESTS[name]["callInputs"], **(call_args or {})}
-    width, height = int(model_inputs.get("width", 512)), int(model_inputs.get("height", 512))
-    if name in _NEEDS_IMAGE and "image" not in model_inputs:
-        model_inputs["image"] = _scene(width, height)
-    if name in _NEEDS_MASK and "mask_image" not in model_inputs:
-        model_inputs["mask_image"] = _mask(width, height)
+    if name in _NEEDS_IMAGE:
+        # img2img and inpaint pipelines take their size from the input image, not from width / height
+        width, height = int(model_inputs.pop("width", 512)), int(model_inputs.pop("height", 512))
+        if "image" not in model_inputs:
+            model_inputs["image"] = _scene(width, height)
+        if name in _NEEDS_MASK and "mask_image" not in model_inputs:
+            model_inputs["mask_image"] = _mask(width, height)
     return {"modelInputs": model_inputs, "callInputs": call_inputs}
 
 

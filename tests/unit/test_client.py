@@ -50,6 +50,7 @@ def test_image_tests_draw_their_inputs_at_the_requested_size() -> None:
     assert _size(envelope["modelInputs"]["image"]) == (64, 48)
     assert _size(envelope["modelInputs"]["mask_image"]) == (64, 48)
     assert envelope["callInputs"] == {"PIPELINE": "inpaint", "MODEL_ID": "builtin/tiny-sd-inpaint"}
+    assert "width" not in envelope["modelInputs"]
     assert "image" not in build_test("txt2img")["modelInputs"]
 
 
