@@ -29,7 +29,7 @@ def default_models_dir(volume: Path = RUNPOD_VOLUME) -> Path:
     and a cold start reads weights instead of fetching them; elsewhere the user's cache directory."""
     if volume.is_dir():
         return volume / "diffusers-api"
-    return Path("~/.cache/diffusers-api")
+    return Path("~/.cache/diffusers-api").expanduser()
 
 
 class Settings(BaseSettings):

@@ -65,31 +65,27 @@ def recorded(tmp_path: Path) -> dict:
 # --- the entrypoint ---------------------------------------------------------------------------------------------
 
 
-def test_entrypoint_runpod_mode_runs_a_test_job(models_dir: Path) -> None:
-    job = {
-        "input": {
-            "modelInputs": {"prompt": "grass", "num_inference_steps": 1, "width": 64, "height": 64},
-            "callInputs": {},
-        }
-    }
+def test_entrypoint_runpod_mode_runs_the_worker(models_dir: Path) -> None:
+    """A bad job, so that this also shows the SDK's --test_input run failing (exit 1) with our string error;
+    tests/e2e/test_runpod.py runs a good one."""
+    job = {"input": {"modelInputs": {"prompt": "grass", "height": 65}, "callInputs": {}}}
     env = with_venv_on_path(offline_env(models_dir, MODE="runpod", MODEL_ID="builtin/tiny-sd"))
     done = run_script(ENTRYPOINT, env, "--test_input", json.dumps(job))
     log = done.stdout + done.stderr
-    assert done.returncode == 0, log[-3000:]
-    assert "Job local_test completed successfully" in log
+    assert done.returncode == 1, log[-3000:]
+    assert "Job local_test failed with error: INVALID_INPUTS: height: Input should be a multiple of 8" in log
 
 
 def test_entrypoint_http_mode_serves(models_dir: Path, tmp_path: Path) -> None:
     port = free_port()
     env = with_venv_on_path(offline_env(models_dir, MODE="http", MODEL_ID="builtin/tiny-sd", PORT=str(port)))
 
-    def ready(url: str) -> bool:
-        return httpx.get(f"{url}/ping", timeout=5).status_code == 200
+    def answers(url: str) -> bool:  # 204 while the model loads is enough: the HTTP server is what MODE=http runs
+        return httpx.get(f"{url}/ping", timeout=5).status_code in (200, 204)
 
-    with running(
-        [str(ENTRYPOINT), "--host", "127.0.0.1"], env, f"http://127.0.0.1:{port}", tmp_path / "log", ready
-    ) as server:
-        assert httpx.get(f"{server.url}/health").json()["status"] == "READY"
+    command = [str(ENTRYPOINT), "--host", "127.0.0.1"]
+    with running(command, env, f"http://127.0.0.1:{port}", tmp_path / "log", answers) as server:
+        assert httpx.get(f"{server.url}/health").json()["status"] in ("STARTING", "READY")
 
 
 @pytest.mark.parametrize(
