@@ -145,7 +145,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def runpod(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    if not settings.model_id:
+    if not settings.model_id and not settings.runtime_downloads:
         print("diffusers-api: no model for the worker: pass --model or set MODEL_ID", file=sys.stderr)
         return 2
     from .logs import configure_logging

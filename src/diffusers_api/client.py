@@ -146,6 +146,7 @@ class Reply:
 
     body: dict[str, Any]
     seconds: float
+    events: list[dict[str, Any]] = field(default_factory=list)  # the streamed events, with streamEvents
 
     @property
     def images(self) -> list[bytes]:
@@ -176,11 +177,15 @@ class Client:
             response = httpx.post(self.url, json=envelope, headers=self.headers, timeout=self.timeout_s)
         except httpx.HTTPError as exc:
             raise ClientError(f"could not reach {self.url}: {exc}") from None
-        body = _json_body(response)
+        events: list[dict[str, Any]] = []
+        if response.headers.get("content-type", "").startswith("application/x-ndjson"):
+            *events, body = _ndjson_lines(response)  # callInputs.streamEvents: events, then the body last
+        else:
+            body = _json_body(response)
         if "$error" in body:
             error = body["$error"]
             raise ClientError(f"{error.get('code')}: {error.get('message')} (HTTP {response.status_code})")
-        return Reply(body, time.perf_counter() - started)
+        return Reply(body, time.perf_counter() - started, events)
 
 
 @dataclass
@@ -255,6 +260,16 @@ def _json_body(response: httpx.Response) -> dict[str, Any]:
     return body
 
 
+def _ndjson_lines(response: httpx.Response) -> list[dict[str, Any]]:
+    try:
+        lines = [json.loads(line) for line in response.text.splitlines() if line.strip()]
+    except ValueError:
+        raise ClientError(f"HTTP {response.status_code}: a line of the NDJSON stream is not JSON") from None
+    if not lines or not isinstance(lines[-1], dict):
+        raise ClientError(f"HTTP {response.status_code}: the NDJSON stream ended without a result")
+    return lines
+
+
 def _job_output(final: dict[str, Any], job_id: str) -> dict[str, Any]:
     state = final.get("status")
     if state != "COMPLETED":
@@ -314,6 +329,8 @@ def run_tests(
     for name in names:
         out(f"{name}: sending to {sender.target}")
         reply = sender.send(build_test(name, model, call))
+        for event in reply.events:
+            out(f"{name}: event {json.dumps(event)}")
         out(f"{name}: request took {reply.seconds:.2f} s; $timings {json.dumps(reply.timings)}")
         for path in save_images(reply, Path(output_dir), name):
             out(f"{name}: saved {path}")

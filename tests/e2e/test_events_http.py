@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from diffusers_api.client import verify_webhook
+from diffusers_api.client import Client, verify_webhook
 from support.processes import Process, cli, free_port, offline_env, running
 from support.receiver import Post, Receiver, receiver
 
@@ -94,6 +94,12 @@ def test_stream_events_answers_ndjson_with_the_result_last(server: Process) -> N
     result = lines[-1]
     assert base64.b64decode(result["image_base64"]).startswith(b"\x89PNG")
     assert result["$timings"]["inference"] > 0
+
+
+def test_the_client_reads_a_stream_and_keeps_its_events(server: Process) -> None:
+    reply = Client(f"{server.url}/").send(grass(streamEvents=True))
+    assert [event["status"] for event in reply.events] == ["start", "progress", "progress", "progress", "done"]
+    assert reply.images[0].startswith(b"\x89PNG")
 
 
 def test_a_stream_that_fails_ends_with_the_error_line(server: Process) -> None:
