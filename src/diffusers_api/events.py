@@ -281,10 +281,16 @@ class EventQueue:
 
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.loop_thread = threading.get_ident()
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
 
     def __call__(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        # On the loop's own thread the event goes in at once: `inference done` is emitted just before the work
+        # finishes, and a deferred put would land after the stream had already written its last line.
+        if threading.get_ident() == self.loop_thread:
+            self.queue.put_nowait(event)
+        else:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
 
 
 def ndjson_line(obj: Any) -> bytes:
