@@ -67,7 +67,44 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--model-url", help="cloud-cache archive: s3://..., http(s)://... (MODEL_URL)")
     download.add_argument("--checkpoint-url", help="single-file .safetensors checkpoint (CHECKPOINT_URL)")
     download.add_argument("--log-level", help="debug, info, warning, error (LOG_LEVEL, default info)")
+    _add_runpod_parser(commands)
+    _add_client_parser(commands)
     return parser
+
+
+def _add_runpod_parser(commands: Any) -> None:
+    runpod = commands.add_parser(
+        "runpod",
+        help="run the RunPod serverless worker",
+        description="Load the model, then serve RunPod serverless jobs (legacy envelope or native request as the "
+        "job input). The runpod SDK's own flags pass through untouched: --test_input JSON runs one job and exits; "
+        "--rp_serve_api --rp_api_host H --rp_api_port P serves RunPod's local test API (/run, /runsync, "
+        "/status/{id}); --rp_log_level DEBUG.",
+    )
+    _add_model_flags(runpod)
+    runpod.add_argument(
+        "--runpod-concurrency", type=int, help="jobs one worker holds at once (RUNPOD_CONCURRENCY, default 2)"
+    )
+    runpod.add_argument("--log-level", help="debug, info, warning, error (LOG_LEVEL, default info)")
+
+
+def _add_client_parser(commands: Any) -> None:
+    client = commands.add_parser(
+        "client",
+        help="send named test requests to a server or a RunPod endpoint",
+        description="Send named test requests (legacy envelopes, input images drawn in code) and save the images. "
+        "Plain mode posts to TEST_URL; --runpod submits to RUNPOD_BASE_URL/RUNPOD_ENDPOINT_ID/run with "
+        "RUNPOD_API_KEY and polls /status/{id} until the job ends.",
+    )
+    client.add_argument("tests", nargs="*", metavar="TEST", help="test names (default txt2img; --list lists them)")
+    client.add_argument("--list", action="store_true", help="list the named tests and exit")
+    client.add_argument("--url", help="server URL (TEST_URL, default http://localhost:8000/)")
+    client.add_argument("--runpod", action="store_true", help="send as RunPod jobs (/run, then poll /status)")
+    client.add_argument("--call-arg", action="append", metavar="K=V", help="set callInputs.K (repeatable)")
+    client.add_argument("--model-arg", action="append", metavar="K=V", help="set modelInputs.K (repeatable)")
+    client.add_argument("--output-dir", default="output", help="where images are saved (default ./output)")
+    client.add_argument("--timeout", type=float, default=600, help="seconds to wait for each test (default 600)")
+    client.add_argument("--api-key", help="bearer token for a server with API_KEY set")
 
 
 def _add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -145,9 +182,47 @@ def download(args: argparse.Namespace) -> int:
     return 0
 
 
+def runpod(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if not settings.model_id and not settings.runtime_downloads:
+        print("diffusers-api: no model for the worker: pass --model or set MODEL_ID", file=sys.stderr)
+        return 2
+    from .logs import configure_logging
+    from .runpod_worker import run
+
+    configure_logging(settings.log_level)
+    run(settings)  # the runpod SDK reads its own flags from sys.argv and usually exits itself
+    return 0
+
+
+def client(args: argparse.Namespace) -> int:
+    from .client import TESTS, ClientError, run_tests
+
+    if args.list:
+        print("\n".join(TESTS))
+        return 0
+    try:
+        return run_tests(
+            args.tests or ["txt2img"],
+            url=args.url,
+            runpod=args.runpod,
+            call_args=args.call_arg,
+            model_args=args.model_arg,
+            output_dir=args.output_dir,
+            timeout_s=args.timeout,
+            api_key=args.api_key,
+        )
+    except ClientError as exc:
+        print(f"diffusers-api client: {exc}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `runpod` leaves the flags it does not know to the runpod SDK, which reads them from sys.argv itself.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "runpod":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.version:
         from . import __version__
 
@@ -157,5 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(args)
     if args.command == "download":
         return download(args)
+    if args.command == "runpod":
+        return runpod(args)
+    if args.command == "client":
+        return client(args)
     parser.print_help()
     return 2

@@ -8,6 +8,7 @@ diffusers-api (MODELS_DIR, API_KEY, HOST, PORT, ...). Command-line flags overrid
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -30,8 +31,19 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+RUNPOD_VOLUME = Path("/runpod-volume")
+
+
 def _env(*names: str) -> AliasChoices:
     return AliasChoices(*names)
+
+
+def default_models_dir(volume: Path = RUNPOD_VOLUME) -> Path:
+    """On RunPod with a network volume attached, keep models there so that every worker shares one download
+    and a cold start reads weights instead of fetching them; elsewhere the user's cache directory."""
+    if volume.is_dir():
+        return volume / "diffusers-api"
+    return Path("~/.cache/diffusers-api").expanduser()
 
 
 class Settings(BaseSettings):
@@ -53,7 +65,6 @@ class Settings(BaseSettings):
     scheduler: str = Field("DPMSolverMultistepScheduler", description="Default scheduler (class or alias)")
     runtime_downloads: bool = Field(False, description="Allow requests to name any model")
     hf_auth_token: SecretStr | None = Field(None, validation_alias=_env("HF_AUTH_TOKEN", "HF_TOKEN"))
-    models_dir: Path = Field(Path("~/.cache/diffusers-api"), description="Where models are stored")
     offline: bool = Field(False, description="Never touch the network: load models from MODELS_DIR only")
     allow_pickle: bool = Field(False, description="Allow pickled .ckpt checkpoints (they can run code)")
     allow_private_urls: bool = Field(
@@ -63,6 +74,10 @@ class Settings(BaseSettings):
         None, description="Bytes of weights kept resident (e.g. 12GB, 8GiB); unset: one model at a time"
     )
     download_timeout_s: float = Field(60.0, gt=0, description="Connect/read timeout of every model transfer")
+    models_dir: Path = Field(
+        default_factory=default_models_dir,
+        description="Where models are stored (default /runpod-volume/diffusers-api when that volume exists)",
+    )
     device: str = Field("auto", description="auto, cuda, cuda:N, mps or cpu")
 
     # --- cloud cache ---------------------------------------------------------------------------------------
@@ -73,8 +88,22 @@ class Settings(BaseSettings):
     aws_s3_default_bucket: str | None = None
 
     # --- events --------------------------------------------------------------------------------------------
-    send_url: str | None = None
-    sign_key: SecretStr | None = None
+    send_url: str | None = Field(None, description="Webhook receiving lifecycle and progress events")
+    sign_key: SecretStr | None = Field(None, description="HMAC-SHA256 key signing webhook bodies")
+    container_id: str = Field(
+        default_factory=socket.gethostname,
+        validation_alias=_env("CONTAINER_ID", "RUNPOD_POD_ID", "container_id"),
+        description="Names this process in events (default: RunPod's pod id, else the host name)",
+    )
+    progress_interval_s: float = Field(1.0, ge=0, description="Least time between progress events per request")
+    webhook_timeout_s: float = Field(5.0, gt=0, le=60, description="Per attempt; a slow receiver is cut off")
+    webhook_retries: int = Field(3, ge=0, le=10, description="Extra attempts for lifecycle events, with backoff")
+    webhook_queue_size: int = Field(256, ge=1, description="Undelivered events beyond this are dropped")
+
+    # --- RunPod --------------------------------------------------------------------------------------------
+    runpod_concurrency: int | None = Field(
+        None, ge=1, le=256, description="Jobs one RunPod worker holds at once (default: MAX_BATCH_SIZE, so they batch)"
+    )
 
     # --- HTTP ----------------------------------------------------------------------------------------------
     host: str = "0.0.0.0"

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from .errors import InvalidInputs
 
@@ -78,8 +78,19 @@ class GenerateRequest(BaseModel):
     image_format: ImageFormat = "PNG"
     image_quality: int | None = Field(None, ge=1, le=100, description="JPEG / WEBP quality")
 
-    # --- bookkeeping -----------------------------------------------------------------------------------------
+    # --- bookkeeping and events ------------------------------------------------------------------------------
     request_id: str | None = Field(None, max_length=200, description="Echoed in meta (legacy startRequestId)")
+    send_url: str | None = Field(None, max_length=2000, description="Webhook for this request's events (SEND_URL)")
+    sign_key: SecretStr | None = Field(None, description="HMAC-SHA256 key for this request's webhooks (SIGN_KEY)")
+    stream_events: bool = Field(False, description="Answer with NDJSON: events, progress, then the result")
+    callback_steps: int | None = Field(None, ge=1, le=1000, description="A progress event every N steps")
+
+    @field_validator("send_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value or None
 
     @field_validator("image_format", mode="before")
     @classmethod
@@ -201,13 +212,13 @@ _LEGACY_CALL_INPUTS = {
     "image_format": "image_format",
     "image_quality": "image_quality",
     "startRequestId": "request_id",
+    "SEND_URL": "send_url",
+    "SIGN_KEY": "sign_key",
+    "streamEvents": "stream_events",
 }
 # callInputs the server knows but this build does not act on: refused with a clear message rather than ignored,
 # so that nobody believes a webhook or a LoRA was applied when it was not.
 _LEGACY_UNSUPPORTED = (
-    "SEND_URL",
-    "SIGN_KEY",
-    "streamEvents",
     "lora_weights",
     "textual_inversions",
     "train",
@@ -280,8 +291,6 @@ def _legacy_model_inputs(model_inputs: dict[str, Any]) -> dict[str, Any]:
             if "image" in model_inputs:
                 raise InvalidInputs("modelInputs: give 'image' or 'init_image', not both")
             data["image"] = value
-        elif key == "callback_steps":
-            continue  # progress events every N steps: nothing to emit without SEND_URL / streamEvents
         elif key in _TYPED_MODEL_INPUTS:
             data[key] = value
         else:

@@ -28,6 +28,7 @@ class FakeEngine:
     setup_error: str | None = None
     fail_with: DiffusersAPIError | None = None
     delay_s: float = 0.0
+    steps: int = 0  # denoising steps reported to the progress callback (from a thread, as the real engine does)
     requests: list[GenerateRequest] = field(default_factory=list)
     queue_depth: int = 0
     started: bool = False
@@ -42,6 +43,8 @@ class FakeEngine:
         self.requests.append(request)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
+        if progress is not None and self.steps:
+            await asyncio.to_thread(_report_steps, progress, self.steps)
         if self.fail_with is not None:
             raise self.fail_with
         count = request.image_count
@@ -54,3 +57,8 @@ class FakeEngine:
             meta={"MODEL_ID": request.model or "fake", "PIPELINE": "Fake", "SCHEDULER": "Fake", "seed": seed},
             timings={"inference": 1.0},
         )
+
+
+def _report_steps(progress: ProgressCallback, steps: int) -> None:
+    for step in range(1, steps + 1):
+        progress(step, steps)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from diffusers_api.config import Settings
+from diffusers_api.config import Settings, default_models_dir
 
 
 def test_environment_names_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,3 +48,18 @@ def test_invalid_values_are_refused(name: str, value: object) -> None:
 def test_empty_environment_values_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODEL_ID", "")
     assert Settings().model_id is None
+
+
+def test_models_live_on_the_runpod_volume_when_one_is_mounted(tmp_path: Path) -> None:
+    assert default_models_dir(volume=tmp_path) == tmp_path / "diffusers-api"
+    assert default_models_dir(volume=tmp_path / "absent") == Path("~/.cache/diffusers-api").expanduser()
+
+
+def test_container_id_comes_from_runpod_else_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CONTAINER_ID", raising=False)
+    monkeypatch.setenv("RUNPOD_POD_ID", "pod-123")
+    assert Settings().container_id == "pod-123"
+    monkeypatch.delenv("RUNPOD_POD_ID")
+    import socket
+
+    assert Settings().container_id == socket.gethostname()

@@ -82,7 +82,9 @@ def test_bad_bodies_are_invalid_inputs(body: bytes, fragment: str) -> None:
         ({}, "modelInputs, callInputs"),
         ({"modelInputs": [], "callInputs": {}}, "modelInputs must be an object"),
         ({"modelInputs": {}, "callInputs": {"NOPE": 1}}, "callInputs.NOPE is not a known call input"),
-        ({"modelInputs": {}, "callInputs": {"SEND_URL": "http://x"}}, "SEND_URL is not supported"),
+        ({"modelInputs": {}, "callInputs": {"lora_weights": "x"}}, "lora_weights is not supported"),
+        ({"modelInputs": {}, "callInputs": {"SEND_URL": "ftp://x"}}, "send_url: Value error, must be an http"),
+        ({"modelInputs": {"callback_steps": 0}, "callInputs": {}}, "callback_steps"),
         ({"modelInputs": {}, "callInputs": {"is_url": True}}, "is_url"),
         ({"modelInputs": {"width": 65}, "callInputs": {}}, "width: Input should be a multiple of 8"),
         ({"modelInputs": {"num_inference_steps": 0}, "callInputs": {}}, "num_inference_steps"),
@@ -98,7 +100,9 @@ def test_bad_bodies_are_invalid_inputs(body: bytes, fragment: str) -> None:
         "neither",
         "modelInputs-list",
         "unknown-call-input",
-        "unsupported-send-url",
+        "unsupported-lora",
+        "send-url-not-http",
+        "zero-callback-steps",
         "is-url",
         "width-not-multiple-of-8",
         "zero-steps",
@@ -126,6 +130,22 @@ def test_legacy_aliases_and_passthrough() -> None:
     assert request.image == "abc"
     assert request.extra == {"guidance_rescale": 0.3}
     assert request.model_url == ""
+    assert request.callback_steps == 5
+
+
+def test_legacy_event_inputs_map_onto_the_request_and_the_key_stays_secret() -> None:
+    request = from_legacy(
+        {
+            "modelInputs": {"prompt": "p"},
+            "callInputs": {"SEND_URL": "http://hook", "SIGN_KEY": "s3cret", "streamEvents": True},
+        }
+    )
+    assert request.send_url == "http://hook"
+    assert request.stream_events is True
+    assert request.sign_key is not None
+    assert request.sign_key.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(request)
+    assert "s3cret" not in request.model_dump_json()
 
 
 def test_cross_attention_kwargs_accepts_a_json_string() -> None:

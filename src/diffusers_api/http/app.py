@@ -9,36 +9,39 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..errors import DiffusersAPIError, InvalidInputs, PayloadTooLarge, Unauthorized, from_exception
+from ..events import EventHub, EventQueue, generate, ndjson_stream, start_engine
 
 if TYPE_CHECKING:
     from ..config import Settings
     from ..engine import Engine
+    from ..schema import GenerateRequest, GenerateResult
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+def create_app(settings: Settings, engine: Engine | None = None, events: EventHub | None = None) -> FastAPI:
     """Build the app. Without an engine, the one for `settings` is made (see `make_engine`)."""
     if engine is None:
         from ..engine import make_engine
 
         engine = make_engine(settings)
+    hub = events or EventHub(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(engine.start())
+        loading = asyncio.create_task(start_engine(engine, hub.for_boot()))
         yield
         loading.cancel()
         await engine.stop()
@@ -51,6 +54,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = engine
+    app.state.events = hub
     _add_middleware(app, settings)
     _add_error_handlers(app, settings)
 
@@ -94,6 +98,28 @@ def error_response(request: Request, exc: DiffusersAPIError, debug: bool) -> JSO
     """`{"error": {...}}` on the native API, `{"$error": {...}}` on the legacy one."""
     key = "error" if request.url.path.startswith("/v1") else "$error"
     return JSONResponse({key: exc.to_wire(debug)}, status_code=exc.status)
+
+
+async def run_request(
+    http_request: Request,
+    request: GenerateRequest,
+    render: Callable[[GenerateResult], Any],
+    render_error: Callable[[DiffusersAPIError], Any],
+) -> Response:
+    """The one path of both APIs: run `request` on the engine with its events (webhooks), and answer with
+    `render(result)` as JSON, or, when it asked for `stream_events`, with NDJSON lines ending in that body."""
+    state = http_request.app.state
+    if not request.stream_events:
+        result = await generate(state.engine, request, state.events.for_request(request))
+        return JSONResponse(render(result))
+    stream = EventQueue()
+    events = state.events.for_request(request, extra_sinks=[stream])
+
+    async def work() -> Any:
+        return render(await generate(state.engine, request, events))
+
+    lines = ndjson_stream(work(), stream, render_error)
+    return StreamingResponse(lines, media_type="application/x-ndjson")
 
 
 def require_api_key(request: Request) -> None:

@@ -7,11 +7,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from .. import events
 from ..engine import Engine, Health
-from ..errors import InvalidInputs, NotReady
+from ..errors import DiffusersAPIError, InvalidInputs, NotReady
 from ..imaging import mime_type
-from ..schema import ErrorResponse, GenerateRequest, GenerateResponse
-from .app import require_api_key
+from ..schema import ErrorResponse, GenerateRequest, GenerateResponse, GenerateResult
+from .app import require_api_key, run_request
 
 router = APIRouter(prefix="/v1", tags=["native"], dependencies=[Depends(require_api_key)])
 health_router = APIRouter(tags=["health"])
@@ -41,11 +42,21 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
         if body.image_count != 1:
             raise InvalidInputs(f"Accept: image/* returns one image, but this request makes {body.image_count}")
         body = body.model_copy(update={"image_format": wanted})
-    result = await _engine(request).submit(body)
-    if wanted is not None:
+        if body.stream_events:
+            raise InvalidInputs("stream_events answers NDJSON; it cannot be combined with Accept: image/*")
+        emitter = request.app.state.events.for_request(body)
+        result = await events.generate(_engine(request), body, emitter)
         headers = {"X-Seed": str(result.seeds[0]), "X-Model": str(result.meta.get("MODEL_ID", ""))}
         return Response(result.images[0], media_type=mime_type(result.image_format), headers=headers)
-    return JSONResponse(GenerateResponse.from_result(result).model_dump())
+    return await run_request(request, body, _native_body, _native_error)
+
+
+def _native_body(result: GenerateResult) -> dict[str, Any]:
+    return GenerateResponse.from_result(result).model_dump()
+
+
+def _native_error(error: DiffusersAPIError) -> dict[str, Any]:
+    return {"error": error.to_wire()}
 
 
 def _image_accept(accept: str) -> str | None:
