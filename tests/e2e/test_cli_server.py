@@ -6,9 +6,7 @@ import base64
 import io
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +17,8 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from support.processes import cli, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -37,17 +37,6 @@ GRASS = {
 
 def pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data))).astype(int)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "diffusers_api", *args]
 
 
 @dataclass

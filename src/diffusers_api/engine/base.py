@@ -3,12 +3,20 @@ behind this same seam."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import logging
 from typing import TYPE_CHECKING, Protocol
 
+from ..errors import DiffusersAPIError, NotReady
+
 if TYPE_CHECKING:
-    from ..runner import ProgressCallback
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..runner import ProgressCallback, Runner
     from ..schema import GenerateRequest, GenerateResult
+
+log = logging.getLogger(__name__)
 
 
 class Health(enum.StrEnum):
@@ -39,3 +47,45 @@ class Engine(Protocol):
     async def submit(self, request: GenerateRequest, progress: ProgressCallback | None = None) -> GenerateResult:
         """Queue a request and wait for its result. Cancelling the awaiting task cancels the request."""
         ...
+
+
+class EngineLifecycle:
+    """What the engines share: loading the model on their own threads, health, and stopping."""
+
+    def __init__(self, runner: Runner, executor: ThreadPoolExecutor) -> None:
+        self.runner = runner
+        self._executor = executor
+        self._health = Health.STARTING
+        self._setup_error: str | None = None
+
+    @property
+    def health(self) -> Health:
+        if self._health is Health.READY and self.queue_depth:
+            return Health.BUSY
+        return self._health
+
+    @property
+    def setup_error(self) -> str | None:
+        return self._setup_error
+
+    @property
+    def queue_depth(self) -> int:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Load the configured model; a failure sets SETUP_FAILED (and the reason) instead of raising."""
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.start)
+        except Exception as exc:
+            message = exc.message if isinstance(exc, DiffusersAPIError) else f"{type(exc).__name__}: {exc}"
+            log.exception("model setup failed: %s", message)
+            self._setup_error, self._health = message, Health.SETUP_FAILED
+            return
+        self._health = Health.READY
+
+    async def stop(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _check_ready(self) -> None:
+        if self._health is not Health.READY:
+            raise NotReady(f"the server is {self._health.value.lower()}", state=self._health.value)

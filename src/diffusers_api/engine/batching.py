@@ -10,66 +10,36 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-from ..errors import Busy, DiffusersAPIError, NotReady
-from .base import Health
+from ..errors import Busy
+from .base import EngineLifecycle
 from .batcher import StepBatcher
 
 if TYPE_CHECKING:
     from ..runner import ProgressCallback, Runner
     from ..schema import GenerateRequest, GenerateResult
 
-log = logging.getLogger(__name__)
 
-
-class BatchingEngine:
+class BatchingEngine(EngineLifecycle):
     def __init__(self, runner: Runner, max_batch_size: int, max_queue: int, batcher: StepBatcher | None = None):
-        self.runner = runner
+        super().__init__(runner, ThreadPoolExecutor(max_workers=max_batch_size, thread_name_prefix="request"))
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.batcher = batcher or StepBatcher()
         runner.batcher = self.batcher
-        self._pool = ThreadPoolExecutor(max_workers=max_batch_size, thread_name_prefix="request")
-        self._health = Health.STARTING
-        self._setup_error: str | None = None
         self._in_flight = 0  # images admitted and not finished
         self._running = 0
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
 
     @property
-    def health(self) -> Health:
-        if self._health is Health.READY and (self._running or self._waiting):
-            return Health.BUSY
-        return self._health
-
-    @property
-    def setup_error(self) -> str | None:
-        return self._setup_error
-
-    @property
     def queue_depth(self) -> int:
         return self._running + len(self._waiting)
 
-    async def start(self) -> None:
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._pool, self.runner.start)
-        except Exception as exc:
-            message = exc.message if isinstance(exc, DiffusersAPIError) else f"{type(exc).__name__}: {exc}"
-            log.exception("model setup failed: %s", message)
-            self._setup_error, self._health = message, Health.SETUP_FAILED
-            return
-        self._health = Health.READY
-
-    async def stop(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
     async def submit(self, request: GenerateRequest, progress: ProgressCallback | None = None) -> GenerateResult:
-        if self._health is not Health.READY:
-            raise NotReady(f"the server is {self._health.value.lower()}", state=self._health.value)
+        self._check_ready()
         if len(self._waiting) >= self.max_queue:
             raise Busy(f"{len(self._waiting)} requests are waiting; try again shortly", queue_depth=len(self._waiting))
         images = min(request.image_count, self.max_batch_size)  # an oversized request runs when the device is free
@@ -78,7 +48,7 @@ class BatchingEngine:
         self._running += 1
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, self.runner.run, request, progress, cancel)
+            return await loop.run_in_executor(self._executor, self.runner.run, request, progress, cancel)
         except asyncio.CancelledError:
             cancel.set()  # the client left: its loop stops at the next step boundary and frees its rows
             raise
