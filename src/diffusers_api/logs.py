@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 _QUIET = ("diffusers", "huggingface_hub", "httpx", "urllib3", "filelock")
-# transformers warns at every start about optional backends (torchvision) that a server does not need
-_QUIETER = ("transformers",)
 
 
 def configure_logging(level: str = "info") -> None:
+    # transformers warns at every start about optional backends (torchvision) that a server does not need. It
+    # sets its own logger's level from this variable when it first logs, so a plain setLevel would not stick.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -18,8 +20,6 @@ def configure_logging(level: str = "info") -> None:
     root.setLevel(level.upper())
     for name in _QUIET:
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
-    for name in _QUIETER:
-        logging.getLogger(name).setLevel(max(logging.ERROR, root.level))
     if not sys.stderr.isatty():
         _disable_progress_bars()
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
