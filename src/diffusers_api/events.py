@@ -231,10 +231,23 @@ class EventHub:
         return RequestEvents(self._webhook_sinks(None, None), self.settings.container_id)
 
     def for_request(self, request: GenerateRequest, extra_sinks: list[Sink] | None = None) -> RequestEvents:
+        if request.send_url:
+            self._check_request_url(request.send_url)
         key = request.sign_key.get_secret_value() if request.sign_key else None
         sinks = self._webhook_sinks(request.send_url, key) + list(extra_sinks or [])
         throttle = ProgressThrottle(request.callback_steps, self.settings.progress_interval_s)
         return RequestEvents(sinks, self.settings.container_id, request.request_id, throttle)
+
+    def _check_request_url(self, url: str) -> None:
+        """A request's own SEND_URL must not reach into the server's network (SPEC 8): no private, loopback or
+        link-local targets unless ALLOW_PRIVATE_URLS is on. The operator's SEND_URL setting is trusted."""
+        from .errors import InvalidInputs, StorageError
+        from .models.transfer import check_public_url
+
+        try:
+            check_public_url(url, self.settings, "SEND_URL")
+        except StorageError as exc:  # cannot resolve: the request's mistake here, not the storage's
+            raise InvalidInputs(exc.message, field="SEND_URL") from None
 
     def _webhook_sinks(self, url: str | None, key: str | None) -> list[Sink]:
         url = url or self.settings.send_url

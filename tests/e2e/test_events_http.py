@@ -38,7 +38,12 @@ def hook() -> Iterator[Receiver]:
 def server(models_dir: Path, hook: Receiver, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
     port = free_port()
     env = offline_env(
-        models_dir, SEND_URL=hook.url, SIGN_KEY=KEY, CONTAINER_ID="e2e-box", WEBHOOK_TIMEOUT_S=str(WEBHOOK_TIMEOUT_S)
+        models_dir,
+        SEND_URL=hook.url,
+        SIGN_KEY=KEY,
+        CONTAINER_ID="e2e-box",
+        WEBHOOK_TIMEOUT_S=str(WEBHOOK_TIMEOUT_S),
+        ALLOW_PRIVATE_URLS="1",  # the receivers of these tests listen on loopback
     )
     command = cli("serve", "--model", "builtin/tiny-sd", "--host", "127.0.0.1", "--port", str(port))
     log = tmp_path_factory.mktemp("events") / "server.log"

@@ -11,7 +11,7 @@ import pytest
 
 from diffusers_api.client import verify_webhook
 from diffusers_api.config import Settings
-from diffusers_api.errors import PipelineError
+from diffusers_api.errors import InvalidInputs, PipelineError
 from diffusers_api.events import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -143,7 +143,8 @@ def test_the_request_send_url_and_key_override_the_settings() -> None:
         def send(self, url: str, event: Event, key: str | None) -> None:
             sent.append((url, key))
 
-    hub = EventHub(Settings(send_url="http://env/hook", sign_key="env-key"), sender=Recorder())
+    settings = Settings(send_url="http://env/hook", sign_key="env-key", allow_private_urls=True)
+    hub = EventHub(settings, sender=Recorder())
     hub.for_boot().emit("init", "start")
     request = GenerateRequest(send_url="http://request/hook", sign_key="request-key")
     hub.for_request(request).emit("inference", "start")
@@ -153,6 +154,27 @@ def test_the_request_send_url_and_key_override_the_settings() -> None:
         ("http://request/hook", "request-key"),
         ("http://env/hook", "env-key"),
     ]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:9/hook", "http://localhost/hook", "http://10.1.2.3/hook", "http://169.254.169.254/latest"],
+    ids=["loopback", "localhost", "private", "link-local-metadata"],
+)
+def test_a_request_send_url_may_not_reach_private_addresses(url: str) -> None:
+    with pytest.raises(InvalidInputs, match="ALLOW_PRIVATE_URLS") as caught:
+        EventHub(Settings()).for_request(GenerateRequest(send_url=url))
+    assert caught.value.status == 422
+    assert EventHub(Settings(allow_private_urls=True)).for_request(GenerateRequest(send_url=url)).sinks
+
+
+def test_an_unresolvable_request_send_url_is_invalid_input() -> None:
+    with pytest.raises(InvalidInputs, match="SEND_URL"):
+        EventHub(Settings()).for_request(GenerateRequest(send_url="http://no-such-host.invalid/hook"))
+
+
+def test_the_servers_own_send_url_is_trusted() -> None:
+    assert EventHub(Settings(send_url="http://127.0.0.1:9/hook")).for_request(GenerateRequest()).sinks
 
 
 def test_no_send_url_means_no_webhook_sink() -> None:
