@@ -332,3 +332,8 @@ def test_flagged_images_are_reported_and_blacked_out(models_dir: Path) -> None:
     assert result.nsfw == [True]
     assert pixels(result.images[0]).max() == 0
     assert runner.run(ask(safety_checker=False)).nsfw is None
+
+
+def test_lora_scale_without_lora_is_a_clear_error(runner: Runner) -> None:
+    with pytest.raises(InvalidInputs, match="LoRA"):
+        runner.run(ask(cross_attention_kwargs={"scale": 0.5}))
