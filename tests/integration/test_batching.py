@@ -255,7 +255,7 @@ def test_straggler_only_delays_by_the_wait_bound(runner: Runner) -> None:
     runner.batcher = batcher
 
     def dawdle(step: int, total: int) -> None:
-        time.sleep(0.5)
+        time.sleep(1.0)
 
     try:
         with ThreadPoolExecutor(max_workers=2) as pool:
@@ -267,7 +267,7 @@ def test_straggler_only_delays_by_the_wait_bound(runner: Runner) -> None:
             slow.result()
     finally:
         runner.batcher = None
-    assert fast_s < 1.4  # 3 slow steps would take 1.5 s; waiting is bounded per step
+    assert fast_s < 2.5  # waiting on the slow one's 3 steps would take 3 s; the wait is bounded per step
 
 
 # --- the engine: admission and order -------------------------------------------------------------------------
@@ -321,19 +321,18 @@ def test_engine_bounds_the_batch_and_admits_in_order(models_dir: Path) -> None:
         assert_close(pixels(batched), pixels(solo))
 
 
-def test_engine_throughput_gains_from_batching(models_dir: Path) -> None:
-    """The point of the engine, measured: 8 concurrent requests take much less than 8 sequential ones."""
+def test_eight_concurrent_requests_share_their_forwards(models_dir: Path) -> None:
+    """The point of the engine: 8 concurrent requests cost about as many UNet forwards as one.
+
+    Timing ratios are the benchmark's business (bench/cpu_batching.py): on a shared 2-core CPU they vary too much
+    for a test. The forwards are what batching changes, and those are counted exactly."""
     runner = Runner(Settings(model_id="builtin/tiny-sd", models_dir=models_dir))
     runner.start()
     requests = [GenerateRequest(prompt=f"p{i}", seed=i, num_inference_steps=10) for i in range(8)]
-    run_alone(runner, requests[:1])  # warm-up
-    started = time.perf_counter()
-    run_alone(runner, requests)
-    sequential = time.perf_counter() - started
-    started = time.perf_counter()
-    run_together(runner, requests)
-    batched = time.perf_counter() - started
-    assert sequential / batched > 1.5  # the benchmark (bench/cpu_batching.py) reports the real ratio
+    batcher = StepBatcher(max_wait_s=5.0)
+    run_together(runner, requests, batcher)
+    assert batcher.stats.forwards <= 2 * 10  # sequentially: 8 x 10
+    assert batcher.stats.rows_total == 8 * 10 * 2  # every step of every request ran, CFG rows included
 
 
 def test_shared_tokenizer_is_safe_across_threads(runner: Runner) -> None:
