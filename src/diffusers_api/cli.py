@@ -83,7 +83,9 @@ def _add_runpod_parser(commands: Any) -> None:
     )
     _add_model_flags(runpod)
     runpod.add_argument(
-        "--runpod-concurrency", type=int, help="jobs one worker holds at once (RUNPOD_CONCURRENCY, default 2)"
+        "--runpod-concurrency",
+        type=int,
+        help="jobs one worker holds at once (RUNPOD_CONCURRENCY, default MAX_BATCH_SIZE)",
     )
     runpod.add_argument("--log-level", help="debug, info, warning, error (LOG_LEVEL, default info)")
 
