@@ -224,6 +224,7 @@ def measure(args: argparse.Namespace, variants: dict[str, Path], env: dict[str, 
     model, size, model_dir = prepare(args)
     once = serve_once if args.command == "serve" else runpod_once
     base = {"what": f"cold_start_{args.command}", "model": args.model, "device": args.device, "label": args.label}
+    base |= {"precision": "fp16" if args.device == "cuda" else args.precision}
     base |= {"until": args.until if args.command == "serve" else "image", "cold_cache": args.cold_cache}
     records: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for run in range(args.runs):
@@ -232,7 +233,8 @@ def measure(args: argparse.Namespace, variants: dict[str, Path], env: dict[str, 
             if args.cold_cache:
                 evict(*cache_roots(model_dir))
             log = args.work / f"{args.command}-{name}-{run}.log"
-            record = base | {"variant": name, "run": run} | once(model, size, args, _source(variants[name]), log)
+            timed = once(model, size, args, _source(variants[name], args.precision), log)
+            record = base | {"variant": name, "run": run} | timed
             records[name].append(record)
             emit(record, args, env)
     for name, done in records.items():
@@ -244,14 +246,14 @@ def measure(args: argparse.Namespace, variants: dict[str, Path], env: dict[str, 
         if args.cold_cache:
             evict(*cache_roots(model_dir))
         log = args.work / f"{args.command}-{name}-importtime.log"
-        timed = once(model, size, args, _source(src) | {"PYTHONPROFILEIMPORTTIME": "1"}, log)
+        timed = once(model, size, args, _source(src, args.precision) | {"PYTHONPROFILEIMPORTTIME": "1"}, log)
         imports = {"imports": import_breakdown(log, marks)}
         emit(base | {"variant": name, "importtime": True} | timed | imports, args, env)
 
 
-def _source(src: Path) -> dict[str, str]:
-    """The environment that makes the server run the package from `src`."""
-    return {"PYTHONPATH": f"{src}:{os.environ.get('PYTHONPATH', '')}"}
+def _source(src: Path, precision: str) -> dict[str, str]:
+    """The environment that makes the server run the package from `src`, in `precision`."""
+    return {"PYTHONPATH": f"{src}:{os.environ.get('PYTHONPATH', '')}", "MODEL_PRECISION": precision}
 
 
 def main() -> None:
@@ -263,6 +265,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=0, help="image size for a model directory (default 512)")
     parser.add_argument("--image-format", default="JPEG")
+    parser.add_argument("--precision", default="", help="MODEL_PRECISION of the server (on a GPU: always fp16)")
     parser.add_argument("--cold-cache", action="store_true", help="evict weights and packages before each start")
     parser.add_argument("--importtime", action="store_true", help="one more start, with import times per phase")
     parser.add_argument(
