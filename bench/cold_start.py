@@ -2,7 +2,7 @@
 
     python bench/cold_start.py --out bench/results/cold_start.jsonl          # CPU: builtin/tiny-sd
     python bench/cold_start.py --model sd21 --out bench/results/cold_start.jsonl   # GPU: full-size SD2.1-base
-    python bench/cold_start.py --model sd21 --until ready --cold-cache         # load only, weights off the cache
+    python bench/cold_start.py --model sd21 --until ready --cold-cache all     # load only, nothing in the cache
 
 PERFORMANCE.md's target: weights on local disk, process start to first image (no compile) <= 4 s on an H200.
 Each start of `diffusers-api serve` is timed from outside, from the moment the process is spawned:
@@ -15,9 +15,10 @@ The server's own `$timings` of that first request (`init`: the model load; `infe
 them. `--command runpod` times `diffusers-api runpod --test_input` instead: process start to the job's result
 (the process exits after it), which is how a RunPod serverless worker starts. `--importtime` adds one start with
 PYTHONPROFILEIMPORTTIME=1 and reports the seconds of imports per top-level package in each phase (before
-listening, during the model load, during the first request). `--cold-cache` evicts the model's weights and the
+listening, during the model load, during the first request). `--cold-cache all` evicts the model's weights and the
 interpreter's installed packages from the page cache before every start (posix_fadvise DONTNEED, no root
-needed), as on a fresh node: the difference to a warm start is time spent reading the disk.
+needed), as on a fresh node; `--cold-cache weights` evicts the weights alone (code in the image, weights on a
+volume). The difference to a warm start is time spent reading the disk.
 
 Models: `builtin/tiny-sd` (default: the built-in tiny model, generated once into the work directory), `sd21` or
 `sdxl` (full-size architectures with random weights, built with bench/gpu_bench.py's builders and saved with
@@ -143,10 +144,12 @@ def evict(*roots: Path) -> int:
     return count
 
 
-def cache_roots(model_dir: Path) -> list[Path]:
-    """What a fresh node reads from disk: the weights, the installed packages, this checkout's sources."""
+def cache_roots(model_dir: Path, which: str) -> list[Path]:
+    """What a fresh node reads from disk: the weights, and (all) the installed packages and the sources."""
     import sysconfig
 
+    if which == "weights":
+        return [model_dir]
     return [model_dir, Path(sysconfig.get_paths()["purelib"]), Path(sysconfig.get_paths()["stdlib"]), ROOT / "src"]
 
 
@@ -231,7 +234,7 @@ def measure(args: argparse.Namespace, variants: dict[str, Path], env: dict[str, 
         order = list(variants) if run % 2 == 0 else list(reversed(variants))
         for name in order:
             if args.cold_cache:
-                evict(*cache_roots(model_dir))
+                evict(*cache_roots(model_dir, args.cold_cache))
             log = args.work / f"{args.command}-{name}-{run}.log"
             timed = once(model, size, args, _source(variants[name], args.precision), log)
             record = base | {"variant": name, "run": run} | timed
@@ -244,7 +247,7 @@ def measure(args: argparse.Namespace, variants: dict[str, Path], env: dict[str, 
     marks = SERVE_MARKS if args.command == "serve" else RUNPOD_MARKS
     for name, src in variants.items():
         if args.cold_cache:
-            evict(*cache_roots(model_dir))
+            evict(*cache_roots(model_dir, args.cold_cache))
         log = args.work / f"{args.command}-{name}-importtime.log"
         timed = once(model, size, args, _source(src, args.precision) | {"PYTHONPROFILEIMPORTTIME": "1"}, log)
         imports = {"imports": import_breakdown(log, marks)}
@@ -266,7 +269,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=0, help="image size for a model directory (default 512)")
     parser.add_argument("--image-format", default="JPEG")
     parser.add_argument("--precision", default="", help="MODEL_PRECISION of the server (on a GPU: always fp16)")
-    parser.add_argument("--cold-cache", action="store_true", help="evict weights and packages before each start")
+    parser.add_argument(
+        "--cold-cache",
+        choices=("all", "weights"),
+        help="before each start, evict the weights and the packages (all) or the weights alone from the page cache",
+    )
     parser.add_argument("--importtime", action="store_true", help="one more start, with import times per phase")
     parser.add_argument(
         "--baseline-src",
