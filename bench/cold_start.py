@@ -52,7 +52,6 @@ from gpu_bench import Server, build_and_save, emit, environment, request_body, s
 
 BUILDERS = {"sd21": (sd21_base, 512), "sdxl": (sdxl_base, 1024)}
 OFFLINE = {"HF_HUB_OFFLINE": "1", "OFFLINE": "1"}  # weights on local disk: no network on the way
-POLL_S = 0.02  # /ping every 20 ms, over one kept-alive connection: cheap for a server that is loading
 
 # Lines in the server's log that end each phase (for --importtime).
 SERVE_MARKS = (("listening", "Application startup complete"), ("model_load", "diffusers_api.models.store: loaded"))
@@ -68,8 +67,9 @@ def serve_once(model: str, size: int, args: argparse.Namespace, env: dict[str, s
     record: dict[str, Any] = {}
     try:
         with httpx.Client(timeout=600) as http:
-            record["listening_s"] = _poll(server, http, lambda status: True)
-            record["ready_s"] = _poll(server, http, lambda status: status == 200)
+            record["listening_s"] = _poll(server, http, lambda status: True, args.poll_ms / 1000)
+            record["ready_s"] = _poll(server, http, lambda status: status == 200, args.poll_ms / 1000)
+            record["cpu_s_at_ready"] = cpu_seconds(server.process.pid)
             if args.until == "image":
                 response = http.post(f"{server.url}/v1/generate", json=request_body(args, size, 1))
                 response.raise_for_status()
@@ -81,7 +81,7 @@ def serve_once(model: str, size: int, args: argparse.Namespace, env: dict[str, s
     return record
 
 
-def _poll(server: Server, http: httpx.Client, done: Any, timeout: float = 600) -> float:
+def _poll(server: Server, http: httpx.Client, done: Any, interval: float, timeout: float = 600) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
@@ -91,7 +91,7 @@ def _poll(server: Server, http: httpx.Client, done: Any, timeout: float = 600) -
                 return _since(server.started)
         except httpx.TransportError:
             pass
-        time.sleep(POLL_S)
+        time.sleep(interval)
     raise TimeoutError("the server did not answer")
 
 
@@ -111,6 +111,16 @@ def runpod_once(model: str, size: int, args: argparse.Namespace, env: dict[str, 
     if done.returncode != 0 or "completed successfully" not in text:
         raise RuntimeError(f"the worker failed ({done.returncode}): {text[-2000:]}")
     return {"first_image_s": total, "load_ms_logged": _logged_load_ms(log)}
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds `pid` has used so far (Linux), all threads: a figure that other processes on a
+    busy machine disturb far less than wall time."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
 
 
 def _since(started: float) -> float:
@@ -207,6 +217,7 @@ def median_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
         "load_phase_s": lambda r: _between(r, "listening_s", "ready_s"),
         "first_request_s": lambda r: _between(r, "ready_s", "first_image_s"),
         "load_ms_logged": lambda r: r.get("load_ms_logged"),
+        "cpu_s_at_ready": lambda r: r.get("cpu_s_at_ready"),
     }
     summary: dict[str, Any] = {}
     for name, value in phases.items():
@@ -227,7 +238,7 @@ def measure(args: argparse.Namespace, variants: dict[str, Path], env: dict[str, 
     model, size, model_dir = prepare(args)
     once = serve_once if args.command == "serve" else runpod_once
     base = {"what": f"cold_start_{args.command}", "model": args.model, "device": args.device, "label": args.label}
-    base |= {"precision": "fp16" if args.device == "cuda" else args.precision}
+    base |= {"precision": "fp16" if args.device == "cuda" else args.precision, "poll_ms": args.poll_ms}
     base |= {"until": args.until if args.command == "serve" else "image", "cold_cache": args.cold_cache}
     records: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     for run in range(args.runs):
@@ -268,6 +279,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--size", type=int, default=0, help="image size for a model directory (default 512)")
     parser.add_argument("--image-format", default="JPEG")
+    parser.add_argument(
+        "--poll-ms", type=float, default=20, help="GET /ping interval, over one kept-alive connection (default 20)"
+    )
     parser.add_argument("--precision", default="", help="MODEL_PRECISION of the server (on a GPU: always fp16)")
     parser.add_argument(
         "--cold-cache",
