@@ -166,28 +166,39 @@ def cache_roots(model_dir: Path, which: str) -> list[Path]:
 # --- imports per phase -----------------------------------------------------------------------------------------
 
 
-def import_breakdown(log: Path, marks: tuple[tuple[str, str], ...], top: int = 8) -> dict[str, Any]:
-    """Seconds of top-level imports (PYTHONPROFILEIMPORTTIME lines) per package, split at the log's phase marks.
+def import_breakdown(log: Path, marks: tuple[tuple[str, str], ...], top: int = 10) -> dict[str, Any]:
+    """Import seconds (PYTHONPROFILEIMPORTTIME lines) in each phase of a start, split at the log's phase marks.
 
-    A top-level entry is an import made outside any other import (by a function at run time, or the entry
-    module itself); its cumulative time covers everything it pulled in."""
-    phases: dict[str, Counter[str]] = {name: Counter() for name, _ in marks}
-    phases["rest"] = Counter()
+    `by_trigger_s`: top-level imports (made outside any other import: by a function at run time, or the entry
+    module) by package, each with everything it pulled in, so `diffusers` includes the torch it imports.
+    `by_package_s`: each module's own time summed by the package it belongs to: where the time actually went
+    (torch, sympy for torch._dynamo, transformers, scipy, ...). Approximate where two threads import at once."""
     names = [name for name, _ in marks] + ["rest"]
+    triggers: dict[str, Counter[str]] = {name: Counter() for name in names}
+    packages: dict[str, Counter[str]] = {name: Counter() for name in names}
     current = 0
     for line in log.read_text(errors="replace").splitlines():
         while current < len(marks) and marks[current][1] in line:
             current += 1
-        match = re.match(r"import time:\s+\d+ \|\s+(\d+) \|( *)(\S+)", line)
-        if match and len(match.group(2)) == 1:
-            phases[names[current]][match.group(3).split(".")[0]] += int(match.group(1))
+        match = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|( *)(\S+)", line)
+        if not match:
+            continue
+        package = match.group(4).split(".")[0]
+        packages[names[current]][package] += int(match.group(1))
+        if len(match.group(3)) == 1:
+            triggers[names[current]][package] += int(match.group(2))
     return {
         name: {
-            "total_s": round(sum(counter.values()) / 1e6, 3),
-            "top_s": {pkg: round(us / 1e6, 3) for pkg, us in counter.most_common(top)},
+            "total_s": _seconds(sum(packages[name].values())),
+            "by_trigger_s": {pkg: _seconds(us) for pkg, us in triggers[name].most_common(top)},
+            "by_package_s": {pkg: _seconds(us) for pkg, us in packages[name].most_common(top)},
         }
-        for name, counter in phases.items()
+        for name in names
     }
+
+
+def _seconds(microseconds: int) -> float:
+    return round(microseconds / 1e6, 3)
 
 
 # --- the run ---------------------------------------------------------------------------------------------------
@@ -251,7 +262,7 @@ def measure(args: argparse.Namespace, variants: dict[str, Path], env: dict[str, 
             record = base | {"variant": name, "run": run} | timed
             records[name].append(record)
             emit(record, args, env)
-    for name, done in records.items():
+    for name, done in records.items() if args.runs else []:
         emit(base | {"variant": name, "summary": True, "runs": args.runs} | median_summary(done), args, env)
     if not args.importtime:
         return
