@@ -95,6 +95,9 @@ async def health(request: Request) -> JSONResponse:
     batcher = getattr(engine, "batcher", None)
     if batcher is not None:
         body["batching"] = batcher.stats.summary()
+    denoiser = getattr(engine, "denoiser", None)
+    if denoiser is not None:
+        body["batching"]["loop"] = denoiser.stats.summary()
     return JSONResponse(body, status_code=200 if state in _SERVING else 503)
 
 
