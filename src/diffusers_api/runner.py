@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -306,6 +307,20 @@ def _step_callback(progress: ProgressCallback | None, cancel: threading.Event | 
         return callback_kwargs
 
     return on_step_end
+
+
+def device_memory() -> dict[str, float] | None:
+    """GPU memory held by this process's tensors, now and at its peak (GB); None where CUDA is not in use.
+
+    Never initialises CUDA itself: a health probe must not touch a device the model has not."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return {
+        "allocated_gb": round(torch.cuda.memory_allocated() / 1e9, 3),
+        "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
+        "reserved_gb": round(torch.cuda.memory_reserved() / 1e9, 3),
+    }
 
 
 def memory_usage(device: str) -> float:

@@ -181,17 +181,21 @@ def test_sdxl_img2img_batched(models_dir: Path) -> None:
         assert_close(pixels(batched), pixels(solo))
 
 
-def test_inpaint_runs_diffusers_loop_batched(models_dir: Path) -> None:
-    """Inpainting is not in our loop: it keeps diffusers' own, whose UNet calls are still merged."""
+@pytest.mark.parametrize("padding_mask_crop", [None, 8], ids=["our-loop", "diffusers-loop"])
+def test_inpaint_batched(models_dir: Path, padding_mask_crop: int | None) -> None:
+    """Inpainting runs in our loop; with an option our loop does not reproduce (padding_mask_crop) it keeps
+    diffusers' own loop, whose UNet calls are merged all the same."""
     runner = _runner(models_dir, "builtin/tiny-sd-inpaint")
     image = to_base64(encode_image(Image.new("RGB", (64, 64), (90, 90, 90))))
-    mask = to_base64(encode_image(Image.new("RGB", (64, 64), (255, 255, 255))))
-    requests = varied_requests(2, image=image, mask_image=mask)
+    mask = Image.new("RGB", (64, 64), (0, 0, 0))
+    mask.paste((255, 255, 255), (16, 16, 48, 48))
+    extra = {"padding_mask_crop": padding_mask_crop} if padding_mask_crop else {}
+    requests = varied_requests(2, image=image, mask_image=to_base64(encode_image(mask)), extra=extra)
     alone = run_alone(runner, requests)
     batcher = StepBatcher(max_wait_s=5.0)
-    with batching(runner, batcher, "batched"), ThreadPoolExecutor(max_workers=2) as pool:
+    with batching(runner, batcher), ThreadPoolExecutor(max_workers=2) as pool:
         together = list(pool.map(runner.run, requests))
-    assert [result.meta["LOOP"] for result in together] == ["diffusers", "diffusers"]
+    assert {result.meta["LOOP"] for result in together} == {"diffusers" if padding_mask_crop else "batched"}
     assert max(batcher.stats.rows) > 2
     for batched, solo in zip(together, alone, strict=True):
         assert_close(pixels(batched), pixels(solo))

@@ -150,6 +150,29 @@ def sdxl_calls() -> list[tuple[str, dict[str, Any]]]:
     return [("txt2img", call(8, **sizes)), ("img2img", call(9, image=red_image(), strength=0.7, aesthetic_score=7.0))]
 
 
+def half_masked() -> dict[str, Image.Image]:
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    return {"image": red_image(), "mask_image": mask}
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.75])
+def test_inpaint_equals_diffusers(models_dir: Path, sd: LoadedModel, denoiser: Denoiser, strength: float) -> None:
+    """Both kinds of inpainting: a 9-channel inpainting UNet, and the plain 4-channel one the pipeline blends."""
+    inpaint = _model(models_dir, "builtin/tiny-sd-inpaint")
+    for model in (inpaint, sd):
+        expected = [
+            reference(model, "inpaint", "DPM++ 2M", call(s, strength=strength, **half_masked())) for s in (1, 2)
+        ]
+        alone = ours(model, "inpaint", "DPM++ 2M", call(1, strength=strength, **half_masked()))
+        denoiser.run(alone)
+        assert torch.equal(alone.latents, expected[0])
+        jobs = [ours(model, "inpaint", "DPM++ 2M", call(s, strength=strength, **half_masked())) for s in (1, 2)]
+        run_all(denoiser, jobs)
+        for job, want in zip(jobs, expected, strict=True):
+            assert_batched_close(job.latents, want)
+
+
 @pytest.mark.parametrize("scheduler", [None, "DPM++ 2M", "Euler a"])
 def test_sdxl_txt2img_and_img2img_equal_diffusers(sdxl: LoadedModel, denoiser: Denoiser, scheduler: str | None) -> None:
     expected = [reference(sdxl, task, scheduler, kwargs) for task, kwargs in sdxl_calls()]
@@ -185,7 +208,10 @@ def test_supports_only_what_it_reproduces(sd: LoadedModel, models_dir: Path) -> 
     assert not denoise.supports(txt2img, call(1, timesteps=[999, 500]))
     assert not denoise.supports(txt2img, call(1, cross_attention_kwargs={"scale": 0.5}))
     inpaint = _model(models_dir, "builtin/tiny-sd-inpaint")
-    assert not denoise.supports(pipe(inpaint, "inpaint"), call(1, image=red_image(), mask_image=red_image()))
+    assert denoise.supports(pipe(inpaint, "inpaint"), call(1, image=red_image(), mask_image=red_image()))
+    assert not denoise.supports(pipe(inpaint, "inpaint"), call(1, image=red_image(), padding_mask_crop=8))
+    community = type("MyCommunityPipeline", (type(txt2img),), {})  # a subclass may change what __call__ does
+    assert not denoise.supports(object.__new__(community), call(1))
 
 
 # --- failures stay with their request ----------------------------------------------------------------------------

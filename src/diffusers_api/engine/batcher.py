@@ -77,6 +77,7 @@ class BatchStats:
             "rounds": self.rounds,
             "forwards": self.forwards,
             "timeouts": self.timeouts,
+            "rows_total": self.rows_total,
             "mean_rows": round(mean, 2),
         }
 

@@ -13,9 +13,10 @@ requests at once:
 - `finish` (on the request's thread again): VAE decode, safety checker, post-processing, as the pipeline does.
 
 Supported here: `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`, `StableDiffusionXLPipeline`,
-`StableDiffusionXLImg2ImgPipeline`, with the arguments in `_SUPPORTED_ARGS`. Anything else (other pipelines,
-LoRA scales, IP-Adapters, guidance-embedding models, denoising_start/end, callbacks) keeps the generic
-diffusers path, which still batches its UNet calls through the StepBatcher.
+`StableDiffusionXLImg2ImgPipeline` and `StableDiffusionInpaintPipeline` (inpainting UNets with 9 input channels,
+and plain 4-channel ones that the pipeline blends with the init image), with the arguments in `_SUPPORTED`.
+Anything else (other pipelines, LoRA scales, IP-Adapters, guidance-embedding models, denoising_start/end,
+callbacks) keeps the generic diffusers path, which still batches its UNet calls through the StepBatcher.
 """
 
 from __future__ import annotations
@@ -59,11 +60,13 @@ _SDXL_ARGS = {
 }
 _IMG2IMG_ARGS = {"image", "strength"}
 _SDXL_IMG2IMG_ARGS = {"aesthetic_score", "negative_aesthetic_score"}
+_INPAINT_ARGS = {"image", "mask_image", "strength"}
 
 # Pipeline class name -> (family, task, the __call__ arguments this loop reproduces).
 _SUPPORTED: dict[str, tuple[str, str, set[str]]] = {
     "StableDiffusionPipeline": ("sd", "txt2img", _SD_ARGS),
     "StableDiffusionImg2ImgPipeline": ("sd", "img2img", _SD_ARGS | _IMG2IMG_ARGS),
+    "StableDiffusionInpaintPipeline": ("sd", "inpaint", _SD_ARGS | _INPAINT_ARGS),
     "StableDiffusionXLPipeline": ("sdxl", "txt2img", _SD_ARGS | _SDXL_ARGS),
     "StableDiffusionXLImg2ImgPipeline": ("sdxl", "img2img", _SD_ARGS | _SDXL_ARGS | _IMG2IMG_ARGS | _SDXL_IMG2IMG_ARGS),
 }
@@ -85,6 +88,10 @@ class Job:
     guided: bool  # classifier-free guidance: two UNet rows per image
     added: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds and time_ids, rows like `hidden`
     guidance_rescale: float = 0.0
+    # Inpainting UNets (9 channels) also take the mask and the masked image's latents, rows like `hidden`.
+    conditioning: torch.Tensor | None = None
+    # Inpainting with a 4-channel UNet: after each step the unmasked area is reset to the noised init image.
+    blend: Blend | None = None
     step_kwargs: dict[str, Any] = field(default_factory=dict)
     progress: ProgressCallback | None = None
     cancel: threading.Event | None = None
@@ -127,7 +134,26 @@ class Job:
             noise = rescale_noise_cfg(noise, text_noise, guidance_rescale=self.guidance_rescale)
         t = self.timestep
         self.latents = self.scheduler.step(noise, t, self.latents, **self.step_kwargs, return_dict=False)[0]
+        if self.blend is not None:
+            self.latents = self.blend.apply(self)
         self.step += 1
+
+
+@dataclass
+class Blend:
+    """What StableDiffusionInpaintPipeline does after each step when its UNet has 4 input channels."""
+
+    image_latents: torch.Tensor
+    noise: torch.Tensor
+    mask: torch.Tensor  # the mask of one copy of the images (the unconditional half with guidance)
+
+    def apply(self, job: Job) -> torch.Tensor:
+        import torch
+
+        proper = self.image_latents
+        if job.step < job.steps - 1:
+            proper = job.scheduler.add_noise(proper, self.noise, torch.tensor([job.timesteps[job.step + 1]]))
+        return (1 - self.mask) * proper + self.mask * job.latents
 
 
 # ---------------------------------------------------------------------------------------------- eligibility
@@ -138,6 +164,8 @@ def supports(pipe: Any, kwargs: dict[str, Any]) -> bool:
     entry = _SUPPORTED.get(type(pipe).__name__)
     if entry is None or not set(kwargs) <= entry[2]:
         return False
+    if type(pipe.vae).__name__ == "AsymmetricAutoencoderKL":
+        return False  # its decoder also takes the init image and mask
     unet = pipe.unet
     if unet.config.time_cond_proj_dim is not None or getattr(unet, "encoder_hid_proj", None) is not None:
         return False  # guidance-embedding (LCM-distilled) and IP-Adapter UNets take inputs this loop does not make
@@ -184,10 +212,16 @@ def _batch_size(prompt: Any) -> int:
 def _prepare_sd(pipe: Any, args: dict[str, Any], task: str) -> Job:
     import torch
 
-    if task == "txt2img":
+    if task in ("txt2img", "inpaint"):
         args["height"] = args["height"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
         args["width"] = args["width"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if task == "txt2img":
         pipe.check_inputs(args["prompt"], args["height"], args["width"], None, args["negative_prompt"])
+    elif task == "inpaint":
+        pipe.check_inputs(
+            args["prompt"], args["image"], args["mask_image"], args["height"], args["width"], args["strength"], None,
+            args["output_type"], args["negative_prompt"],
+        )  # fmt: skip
     else:
         pipe.check_inputs(args["prompt"], args["strength"], None, args["negative_prompt"])
     _start(pipe, args)
@@ -201,8 +235,43 @@ def _prepare_sd(pipe: Any, args: dict[str, Any], task: str) -> Job:
         clip_skip=pipe.clip_skip,
     )
     hidden = torch.cat([negative, positive]) if pipe.do_classifier_free_guidance else positive
+    if task == "inpaint":
+        return _prepare_inpaint(pipe, args, images, hidden, device)
     timesteps, latents = _initial_latents(pipe, args, task, images, hidden.dtype, device)
     return _job(pipe, args, timesteps, latents, hidden, added=None)
+
+
+def _prepare_inpaint(pipe: Any, args: dict[str, Any], images: int, hidden: Any, device: Any) -> Job:
+    """StableDiffusionInpaintPipeline's steps 4 to 6: timesteps, init image, noise, mask and masked image."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+    height, width, generator = args["height"], args["width"], args["generator"]
+    timesteps, steps = retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device)
+    timesteps, steps = pipe.get_timesteps(num_inference_steps=steps, strength=args["strength"], device=device)
+    if steps < 1:
+        raise ValueError(f"strength {args['strength']} leaves {steps} denoising steps; at least one is needed")
+    init_image = pipe.image_processor.preprocess(args["image"], height=height, width=width).to(dtype=torch.float32)
+    unet_channels = pipe.unet.config.in_channels
+    outputs = pipe.prepare_latents(
+        images, pipe.vae.config.latent_channels, height, width, hidden.dtype, device, generator,
+        image=init_image, timestep=timesteps[:1].repeat(images), is_strength_max=args["strength"] == 1.0,
+        return_noise=True, return_image_latents=unet_channels == 4,
+    )  # fmt: skip
+    latents, noise = outputs[0], outputs[1]
+    condition = pipe.mask_processor.preprocess(args["mask_image"], height=height, width=width)
+    mask, masked_latents = pipe.prepare_mask_latents(
+        condition, init_image * (condition < 0.5), images, height, width, hidden.dtype, device, generator,
+        pipe.do_classifier_free_guidance,
+    )  # fmt: skip
+    job = _job(pipe, args, timesteps, latents, hidden, added=None)
+    if unet_channels == 9:
+        job.conditioning = torch.cat([mask, masked_latents], dim=1)
+    elif unet_channels == 4:
+        job.blend = Blend(image_latents=outputs[2], noise=noise, mask=mask[:images])
+    else:
+        raise ValueError(f"an inpainting UNet takes 4 or 9 input channels, not {unet_channels}")
+    return job
 
 
 def _prepare_sdxl(pipe: Any, args: dict[str, Any], task: str) -> Job:

@@ -186,7 +186,7 @@ class Denoiser:
         inputs = {id(job): job.model_input() for job in jobs}
         # [uncond rows of guided jobs | cond rows of guided jobs | rows of unguided jobs]
         order = [(job, "uncond") for job in guided] + [(job, "cond") for job in guided] + [(j, "all") for j in plain]
-        sample = torch.cat([inputs[id(job)] for job, _ in order])
+        sample = torch.cat([_model_rows(job, inputs[id(job)], half) for job, half in order])
         hidden = torch.cat([_half(job, job.hidden, half) for job, half in order])
         added = None
         if jobs[0].added is not None:  # jobs of one group all have the same added conditioning
@@ -230,6 +230,15 @@ def _half(job: Job, rows: torch.Tensor, half: str) -> torch.Tensor:
     if half == "cond":
         return rows[job.images :]
     return rows
+
+
+def _model_rows(job: Job, latents: torch.Tensor, half: str) -> torch.Tensor:
+    """The UNet input rows of one half: the scaled latents, plus the mask channels of an inpainting UNet."""
+    import torch
+
+    if job.conditioning is None:
+        return latents
+    return torch.cat([latents, _half(job, job.conditioning, half)], dim=1)
 
 
 def _added(job: Job) -> dict[str, torch.Tensor]:

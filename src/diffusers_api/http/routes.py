@@ -11,6 +11,7 @@ from .. import events
 from ..engine import Engine, Health
 from ..errors import DiffusersAPIError, InvalidInputs, NotReady
 from ..imaging import mime_type
+from ..runner import device_memory
 from ..schema import ErrorResponse, GenerateRequest, GenerateResponse, GenerateResult
 from .app import require_api_key, run_request
 
@@ -98,6 +99,9 @@ async def health(request: Request) -> JSONResponse:
     denoiser = getattr(engine, "denoiser", None)
     if denoiser is not None:
         body["batching"]["loop"] = denoiser.stats.summary()
+    memory = device_memory()
+    if memory is not None:
+        body["device_memory"] = memory
     return JSONResponse(body, status_code=200 if state in _SERVING else 503)
 
 
