@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from diffusers_api.client import Client, verify_webhook
+from support import envelopes
 from support.processes import Process, cli, free_port, offline_env, running
 from support.receiver import Post, Receiver, receiver
 
@@ -23,9 +24,7 @@ WEBHOOK_TIMEOUT_S = 20
 
 
 def grass(**call_inputs: object) -> dict[str, object]:
-    model_inputs = {"prompt": "realistic field of grass", "num_inference_steps": STEPS, "width": 64, "height": 64}
-    call = {"MODEL_ID": "builtin/tiny-sd", **call_inputs}
-    return {"modelInputs": model_inputs | {"callback_steps": 2}, "callInputs": call}
+    return envelopes.grass(STEPS, call_inputs, callback_steps=2)
 
 
 @pytest.fixture(scope="module")
