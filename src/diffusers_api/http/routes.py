@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from .. import events
 from ..engine import Engine, Health
+from ..engine.compiled import CompiledForward
 from ..errors import DiffusersAPIError, InvalidInputs, NotReady
 from ..imaging import mime_type
 from ..schema import ErrorResponse, GenerateRequest, GenerateResponse, GenerateResult
@@ -95,7 +96,14 @@ async def health(request: Request) -> JSONResponse:
     batcher = getattr(engine, "batcher", None)
     if batcher is not None:
         body["batching"] = batcher.stats.summary()
+        body["compile"] = _compile_summary(batcher)
     return JSONResponse(body, status_code=200 if state in _SERVING else 503)
+
+
+def _compile_summary(batcher: Any) -> dict[str, Any]:
+    """torch.compile's progress (COMPILE=1): waiting, compiling, ready or failed; off otherwise."""
+    forward = getattr(batcher, "_forward", None)  # the StepBatcher's forward (not public yet)
+    return forward.summary() if isinstance(forward, CompiledForward) else {"state": "off"}
 
 
 @health_router.get("/healthcheck", summary="docker-diffusers-api health check")
