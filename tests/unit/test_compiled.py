@@ -84,15 +84,15 @@ class FailingBackend:
 
 
 class BrokenAtRunBackend:
-    """Compiles fine; the compiled graph raises once `broken` is set."""
+    """Compiles fine; the compiled graph raises `error` while it is set."""
 
-    def __init__(self) -> None:
-        self.broken = threading.Event()
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
 
     def __call__(self, graph: Any, example_inputs: list[Any]) -> Callable[..., Any]:
         def run(*args: Any) -> Any:
-            if self.broken.is_set():
-                raise RuntimeError("illegal memory access")
+            if self.error is not None:
+                raise self.error
             return graph.forward(*args)
 
         return run
@@ -192,7 +192,7 @@ def test_a_compiled_step_that_raises_is_rerun_eagerly(unet: ToyUNet, caplog: pyt
     forward = CompiledForward(backend=backend)
     step(forward, unet, inputs(2))
     assert forward.wait(30)
-    backend.broken.set()
+    backend.error = RuntimeError("illegal memory access")
     args = inputs(2)
     with caplog.at_level(logging.WARNING, logger="diffusers_api.engine.compiled"):
         torch.testing.assert_close(step(forward, unet, args), step(eager_forward, unet, args), rtol=0, atol=0)
@@ -200,6 +200,19 @@ def test_a_compiled_step_that_raises_is_rerun_eagerly(unet: ToyUNet, caplog: pyt
     step(forward, unet, args)  # that shape is eager from now on
     assert forward.summary()["shapes"]["eager"] == 1
     assert (forward.stats.compiled_steps, forward.stats.eager_steps) == (0, 3)
+
+
+def test_out_of_memory_while_compiling_leaves_that_shape_eager(unet: ToyUNet) -> None:
+    """The background step runs beside the requests' steps; a batch that does not fit twice stays eager."""
+    backend = BrokenAtRunBackend(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    forward = CompiledForward(backend=backend)
+    step(forward, unet, inputs(8))
+    assert forward.wait(30)
+    backend.error = None
+    step(forward, unet, inputs(2))
+    assert forward.wait(30)
+    assert forward.state is CompileState.READY
+    assert forward.summary()["shapes"] == {"queued": 0, "ready": 1, "eager": 1}
 
 
 def test_guards_that_fail_at_run_time_run_eagerly_instead_of_compiling(unet: ToyUNet) -> None:

@@ -220,10 +220,16 @@ class CompiledForward:
                 self._worker.start()
 
     def _work(self) -> None:
+        import torch
+
         while True:
             job = self._jobs.get()
             try:
                 state = self._run(job)
+            except torch.cuda.OutOfMemoryError:
+                # the example step runs beside the requests' steps: a big batch may not fit twice
+                log.warning("out of memory compiling for %s; that shape stays eager", _describe(job.key))
+                state = _Shape.EAGER
             except Exception as exc:
                 self._failed, self.stats.last_error = True, _reason(exc)
                 log.warning("torch.compile failed (%s); the UNet runs eagerly from now on", self.stats.last_error)
