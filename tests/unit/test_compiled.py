@@ -1,5 +1,6 @@
 """CompiledForward over a toy UNet with fast dynamo backends: compiling never blocks a step, the eager path serves
-until a shape is compiled, failures stay eager, evicted UNets are freed. The real inductor runs in
+until a shape is compiled, a cold cache is filled elsewhere instead of tracing in the server, failures stay
+eager, evicted UNets are freed. The real inductor and the compiling process run in
 tests/integration/test_compiled.py and bench/compile_bench.py."""
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ from fastapi.testclient import TestClient
 from diffusers_api.config import Settings
 from diffusers_api.engine import StepBatcher, make_engine
 from diffusers_api.engine.batcher import eager_forward
-from diffusers_api.engine.compiled import CompiledForward, CompileState, _module_rows
+from diffusers_api.engine.compiled import (
+    ColdCache,
+    CompiledForward,
+    CompileFailed,
+    CompileJob,
+    CompileState,
+    _module_rows,
+    _no_tracing_here,
+)
 from diffusers_api.engine.graphs import CudaGraphForward
 from diffusers_api.http.app import create_app
 from support.fakes import FakeEngine
@@ -98,6 +107,23 @@ class BrokenAtRunBackend:
         return run
 
 
+class ColdCacheBackend:
+    """FX-traces the graph, as inductor does on a cache miss, until `fill` has run (standing in for the
+    compiling process); then it "loads" (returns the graph)."""
+
+    def __init__(self, fills_cache: bool = True) -> None:
+        self.fills_cache, self.filled, self.fills = fills_cache, False, 0
+
+    def __call__(self, graph: Any, example_inputs: list[Any]) -> Callable[..., Any]:
+        if not self.filled:
+            torch.fx.symbolic_trace(graph)
+        return graph.forward
+
+    def fill(self, unet: Any, job: CompileJob, forward: CompiledForward) -> None:
+        self.fills += 1
+        self.filled = self.fills_cache
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo() -> Iterator[None]:
     """Compiled code lives on the compiled function's code object: each test starts without any."""
@@ -169,6 +195,7 @@ def test_a_failed_compile_warns_and_stays_eager_for_good(unet: ToyUNet, caplog: 
     assert forward.wait(30)
     assert backend.calls == 1
     assert forward.stats.eager_steps == 3
+    assert forward.summary()["shapes"] == {"queued": 0, "ready": 0, "eager": 2}
 
 
 def test_a_shape_dynamo_will_not_compile_stays_eager(unet: ToyUNet, caplog: pytest.LogCaptureFixture) -> None:
@@ -200,6 +227,57 @@ def test_a_compiled_step_that_raises_is_rerun_eagerly(unet: ToyUNet, caplog: pyt
     step(forward, unet, args)  # that shape is eager from now on
     assert forward.summary()["shapes"]["eager"] == 1
     assert (forward.stats.compiled_steps, forward.stats.eager_steps) == (0, 3)
+
+
+def test_tracing_in_the_server_process_is_refused_untouched() -> None:
+    """FX tracing patches torch.nn.Module.__call__ process-wide, which breaks other threads' modules: while the
+    server compiles, it is refused before anything is patched."""
+    call, getattr_ = torch.nn.Module.__call__, torch.nn.Module.__getattr__
+    with _no_tracing_here(), pytest.raises(ColdCache, match="would trace"):
+        torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    assert (torch.nn.Module.__call__, torch.nn.Module.__getattr__) == (call, getattr_)
+    torch.fx.symbolic_trace(torch.nn.Linear(2, 2))  # allowed again outside
+
+
+def test_a_cold_cache_is_filled_by_another_process_then_loaded(unet: ToyUNet) -> None:
+    backend = ColdCacheBackend()
+    forward = CompiledForward(backend=backend, fill_cache=backend.fill)
+    step(forward, unet, inputs(2))
+    assert forward.wait(30)
+    assert backend.fills == 1
+    assert forward.state is CompileState.READY
+    args = inputs(3)
+    step(forward, unet, args)
+    assert forward.wait(30)
+    torch.testing.assert_close(step(forward, unet, args), step(eager_forward, unet, args), rtol=0, atol=0)
+    summary = forward.summary()
+    assert (summary["subprocesses"], summary["graphs"], summary["compiled_steps"]) == (1, 1, 1)
+
+
+def test_a_cache_the_compiling_process_did_not_fill_leaves_the_shape_eager(
+    unet: ToyUNet, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = ColdCacheBackend(fills_cache=False)  # e.g. the process built a UNet that traces differently
+    forward = CompiledForward(backend=backend, fill_cache=backend.fill)
+    with caplog.at_level(logging.WARNING, logger="diffusers_api.engine.compiled"):
+        step(forward, unet, inputs(2))
+        assert forward.wait(30)
+    assert "the compiling process left no cache entry for 2 rows of (4, 8, 8)" in caplog.text
+    assert forward.summary()["shapes"] == {"queued": 0, "ready": 0, "eager": 1}
+    assert forward.state is CompileState.READY  # other shapes may still compile
+
+
+def test_a_failed_compiling_process_stops_compiling(unet: ToyUNet) -> None:
+    def fail(unet: Any, job: CompileJob, forward: CompiledForward) -> None:
+        raise CompileFailed("the compiling process failed: RuntimeError: no working C++ compiler")
+
+    forward = CompiledForward(backend=ColdCacheBackend(), fill_cache=fail)
+    step(forward, unet, inputs(2))
+    assert forward.wait(30)
+    assert forward.state is CompileState.FAILED
+    assert forward.summary()["error"].endswith("no working C++ compiler")
+    step(forward, unet, inputs(3))  # not queued: stays eager
+    assert forward.summary()["shapes"] == {"queued": 0, "ready": 0, "eager": 2}
 
 
 def test_out_of_memory_while_compiling_leaves_that_shape_eager(unet: ToyUNet) -> None:
