@@ -203,7 +203,6 @@ class CompiledForward:
         mode: str = "default",
         fill_cache: CacheFiller | None = None,
         recompile_limit: int = 64,  # per code object; dynamo's default (8) is low for many shapes and models
-        switch_interval_s: float | None = 0.0005,  # the GIL's, while compiling; None leaves Python's (5 ms)
     ) -> None:
         import torch._dynamo  # at server start: its import takes seconds, which no request should wait for
 
@@ -214,7 +213,6 @@ class CompiledForward:
         self.mode = mode
         self.fill_cache = fill_cache or compile_in_subprocess
         self.recompile_limit = recompile_limit
-        self.switch_interval_s = switch_interval_s
         self.stats = CompileStats()
         self._run_only = torch._dynamo.run(_unet_step)
         self._compiler: Callable[..., Any] | None = None
@@ -347,7 +345,7 @@ class CompiledForward:
     def _load(self, unet: Any, job: CompileJob) -> bool:
         """Compile in this process from the caches only: raises ColdCache where it would have to trace."""
         try:
-            with _switch_interval(self.switch_interval_s), _no_tracing_here():
+            with _no_tracing_here():
                 return compile_step(self.compiler(), unet, job, self.recompile_limit)
         except Exception as exc:
             if _caused_by(exc, ColdCache):
@@ -466,9 +464,10 @@ def compile_in_subprocess(unet: Any, job: CompileJob, forward: CompiledForward) 
         raise CompileFailed("a compiling process needs a backend by name")
     spec = _spec(unet, job, forward)
     command = [sys.executable, "-m", "diffusers_api.engine.compiled"]
+    spec_json = json.dumps(spec, default=str)  # the config's paths (_name_or_path) as text
     try:
         done = subprocess.run(
-            command, input=json.dumps(spec), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, check=False
+            command, input=spec_json, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, check=False
         )
     except subprocess.TimeoutExpired as exc:
         raise CompileFailed(f"the compiling process took over {SUBPROCESS_TIMEOUT_S:.0f} s") from exc
@@ -552,22 +551,6 @@ def use_cache_dir(directory: Path) -> None:
     torch._inductor.config.fx_graph_cache = True
     if hasattr(torch._functorch.config, "enable_autograd_cache"):
         torch._functorch.config.enable_autograd_cache = True
-
-
-@contextmanager
-def _switch_interval(seconds: float | None) -> Iterator[None]:
-    """Hand the GIL over sooner while compiling. Dynamo traces in Python, holding the GIL; a request thread
-    releases it in every torch op and, at Python's default interval (5 ms), may wait that long to get it back:
-    eager steps measured several times slower during a compile."""
-    if seconds is None:
-        yield
-        return
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(seconds)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(previous)
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
