@@ -12,7 +12,7 @@ installed as a submodule", pytorch#112775). Hence:
 - The background thread compiles from inductor's on-disk caches only: while it runs `torch.compile`, FX
   tracing is refused (`_no_tracing_here`), so a cache miss raises instead of tracing. On a miss the UNet is
   compiled in a separate process (`python -m diffusers_api.engine.compiled`, a UNet of the same class, config,
-  precision and memory format with random weights, the same inputs' shapes), which fills the caches; then
+  precision and memory format with placeholder weights, the same inputs' shapes), which fills the caches; then
   the background thread loads from them. The heavy work (tracing, code generation, C++/Triton builds) never
   runs in the server's process; what does is dynamo's tracing of the step and the cache lookups.
 - Request threads call the compiled code in dynamo's run-only mode (`torch._dynamo.run`): a call its guards do
@@ -431,6 +431,9 @@ class _CompiledUNet:
 # --- compiling in a process of its own ---------------------------------------------------------------------------
 
 
+_REFUSING = threading.Lock()
+
+
 @contextmanager
 def _no_tracing_here() -> Iterator[None]:
     """Refuse FX tracing while this process compiles. FX's tracer patches `torch.nn.Module.__call__` and
@@ -442,23 +445,24 @@ def _no_tracing_here() -> Iterator[None]:
     from torch.fx import _symbolic_trace
 
     patcher = _symbolic_trace._Patcher
-    allowed = patcher.patch_method
+    with _REFUSING:  # one refusal at a time, so that each puts back what it found
+        allowed = patcher.patch_method
 
-    def refuse(self: Any, cls: type, name: str, new_fn: Callable[..., Any], deduplicate: bool = True) -> None:
-        if cls is torch.nn.Module:
-            raise ColdCache(f"compiling would trace here (it would patch torch.nn.Module.{name})")
-        allowed(self, cls, name, new_fn, deduplicate)
+        def refuse(self: Any, cls: type, name: str, new_fn: Callable[..., Any], deduplicate: bool = True) -> None:
+            if cls is torch.nn.Module:
+                raise ColdCache(f"compiling would trace here (it would patch torch.nn.Module.{name})")
+            allowed(self, cls, name, new_fn, deduplicate)
 
-    patcher.patch_method = refuse  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        patcher.patch_method = allowed  # type: ignore[method-assign]
+        patcher.patch_method = refuse  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            patcher.patch_method = allowed  # type: ignore[method-assign]
 
 
 def compile_in_subprocess(unet: Any, job: CompileJob, forward: CompiledForward) -> None:
     """Compile the step for the job's shape in a new Python process, which fills the on-disk caches that the
-    server then loads from. The process builds a UNet of the same class and config with random weights (the
+    server then loads from. The process builds a UNet of the same class and config with placeholder weights (the
     weights are inputs of the compiled graph, so their values do not matter) on the same device."""
     if not isinstance(forward.backend, str):
         raise CompileFailed("a compiling process needs a backend by name")
@@ -516,8 +520,11 @@ def _compile_from_spec(spec: dict[str, Any]) -> None:
     module, _, name = spec["unet"].partition(":")
     unet_class = getattr(importlib.import_module(module), name)
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
-    with torch.device(device):
+    # built without memory, then given uninitialised memory on the device in its precision: the values do not
+    # matter to the compile, and the server's device holds no more than one more copy of the weights
+    with torch.device("meta"):
         unet = unet_class.from_config(spec["config"]).to(dtype).eval()
+    unet.to_empty(device=device)
     if spec["channels_last"]:
         unet.to(memory_format=torch.channels_last)
     unet.requires_grad_(spec["requires_grad"])
