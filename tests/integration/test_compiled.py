@@ -36,10 +36,11 @@ from diffusers_api.models.builtin import ensure_builtin
 from diffusers_api.runner import Runner
 from diffusers_api.schema import GenerateRequest, GenerateResult
 
-# inductor fuses and reorders the float32 arithmetic of a step (reductions in group norm and attention):
-# the tiny UNet's compiled output stays within this of the eager one (measured: see bench/compile_bench.py)
-INDUCTOR_ATOL = 1e-4
-INDUCTOR_RTOL = 1e-4
+# inductor fuses and reorders the float32 arithmetic of a step (reductions in group norm and attention): the
+# tiny UNets' compiled outputs measured within 3.2e-6 of the eager ones, at 1 to 16 rows, for outputs up to 1.6
+# (bench/results/compile-cpu.jsonl). The bound leaves room for other CPUs' vector widths.
+INDUCTOR_ATOL = 2e-5
+INDUCTOR_RTOL = 0.0
 
 
 @pytest.fixture(autouse=True)
