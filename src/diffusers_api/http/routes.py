@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from .. import events
 from ..engine import Engine, Health
+from ..engine.compiled import CompiledForward
 from ..errors import DiffusersAPIError, InvalidInputs, NotReady
 from ..imaging import mime_type
 from ..runner import device_memory
@@ -96,6 +97,7 @@ async def health(request: Request) -> JSONResponse:
     batcher = getattr(engine, "batcher", None)
     if batcher is not None:
         body["batching"] = batcher.stats.summary()
+        body["compile"] = _compile_summary(batcher)
     denoiser = getattr(engine, "denoiser", None)
     if denoiser is not None:
         body["batching"]["loop"] = denoiser.stats.summary()
@@ -103,6 +105,12 @@ async def health(request: Request) -> JSONResponse:
     if memory is not None:
         body["device_memory"] = memory
     return JSONResponse(body, status_code=200 if state in _SERVING else 503)
+
+
+def _compile_summary(batcher: Any) -> dict[str, Any]:
+    """torch.compile's progress (COMPILE=1): waiting, compiling, ready or failed; off otherwise."""
+    forward = getattr(batcher, "_forward", None)  # the StepBatcher's forward (not public yet)
+    return forward.summary() if isinstance(forward, CompiledForward) else {"state": "off"}
 
 
 @health_router.get("/healthcheck", summary="docker-diffusers-api health check")
