@@ -189,6 +189,9 @@ def runpod(args: argparse.Namespace) -> int:
     if not settings.model_id and not settings.runtime_downloads:
         print("diffusers-api: no model for the worker: pass --model or set MODEL_ID", file=sys.stderr)
         return 2
+    from .models import prefetch
+
+    prefetch.start(settings)  # the weights are read while runpod, torch and diffusers import (models/prefetch.py)
     from .logs import configure_logging
     from .runpod_worker import run
 

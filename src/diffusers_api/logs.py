@@ -10,6 +10,7 @@ _QUIET = ("diffusers", "huggingface_hub", "httpx", "urllib3", "filelock")
 
 
 def configure_logging(level: str = "info") -> None:
+    """Log lines to stderr. Imports no ML library: the server must answer health probes while those load."""
     # transformers warns at every start about optional backends (torchvision) that a server does not need. It
     # sets its own logger's level from this variable when it first logs, so a plain setLevel would not stick.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -28,9 +29,12 @@ def configure_logging(level: str = "info") -> None:
 
 
 def _disable_progress_bars() -> None:
-    """Loading progress bars help on a terminal and only litter a log file."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    """Loading progress bars help on a terminal and only litter a log file.
 
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+    Said through the environment rather than diffusers' and transformers' own switches, which would import
+    them (and torch) here, seconds before the server could listen: diffusers draws plain tqdm bars, which obey
+    TQDM_DISABLE; transformers and huggingface_hub read HF_HUB_DISABLE_PROGRESS_BARS when they are imported.
+    Bars that a caller turns on or off explicitly (our own transfer bars, a pipeline's denoising bar) keep that
+    choice."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

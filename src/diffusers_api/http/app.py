@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..errors import DiffusersAPIError, InvalidInputs, PayloadTooLarge, Unauthorized, from_exception
 from ..events import EventHub, EventQueue, generate, ndjson_stream, start_engine
+from ..models import prefetch
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -41,6 +42,9 @@ def create_app(settings: Settings, engine: Engine | None = None, events: EventHu
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Weights already on disk are read into the page cache while the engine imports torch and diffusers. Not
+        # earlier: on a cold disk that read would slow the imports the server needs to start listening.
+        prefetch.start(settings)
         loading = asyncio.create_task(start_engine(engine, hub.for_boot()))
         yield
         loading.cancel()

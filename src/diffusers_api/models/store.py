@@ -17,6 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,11 +94,16 @@ class ModelStore:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.device = resolve_device(settings.device)
         self.default_spec = ModelSpec.from_settings(settings)
         self._resident: OrderedDict[ModelSpec, LoadedModel] = OrderedDict()
         # One load at a time: two threads asking for the same new model must not load it twice.
         self._lock = threading.RLock()
+
+    @cached_property
+    def device(self) -> str:
+        """The device models load on. Resolved on first use (it imports torch), on the loading thread, so that
+        building the store, and the server around it, takes no time away from answering health probes."""
+        return resolve_device(self.settings.device)
 
     @property
     def loaded(self) -> LoadedModel | None:
