@@ -336,9 +336,13 @@ async def load(url: str, args: argparse.Namespace, size: int, clients: int, per_
         started = time.perf_counter()
         await asyncio.gather(*(client(i, http) for i in range(clients)))
         wall = time.perf_counter() - started
-        after = (await http.get(f"{url}/health")).json().get("batching", {})
+        health = (await http.get(f"{url}/health")).json()
+        after = health.get("batching", {})
     return {
         "batching": _batching_delta(before, after),
+        "loop": after.get("loop"),
+        # torch's peak allocation so far: after the 1-client run it is the peak at batch 1
+        "device_memory": health.get("device_memory"),
         "clients": clients,
         "requests": len(latencies),
         "images_per_s": round(len(latencies) / wall, 2),
@@ -371,12 +375,11 @@ def server_runs(
             "cold_start_to_first_image_s": round(time.perf_counter() - server.started, 3),
             "first_request_timings_ms": response.json()["timings"],
         }
-        for clients in concurrency:  # warm-up: captures the CUDA graph of each batch bucket
-            asyncio.run(load(server.url, args, size, clients, 1))
-        result["runs"] = [
-            asyncio.run(load(server.url, args, size, clients, args.runs if clients == 1 else max(2, args.per_client)))
-            for clients in concurrency
-        ]
+        result["runs"] = []
+        for clients in concurrency:  # in increasing order, so that each run's peak memory is its own
+            asyncio.run(load(server.url, args, size, clients, 1))  # warm-up: captures this batch's CUDA graphs
+            per_client = args.runs if clients == 1 else max(2, args.per_client)
+            result["runs"].append(asyncio.run(load(server.url, args, size, clients, per_client)))
         result["gpu_memory_gb"] = server.gpu_memory_gb()
         return result
     finally:

@@ -120,6 +120,18 @@ class Settings(BaseSettings):
     batch_wait_ms: int = Field(
         250, ge=1, le=10_000, description="Longest a step waits for a request still busy between its steps"
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the UNet in a background thread; eager steps serve until each shape is compiled",
+    )
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="Inductor mode; max-autotune-no-cudagraphs compiles much longer for faster kernels"
+    )
+    compile_cache_dir: Path | None = Field(
+        None,
+        validation_alias=_env("COMPILE_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "compile_cache_dir"),
+        description="torch.compile's on-disk caches, reused across restarts (default MODELS_DIR/torch-compile)",
+    )
     debug: bool = False
     log_level: str = "info"
 

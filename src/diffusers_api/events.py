@@ -196,6 +196,8 @@ class RequestEvents:
     request_id: str | None = None
     throttle: ProgressThrottle = field(default_factory=ProgressThrottle)
     stage: str = "inference"
+    clock: Callable[[], float] = time.monotonic
+    _first_step: tuple[float, int] | None = None  # (time, step) of the first progress report, for the ETA
 
     def emit(self, type_: str, status: str, **payload: Any) -> None:
         event: Event = {
@@ -213,9 +215,20 @@ class RequestEvents:
                 log.exception("event sink failed")
 
     def progress(self, step: int, steps: int) -> None:
-        """The runner's progress callback (called on the device thread)."""
+        """The runner's progress callback (called on the device thread): step, steps and, from the second
+        step on, `eta_s`, the seconds the remaining steps will take at the pace seen so far."""
+        eta = self._eta(step, steps)
         if self.throttle.should_emit(step, steps):
-            self.emit(self.stage, "progress", stage=self.stage, step=step, steps=steps)
+            extra = {} if eta is None else {"eta_s": eta}
+            self.emit(self.stage, "progress", stage=self.stage, step=step, steps=steps, **extra)
+
+    def _eta(self, step: int, steps: int) -> float | None:
+        now = self.clock()
+        if self._first_step is None or step <= self._first_step[1]:
+            self._first_step = (now, step)
+            return None
+        started, first = self._first_step
+        return round((now - started) / (step - first) * (steps - step), 2)
 
 
 class EventHub:

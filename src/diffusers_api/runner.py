@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
     from .config import Settings
     from .engine.batcher import StepBatcher
+    from .engine.stepper import Denoiser
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ class Runner:
         self._init_ms: float | None = None
         # Set by the batching engine: UNet calls of concurrent requests then share one forward per step.
         self.batcher: StepBatcher | None = None
+        # Set by the batching engine: SD/SDXL requests then run in its batched denoising loop.
+        self.denoiser: Denoiser | None = None
 
     def start(self) -> None:
         """Load the configured model. Called once, before the first request, off the event loop."""
@@ -117,12 +121,14 @@ class Runner:
         pipe = model.pipelines.build(pipe_cls, scheduler, safety_checker=request.safety_checker)
         seeds = imaging.image_seeds(request.seed, request.image_count)
         kwargs = self._call_kwargs(pipe_cls, request, inputs, seeds)
+        loop = self._loop(pipe, kwargs)
         with timings.phase("inference"):
-            output = self._call(pipe, kwargs, progress, cancel)
+            output = self._call(pipe, kwargs, progress, cancel, loop)
         with timings.phase("encode"):
             encoded = [imaging.encode_image(img, request.image_format, request.image_quality) for img in output.images]
         nsfw = getattr(output, "nsfw_content_detected", None)
         meta = self._meta(model, pipe_cls, scheduler, request, seeds)
+        meta["LOOP"] = loop
         return GenerateResult(
             images=encoded,
             image_format=request.image_format,
@@ -196,23 +202,54 @@ class Runner:
 
     # --- the call --------------------------------------------------------------------------------------------
 
+    def _loop(self, pipe: Any, kwargs: dict[str, Any]) -> str:
+        """Which denoising loop runs this request: ours (batched step by step) or the pipeline's own."""
+        from .engine import denoise
+
+        return "batched" if self.denoiser is not None and denoise.supports(pipe, kwargs) else "diffusers"
+
     def _call(
         self,
         pipe: Any,
         kwargs: dict[str, Any],
         progress: ProgressCallback | None,
         cancel: threading.Event | None,
+        loop: str,
     ) -> Any:
         import torch
 
+        try:
+            if loop == "batched":
+                return self._denoise(pipe, kwargs, progress, cancel)
+            return self._diffusers_call(pipe, kwargs, progress, cancel)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise PipelineError(f"out of GPU memory: {exc}; try fewer or smaller images") from exc
+
+    def _denoise(
+        self, pipe: Any, kwargs: dict[str, Any], progress: ProgressCallback | None, cancel: threading.Event | None
+    ) -> Any:
+        """Our own loop: prepare here, step in the engine's shared loop, decode here again."""
+        from .engine import denoise
+
+        assert self.denoiser is not None
+        try:
+            job = denoise.prepare(pipe, kwargs)
+        except (ValueError, TypeError) as exc:
+            raise InvalidInputs(f"{type(pipe).__name__} rejected the inputs: {exc}") from exc
+        job.progress, job.cancel = progress, cancel
+        self.denoiser.run(job)
+        return denoise.finish(pipe, job, kwargs)
+
+    def _diffusers_call(
+        self, pipe: Any, kwargs: dict[str, Any], progress: ProgressCallback | None, cancel: threading.Event | None
+    ) -> Any:
+        """The pipeline's own loop; its UNet calls still join the batcher's rounds when there is one."""
         if "callback_on_step_end" in inspect.signature(type(pipe).__call__).parameters:
             kwargs["callback_on_step_end"] = _step_callback(progress, cancel)
         batched = self.batcher.session(pipe) if self.batcher and hasattr(pipe, "unet") else nullcontext()
         try:
             with batched:
                 output = pipe(**kwargs)
-        except torch.cuda.OutOfMemoryError as exc:
-            raise PipelineError(f"out of GPU memory: {exc}; try fewer or smaller images") from exc
         except (ValueError, TypeError) as exc:
             # diffusers reports bad arguments (sizes, strength, prompt/batch mismatch) this way
             raise InvalidInputs(f"{type(pipe).__name__} rejected the inputs: {exc}") from exc
@@ -270,6 +307,20 @@ def _step_callback(progress: ProgressCallback | None, cancel: threading.Event | 
         return callback_kwargs
 
     return on_step_end
+
+
+def device_memory() -> dict[str, float] | None:
+    """GPU memory held by this process's tensors, now and at its peak (GB); None where CUDA is not in use.
+
+    Never initialises CUDA itself: a health probe must not touch a device the model has not."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return {
+        "allocated_gb": round(torch.cuda.memory_allocated() / 1e9, 3),
+        "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
+        "reserved_gb": round(torch.cuda.memory_reserved() / 1e9, 3),
+    }
 
 
 def memory_usage(device: str) -> float:

@@ -18,21 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support.processes import cli, free_port
+from support.envelopes import GRASS
+from support.processes import cli, free_port, offline_env, running
 
 pytestmark = pytest.mark.e2e
 
 API_KEY = "e2e-secret"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
-GRASS = {
-    "modelInputs": {
-        "prompt": "realistic field of grass",
-        "num_inference_steps": 20,
-        "width": 64,
-        "height": 64,
-    },
-    "callInputs": {"MODEL_ID": "builtin/tiny-sd"},
-}
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -43,46 +35,23 @@ def pixels(data: bytes) -> np.ndarray:
 class Server:
     url: str
     process: subprocess.Popen[bytes]
-    startup_statuses: list[int]
+    startup_statuses: list[int]  # what /ping answered while the model loaded
 
 
 @pytest.fixture(scope="module")
 def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = os.environ | {"API_KEY": API_KEY, "HF_HUB_OFFLINE": "1", "MODELS_DIR": str(models_dir)}
-    command = cli("serve", "--model", "builtin/tiny-sd", "--host", "127.0.0.1", "--port", str(port))
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        statuses = wait_until_ready(url, process, log)
-        yield Server(url, process, statuses)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def wait_until_ready(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> list[int]:
-    """Poll /ping until 200, recording every status it answered on the way."""
     statuses: list[int] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            status = httpx.get(f"{url}/ping", timeout=5).status_code
-        except httpx.TransportError:
-            time.sleep(0.1)
-            continue
-        statuses.append(status)
-        if status == 200:
-            return statuses
-        time.sleep(0.05)
-    raise AssertionError(f"server not ready after {timeout} s:\n{log.read_text()}")
+
+    def ready(url: str) -> bool:
+        statuses.append(httpx.get(f"{url}/ping", timeout=5).status_code)
+        return statuses[-1] == 200
+
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    command = cli("serve", "--model", "builtin/tiny-sd", "--host", "127.0.0.1", "--port", str(port))
+    env = offline_env(models_dir, API_KEY=API_KEY)
+    with running(command, env, f"http://127.0.0.1:{port}", log, ready, timeout=180) as handle:
+        yield Server(handle.url, handle.process, statuses)
 
 
 def test_help_answers_fast() -> None:
@@ -192,20 +161,14 @@ def test_wrong_api_key(server: Server) -> None:
 
 def test_shutdown_on_sigterm(models_dir: Path, tmp_path: Path) -> None:
     port = free_port()
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "MODELS_DIR": str(models_dir)}
+    command = cli("serve", "--model", "builtin/tiny-sd", "--host", "127.0.0.1", "--port", str(port))
     log = tmp_path / "server.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            cli("serve", "--model", "builtin/tiny-sd", "--host", "127.0.0.1", "--port", str(port)),
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_until_ready(f"http://127.0.0.1:{port}", process, log)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        returncode = process.wait(timeout=30)
+
+    def ready(url: str) -> bool:
+        return httpx.get(f"{url}/ping", timeout=5).status_code == 200
+
+    with running(command, offline_env(models_dir), f"http://127.0.0.1:{port}", log, ready) as handle:
+        pass  # leaving sends SIGTERM, and SIGKILL only after 30 s without an exit
     # uvicorn shuts down gracefully, then re-raises the signal so that supervisors see it
-    assert returncode in (0, -signal.SIGTERM)
+    assert handle.process.returncode in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in log.read_text()

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from diffusers_api.client import Client, verify_webhook
+from support import envelopes
 from support.processes import Process, cli, free_port, offline_env, running
 from support.receiver import Post, Receiver, receiver
 
@@ -23,9 +24,7 @@ WEBHOOK_TIMEOUT_S = 20
 
 
 def grass(**call_inputs: object) -> dict[str, object]:
-    model_inputs = {"prompt": "realistic field of grass", "num_inference_steps": STEPS, "width": 64, "height": 64}
-    call = {"MODEL_ID": "builtin/tiny-sd", **call_inputs}
-    return {"modelInputs": model_inputs | {"callback_steps": 2}, "callInputs": call}
+    return envelopes.grass(STEPS, call_inputs, callback_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +82,8 @@ def test_inference_events_and_progress_arrive_signed(server: Process, hook: Rece
     assert sequence[-1] == ("inference", "done")
     progress = [event["payload"] for event in events(posts) if event["status"] == "progress"]
     assert [(p["step"], p["steps"]) for p in progress] == [(2, STEPS), (4, STEPS), (6, STEPS)]
+    assert all(p["eta_s"] >= 0 for p in progress)  # seconds left at the pace so far
+    assert progress[-1]["eta_s"] == 0
     assert all(verify_webhook(KEY, post.body, post.headers) for post in posts)
     assert events(posts)[-1]["payload"]["timings"]["inference"] > 0
     assert KEY not in response.text
@@ -136,3 +137,11 @@ def test_a_hanging_or_down_receiver_does_not_slow_inference(server: Process) -> 
         # Delivery on the request path would cost at least one WEBHOOK_TIMEOUT_S per event.
         assert wall < WEBHOOK_TIMEOUT_S, (hanging, refused)
         assert overhead < 1.5, (hanging, refused)
+
+
+def test_health_reports_the_batched_loop(server: Process) -> None:
+    response = httpx.post(f"{server.url}/", json=grass(), timeout=120)
+    assert response.json()["$meta"]["LOOP"] == "batched"
+    batching = httpx.get(f"{server.url}/health").json()["batching"]
+    assert batching["loop"]["jobs"] >= 1
+    assert batching["forwards"] >= STEPS

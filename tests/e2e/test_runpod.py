@@ -19,22 +19,14 @@ import httpx
 import pytest
 from PIL import Image
 
+from support.envelopes import grass
 from support.processes import Process, cli, free_port, offline_env, running
 from support.receiver import Post, Receiver, receiver
 
 pytestmark = pytest.mark.e2e
 
 STEPS = 8
-GRASS = {
-    "modelInputs": {
-        "prompt": "realistic field of grass",
-        "num_inference_steps": STEPS,
-        "width": 64,
-        "height": 64,
-        "callback_steps": 3,
-    },
-    "callInputs": {"MODEL_ID": "builtin/tiny-sd"},
-}
+GRASS = grass(STEPS, callback_steps=3)
 BAD = {"modelInputs": {"prompt": "x", "width": 65}, "callInputs": {}}
 
 

@@ -6,8 +6,9 @@ import asyncio
 import io
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from PIL import Image
 
 from diffusers_api.config import Settings
 from diffusers_api.engine import BatchingEngine, StepBatcher
+from diffusers_api.engine.stepper import Denoiser
 from diffusers_api.errors import Cancelled, InvalidInputs
 from diffusers_api.imaging import encode_image, to_base64
 from diffusers_api.runner import Runner
@@ -27,7 +29,7 @@ from diffusers_api.schema import GenerateRequest, GenerateResult
 MAX_LEVEL_DIFFERENCE = 1
 MAX_DIFFERING_SHARE = 0.01
 
-SCHEDULERS = ["DPM++ 2M", "Euler a", "DDIM", "Euler", "UniPC", "PNDM", "LMS", "Heun", "DPM++ 2M SDE"]
+SCHEDULERS = ["DPM++ 2M", "Euler a", "Heun", "DPM++ 2M SDE"]
 
 
 def _runner(models_dir: Path, model_id: str) -> Runner:
@@ -51,20 +53,37 @@ def assert_close(batched: np.ndarray, alone: np.ndarray) -> None:
     assert (difference > 0).mean() <= MAX_DIFFERING_SHARE
 
 
+# Our own loop (SD/SDXL), and diffusers' own loop with its UNet calls merged by the batcher (other pipelines).
+LOOPS = ["batched", "diffusers"]
+
+
+@contextmanager
+def batching(runner: Runner, batcher: StepBatcher | None = None, loop: str = "batched") -> Iterator[StepBatcher]:
+    """`runner` as the batching engine sets it up: UNet calls meet in `batcher`; SD/SDXL run in our loop."""
+    batcher = batcher or StepBatcher(max_wait_s=5.0)
+    denoiser = Denoiser(batcher) if loop == "batched" else None
+    runner.batcher, runner.denoiser = batcher, denoiser
+    try:
+        yield batcher
+    finally:
+        runner.batcher, runner.denoiser = None, None
+        if denoiser is not None:
+            denoiser.stop()
+
+
 def run_alone(runner: Runner, requests: list[GenerateRequest]) -> list[GenerateResult]:
-    runner.batcher = None
+    """The reference: each request alone, through the pipeline's own call."""
+    runner.batcher, runner.denoiser = None, None
     return [runner.run(request) for request in requests]
 
 
 def run_together(
-    runner: Runner, requests: list[GenerateRequest], batcher: StepBatcher | None = None
+    runner: Runner, requests: list[GenerateRequest], batcher: StepBatcher | None = None, loop: str = "batched"
 ) -> list[GenerateResult]:
-    runner.batcher = batcher or StepBatcher(max_wait_s=5.0)
-    try:
-        with ThreadPoolExecutor(max_workers=len(requests)) as pool:
-            return list(pool.map(runner.run, requests))
-    finally:
-        runner.batcher = None
+    with batching(runner, batcher, loop), ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        results = list(pool.map(runner.run, requests))
+    assert [result.meta["LOOP"] for result in results] == [loop] * len(requests)
+    return results
 
 
 def varied_requests(count: int, **common: object) -> list[GenerateRequest]:
@@ -83,12 +102,13 @@ def varied_requests(count: int, **common: object) -> list[GenerateRequest]:
     ]
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
-def test_batched_requests_match_their_solo_results(runner: Runner, scheduler: str) -> None:
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)  # latents per scheduler: tests/integration/test_denoise.py
+def test_batched_requests_match_their_solo_results(runner: Runner, scheduler: str, loop: str) -> None:
     requests = varied_requests(3, scheduler=scheduler)
     alone = run_alone(runner, requests)
     batcher = StepBatcher(max_wait_s=5.0)
-    together = run_together(runner, requests, batcher)
+    together = run_together(runner, requests, batcher, loop)
     assert max(batcher.stats.rows) > 2  # calls were really merged (CFG rows of several requests)
     for batched, solo in zip(together, alone, strict=True):
         assert_close(pixels(batched), pixels(solo))
@@ -150,14 +170,51 @@ def test_sdxl_batched(models_dir: Path) -> None:
         assert_close(pixels(batched), pixels(solo))
 
 
-def test_inpaint_batched(models_dir: Path) -> None:
-    runner = _runner(models_dir, "builtin/tiny-sd-inpaint")
-    image = to_base64(encode_image(Image.new("RGB", (64, 64), (90, 90, 90))))
-    mask = to_base64(encode_image(Image.new("RGB", (64, 64), (255, 255, 255))))
-    requests = varied_requests(2, image=image, mask_image=mask)
+def test_sdxl_img2img_batched(models_dir: Path) -> None:
+    runner = _runner(models_dir, "builtin/tiny-sdxl")
+    image = to_base64(encode_image(Image.new("RGB", (64, 64), (40, 120, 200))))
+    requests = varied_requests(2, image=image, strength=0.7)
     alone = run_alone(runner, requests)
     together = run_together(runner, requests)
+    assert together[0].meta["PIPELINE"] == "StableDiffusionXLImg2ImgPipeline"
     for batched, solo in zip(together, alone, strict=True):
+        assert_close(pixels(batched), pixels(solo))
+
+
+@pytest.mark.parametrize("padding_mask_crop", [None, 8], ids=["our-loop", "diffusers-loop"])
+def test_inpaint_batched(models_dir: Path, padding_mask_crop: int | None) -> None:
+    """Inpainting runs in our loop; with an option our loop does not reproduce (padding_mask_crop) it keeps
+    diffusers' own loop, whose UNet calls are merged all the same."""
+    runner = _runner(models_dir, "builtin/tiny-sd-inpaint")
+    image = to_base64(encode_image(Image.new("RGB", (64, 64), (90, 90, 90))))
+    mask = Image.new("RGB", (64, 64), (0, 0, 0))
+    mask.paste((255, 255, 255), (16, 16, 48, 48))
+    extra = {"padding_mask_crop": padding_mask_crop} if padding_mask_crop else {}
+    requests = varied_requests(2, image=image, mask_image=to_base64(encode_image(mask)), extra=extra)
+    alone = run_alone(runner, requests)
+    batcher = StepBatcher(max_wait_s=5.0)
+    with batching(runner, batcher), ThreadPoolExecutor(max_workers=2) as pool:
+        together = list(pool.map(runner.run, requests))
+    assert {result.meta["LOOP"] for result in together} == {"diffusers" if padding_mask_crop else "batched"}
+    assert max(batcher.stats.rows) > 2
+    for batched, solo in zip(together, alone, strict=True):
+        assert_close(pixels(batched), pixels(solo))
+
+
+def test_both_loops_share_their_forwards(models_dir: Path, runner: Runner) -> None:
+    """A request in our loop and one in diffusers' loop (another runner on the same model) meet in one forward."""
+    other = Runner(runner.settings, store=runner.store)
+    requests = varied_requests(2, num_inference_steps=8, guidance_scale=7.5)
+    alone = run_alone(runner, requests)
+    batcher = StepBatcher(max_wait_s=5.0)
+    with batching(runner, batcher, "batched"):
+        other.batcher = batcher
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            ours, theirs = pool.submit(runner.run, requests[0]), pool.submit(other.run, requests[1])
+            results = [ours.result(), theirs.result()]
+    assert [result.meta["LOOP"] for result in results] == ["batched", "diffusers"]
+    assert 4 in batcher.stats.rows  # two CFG rows from each loop in one forward
+    for batched, solo in zip(results, alone, strict=True):
         assert_close(pixels(batched), pixels(solo))
 
 
@@ -170,42 +227,45 @@ def test_different_resolutions_run_as_separate_groups(runner: Runner) -> None:
     batcher = StepBatcher(max_wait_s=5.0)
     together = run_together(runner, requests, batcher)
     assert max(batcher.stats.rows) == 2  # never mixed in one forward
-    assert batcher.stats.rounds < batcher.stats.forwards  # some rounds ran both groups
     for batched, solo in zip(together, alone, strict=True):
         assert_close(pixels(batched), pixels(solo))
 
 
 def test_a_new_request_joins_at_the_next_step(runner: Runner) -> None:
-    batcher = StepBatcher(max_wait_s=5.0)
-    runner.batcher = batcher
     first_steps: list[int] = []
     joined_at: list[int] = []
-    started = threading.Event()
 
-    def first_progress(step: int, total: int) -> None:
-        first_steps.append(step)
-        if step == 3:
-            started.set()
-            time.sleep(0.2)  # let the second request reach the rendezvous before our next call
+    with batching(runner) as batcher:
+        denoiser = runner.denoiser
+        assert denoiser is not None
 
-    def second_progress(step: int, total: int) -> None:
-        if not joined_at:
-            joined_at.append(len(first_steps))
+        def first_progress(step: int, total: int) -> None:
+            first_steps.append(step)
+            if step == 3:  # hold the loop (progress runs on it) until the second request is waiting to join
+                second = pool.submit(
+                    runner.run, GenerateRequest(prompt="b", seed=2, num_inference_steps=4), second_progress
+                )
+                futures.append(second)
+                deadline = time.monotonic() + 60
+                while denoiser.stats.jobs < 2 and time.monotonic() < deadline:
+                    time.sleep(0.005)
 
-    try:
+        def second_progress(step: int, total: int) -> None:
+            if not joined_at:
+                joined_at.append(len(first_steps))
+
+        futures: list = []
         with ThreadPoolExecutor(max_workers=2) as pool:
             long = pool.submit(runner.run, GenerateRequest(prompt="a", seed=1, num_inference_steps=12), first_progress)
-            started.wait(60)
-            short = pool.submit(runner.run, GenerateRequest(prompt="b", seed=2, num_inference_steps=4), second_progress)
-            long.result(), short.result()
-    finally:
-        runner.batcher = None
+            long.result()
+            futures[0].result()
     # steps 1-3 ran the first request alone (2 CFG rows); the second joined at the very next step boundary
-    assert batcher.stats.rows[:4] == [2, 2, 2, 4]
-    assert joined_at
+    assert batcher.stats.rows[:5] == [2, 2, 2, 4, 4]
+    assert joined_at == [4]
 
 
-def test_cancelled_request_stops_within_a_step_and_the_others_finish(runner: Runner) -> None:
+@pytest.mark.parametrize("loop", LOOPS)
+def test_cancelled_request_stops_within_a_step_and_the_others_finish(runner: Runner, loop: str) -> None:
     requests = varied_requests(3, num_inference_steps=10)
     alone = run_alone(runner, requests)
     cancel = threading.Event()
@@ -216,57 +276,44 @@ def test_cancelled_request_stops_within_a_step_and_the_others_finish(runner: Run
         if step == 2:
             cancel.set()
 
-    runner.batcher = StepBatcher(max_wait_s=5.0)
-    try:
-        with ThreadPoolExecutor(max_workers=3) as pool:
-            first = pool.submit(runner.run, requests[0])
-            victim = pool.submit(runner.run, requests[1], progress, cancel)
-            third = pool.submit(runner.run, requests[2])
-            with pytest.raises(Cancelled):
-                victim.result()
-            results = [first.result(), third.result()]
-    finally:
-        runner.batcher = None
+    with batching(runner, loop=loop), ThreadPoolExecutor(max_workers=3) as pool:
+        first = pool.submit(runner.run, requests[0])
+        victim = pool.submit(runner.run, requests[1], progress, cancel)
+        third = pool.submit(runner.run, requests[2])
+        with pytest.raises(Cancelled):
+            victim.result()
+        results = [first.result(), third.result()]
     assert steps_seen == [1, 2]
     assert_close(pixels(results[0]), pixels(alone[0]))
     assert_close(pixels(results[1]), pixels(alone[2]))
 
 
-def test_a_failing_request_does_not_take_the_batch_down(runner: Runner) -> None:
+def test_a_request_with_bad_inputs_does_not_take_the_batch_down(runner: Runner) -> None:
     good = varied_requests(2)
     bad = GenerateRequest(prompt=["a", "b"], negative_prompt=["x"] * 3, seed=1, num_inference_steps=6)
     alone = run_alone(runner, good)
-    runner.batcher = StepBatcher(max_wait_s=5.0)
-    try:
-        with ThreadPoolExecutor(max_workers=3) as pool:
-            futures = [pool.submit(runner.run, request) for request in (good[0], bad, good[1])]
-            with pytest.raises(InvalidInputs):
-                futures[1].result()
-            results = [futures[0].result(), futures[2].result()]
-    finally:
-        runner.batcher = None
+    with batching(runner), ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [pool.submit(runner.run, request) for request in (good[0], bad, good[1])]
+        with pytest.raises(InvalidInputs):
+            futures[1].result()
+        results = [futures[0].result(), futures[2].result()]
     for batched, solo in zip(results, alone, strict=True):
         assert_close(pixels(batched), pixels(solo))
 
 
 def test_straggler_only_delays_by_the_wait_bound(runner: Runner) -> None:
-    """A participant that does not come back (here: slow between steps) holds the others up by max_wait_s."""
-    batcher = StepBatcher(max_wait_s=0.05)
-    runner.batcher = batcher
+    """In diffusers' loop, a request that is slow between its steps holds the others up by max_wait_s at most."""
 
     def dawdle(step: int, total: int) -> None:
         time.sleep(1.0)
 
-    try:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            slow = pool.submit(runner.run, GenerateRequest(prompt="a", seed=1, num_inference_steps=3), dawdle)
-            started = time.perf_counter()
-            fast = pool.submit(runner.run, GenerateRequest(prompt="b", seed=2, num_inference_steps=3))
-            fast.result()
-            fast_s = time.perf_counter() - started
-            slow.result()
-    finally:
-        runner.batcher = None
+    with batching(runner, StepBatcher(max_wait_s=0.05), "diffusers"), ThreadPoolExecutor(max_workers=2) as pool:
+        slow = pool.submit(runner.run, GenerateRequest(prompt="a", seed=1, num_inference_steps=3), dawdle)
+        started = time.perf_counter()
+        fast = pool.submit(runner.run, GenerateRequest(prompt="b", seed=2, num_inference_steps=3))
+        fast.result()
+        fast_s = time.perf_counter() - started
+        slow.result()
     assert fast_s < 2.5  # waiting on the slow one's 3 steps would take 3 s; the wait is bounded per step
 
 

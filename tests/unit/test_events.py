@@ -127,6 +127,18 @@ def test_generate_reports_start_progress_and_done() -> None:
     assert seen[-1]["payload"]["seeds"] == [3]
 
 
+def test_progress_carries_an_eta_from_the_pace_so_far() -> None:
+    seen: list[Event] = []
+    now = [100.0]
+    events = RequestEvents([seen.append], "c", throttle=ProgressThrottle(every_steps=1), clock=lambda: now[0])
+    for step in range(1, 5):
+        events.progress(step, 10)
+        now[0] += 0.5  # half a second per step
+    payloads = [event["payload"] for event in seen]
+    assert "eta_s" not in payloads[0]  # one step tells no pace yet
+    assert [p["eta_s"] for p in payloads[1:]] == [4.0, 3.5, 3.0]  # 8, 7, 6 steps left at 0.5 s each
+
+
 def test_generate_reports_an_error_and_raises_it() -> None:
     seen: list[Event] = []
     engine = FakeEngine(fail_with=PipelineError("boom"))

@@ -13,17 +13,8 @@ from diffusers_api.config import Settings
 from diffusers_api.engine import Health
 from diffusers_api.errors import Busy, ModelMismatch, NoSuchPipeline, PipelineError
 from diffusers_api.http.app import create_app
+from support.envelopes import GRASS
 from support.fakes import FakeEngine
-
-GRASS = {
-    "modelInputs": {
-        "prompt": "realistic field of grass",
-        "num_inference_steps": 20,
-        "width": 64,
-        "height": 64,
-    },
-    "callInputs": {"MODEL_ID": "builtin/tiny-sd"},
-}
 
 
 @pytest.fixture

@@ -16,16 +16,7 @@ from diffusers_api.schema import (
     parse_request,
     to_legacy,
 )
-
-GRASS = {
-    "modelInputs": {
-        "prompt": "realistic field of grass",
-        "num_inference_steps": 20,
-        "width": 64,
-        "height": 64,
-    },
-    "callInputs": {"MODEL_ID": "builtin/tiny-sd"},
-}
+from support.envelopes import GRASS
 
 
 def test_legacy_envelope_maps_onto_the_native_request() -> None:

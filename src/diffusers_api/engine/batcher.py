@@ -77,6 +77,7 @@ class BatchStats:
             "rounds": self.rounds,
             "forwards": self.forwards,
             "timeouts": self.timeouts,
+            "rows_total": self.rows_total,
             "mean_rows": round(mean, 2),
         }
 
@@ -110,12 +111,14 @@ class StepBatcher:
             object.__setattr__(pipe, "unet", proxy.unet)
 
     # --- participants ----------------------------------------------------------------------------------------
+    # A participant is a denoising loop between its first and last UNet call: a round fires once every
+    # participant has parked its call (or after max_wait_s).
 
-    def _join(self) -> None:
+    def join(self) -> None:
         with self._cond:
             self._participants += 1
 
-    def _leave(self) -> None:
+    def leave(self) -> None:
         with self._cond:
             self._participants -= 1
             # the round may now be complete without the one that left
@@ -208,7 +211,7 @@ class BatchedUNet:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self._joined:
             self.__dict__["_joined"] = True
-            self._batcher._join()
+            self._batcher.join()
         try:
             return self._batcher.call(self.unet, args, kwargs)
         finally:
@@ -221,7 +224,7 @@ class BatchedUNet:
     def leave(self) -> None:
         if self._joined:
             self.__dict__["_joined"] = False
-            self._batcher._leave()
+            self._batcher.leave()
 
 
 def eager_forward(unet: Any, sample: Any, timesteps: Any, hidden: Any, added: dict[str, Any] | None) -> Any:

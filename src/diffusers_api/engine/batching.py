@@ -3,7 +3,9 @@
 Admission is first come, first served and bounded by images in flight (MAX_BATCH_SIZE), so the batch never
 grows past what the device was sized for and no request starves: a waiting request is admitted as soon as
 enough images have finished, before any request that came after it. Admitted requests run on a pool of threads
-(one per request) through the same Runner as the serial engine; their UNet calls meet in the batcher.
+(one per request) through the same Runner as the serial engine. SD and SDXL requests are prepared on their
+thread, denoised in the shared batched loop (`Denoiser`) and decoded on their thread again; other pipelines run
+diffusers' own loop, whose UNet calls meet the loop's in the batcher.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 from ..errors import Busy
 from .base import EngineLifecycle
 from .batcher import StepBatcher
+from .stepper import Denoiser
 
 if TYPE_CHECKING:
     from ..runner import ProgressCallback, Runner
@@ -29,10 +32,18 @@ class BatchingEngine(EngineLifecycle):
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.batcher = batcher or StepBatcher()
+        self.denoiser = Denoiser(self.batcher)
         runner.batcher = self.batcher
+        runner.denoiser = self.denoiser
         self._in_flight = 0  # images admitted and not finished
         self._running = 0
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def stop(self) -> None:
+        self.denoiser.stop()
+        if self.runner.denoiser is self.denoiser:  # the runner goes back to running requests on its own
+            self.runner.batcher, self.runner.denoiser = None, None
+        await super().stop()
 
     @property
     def queue_depth(self) -> int:

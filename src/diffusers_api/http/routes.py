@@ -9,8 +9,10 @@ from fastapi.responses import JSONResponse
 
 from .. import events
 from ..engine import Engine, Health
+from ..engine.compiled import CompiledForward
 from ..errors import DiffusersAPIError, InvalidInputs, NotReady
 from ..imaging import mime_type
+from ..runner import device_memory
 from ..schema import ErrorResponse, GenerateRequest, GenerateResponse, GenerateResult
 from .app import require_api_key, run_request
 
@@ -95,7 +97,20 @@ async def health(request: Request) -> JSONResponse:
     batcher = getattr(engine, "batcher", None)
     if batcher is not None:
         body["batching"] = batcher.stats.summary()
+        body["compile"] = _compile_summary(batcher)
+    denoiser = getattr(engine, "denoiser", None)
+    if denoiser is not None:
+        body["batching"]["loop"] = denoiser.stats.summary()
+    memory = device_memory()
+    if memory is not None:
+        body["device_memory"] = memory
     return JSONResponse(body, status_code=200 if state in _SERVING else 503)
+
+
+def _compile_summary(batcher: Any) -> dict[str, Any]:
+    """torch.compile's progress (COMPILE=1): waiting, compiling, ready or failed; off otherwise."""
+    forward = getattr(batcher, "_forward", None)  # the StepBatcher's forward (not public yet)
+    return forward.summary() if isinstance(forward, CompiledForward) else {"state": "off"}
 
 
 @health_router.get("/healthcheck", summary="docker-diffusers-api health check")

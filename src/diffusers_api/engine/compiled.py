@@ -1,0 +1,625 @@
+"""Optional `torch.compile` of the UNet (COMPILE=1), compiled off the request path.
+
+`CompiledForward` is a StepBatcher forward that wraps another one (eager, or `CudaGraphForward`). Compiling a
+UNet takes minutes and, in torch 2.x, is not safe beside other threads running modules: the FX tracing inside
+it (AOTAutograd's make_fx, inductor's pattern matcher) patches `torch.nn.Module.__call__` for the whole
+process while it runs, so a request thread's eager step lands in the tracer and fails ("module is not
+installed as a submodule", pytorch#112775). Hence:
+
+- The first step of each new shape runs through the base forward as before (eagerly, or replayed as an eager
+  CUDA graph) and queues a copy of its inputs for one background thread; steps of that shape keep running
+  eagerly until it is compiled.
+- The background thread compiles from inductor's on-disk caches only: while it runs `torch.compile`, FX
+  tracing is refused (`_no_tracing_here`), so a cache miss raises instead of tracing. On a miss the UNet is
+  compiled in a separate process (`python -m diffusers_api.engine.compiled`, a UNet of the same class, config,
+  precision and memory format with placeholder weights, the same inputs' shapes), which fills the caches; then
+  the background thread loads from them. The heavy work (tracing, code generation, C++/Triton builds) never
+  runs in the server's process; what does is dynamo's tracing of the step and the cache lookups.
+- Request threads call the compiled code in dynamo's run-only mode (`torch._dynamo.run`): a call its guards do
+  not cover runs eagerly instead of compiling.
+- Shapes: the batch dimension is marked dynamic and nothing else is (automatic dynamic shapes are off, so both
+  processes trace the same graph), so one compile per resolution serves most batch sizes; dynamo still
+  specializes where the kernels' choice depends on the batch (one row; on the CPU, oneDNN convolutions from 16
+  rows), and those shapes get one more compile each. A shape counts as ready once the background thread has
+  seen the compiled code run for it.
+- With CUDA graphs the base forward pads a batch up to its bucket and captures the call: it is given the
+  compiled UNet once the bucket's shape is ready, so the graph it captures replays inductor's kernels.
+  (Inductor's own CUDA graphs, mode="reduce-overhead", are not used: they record one graph per distinct batch
+  and belong to the thread that recorded them, while our steps run on whichever request thread completes a
+  round.)
+- Compiling can only make a step faster, never fail it: a compile that fails logs a warning and no new shape
+  is compiled after it; a shape dynamo will not compile, or that runs out of memory, stays eager; a compiled
+  step that raises is rerun eagerly.
+
+The caches (FX graph, AOTAutograd, Triton kernels, autotuning) live under TORCHINDUCTOR_CACHE_DIR, which
+`use_cache_dir` points at MODELS_DIR/torch-compile unless COMPILE_CACHE_DIR says otherwise: they persist across
+restarts, so a warm start goes straight to loading.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import importlib
+import json
+import logging
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+from .batcher import UNetForward, eager_forward
+from .graphs import CudaGraphForward
+
+log = logging.getLogger(__name__)
+
+Backend = Callable[[Any, list[Any]], Callable[..., Any]]
+"""A dynamo backend: (FX graph module, example inputs) -> the callable that runs the graph."""
+
+Inputs = tuple[Any, Any, Any, dict[str, Any] | None]
+"""A UNet step's inputs: sample, timesteps (one per row), encoder hidden states, added conditioning."""
+
+MODES = ("default", "max-autotune-no-cudagraphs")
+SUBPROCESS_TIMEOUT_S = 3600.0
+
+
+class CompileState(enum.StrEnum):
+    WAITING = "waiting"  # no step has arrived yet, so there is nothing to compile
+    COMPILING = "compiling"
+    READY = "ready"  # every shape met so far is compiled (or cannot be, and runs eagerly)
+    FAILED = "failed"  # a compile failed: shapes met from then on stay eager
+
+
+class _Shape(enum.Enum):
+    QUEUED = "queued"
+    READY = "ready"
+    EAGER = "eager"  # not compiled, for good
+
+
+class ColdCache(Exception):
+    """Compiling needs FX tracing here, which is not safe beside threads running modules: the cache missed."""
+
+
+class CompileFailed(Exception):
+    """The compiling process failed."""
+
+
+@dataclass
+class CompileStats:
+    graphs: int = 0  # graphs loaded or compiled in this process (a shape an earlier graph covers needs none)
+    compile_s: float = 0.0  # time the background thread spent on compiles (subprocesses included)
+    subprocesses: int = 0  # compiles that had to fill the cache in a process of their own
+    compiled_steps: int = 0  # steps given to the compiled UNet (with CUDA graphs: graphs captured from it)
+    eager_steps: int = 0  # steps run eagerly: shapes not ready yet, or never compiled
+    fallbacks: int = 0  # calls of the compiled UNet whose guards failed, so that ran eagerly
+    last_error: str | None = None
+
+
+@dataclass
+class CompileJob:
+    key: tuple[Any, ...]
+    unet: weakref.ref[Any]
+    inputs: Inputs  # copies, at the batch the base forward runs the UNet at
+    grad: bool  # the request thread's modes, which are per thread and which dynamo guards on
+    inference: bool
+
+
+CacheFiller = Callable[[Any, CompileJob, "CompiledForward"], None]
+"""Fills the compile caches for (unet, job); raises CompileFailed. The default runs a subprocess."""
+
+
+# --- what compiles, in the server and in the compiling process --------------------------------------------------
+
+
+def _unet_step(unet: Any, sample: Any, timesteps: Any, hidden: Any, added: dict[str, Any] | None) -> Any:
+    """The function dynamo compiles; the same call as `eager_forward`, in a code object of its own."""
+    return unet(sample, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
+
+
+# Graphs the compiled code ran on this thread. The backend wraps every graph it compiles so that running it
+# counts here: before/after a call, this tells whether the compiled code ran or dynamo's guards sent the call
+# down the eager path.
+_ran = threading.local()
+
+
+def _graphs_run() -> int:
+    return getattr(_ran, "graphs", 0)
+
+
+def _counting(backend: Backend, compiled_one: Callable[[], None]) -> Backend:
+    def compile_graph(graph: Any, example_inputs: list[Any]) -> Callable[..., Any]:
+        compiled = backend(graph, example_inputs)
+        compiled_one()
+
+        def run(*args: Any) -> Any:
+            _ran.graphs = _graphs_run() + 1
+            return compiled(*args)
+
+        return run
+
+    return compile_graph
+
+
+def _backend(backend: str | Backend, mode: str) -> Backend:
+    if callable(backend):
+        return backend
+    if backend != "inductor":
+        import torch._dynamo
+
+        inner: Backend = torch._dynamo.lookup_backend(backend)
+        return inner
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    # what torch.compile(mode=...) does for inductor; compile_fx's return type also covers AOT compilation
+    return cast(Backend, functools.partial(compile_fx, config_patches=list_mode_options(mode)))
+
+
+def compile_step(compiler: Callable[..., Any], unet: Any, job: CompileJob, recompile_limit: int) -> bool:
+    """Run `compiler` (torch.compile of `_unet_step`) once on the job's inputs, which compiles them if no
+    earlier graph's guards cover them; True if the compiled code ran. The same call in both processes, so that
+    both trace the same graph and share its cache entries."""
+    import torch
+
+    sample, timesteps, hidden, added = job.inputs
+    if sample.shape[0] > 1:  # a batch of one is always specialised; marking it dynamic changes nothing
+        for tensor in (sample, timesteps, hidden, *(added or {}).values()):
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    # only the batch is dynamic: automatic dynamic shapes would make a second resolution's graph depend on
+    # what this process met before, which the compiling process cannot know
+    dynamo = {"recompile_limit": recompile_limit, "automatic_dynamic_shapes": False}
+    if hasattr(torch._dynamo.config, "automatic_dynamic_local_pgo"):
+        dynamo["automatic_dynamic_local_pgo"] = False
+    before = _graphs_run()
+    with (
+        torch.inference_mode(job.inference),
+        torch.set_grad_enabled(job.grad),
+        torch._dynamo.config.patch(dynamo),
+    ):
+        compiler(unet, sample, timesteps, hidden, added)
+    return _graphs_run() > before
+
+
+# --- the forward -------------------------------------------------------------------------------------------------
+
+
+class CompiledForward:
+    """A StepBatcher forward: `base` until the UNet is compiled for a step's shape, then `base` over the
+    compiled UNet. `backend` is a dynamo backend name or callable and `fill_cache` what fills its caches on a
+    miss (tests inject fast, slow and failing ones); `mode` applies to inductor."""
+
+    def __init__(
+        self,
+        base: UNetForward | None = None,
+        backend: str | Backend = "inductor",
+        mode: str = "default",
+        fill_cache: CacheFiller | None = None,
+        recompile_limit: int = 64,  # per code object; dynamo's default (8) is low for many shapes and models
+    ) -> None:
+        import torch._dynamo  # at server start: its import takes seconds, which no request should wait for
+
+        if mode not in MODES:
+            raise ValueError(f"compile mode {mode!r} is not one of {MODES} (our CUDA graphs replace inductor's)")
+        self.base = base or eager_forward
+        self.backend = backend
+        self.mode = mode
+        self.fill_cache = fill_cache or compile_in_subprocess
+        self.recompile_limit = recompile_limit
+        self.stats = CompileStats()
+        self._run_only = torch._dynamo.run(_unet_step)
+        self._compiler: Callable[..., Any] | None = None
+        self._shapes: dict[tuple[Any, ...], _Shape] = {}
+        self._unets: dict[int, _CompiledUNet] = {}
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._pending = 0  # shapes queued or compiling
+        self._failed = False
+        self._jobs: queue.Queue[CompileJob] = queue.Queue()
+        self._worker: threading.Thread | None = None
+
+    # --- the request path --------------------------------------------------------------------------------------
+
+    def __call__(self, unet: Any, sample: Any, timesteps: Any, hidden: Any, added: dict[str, Any] | None) -> Any:
+        key, state = self._shape(unet, sample, timesteps, hidden, added)
+        if state is _Shape.READY:
+            try:
+                output = self.base(self._unets[id(unet)], sample, timesteps, hidden, added)
+                self.stats.compiled_steps += 1
+                return output
+            except Exception as exc:  # compiling may only make a step faster, never fail it
+                log.warning("a compiled UNet step failed (%s); running it eagerly", _reason(exc))
+                log.debug("compiled step failure", exc_info=True)
+                with self._lock:
+                    self._shapes[key] = _Shape.EAGER
+        self.stats.eager_steps += 1
+        return self.base(unet, sample, timesteps, hidden, added)
+
+    def prepare(self, unet: Any, sample: Any, timesteps: Any, hidden: Any, added: dict[str, Any] | None) -> None:
+        """Compile for these inputs' shape ahead of the first request (e.g. right after a model loads)."""
+        self._shape(unet, sample, timesteps, hidden, added)
+
+    def _shape(
+        self, unet: Any, sample: Any, timesteps: Any, hidden: Any, added: dict[str, Any] | None
+    ) -> tuple[tuple[Any, ...], _Shape]:
+        """This call's shape and its state; a shape met for the first time is queued for compiling."""
+        rows = _module_rows(self.base, sample)
+        key = _key(unet, rows, sample, hidden, added)
+        with self._lock:
+            state = self._shapes.get(key)
+            if state is not None:
+                return key, state
+            if id(unet) not in self._unets:
+                self._unets[id(unet)] = _CompiledUNet(unet, self)
+                weakref.finalize(unet, self._forget, id(unet))
+            if self._failed:
+                self._shapes[key] = _Shape.EAGER
+                return key, _Shape.EAGER
+            self._shapes[key] = _Shape.QUEUED
+            self._pending += 1
+        self._queue(key, unet, rows, (sample, timesteps, hidden, added))
+        return key, _Shape.QUEUED
+
+    def _forget(self, unet_id: int) -> None:
+        """A UNet was freed (model eviction): drop its stand-in (and with it its CUDA graphs) and its shapes,
+        before another object can reuse its id."""
+        with self._lock:
+            self._unets.pop(unet_id, None)
+            for key in [key for key in self._shapes if key[0] == unet_id]:
+                del self._shapes[key]
+
+    # --- the background thread -------------------------------------------------------------------------------
+
+    def _queue(self, key: tuple[Any, ...], unet: Any, rows: int, inputs: Inputs) -> None:
+        import torch
+
+        sample, timesteps, hidden, added = inputs
+        example = (
+            _rows(sample, rows),
+            _rows(timesteps, rows),
+            _rows(hidden, rows),
+            {name: _rows(value, rows) for name, value in added.items()} if added else None,
+        )
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+        self._jobs.put(CompileJob(key, weakref.ref(unet), example, grad, inference))
+        with self._lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="torch-compile", daemon=True)
+                self._worker.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            started = time.perf_counter()
+            state = self._compile(job)
+            with self._lock:
+                self.stats.compile_s += time.perf_counter() - started
+                if job.key in self._shapes:
+                    self._shapes[job.key] = state
+                self._pending -= 1
+                self._idle.notify_all()
+
+    def _compile(self, job: CompileJob) -> _Shape:
+        import torch
+
+        unet = job.unet()
+        if unet is None or self._failed:
+            return _Shape.EAGER
+        try:
+            return self._compile_unet(unet, job)
+        except torch.cuda.OutOfMemoryError:
+            # the example step runs beside the requests' steps: a big batch may not fit twice
+            log.warning("out of memory compiling for %s; that shape stays eager", _describe(job.key))
+        except Exception as exc:
+            self._failed, self.stats.last_error = True, _reason(exc)
+            log.warning("torch.compile failed (%s); shapes met from now on run eagerly", self.stats.last_error)
+            log.debug("compile failure", exc_info=True)
+        return _Shape.EAGER
+
+    def _compile_unet(self, unet: Any, job: CompileJob) -> _Shape:
+        started = time.perf_counter()
+        try:
+            ran = self._load(unet, job)
+        except ColdCache:
+            log.info("compiling the UNet for %s in a process of its own", _describe(job.key))
+            self.stats.subprocesses += 1
+            self.fill_cache(unet, job, self)
+            try:
+                ran = self._load(unet, job)
+            except ColdCache:
+                log.warning("the compiling process left no cache entry for %s; it stays eager", _describe(job.key))
+                return _Shape.EAGER
+        if not ran:
+            log.warning("torch.compile left UNet steps of %s eager (see dynamo's log)", _describe(job.key))
+            return _Shape.EAGER
+        log.info("UNet compiled for %s in %.1f s", _describe(job.key), time.perf_counter() - started)
+        return _Shape.READY
+
+    def _load(self, unet: Any, job: CompileJob) -> bool:
+        """Compile in this process from the caches only: raises ColdCache where it would have to trace."""
+        try:
+            with _no_tracing_here():
+                return compile_step(self.compiler(), unet, job, self.recompile_limit)
+        except Exception as exc:
+            if _caused_by(exc, ColdCache):
+                raise ColdCache(str(exc)) from None
+            raise
+
+    def compiler(self) -> Callable[..., Any]:
+        """torch.compile of the step with this forward's backend (built once: dynamo caches per function)."""
+        import torch
+
+        if self._compiler is None:
+            backend = _counting(_backend(self.backend, self.mode), self._compiled_one)
+            self._compiler = torch.compile(_unet_step, backend=backend)
+        return self._compiler
+
+    def _compiled_one(self) -> None:
+        self.stats.graphs += 1
+
+    # --- status ----------------------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> CompileState:
+        with self._lock:
+            if self._failed:
+                return CompileState.FAILED
+            if self._pending:
+                return CompileState.COMPILING
+            return CompileState.READY if self._shapes else CompileState.WAITING
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until no compile is queued or running; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def summary(self) -> dict[str, Any]:
+        """For /health: the state, the shapes met by state, and how the steps ran."""
+        with self._lock:
+            shapes = list(self._shapes.values())
+        stats = self.stats
+        summary: dict[str, Any] = {
+            "state": self.state.value,
+            "mode": self.mode,
+            "shapes": {state.value: shapes.count(state) for state in _Shape},
+            "graphs": stats.graphs,
+            "subprocesses": stats.subprocesses,
+            "compile_s": round(stats.compile_s, 1),
+            "compiled_steps": stats.compiled_steps,
+            "eager_steps": stats.eager_steps,
+            "fallbacks": stats.fallbacks,
+        }
+        if stats.last_error:
+            summary["error"] = stats.last_error
+        return summary
+
+
+class _CompiledUNet:
+    """Stands in for a UNet inside the base forward: runs the compiled code where dynamo's guards match the
+    call, and the UNet eagerly where they do not (never compiling). Holds the UNet weakly, so that an evicted
+    model is freed, and with it this stand-in and the CUDA graphs captured from it."""
+
+    def __init__(self, unet: Any, owner: CompiledForward) -> None:
+        self._unet = weakref.ref(unet)
+        self._owner = owner
+
+    def __call__(
+        self,
+        sample: Any,
+        timestep: Any,
+        encoder_hidden_states: Any = None,
+        added_cond_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = False,
+    ) -> tuple[Any]:
+        unet = self._unet()
+        if unet is None:
+            raise RuntimeError("the UNet behind this compiled stand-in was freed")
+        before = _graphs_run()
+        output = self._owner._run_only(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs)
+        if _graphs_run() == before:
+            self._owner.stats.fallbacks += 1
+        return (output,)
+
+
+# --- compiling in a process of its own ---------------------------------------------------------------------------
+
+
+_REFUSING = threading.Lock()
+
+
+@contextmanager
+def _no_tracing_here() -> Iterator[None]:
+    """Refuse FX tracing while this process compiles. FX's tracer patches `torch.nn.Module.__call__` and
+    `__getattr__` process-wide while it traces, which breaks every other thread's modules meanwhile; refusing
+    the patch raises ColdCache before anything changes. Only the compile thread traces in the server, so the
+    refusal meets no one else. (This reaches into `torch.fx._symbolic_trace._Patcher`; were it gone, tracing
+    would fail here differently and compiling would stop with a warning, still without harm.)"""
+    import torch
+    from torch.fx import _symbolic_trace
+
+    patcher = _symbolic_trace._Patcher
+    with _REFUSING:  # one refusal at a time, so that each puts back what it found
+        allowed = patcher.patch_method
+
+        def refuse(self: Any, cls: type, name: str, new_fn: Callable[..., Any], deduplicate: bool = True) -> None:
+            if cls is torch.nn.Module:
+                raise ColdCache(f"compiling would trace here (it would patch torch.nn.Module.{name})")
+            allowed(self, cls, name, new_fn, deduplicate)
+
+        patcher.patch_method = refuse  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            patcher.patch_method = allowed  # type: ignore[method-assign]
+
+
+def compile_in_subprocess(unet: Any, job: CompileJob, forward: CompiledForward) -> None:
+    """Compile the step for the job's shape in a new Python process, which fills the on-disk caches that the
+    server then loads from. The process builds a UNet of the same class and config with placeholder weights (the
+    weights are inputs of the compiled graph, so their values do not matter) on the same device."""
+    if not isinstance(forward.backend, str):
+        raise CompileFailed("a compiling process needs a backend by name")
+    spec = _spec(unet, job, forward)
+    command = [sys.executable, "-m", "diffusers_api.engine.compiled"]
+    spec_json = json.dumps(spec, default=str)  # the config's paths (_name_or_path) as text
+    try:
+        done = subprocess.run(
+            command, input=spec_json, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise CompileFailed(f"the compiling process took over {SUBPROCESS_TIMEOUT_S:.0f} s") from exc
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        log.debug("compiling process output:\n%s", done.stderr[-20000:])
+        raise CompileFailed(f"the compiling process failed: {lines[-1]}")
+
+
+def _spec(unet: Any, job: CompileJob, forward: CompiledForward) -> dict[str, Any]:
+    import torch
+
+    params = list(unet.parameters())
+    kernels = [param for param in params if param.dim() == 4]
+    channels_last = any(
+        kernel.is_contiguous(memory_format=torch.channels_last) and not kernel.is_contiguous() for kernel in kernels
+    )
+    sample, timesteps, hidden, added = job.inputs
+
+    def tensor(value: Any) -> dict[str, Any]:
+        return {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+
+    return {
+        "unet": f"{type(unet).__module__}:{type(unet).__qualname__}",
+        "config": dict(unet.config),
+        "dtype": str(params[0].dtype).removeprefix("torch."),
+        "device": str(params[0].device),
+        "channels_last": channels_last,
+        "requires_grad": any(param.requires_grad for param in params),
+        "inputs": [tensor(sample), tensor(timesteps), tensor(hidden)],
+        "added": {name: tensor(value) for name, value in (added or {}).items()},
+        "grad": job.grad,
+        "inference": job.inference,
+        "backend": forward.backend,
+        "mode": forward.mode,
+        "recompile_limit": forward.recompile_limit,
+        "threads": torch.get_num_threads(),  # CPU kernels are generated for a thread count
+    }
+
+
+def _compile_from_spec(spec: dict[str, Any]) -> None:
+    """The compiling process: build the UNet the spec describes and compile the step for its inputs."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    module, _, name = spec["unet"].partition(":")
+    unet_class = getattr(importlib.import_module(module), name)
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    # built without memory, then given uninitialised memory on the device in its precision: the values do not
+    # matter to the compile, and the server's device holds no more than one more copy of the weights
+    with torch.device("meta"):
+        unet = unet_class.from_config(spec["config"]).to(dtype).eval()
+    unet.to_empty(device=device)
+    if spec["channels_last"]:
+        unet.to(memory_format=torch.channels_last)
+    unet.requires_grad_(spec["requires_grad"])
+
+    def tensor(described: dict[str, Any]) -> Any:
+        return torch.randn(described["shape"], device=device).to(getattr(torch, described["dtype"]))
+
+    sample, timesteps, hidden = (tensor(described) for described in spec["inputs"])
+    added = {name: tensor(described) for name, described in spec["added"].items()} or None
+    job = CompileJob((), weakref.ref(unet), (sample, timesteps, hidden, added), spec["grad"], spec["inference"])
+    forward = CompiledForward(backend=spec["backend"], mode=spec["mode"], recompile_limit=spec["recompile_limit"])
+    if not compile_step(forward.compiler(), unet, job, forward.recompile_limit):
+        raise SystemExit("dynamo left the step uncompiled (see its log)")
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+
+def use_cache_dir(directory: Path) -> None:
+    """Keep torch.compile's on-disk caches in `directory`, so that a restart (or another worker sharing the
+    directory) reuses compiled graphs and kernels. Inductor reads TORCHINDUCTOR_CACHE_DIR each time it looks
+    for its cache; the Triton and autotuning caches live under it too, and compiling processes inherit it."""
+    import torch._functorch.config
+    import torch._inductor.config
+
+    directory = directory.expanduser()
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
+    # on by default in recent torch; explicit for older builds. Compiling processes get them from the
+    # environment, as the defaults they are.
+    torch._inductor.config.fx_graph_cache = True
+    if hasattr(torch._functorch.config, "enable_autograd_cache"):
+        torch._functorch.config.enable_autograd_cache = True
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether `kind` is in the chain of `exc` (dynamo wraps a backend's errors in BackendCompilerFailed)."""
+    seen: BaseException | None = exc
+    for _ in range(32):  # a chain is short; the bound only guards against a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, kind):
+            return True
+        seen = getattr(seen, "inner_exception", None) or seen.__cause__ or seen.__context__
+    return False
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of the root cause: dynamo wraps a backend's error in a long BackendCompilerFailed."""
+    cause = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+
+
+def _module_rows(base: UNetForward, sample: Any) -> int:
+    """The batch the base forward runs the UNet at: CudaGraphForward pads CUDA batches up to its bucket."""
+    rows = int(sample.shape[0])
+    if isinstance(base, CudaGraphForward) and sample.device.type == "cuda":
+        return next((bucket for bucket in base.buckets if bucket >= rows), rows)
+    return rows
+
+
+def _key(unet: Any, rows: int, sample: Any, hidden: Any, added: dict[str, Any] | None) -> tuple[Any, ...]:
+    shapes = tuple(sorted((name, tuple(value.shape[1:]), value.dtype) for name, value in (added or {}).items()))
+    return (
+        id(unet),
+        rows,
+        tuple(sample.shape[1:]),
+        sample.dtype,
+        str(sample.device),
+        tuple(hidden.shape[1:]),
+        hidden.dtype,
+        shapes,
+    )
+
+
+def _describe(key: tuple[Any, ...]) -> str:
+    return f"{key[1]} rows of {key[2]} {key[3]} on {key[4]}"
+
+
+def _rows(tensor: Any, rows: int) -> Any:
+    """A contiguous copy of `tensor` with `rows` rows (its first row repeated), as the base forward passes it."""
+    import torch
+
+    copy = tensor.detach().clone(memory_format=torch.contiguous_format)
+    if rows > copy.shape[0]:
+        copy = torch.cat([copy, copy[:1].expand(rows - copy.shape[0], *copy.shape[1:])])
+    return copy
+
+
+def main() -> None:
+    """`python -m diffusers_api.engine.compiled` with a spec (JSON) on stdin: the compiling process."""
+    logging.basicConfig(level=logging.WARNING)
+    _compile_from_spec(json.loads(sys.stdin.read()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,491 @@
+"""Our own denoising loop for the Stable Diffusion 1/2 and SDXL families, split into three phases.
+
+diffusers' `__call__` keeps a request's whole state in local variables of one function, so two requests can
+only share a UNet call by meeting inside it. Here the same work is split so that one thread can step many
+requests at once:
+
+- `prepare` (on the request's thread): check the inputs, encode the prompts, set the scheduler's timesteps,
+  draw the initial latents (or encode the init image), exactly as the pipeline does, with its own methods.
+  The result is a `Job`: everything the loop needs, as an object.
+- the loop (`engine/stepper.py`, one thread for all requests): each step, the jobs of one model and shape run
+  as one UNet forward; guidance is one tensor operation for all of them; then each job's own scheduler steps
+  its own latents (schedulers keep per-request history, so this stays per job).
+- `finish` (on the request's thread again): VAE decode, safety checker, post-processing, as the pipeline does.
+
+Supported here: `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`, `StableDiffusionXLPipeline`,
+`StableDiffusionXLImg2ImgPipeline` and `StableDiffusionInpaintPipeline` (inpainting UNets with 9 input channels,
+and plain 4-channel ones that the pipeline blends with the init image), with the arguments in `_SUPPORTED`.
+Anything else (other pipelines, LoRA scales, IP-Adapters, guidance-embedding models, denoising_start/end,
+callbacks) keeps the generic diffusers path, which still batches its UNet calls through the StepBatcher.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..runner import ProgressCallback
+
+_SD_ARGS = {
+    "prompt",
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "guidance_rescale",
+    "width",
+    "height",
+    "num_images_per_prompt",
+    "eta",
+    "clip_skip",
+    "generator",
+    "output_type",
+}
+_SDXL_ARGS = {
+    "prompt_2",
+    "negative_prompt_2",
+    "original_size",
+    "target_size",
+    "crops_coords_top_left",
+    "negative_original_size",
+    "negative_target_size",
+    "negative_crops_coords_top_left",
+}
+_IMG2IMG_ARGS = {"image", "strength"}
+_SDXL_IMG2IMG_ARGS = {"aesthetic_score", "negative_aesthetic_score"}
+_INPAINT_ARGS = {"image", "mask_image", "strength"}
+
+# Pipeline class name -> (family, task, the __call__ arguments this loop reproduces).
+_SUPPORTED: dict[str, tuple[str, str, set[str]]] = {
+    "StableDiffusionPipeline": ("sd", "txt2img", _SD_ARGS),
+    "StableDiffusionImg2ImgPipeline": ("sd", "img2img", _SD_ARGS | _IMG2IMG_ARGS),
+    "StableDiffusionInpaintPipeline": ("sd", "inpaint", _SD_ARGS | _INPAINT_ARGS),
+    "StableDiffusionXLPipeline": ("sdxl", "txt2img", _SD_ARGS | _SDXL_ARGS),
+    "StableDiffusionXLImg2ImgPipeline": ("sdxl", "img2img", _SD_ARGS | _SDXL_ARGS | _IMG2IMG_ARGS | _SDXL_IMG2IMG_ARGS),
+}
+
+
+@dataclass(eq=False)
+class Job:
+    """One request inside the loop: what diffusers' `__call__` keeps in local variables during its loop.
+
+    Rows of `hidden` and `added` are in the pipeline's order: with guidance the first `images` rows are the
+    unconditional ones and the next `images` the conditional ones, as in `torch.cat([latents] * 2)`."""
+
+    unet: Any
+    scheduler: Any
+    timesteps: torch.Tensor
+    latents: torch.Tensor  # (images, channels, height, width)
+    hidden: torch.Tensor  # encoder hidden states, (rows, tokens, dim)
+    guidance_scale: float
+    guided: bool  # classifier-free guidance: two UNet rows per image
+    added: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds and time_ids, rows like `hidden`
+    guidance_rescale: float = 0.0
+    # Inpainting UNets (9 channels) also take the mask and the masked image's latents, rows like `hidden`.
+    conditioning: torch.Tensor | None = None
+    # Inpainting with a 4-channel UNet: after each step the unmasked area is reset to the noised init image.
+    blend: Blend | None = None
+    step_kwargs: dict[str, Any] = field(default_factory=dict)
+    progress: ProgressCallback | None = None
+    cancel: threading.Event | None = None
+    step: int = 0
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def images(self) -> int:
+        return int(self.latents.shape[0])
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.steps
+
+    @property
+    def timestep(self) -> torch.Tensor:
+        return self.timesteps[self.step]
+
+    def key(self) -> tuple[Any, ...]:
+        """Jobs with equal keys can share a UNet forward."""
+        added = tuple(sorted((k, tuple(v.shape[1:]), v.dtype) for k, v in (self.added or {}).items()))
+        latents, hidden = self.latents, self.hidden
+        return (id(self.unet), tuple(latents.shape[1:]), latents.dtype, tuple(hidden.shape[1:]), hidden.dtype, added)
+
+    def model_input(self) -> torch.Tensor:
+        """This step's UNet input for one copy of the latents (guided jobs use it for both of their halves)."""
+        scaled: torch.Tensor = self.scheduler.scale_model_input(self.latents, self.timestep)
+        return scaled
+
+    def advance(self, noise: torch.Tensor, text_noise: torch.Tensor | None) -> None:
+        """Apply the scheduler step to the guided noise prediction and move to the next timestep."""
+        if text_noise is not None and self.guidance_rescale > 0.0:
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+            noise = rescale_noise_cfg(noise, text_noise, guidance_rescale=self.guidance_rescale)
+        t = self.timestep
+        self.latents = self.scheduler.step(noise, t, self.latents, **self.step_kwargs, return_dict=False)[0]
+        if self.blend is not None:
+            self.latents = self.blend.apply(self)
+        self.step += 1
+
+
+@dataclass
+class Blend:
+    """What StableDiffusionInpaintPipeline does after each step when its UNet has 4 input channels."""
+
+    image_latents: torch.Tensor
+    noise: torch.Tensor
+    mask: torch.Tensor  # the mask of one copy of the images (the unconditional half with guidance)
+
+    def apply(self, job: Job) -> torch.Tensor:
+        import torch
+
+        proper = self.image_latents
+        if job.step < job.steps - 1:
+            proper = job.scheduler.add_noise(proper, self.noise, torch.tensor([job.timesteps[job.step + 1]]))
+        return (1 - self.mask) * proper + self.mask * job.latents
+
+
+# ---------------------------------------------------------------------------------------------- eligibility
+
+
+def supports(pipe: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether this loop reproduces `pipe(**kwargs)`; otherwise the generic diffusers path runs it."""
+    entry = _SUPPORTED.get(type(pipe).__name__)
+    if entry is None or not set(kwargs) <= entry[2]:
+        return False
+    if type(pipe.vae).__name__ == "AsymmetricAutoencoderKL":
+        return False  # its decoder also takes the init image and mask
+    unet = pipe.unet
+    if unet.config.time_cond_proj_dim is not None or getattr(unet, "encoder_hid_proj", None) is not None:
+        return False  # guidance-embedding (LCM-distilled) and IP-Adapter UNets take inputs this loop does not make
+    return kwargs.get("output_type", "pil") == "pil"
+
+
+def _arguments(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`kwargs` completed with the pipeline's own defaults, as `pipe(**kwargs)` would see them."""
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    defaults = {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    return defaults | kwargs
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+
+
+def prepare(pipe: Any, kwargs: dict[str, Any]) -> Job:
+    """Everything `pipe(**kwargs)` does before its first step. Raises ValueError/TypeError as the pipeline does."""
+    import torch
+
+    family, task, _ = _SUPPORTED[type(pipe).__name__]
+    args = _arguments(pipe, kwargs)
+    with torch.inference_mode():
+        if family == "sd":
+            return _prepare_sd(pipe, args, task)
+        return _prepare_sdxl(pipe, args, task)
+
+
+def _start(pipe: Any, args: dict[str, Any]) -> None:
+    """The per-call flags the pipeline's properties read (do_classifier_free_guidance, clip_skip, ...)."""
+    pipe._guidance_scale = args["guidance_scale"]
+    pipe._guidance_rescale = args.get("guidance_rescale", 0.0)
+    pipe._clip_skip = args["clip_skip"]
+    pipe._cross_attention_kwargs = None
+    pipe._interrupt = False
+    pipe._denoising_end = None
+    pipe._denoising_start = None
+
+
+def _batch_size(prompt: Any) -> int:
+    return 1 if isinstance(prompt, str) else len(prompt)
+
+
+def _prepare_sd(pipe: Any, args: dict[str, Any], task: str) -> Job:
+    import torch
+
+    if task in ("txt2img", "inpaint"):
+        args["height"] = args["height"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        args["width"] = args["width"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if task == "txt2img":
+        pipe.check_inputs(args["prompt"], args["height"], args["width"], None, args["negative_prompt"])
+    elif task == "inpaint":
+        pipe.check_inputs(
+            args["prompt"], args["image"], args["mask_image"], args["height"], args["width"], args["strength"], None,
+            args["output_type"], args["negative_prompt"],
+        )  # fmt: skip
+    else:
+        pipe.check_inputs(args["prompt"], args["strength"], None, args["negative_prompt"])
+    _start(pipe, args)
+    device, images = pipe._execution_device, _batch_size(args["prompt"]) * args["num_images_per_prompt"]
+    positive, negative = pipe.encode_prompt(
+        args["prompt"],
+        device,
+        args["num_images_per_prompt"],
+        pipe.do_classifier_free_guidance,
+        args["negative_prompt"],
+        clip_skip=pipe.clip_skip,
+    )
+    hidden = torch.cat([negative, positive]) if pipe.do_classifier_free_guidance else positive
+    if task == "inpaint":
+        return _prepare_inpaint(pipe, args, images, hidden, device)
+    timesteps, latents = _initial_latents(pipe, args, task, images, hidden.dtype, device)
+    return _job(pipe, args, timesteps, latents, hidden, added=None)
+
+
+def _prepare_inpaint(pipe: Any, args: dict[str, Any], images: int, hidden: Any, device: Any) -> Job:
+    """StableDiffusionInpaintPipeline's steps 4 to 6: timesteps, init image, noise, mask and masked image."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+    height, width, generator = args["height"], args["width"], args["generator"]
+    timesteps, steps = retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device)
+    timesteps, steps = pipe.get_timesteps(num_inference_steps=steps, strength=args["strength"], device=device)
+    if steps < 1:
+        raise ValueError(f"strength {args['strength']} leaves {steps} denoising steps; at least one is needed")
+    init_image = pipe.image_processor.preprocess(args["image"], height=height, width=width).to(dtype=torch.float32)
+    unet_channels = pipe.unet.config.in_channels
+    outputs = pipe.prepare_latents(
+        images, pipe.vae.config.latent_channels, height, width, hidden.dtype, device, generator,
+        image=init_image, timestep=timesteps[:1].repeat(images), is_strength_max=args["strength"] == 1.0,
+        return_noise=True, return_image_latents=unet_channels == 4,
+    )  # fmt: skip
+    latents, noise = outputs[0], outputs[1]
+    condition = pipe.mask_processor.preprocess(args["mask_image"], height=height, width=width)
+    mask, masked_latents = pipe.prepare_mask_latents(
+        condition, init_image * (condition < 0.5), images, height, width, hidden.dtype, device, generator,
+        pipe.do_classifier_free_guidance,
+    )  # fmt: skip
+    job = _job(pipe, args, timesteps, latents, hidden, added=None)
+    if unet_channels == 9:
+        job.conditioning = torch.cat([mask, masked_latents], dim=1)
+    elif unet_channels == 4:
+        job.blend = Blend(image_latents=outputs[2], noise=noise, mask=mask[:images])
+    else:
+        raise ValueError(f"an inpainting UNet takes 4 or 9 input channels, not {unet_channels}")
+    return job
+
+
+def _prepare_sdxl(pipe: Any, args: dict[str, Any], task: str) -> Job:
+    import torch
+
+    if task == "txt2img":
+        args["height"] = args["height"] or pipe.default_sample_size * pipe.vae_scale_factor
+        args["width"] = args["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+        pipe.check_inputs(
+            args["prompt"], args["prompt_2"], args["height"], args["width"], args["negative_prompt"],
+            args["negative_prompt_2"],
+        )  # fmt: skip
+    else:
+        pipe.check_inputs(
+            args["prompt"], args["prompt_2"], args["strength"], args["num_inference_steps"], None,
+            args["negative_prompt"], args["negative_prompt_2"],
+        )  # fmt: skip
+    _start(pipe, args)
+    device, images = pipe._execution_device, _batch_size(args["prompt"]) * args["num_images_per_prompt"]
+    positive, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompt=args["prompt"],
+        prompt_2=args["prompt_2"],
+        device=device,
+        num_images_per_prompt=args["num_images_per_prompt"],
+        do_classifier_free_guidance=pipe.do_classifier_free_guidance,
+        negative_prompt=args["negative_prompt"],
+        negative_prompt_2=args["negative_prompt_2"],
+        clip_skip=pipe.clip_skip,
+    )
+    with _vae_for_encoding(pipe):
+        timesteps, latents = _initial_latents(pipe, args, task, images, positive.dtype, device)
+    if task == "txt2img" and hasattr(pipe.scheduler, "set_begin_index"):
+        pipe.scheduler.set_begin_index(0)
+    height, width = (size * pipe.vae_scale_factor for size in latents.shape[-2:])
+    time_ids, negative_time_ids = _sdxl_time_ids(pipe, args, task, (height, width), positive.dtype, pooled)
+    if pipe.do_classifier_free_guidance:
+        positive = torch.cat([negative, positive])
+        pooled = torch.cat([negative_pooled, pooled])
+        time_ids = torch.cat([negative_time_ids, time_ids])
+    # The pipelines repeat the time ids per image after (txt2img) or before (img2img) pairing them with the
+    # negative ones; the row order decides which UNet row gets which ids, so it is kept as theirs.
+    if task == "txt2img":
+        time_ids = time_ids.repeat(images, 1)
+    added = {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device)}
+    return _job(pipe, args, timesteps, latents, positive.to(device), added)
+
+
+def _sdxl_time_ids(
+    pipe: Any, args: dict[str, Any], task: str, size: tuple[int, int], dtype: Any, pooled: Any
+) -> tuple[Any, Any]:
+    """(time ids, negative time ids) of SDXL's micro-conditioning, as each pipeline computes them."""
+    original_size = args["original_size"] or size
+    target_size = args["target_size"] or size
+    encoder_2 = pipe.text_encoder_2
+    projection_dim = int(pooled.shape[-1]) if encoder_2 is None else encoder_2.config.projection_dim
+    crops = args["crops_coords_top_left"]
+    if task == "txt2img":
+        time_ids = pipe._get_add_time_ids(
+            original_size, crops, target_size, dtype=dtype, text_encoder_projection_dim=projection_dim
+        )
+        negative = time_ids
+        if args["negative_original_size"] is not None and args["negative_target_size"] is not None:
+            negative = pipe._get_add_time_ids(
+                args["negative_original_size"], args["negative_crops_coords_top_left"], args["negative_target_size"],
+                dtype=dtype, text_encoder_projection_dim=projection_dim,
+            )  # fmt: skip
+        return time_ids, negative
+    images = _batch_size(args["prompt"]) * args["num_images_per_prompt"]
+    time_ids, negative = pipe._get_add_time_ids(
+        original_size, crops, target_size, args["aesthetic_score"], args["negative_aesthetic_score"],
+        args["negative_original_size"] or original_size, args["negative_crops_coords_top_left"],
+        args["negative_target_size"] or target_size, dtype=dtype, text_encoder_projection_dim=projection_dim,
+    )  # fmt: skip
+    return time_ids.repeat(images, 1), negative.repeat(images, 1)
+
+
+def _initial_latents(pipe: Any, args: dict[str, Any], task: str, images: int, dtype: Any, device: Any) -> Any:
+    """(timesteps, latents): pure noise for txt2img; the noised init image for img2img."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+
+    timesteps, steps = retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device)
+    generator = args["generator"]
+    if task == "txt2img":
+        channels = pipe.unet.config.in_channels
+        height, width = args["height"], args["width"]
+        return timesteps, pipe.prepare_latents(images, channels, height, width, dtype, device, generator)
+    image = pipe.image_processor.preprocess(args["image"])
+    timesteps, steps = pipe.get_timesteps(steps, args["strength"], device)
+    start = timesteps[:1].repeat(images)
+    batch = _batch_size(args["prompt"])
+    latents = pipe.prepare_latents(image, start, batch, args["num_images_per_prompt"], dtype, device, generator)
+    return timesteps, latents
+
+
+def _job(pipe: Any, args: dict[str, Any], timesteps: Any, latents: Any, hidden: Any, added: Any) -> Job:
+    pipe._num_timesteps = len(timesteps)
+    return Job(
+        unet=pipe.unet,
+        scheduler=pipe.scheduler,
+        timesteps=timesteps,
+        latents=latents,
+        hidden=hidden,
+        added=added,
+        guidance_scale=float(args["guidance_scale"]),
+        guided=bool(pipe.do_classifier_free_guidance),
+        guidance_rescale=float(args.get("guidance_rescale") or 0.0),
+        step_kwargs=pipe.prepare_extra_step_kwargs(args["generator"], args["eta"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- finish
+
+
+@dataclass
+class Output:
+    """What the runner reads from a pipeline's output."""
+
+    images: list[Any]
+    nsfw_content_detected: list[bool] | None = None
+
+
+def finish(pipe: Any, job: Job, kwargs: dict[str, Any]) -> Output:
+    """Everything `pipe(**kwargs)` does after its last step: decode, safety check, post-process."""
+    import torch
+
+    family, _, _ = _SUPPORTED[type(pipe).__name__]
+    with torch.inference_mode():
+        if family == "sd":
+            return _finish_sd(pipe, job, kwargs.get("generator"))
+        return _finish_sdxl(pipe, job)
+
+
+def _finish_sd(pipe: Any, job: Job, generator: Any) -> Output:
+    latents = job.latents / pipe.vae.config.scaling_factor
+    image = pipe.vae.decode(latents, return_dict=False, generator=generator)[0]
+    image, nsfw = pipe.run_safety_checker(image, pipe._execution_device, job.hidden.dtype)
+    denormalize = [True] * image.shape[0] if nsfw is None else [not flag for flag in nsfw]
+    return Output(pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=denormalize), nsfw)
+
+
+def _finish_sdxl(pipe: Any, job: Job) -> Output:
+    latents, vae = job.latents, pipe.vae
+    if _needs_upcast(vae):
+        vae = float32_vae(vae)
+        latents = latents.float()
+    image = _decode_sdxl(vae, latents)
+    if pipe.watermark is not None:
+        image = pipe.watermark.apply_watermark(image)
+    return Output(pipe.image_processor.postprocess(image, output_type="pil"))
+
+
+def _decode_sdxl(vae: Any, latents: Any) -> Any:
+    import torch
+
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor
+    return vae.decode(latents, return_dict=False)[0]
+
+
+# ---------------------------------------------------------------------------------------------- fp16 SDXL VAE
+
+# SDXL's VAE overflows in float16, so its config asks for `force_upcast` and the SDXL pipelines cast the *shared*
+# VAE to float32 around each encode and decode, then back. With concurrent requests one request's cast pulls
+# the dtype from under another's decode. Instead, each such VAE gets one float32 copy, made once and never cast:
+# the same float32 arithmetic as the pipeline's, without touching the shared module.
+_FLOAT32_VAES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_FLOAT32_LOCK = threading.Lock()
+
+
+def _needs_upcast(vae: Any) -> bool:
+    import torch
+
+    return vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+
+
+def float32_vae(vae: Any) -> Any:
+    import copy
+
+    import torch
+
+    with _FLOAT32_LOCK:
+        if vae not in _FLOAT32_VAES:
+            _FLOAT32_VAES[vae] = _PinnedDtype(copy.deepcopy(vae).to(dtype=torch.float32))
+        return _FLOAT32_VAES[vae]
+
+
+class _PinnedDtype:
+    """A module whose `.to(...)` is a no-op: the pipelines' own casts cannot change the float32 copy."""
+
+    def __init__(self, module: Any) -> None:
+        self.__dict__["module"] = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+    def to(self, *args: Any, **kwargs: Any) -> _PinnedDtype:
+        return self
+
+
+@contextmanager
+def _vae_for_encoding(pipe: Any) -> Iterator[None]:
+    """SDXL img2img encodes the init image with the VAE, upcasting it like the decode: use the float32 copy.
+    `pipe` is this request's own pipeline object, so swapping its attribute affects no one else."""
+    vae = pipe.vae
+    if not _needs_upcast(vae):
+        yield
+        return
+    object.__setattr__(pipe, "vae", float32_vae(vae))
+    try:
+        yield
+    finally:
+        object.__setattr__(pipe, "vae", vae)

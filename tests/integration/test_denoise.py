@@ -1,0 +1,294 @@
+"""Our own denoising loop against diffusers' on the tiny models: the same latents, alone and batched.
+
+Alone, a request in our loop runs the very same operations as the pipeline's call, so its latents are equal
+bit for bit. Batched, only the UNet's batch differs; batched and unbatched kernels round differently in the last
+bits, and the bound asserted for that is BATCHED_RTOL of the latents' largest magnitude (a few float32 ulps;
+measured: at most 4e-7).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_api.config import Settings
+from diffusers_api.engine import StepBatcher, denoise
+from diffusers_api.engine.denoise import Job
+from diffusers_api.engine.stepper import Denoiser
+from diffusers_api.errors import Cancelled, NotReady
+from diffusers_api.models.store import LoadedModel, ModelStore
+from diffusers_api.pipelines import SCHEDULER_ALIASES
+from diffusers_api.schema import GenerateRequest
+
+BATCHED_RTOL = 1e-5
+SD_SCHEDULERS = [name for name in SCHEDULER_ALIASES if name != "LCM"]  # LCM needs an LCM-distilled model
+
+
+def _model(models_dir: Path, model_id: str) -> LoadedModel:
+    store = ModelStore(Settings(model_id=model_id, models_dir=models_dir))
+    store.load_default()
+    return store.get(GenerateRequest(prompt="x"))
+
+
+@pytest.fixture(scope="module")
+def sd(models_dir: Path) -> LoadedModel:
+    return _model(models_dir, "builtin/tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def sdxl(models_dir: Path) -> LoadedModel:
+    return _model(models_dir, "builtin/tiny-sdxl")
+
+
+@pytest.fixture
+def denoiser() -> Iterator[Denoiser]:
+    loop = Denoiser(StepBatcher(max_wait_s=5.0))
+    yield loop
+    loop.stop()
+
+
+def pipe(model: LoadedModel, task: str = "txt2img", scheduler: str | None = None) -> Any:
+    pipelines = model.pipelines
+    chosen = (
+        pipelines.scheduler(scheduler) if scheduler else pipelines.scheduler(type(pipelines.base.scheduler).__name__)
+    )
+    return pipelines.build(pipelines.resolve(task), chosen, safety_checker=False)
+
+
+def call(seed: int, images: int = 1, **kwargs: Any) -> dict[str, Any]:
+    """Pipeline arguments; fresh generators every time (they carry state)."""
+    defaults = {"prompt": f"a red barn {seed}", "num_inference_steps": 4}
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(images)]
+    return defaults | {"num_images_per_prompt": images, "generator": generators} | kwargs
+
+
+def reference(model: LoadedModel, task: str, scheduler: str | None, kwargs: dict[str, Any]) -> torch.Tensor:
+    """diffusers' own call, stopped before the VAE."""
+    latents: torch.Tensor = pipe(model, task, scheduler)(**kwargs, output_type="latent").images
+    return latents
+
+
+def ours(model: LoadedModel, task: str, scheduler: str | None, kwargs: dict[str, Any]) -> Job:
+    job = denoise.prepare(pipe(model, task, scheduler), kwargs)
+    return job
+
+
+def run_all(denoiser: Denoiser, jobs: list[Job]) -> None:
+    """Submit every job at once (they share rounds) and wait for all."""
+    threads = [threading.Thread(target=denoiser.run, args=(job,)) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+
+
+def assert_batched_close(batched: torch.Tensor, expected: torch.Tensor) -> None:
+    bound = BATCHED_RTOL * float(expected.abs().max())
+    assert float((batched - expected).abs().max()) <= bound
+
+
+def red_image() -> Image.Image:
+    return Image.new("RGB", (64, 64), (180, 40, 40))
+
+
+# --- equal to diffusers ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheduler", SD_SCHEDULERS)
+def test_batched_latents_equal_diffusers_within_rounding(sd: LoadedModel, denoiser: Denoiser, scheduler: str) -> None:
+    def kwargs() -> list[dict[str, Any]]:  # guided, unguided, guided with its own scale and negative prompt
+        return [call(1), call(2, guidance_scale=1.0), call(3, guidance_scale=3.0, negative_prompt="blurry")]
+
+    expected = [reference(sd, "txt2img", scheduler, k) for k in kwargs()]
+    jobs = [ours(sd, "txt2img", scheduler, k) for k in kwargs()]
+    run_all(denoiser, jobs)
+    assert denoiser.stats.max_jobs == 3  # they really stepped together
+    for job, want in zip(jobs, expected, strict=True):
+        assert job.error is None
+        assert_batched_close(job.latents, want)
+
+
+@pytest.mark.parametrize("scheduler", ["DPM++ 2M", "Euler a", "Heun", "DDIM"])
+def test_alone_latents_equal_diffusers_exactly(sd: LoadedModel, denoiser: Denoiser, scheduler: str) -> None:
+    expected = reference(sd, "txt2img", scheduler, call(1, negative_prompt="blurry"))
+    job = ours(sd, "txt2img", scheduler, call(1, negative_prompt="blurry"))
+    denoiser.run(job)
+    assert torch.equal(job.latents, expected)
+
+
+def test_several_images_eta_and_guidance_rescale(sd: LoadedModel, denoiser: Denoiser) -> None:
+    """DDIM with eta draws noise from each image's generator; guidance_rescale needs the conditional half."""
+
+    def kwargs() -> list[dict[str, Any]]:
+        return [call(4, images=2, eta=0.5), call(6, guidance_rescale=0.7, guidance_scale=9.0)]
+
+    expected = [reference(sd, "txt2img", "DDIM", k) for k in kwargs()]
+    jobs = [ours(sd, "txt2img", "DDIM", k) for k in kwargs()]
+    run_all(denoiser, jobs)
+    for job, want in zip(jobs, expected, strict=True):
+        assert job.latents.shape == want.shape
+        assert_batched_close(job.latents, want)
+
+
+def test_img2img_equals_diffusers(sd: LoadedModel, denoiser: Denoiser) -> None:
+    expected = reference(sd, "img2img", "Euler a", call(7, image=red_image(), strength=0.6))
+    job = ours(sd, "img2img", "Euler a", call(7, image=red_image(), strength=0.6))
+    assert job.steps == 2  # strength 0.6 of 4 steps, as diffusers counts them
+    denoiser.run(job)
+    assert torch.equal(job.latents, expected)
+
+
+def sdxl_calls() -> list[tuple[str, dict[str, Any]]]:
+    """SDXL txt2img with its micro-conditioning (negative sizes too), and img2img with an aesthetic score."""
+    sizes = {"original_size": (128, 128), "negative_original_size": (32, 32), "negative_target_size": (64, 64)}
+    return [("txt2img", call(8, **sizes)), ("img2img", call(9, image=red_image(), strength=0.7, aesthetic_score=7.0))]
+
+
+def half_masked() -> dict[str, Image.Image]:
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    return {"image": red_image(), "mask_image": mask}
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.75])
+def test_inpaint_equals_diffusers(models_dir: Path, sd: LoadedModel, denoiser: Denoiser, strength: float) -> None:
+    """Both kinds of inpainting: a 9-channel inpainting UNet, and the plain 4-channel one the pipeline blends."""
+    inpaint = _model(models_dir, "builtin/tiny-sd-inpaint")
+    for model in (inpaint, sd):
+        expected = [
+            reference(model, "inpaint", "DPM++ 2M", call(s, strength=strength, **half_masked())) for s in (1, 2)
+        ]
+        alone = ours(model, "inpaint", "DPM++ 2M", call(1, strength=strength, **half_masked()))
+        denoiser.run(alone)
+        assert torch.equal(alone.latents, expected[0])
+        jobs = [ours(model, "inpaint", "DPM++ 2M", call(s, strength=strength, **half_masked())) for s in (1, 2)]
+        run_all(denoiser, jobs)
+        for job, want in zip(jobs, expected, strict=True):
+            assert_batched_close(job.latents, want)
+
+
+@pytest.mark.parametrize("scheduler", [None, "DPM++ 2M", "Euler a"])
+def test_sdxl_txt2img_and_img2img_equal_diffusers(sdxl: LoadedModel, denoiser: Denoiser, scheduler: str | None) -> None:
+    expected = [reference(sdxl, task, scheduler, kwargs) for task, kwargs in sdxl_calls()]
+    alone = [ours(sdxl, task, scheduler, kwargs) for task, kwargs in sdxl_calls()]
+    for job, want in zip(alone, expected, strict=True):
+        denoiser.run(job)
+        assert torch.equal(job.latents, want)
+    together = [ours(sdxl, task, scheduler, kwargs) for task, kwargs in sdxl_calls()]
+    run_all(denoiser, together)
+    for job, want in zip(together, expected, strict=True):
+        assert_batched_close(job.latents, want)
+
+
+def test_finish_gives_the_pipelines_images(sd: LoadedModel, sdxl: LoadedModel, denoiser: Denoiser) -> None:
+    import numpy as np
+
+    for model in (sd, sdxl):
+        expected = pipe(model)(**call(10), output_type="pil").images[0]
+        job = ours(model, "txt2img", None, call(10))
+        denoiser.run(job)
+        image = denoise.finish(pipe(model), job, call(10)).images[0]
+        assert np.array_equal(np.asarray(image), np.asarray(expected))
+
+
+# --- which requests the loop takes ------------------------------------------------------------------------------
+
+
+def test_supports_only_what_it_reproduces(sd: LoadedModel, models_dir: Path) -> None:
+    txt2img = pipe(sd)
+    assert denoise.supports(txt2img, call(1))
+    assert denoise.supports(pipe(sd, "img2img"), call(1, image=red_image(), strength=0.5))
+    assert not denoise.supports(txt2img, call(1, output_type="latent"))
+    assert not denoise.supports(txt2img, call(1, timesteps=[999, 500]))
+    assert not denoise.supports(txt2img, call(1, cross_attention_kwargs={"scale": 0.5}))
+    inpaint = _model(models_dir, "builtin/tiny-sd-inpaint")
+    assert denoise.supports(pipe(inpaint, "inpaint"), call(1, image=red_image(), mask_image=red_image()))
+    assert not denoise.supports(pipe(inpaint, "inpaint"), call(1, image=red_image(), padding_mask_crop=8))
+    community = type("MyCommunityPipeline", (type(txt2img),), {})  # a subclass may change what __call__ does
+    assert not denoise.supports(object.__new__(community), call(1))
+
+
+# --- failures stay with their request ----------------------------------------------------------------------------
+
+
+def test_a_failing_scheduler_step_fails_only_its_request(sd: LoadedModel, denoiser: Denoiser) -> None:
+    expected = [reference(sd, "txt2img", None, call(s)) for s in (11, 13)]
+    jobs = [ours(sd, "txt2img", None, call(s)) for s in (11, 12, 13)]
+    original = jobs[1].scheduler.step
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        if jobs[1].step == 2:
+            raise RuntimeError("scheduler exploded")
+        return original(*args, **kwargs)
+
+    jobs[1].scheduler.step = broken
+    errors: list[BaseException] = []
+
+    def run(job: Job) -> None:
+        try:
+            denoiser.run(job)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert [str(e) for e in errors] == ["scheduler exploded"]
+    for job, want in zip([jobs[0], jobs[2]], expected, strict=True):
+        assert job.finished
+        assert_batched_close(job.latents, want)
+
+
+def test_a_failing_batched_forward_is_retried_request_by_request(sd: LoadedModel) -> None:
+    """E.g. a batch too big for the device's memory: each request then runs alone and still completes."""
+    from diffusers_api.engine.batcher import eager_forward
+
+    def small_batches_only(unet: Any, sample: torch.Tensor, *args: Any) -> Any:
+        if sample.shape[0] > 2:
+            raise RuntimeError("out of memory (simulated)")
+        return eager_forward(unet, sample, *args)
+
+    batcher = StepBatcher(forward=small_batches_only)
+    loop = Denoiser(batcher)
+    expected = [reference(sd, "txt2img", None, call(s)) for s in (14, 15)]
+    jobs = [ours(sd, "txt2img", None, call(s)) for s in (14, 15)]
+    try:
+        run_all(loop, jobs)
+    finally:
+        loop.stop()
+    assert max(batcher.stats.rows) == 2
+    for job, want in zip(jobs, expected, strict=True):
+        assert job.error is None
+        assert torch.equal(job.latents, want)  # each ran alone: exactly diffusers' result
+
+
+def test_cancel_stops_at_the_next_step_boundary(sd: LoadedModel, denoiser: Denoiser) -> None:
+    job = ours(sd, "txt2img", None, call(16, num_inference_steps=8))
+    job.cancel = threading.Event()
+    steps: list[int] = []
+
+    def progress(step: int, total: int) -> None:
+        steps.append(step)
+        if step == 4:
+            job.cancel.set()  # type: ignore[union-attr]
+
+    job.progress = progress
+    with pytest.raises(Cancelled, match="after step 4"):
+        denoiser.run(job)
+    assert steps == [1, 2, 3, 4]
+    assert denoiser.active == 0
+
+
+def test_stop_fails_waiting_requests_instead_of_hanging(sd: LoadedModel) -> None:
+    loop = Denoiser(StepBatcher())
+    loop.stop()
+    with pytest.raises(NotReady):
+        loop.run(ours(sd, "txt2img", None, call(17)))
