@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
+import types
 from collections.abc import Iterator
 
 import pytest
@@ -189,6 +191,21 @@ def test_health_endpoints(
     assert client.get("/health").json()["status"] == state.value
     assert client.get("/ping").status_code == ping_status
     assert client.get("/healthcheck").status_code == healthcheck_status
+
+
+def test_probes_leave_a_half_imported_torch_alone(
+    engine: FakeEngine, client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server answers while the engine's thread imports torch (tests/unit/test_startup.py): a probe must not
+    touch the half-made module, nor import torch on the event loop (that would wait for the whole import)."""
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))  # mid-import: no `cuda` yet
+    engine.health = Health.STARTING
+    health = client.get("/health")
+    assert health.status_code == 503
+    assert health.json()["status"] == "STARTING"
+    check = client.get("/healthcheck")
+    assert check.status_code == 503
+    assert check.json() == {"state": "starting", "gpu": None}
 
 
 def test_setup_error_is_reported(engine: FakeEngine, client: TestClient) -> None:

@@ -101,7 +101,8 @@ async def health(request: Request) -> JSONResponse:
     denoiser = getattr(engine, "denoiser", None)
     if denoiser is not None:
         body["batching"]["loop"] = denoiser.stats.summary()
-    memory = device_memory()
+    # While the model loads, the engine's thread may be half-way through importing torch: leave it alone.
+    memory = device_memory() if state is not Health.STARTING else None
     if memory is not None:
         body["device_memory"] = memory
     return JSONResponse(body, status_code=200 if state in _SERVING else 503)
@@ -115,12 +116,21 @@ def _compile_summary(batcher: Any) -> dict[str, Any]:
 
 @health_router.get("/healthcheck", summary="docker-diffusers-api health check")
 async def healthcheck(request: Request) -> JSONResponse:
-    import torch
-
     state = _engine(request).health
     serving = state in _SERVING
-    body = {"state": "healthy" if serving else state.value.lower(), "gpu": torch.cuda.is_available()}
+    body = {"state": "healthy" if serving else state.value.lower(), "gpu": _gpu(state)}
     return JSONResponse(body, status_code=200 if serving else 503)
+
+
+def _gpu(state: Health) -> bool | None:
+    """Whether a CUDA device is available; None (unknown yet) while the model loads. The server answers probes
+    before torch is imported, on the engine's thread: importing it here would block the event loop until that
+    import is done, and a half-imported torch has no `cuda` yet."""
+    if state is Health.STARTING:
+        return None
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 @health_router.get("/ping", summary="RunPod load-balancer probe: 200 ready, 204 initializing")
