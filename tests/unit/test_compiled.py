@@ -1,7 +1,7 @@
 """CompiledForward over a toy UNet with fast dynamo backends: compiling never blocks a step, the eager path serves
 until a shape is compiled, a cold cache is filled elsewhere instead of tracing in the server, failures stay
 eager, evicted UNets are freed. The real inductor and the compiling process run in
-tests/integration/test_compiled.py and bench/compile_bench.py."""
+tests/integration/test_compiled_models.py and bench/compile_bench.py."""
 
 from __future__ import annotations
 
