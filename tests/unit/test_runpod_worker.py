@@ -104,7 +104,10 @@ def test_progress_goes_to_runpod_throttled_by_callback_steps() -> None:
     progress = ProgressLog()
     job = {"modelInputs": {"prompt": "grass", "callback_steps": 2}, "callInputs": {}}
     run_job(FakeEngine(steps=6), job, progress)
-    assert progress.updates == [("job-1", {"stage": "inference", "step": step, "steps": 6}) for step in (2, 4, 6)]
+    assert [job_id for job_id, _ in progress.updates] == ["job-1"] * 3
+    updates = [update for _, update in progress.updates]
+    assert [(u["stage"], u["step"], u["steps"]) for u in updates] == [("inference", step, 6) for step in (2, 4, 6)]
+    assert all(u["eta_s"] >= 0 for u in updates)  # the seconds left, at the pace so far
 
 
 def test_concurrent_jobs_all_complete() -> None:
