@@ -25,8 +25,8 @@ installed as a submodule", pytorch#112775). Hence:
 - With CUDA graphs the base forward pads a batch up to its bucket and captures the call: it is given the
   compiled UNet once the bucket's shape is ready, so the graph it captures replays inductor's kernels.
   (Inductor's own CUDA graphs, mode="reduce-overhead", are not used: they record one graph per distinct batch
-  and belong to the thread that recorded them, while our steps run on whichever request thread completes a
-  round.)
+  and belong to the thread that recorded them, while our steps run on the denoising loop's thread or on
+  whichever thread completes a rendezvous round.)
 - Compiling can only make a step faster, never fail it: a compile that fails logs a warning and no new shape
   is compiled after it; a shape dynamo will not compile, or that runs out of memory, stays eager; a compiled
   step that raises is rerun eagerly.
