@@ -346,10 +346,10 @@ def test_compile_is_off_by_default_and_caches_default_under_models_dir(
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/untouched")  # restored after the test
     monkeypatch.delenv("COMPILE", raising=False)
     plain = make_engine(Settings(models_dir=tmp_path, compile_cache_dir=None))
-    assert isinstance(plain.batcher._forward, CudaGraphForward)  # type: ignore[attr-defined]
+    assert isinstance(plain.batcher.forward, CudaGraphForward)  # type: ignore[attr-defined]
 
     engine = make_engine(Settings(models_dir=tmp_path, compile=True, compile_cache_dir=None))
-    forward = engine.batcher._forward  # type: ignore[attr-defined]
+    forward = engine.batcher.forward  # type: ignore[attr-defined]
     assert isinstance(forward, CompiledForward)
     assert isinstance(forward.base, CudaGraphForward)
     assert forward.mode == "default"

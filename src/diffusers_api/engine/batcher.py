@@ -86,7 +86,7 @@ class StepBatcher:
     """The rendezvous of UNet calls from concurrent denoising loops."""
 
     def __init__(self, forward: UNetForward | None = None, max_wait_s: float = 0.25) -> None:
-        self._forward = forward or eager_forward
+        self.forward = forward or eager_forward  # how a merged group's UNet step runs
         self.max_wait_s = max_wait_s
         self._cond = threading.Condition()
         self._participants = 0
@@ -185,7 +185,7 @@ class StepBatcher:
         timesteps = torch.cat([_timesteps(call) for call in group])
         hidden = torch.cat([call.kwargs["encoder_hidden_states"] for call in group])
         added = _cat_added([call.kwargs.get("added_cond_kwargs") for call in group])
-        output = self._forward(first.unet, sample, timesteps, hidden, added)
+        output = self.forward(first.unet, sample, timesteps, hidden, added)
         self.stats.record(int(sample.shape[0]))
         return list(torch.split(output, [call.rows for call in group]))
 

@@ -244,11 +244,9 @@ def _prepare_sd(pipe: Any, args: dict[str, Any], task: str) -> Job:
 def _prepare_inpaint(pipe: Any, args: dict[str, Any], images: int, hidden: Any, device: Any) -> Job:
     """StableDiffusionInpaintPipeline's steps 4 to 6: timesteps, init image, noise, mask and masked image."""
     import torch
-    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
     height, width, generator = args["height"], args["width"], args["generator"]
-    timesteps, steps = retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device)
-    timesteps, steps = pipe.get_timesteps(num_inference_steps=steps, strength=args["strength"], device=device)
+    timesteps, steps = _timesteps(pipe, args, "inpaint", device)
     if steps < 1:
         raise ValueError(f"strength {args['strength']} leaves {steps} denoising steps; at least one is needed")
     init_image = pipe.image_processor.preprocess(args["image"], height=height, width=width).to(dtype=torch.float32)
@@ -348,18 +346,27 @@ def _sdxl_time_ids(
     return time_ids.repeat(images, 1), negative.repeat(images, 1)
 
 
-def _initial_latents(pipe: Any, args: dict[str, Any], task: str, images: int, dtype: Any, device: Any) -> Any:
-    """(timesteps, latents): pure noise for txt2img; the noised init image for img2img."""
+def _timesteps(pipe: Any, args: dict[str, Any], task: str, device: Any) -> tuple[Any, int]:
+    """(timesteps, steps) as the pipeline sets them: the whole schedule for txt2img; with a strength (img2img,
+    inpainting), the tail of it that is denoised, the scheduler's begin index set to match."""
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
     timesteps, steps = retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device)
+    if task == "txt2img":
+        return timesteps, steps
+    tail: tuple[Any, int] = pipe.get_timesteps(steps, args["strength"], device)
+    return tail
+
+
+def _initial_latents(pipe: Any, args: dict[str, Any], task: str, images: int, dtype: Any, device: Any) -> Any:
+    """(timesteps, latents): pure noise for txt2img; the noised init image for img2img."""
+    timesteps, _ = _timesteps(pipe, args, task, device)
     generator = args["generator"]
     if task == "txt2img":
         channels = pipe.unet.config.in_channels
         height, width = args["height"], args["width"]
         return timesteps, pipe.prepare_latents(images, channels, height, width, dtype, device, generator)
     image = pipe.image_processor.preprocess(args["image"])
-    timesteps, steps = pipe.get_timesteps(steps, args["strength"], device)
     start = timesteps[:1].repeat(images)
     batch = _batch_size(args["prompt"])
     latents = pipe.prepare_latents(image, start, batch, args["num_images_per_prompt"], dtype, device, generator)

@@ -115,8 +115,7 @@ class Denoiser:
             if self._stopped:
                 self._fail([*self._active, *self._inbox], NotReady("the server is stopping", state="STOPPING"))
                 self._active, self._inbox = [], []
-                if self._joined:
-                    self.batcher.leave()
+                self._participate(False)
                 return False
             self._active.extend(self._inbox)
             self._inbox.clear()

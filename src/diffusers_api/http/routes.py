@@ -110,7 +110,7 @@ async def health(request: Request) -> JSONResponse:
 
 def _compile_summary(batcher: Any) -> dict[str, Any]:
     """torch.compile's progress (COMPILE=1): waiting, compiling, ready or failed; off otherwise."""
-    forward = getattr(batcher, "_forward", None)  # the StepBatcher's forward (not public yet)
+    forward = getattr(batcher, "forward", None)
     return forward.summary() if isinstance(forward, CompiledForward) else {"state": "off"}
 
 
