@@ -292,3 +292,17 @@ def test_stop_fails_waiting_requests_instead_of_hanging(sd: LoadedModel) -> None
     loop.stop()
     with pytest.raises(NotReady):
         loop.run(ours(sd, "txt2img", None, call(17)))
+
+
+def test_a_failed_round_leaves_the_rendezvous(sd: LoadedModel) -> None:
+    """After a round fails outright, the idle loop must not stay a participant that others wait for."""
+    batcher = StepBatcher()
+    loop = Denoiser(batcher)
+    job = ours(sd, "txt2img", None, call(18))
+    job.key = lambda: (_ for _ in ()).throw(RuntimeError("grouping exploded"))  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RuntimeError, match="grouping exploded"):
+            loop.run(job)
+        assert batcher.participants == 0
+    finally:
+        loop.stop()

@@ -102,8 +102,9 @@ class Denoiser:
                     self._round()
                 except BaseException as exc:  # a bug here must fail the requests, never leave them waiting
                     log.exception("denoising loop round failed")
-                    self._fail(self._active, exc)
-                    self._active = []
+                    failed, self._active = self._active, []
+                    self._participate(False)  # idle: requests on diffusers' loop must not wait for us
+                    self._fail(failed, exc)
                     if not isinstance(exc, Exception):
                         raise
 
