@@ -113,6 +113,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest accepted request body")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Largest input or output image")
     max_queue: int = Field(64, ge=1, description="Requests waiting beyond this get BUSY (503)")
+    jobs_ttl_s: float = Field(600.0, gt=0, description="How long a finished /v1/jobs job stays readable")
+    jobs_kept: int = Field(100, ge=1, le=100_000, description="Finished jobs kept at most; the oldest go first")
 
     # --- engine --------------------------------------------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, le=256, description="Images denoised together; 1: one request at a time")

@@ -10,6 +10,7 @@
     ├── ModelNotFound                 MODEL_NOT_FOUND      404
     ├── ModelMismatch                 MODEL_MISMATCH       404  (+ requested, available)
     ├── NoSuchPipeline                NO_SUCH_PIPELINE     404  (+ requested, available)
+    ├── NoSuchJob                     NO_SUCH_JOB          404  (unknown, or finished and forgotten)
     ├── NotReady                      NOT_READY            503
     ├── Busy                          BUSY                 503
     ├── Cancelled                     CANCELLED            409
@@ -89,6 +90,11 @@ class ModelMismatch(DiffusersAPIError):
 
 class NoSuchPipeline(DiffusersAPIError):
     code = "NO_SUCH_PIPELINE"
+    status = 404
+
+
+class NoSuchJob(DiffusersAPIError):
+    code = "NO_SUCH_JOB"
     status = 404
 
 

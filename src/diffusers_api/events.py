@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import DiffusersAPIError, from_exception
+from .errors import Cancelled, DiffusersAPIError, from_exception
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -198,6 +198,7 @@ class RequestEvents:
     stage: str = "inference"
     clock: Callable[[], float] = time.monotonic
     _first_step: tuple[float, int] | None = None  # (time, step) of the first progress report, for the ETA
+    latest: dict[str, Any] | None = None  # the newest progress (step, steps, eta_s), unthrottled
 
     def emit(self, type_: str, status: str, **payload: Any) -> None:
         event: Event = {
@@ -218,8 +219,9 @@ class RequestEvents:
         """The runner's progress callback (called on the device thread): step, steps and, from the second
         step on, `eta_s`, the seconds the remaining steps will take at the pace seen so far."""
         eta = self._eta(step, steps)
+        extra = {} if eta is None else {"eta_s": eta}
+        self.latest = {"stage": self.stage, "step": step, "steps": steps, **extra}
         if self.throttle.should_emit(step, steps):
-            extra = {} if eta is None else {"eta_s": eta}
             self.emit(self.stage, "progress", stage=self.stage, step=step, steps=steps, **extra)
 
     def _eta(self, step: int, steps: int) -> float | None:
@@ -287,11 +289,17 @@ async def start_engine(engine: Engine, events: RequestEvents) -> None:
         events.emit("init", "done", timings={"init": elapsed})
 
 
-async def generate(engine: Engine, request: GenerateRequest, events: RequestEvents) -> GenerateResult:
-    """Run one request on the engine, reporting `inference` start, throttled progress, and done or error."""
+async def generate(
+    engine: Engine, request: GenerateRequest, events: RequestEvents, on_start: Callable[[], None] | None = None
+) -> GenerateResult:
+    """Run one request on the engine, reporting `inference` start, throttled progress, and done or error.
+    `on_start` is called (on the engine's thread) when the request leaves the queue and starts running."""
     events.emit("inference", "start")
     try:
-        result = await engine.submit(request, events.progress)
+        result = await engine.submit(request, events.progress, on_start)
+    except asyncio.CancelledError:  # the client left, or the job was cancelled: the request stops too
+        events.emit("inference", "error", error=Cancelled("request cancelled").to_wire())
+        raise
     except Exception as exc:
         events.emit("inference", "error", error=from_exception(exc).to_wire())
         raise

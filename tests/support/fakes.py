@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -27,7 +28,8 @@ class FakeEngine:
     health: Health = Health.READY
     setup_error: str | None = None
     fail_with: DiffusersAPIError | None = None
-    delay_s: float = 0.0
+    queued_s: float = 0.0  # time in the queue, before on_start
+    delay_s: float = 0.0  # time running, before the steps are reported
     steps: int = 0  # denoising steps reported to the progress callback (from a thread, as the real engine does)
     requests: list[GenerateRequest] = field(default_factory=list)
     queue_depth: int = 0
@@ -39,8 +41,17 @@ class FakeEngine:
     async def stop(self) -> None:
         pass
 
-    async def submit(self, request: GenerateRequest, progress: ProgressCallback | None = None) -> GenerateResult:
+    async def submit(
+        self,
+        request: GenerateRequest,
+        progress: ProgressCallback | None = None,
+        on_start: Callable[[], None] | None = None,
+    ) -> GenerateResult:
         self.requests.append(request)
+        if self.queued_s:
+            await asyncio.sleep(self.queued_s)
+        if on_start is not None:
+            await asyncio.to_thread(on_start)  # on another thread, as the real engines call it
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if progress is not None and self.steps:

@@ -148,6 +148,32 @@ def test_generate_reports_an_error_and_raises_it() -> None:
     assert seen[-1]["payload"]["error"]["code"] == "PIPELINE_ERROR"
 
 
+def test_a_cancelled_request_reports_cancelled_to_the_webhook() -> None:
+    """A client that leaves (or a cancelled job) must not leave the webhook receiver waiting for an end."""
+    seen: list[Event] = []
+
+    async def main() -> None:
+        task = asyncio.create_task(
+            generate(FakeEngine(delay_s=5), GenerateRequest(prompt="p"), RequestEvents([seen.append], "c"))
+        )
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert [event["status"] for event in seen] == ["start", "error"]
+    assert seen[-1]["payload"]["error"]["code"] == "CANCELLED"
+
+
+def test_progress_keeps_the_latest_step_unthrottled() -> None:
+    events = RequestEvents([], "c", throttle=ProgressThrottle(min_interval_s=60))
+    for step in range(1, 4):
+        events.progress(step, 10)
+    assert events.latest is not None
+    assert (events.latest["step"], events.latest["steps"]) == (3, 10)
+
+
 def test_the_request_send_url_and_key_override_the_settings() -> None:
     sent: list[tuple[str, str | None]] = []
 

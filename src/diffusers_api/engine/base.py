@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from ..errors import DiffusersAPIError, NotReady
@@ -44,8 +46,14 @@ class Engine(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def submit(self, request: GenerateRequest, progress: ProgressCallback | None = None) -> GenerateResult:
-        """Queue a request and wait for its result. Cancelling the awaiting task cancels the request."""
+    async def submit(
+        self,
+        request: GenerateRequest,
+        progress: ProgressCallback | None = None,
+        on_start: Callable[[], None] | None = None,
+    ) -> GenerateResult:
+        """Queue a request and wait for its result. Cancelling the awaiting task cancels the request.
+        `on_start` is called, on the engine's thread, when the request leaves the queue and starts running."""
         ...
 
 
@@ -85,6 +93,18 @@ class EngineLifecycle:
 
     async def stop(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _execute(
+        self,
+        request: GenerateRequest,
+        progress: ProgressCallback | None,
+        cancel: threading.Event,
+        on_start: Callable[[], None] | None,
+    ) -> GenerateResult:
+        """What an engine's thread runs for one request."""
+        if on_start is not None:
+            on_start()
+        return self.runner.run(request, progress, cancel)
 
     def _check_ready(self) -> None:
         if self._health is not Health.READY:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -49,7 +50,12 @@ class BatchingEngine(EngineLifecycle):
     def queue_depth(self) -> int:
         return self._running + len(self._waiting)
 
-    async def submit(self, request: GenerateRequest, progress: ProgressCallback | None = None) -> GenerateResult:
+    async def submit(
+        self,
+        request: GenerateRequest,
+        progress: ProgressCallback | None = None,
+        on_start: Callable[[], None] | None = None,
+    ) -> GenerateResult:
         self._check_ready()
         if len(self._waiting) >= self.max_queue:
             raise Busy(f"{len(self._waiting)} requests are waiting; try again shortly", queue_depth=len(self._waiting))
@@ -59,7 +65,7 @@ class BatchingEngine(EngineLifecycle):
         self._running += 1
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self.runner.run, request, progress, cancel)
+            return await loop.run_in_executor(self._executor, self._execute, request, progress, cancel, on_start)
         except asyncio.CancelledError:
             cancel.set()  # the client left: its loop stops at the next step boundary and frees its rows
             raise

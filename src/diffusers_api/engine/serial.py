@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,12 @@ class SerialEngine(EngineLifecycle):
     def queue_depth(self) -> int:
         return self._pending
 
-    async def submit(self, request: GenerateRequest, progress: ProgressCallback | None = None) -> GenerateResult:
+    async def submit(
+        self,
+        request: GenerateRequest,
+        progress: ProgressCallback | None = None,
+        on_start: Callable[[], None] | None = None,
+    ) -> GenerateResult:
         self._check_ready()
         if self._pending >= self.max_queue:
             raise Busy(f"{self._pending} requests are waiting; try again shortly", queue_depth=self._pending)
@@ -38,7 +44,7 @@ class SerialEngine(EngineLifecycle):
         self._pending += 1
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self.runner.run, request, progress, cancel)
+            return await loop.run_in_executor(self._executor, self._execute, request, progress, cancel, on_start)
         except asyncio.CancelledError:
             cancel.set()  # the client left: stop at the next step (a queued request never starts)
             raise

@@ -39,6 +39,9 @@ def create_app(settings: Settings, engine: Engine | None = None, events: EventHu
 
         engine = make_engine(settings)
     hub = events or EventHub(settings)
+    from .jobs import JobStore
+
+    jobs = JobStore(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,6 +51,7 @@ def create_app(settings: Settings, engine: Engine | None = None, events: EventHu
         loading = asyncio.create_task(start_engine(engine, hub.for_boot()))
         yield
         loading.cancel()
+        jobs.cancel_all()
         await engine.stop()
 
     app = FastAPI(
@@ -59,13 +63,16 @@ def create_app(settings: Settings, engine: Engine | None = None, events: EventHu
     app.state.settings = settings
     app.state.engine = engine
     app.state.events = hub
+    app.state.jobs = jobs
     _add_middleware(app, settings)
     _add_error_handlers(app, settings)
 
+    from . import jobs as jobs_api
     from . import legacy, routes
 
     app.include_router(routes.health_router)
     app.include_router(routes.router)
+    app.include_router(jobs_api.router)
     app.include_router(legacy.router)
     return app
 

@@ -1,0 +1,273 @@
+"""Jobs (`/v1/jobs`): queue a request, then poll its status and progress, stream its events, or cancel it.
+
+A job is the same request as `POST /v1/generate`, run by the same path (`events.generate`, so webhooks and
+the batching engine behave the same), in a task of the server's event loop instead of inside an HTTP request:
+
+    POST   /v1/jobs              -> 202 {"id", "status": "IN_QUEUE", ...}, Location: /v1/jobs/{id}
+    GET    /v1/jobs/{id}         -> status (IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELLED), progress
+                                    (stage, step, steps, eta_s) and, once COMPLETED, the images
+    DELETE /v1/jobs/{id}         -> cancels: a queued job never starts, a running one stops at the next
+                                    denoising step and frees its rows of the batch
+    GET    /v1/jobs/{id}/events  -> server-sent events: the status, each event of the job, the final status
+
+Jobs live in this process's memory: a restart forgets them. A finished job stays readable for JOBS_TTL_S, and
+at most JOBS_KEPT finished jobs are kept (the oldest go first); after that its id answers NO_SUCH_JOB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .. import events
+from ..engine import Health
+from ..errors import Busy, Cancelled, DiffusersAPIError, InvalidInputs, NoSuchJob, NotReady, from_exception
+from ..schema import (
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    GenerateResult,
+    JobProgress,
+    JobState,
+    JobStatus,
+)
+from .app import require_api_key
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..engine import Engine
+    from ..events import Event, EventHub, EventQueue, RequestEvents
+
+KEEP_ALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
+_TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
+_END = {"type": "job", "status": "end"}  # handed to watchers once the job has ended
+
+
+@dataclass(eq=False)
+class Job:
+    id: str
+    request: GenerateRequest
+    events: RequestEvents
+    status: JobState = "IN_QUEUE"
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: GenerateResult | None = None
+    error: DiffusersAPIError | None = None
+    task: asyncio.Task[None] | None = None
+    watchers: list[EventQueue] = field(default_factory=list)
+    clock: Callable[[], float] = time.monotonic
+    ended: float | None = None  # clock() at the end, for expiry
+
+    @property
+    def finished(self) -> bool:
+        return self.status in _TERMINAL
+
+    def publish(self, event: Event) -> None:
+        """A sink of the job's events (any thread): every watcher of /events gets it."""
+        for watcher in list(self.watchers):
+            watcher(event)
+
+    def start(self) -> None:
+        """On the event loop: the engine took the request off its queue."""
+        if self.status == "IN_QUEUE":
+            self.status, self.started_at = "IN_PROGRESS", time.time()
+
+    def end(
+        self, status: JobState, result: GenerateResult | None = None, error: DiffusersAPIError | None = None
+    ) -> None:
+        """On the event loop. The first end wins: a job cancelled while its result was on the way stays
+        CANCELLED."""
+        if self.finished:
+            return
+        self.status, self.result, self.error = status, result, error
+        self.finished_at, self.ended = time.time(), self.clock()
+        self.publish(_END)
+
+    def describe(self, with_result: bool = True) -> dict[str, Any]:
+        body = JobStatus(
+            id=self.id,
+            status=self.status,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            progress=JobProgress(**self._progress()),
+            result=GenerateResponse.from_result(self.result) if with_result and self.result else None,
+            error=self.error.to_wire() if self.error else None,
+        )
+        return body.model_dump(exclude_none=True)
+
+    def _progress(self) -> dict[str, Any]:
+        latest = dict(self.events.latest or {})
+        if self.status == "COMPLETED":
+            stage = "done"
+        elif self.status == "IN_QUEUE" or self.started_at is None:
+            stage = "queued"
+        elif not latest:
+            stage = "starting"
+        else:
+            stage = "finishing" if latest["step"] >= latest["steps"] else "inference"
+        latest["stage"] = stage
+        if self.finished:
+            latest.pop("eta_s", None)
+        return latest
+
+
+class JobStore:
+    """The jobs of this process, oldest first."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s = settings.jobs_ttl_s
+        self.kept = settings.jobs_kept
+        self.capacity = settings.max_queue + settings.max_batch_size  # unfinished jobs, like the engine's bound
+        self.clock = clock
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+
+    def submit(self, engine: Engine, hub: EventHub, request: GenerateRequest) -> Job:
+        if request.stream_events:
+            raise InvalidInputs("stream_events does not apply to jobs: read GET /v1/jobs/{id}/events instead")
+        if engine.health not in (Health.READY, Health.BUSY):
+            raise NotReady(f"the server is {engine.health.value.lower()}", state=engine.health.value)
+        self._forget_old()
+        unfinished = sum(not job.finished for job in self._jobs.values())
+        if unfinished >= self.capacity:
+            raise Busy(f"{unfinished} jobs are queued or running; try again shortly", queue_depth=unfinished)
+        job_id = uuid.uuid4().hex
+        if request.request_id is None:  # events and meta carry the job's id
+            request = request.model_copy(update={"request_id": job_id})
+        job = Job(job_id, request, hub.for_request(request), clock=self.clock)
+        job.events.sinks.append(job.publish)
+        job.task = asyncio.create_task(self._run(job, engine), name=f"job-{job_id}")
+        self._jobs[job_id] = job
+        return job
+
+    def get(self, job_id: str) -> Job:
+        self._forget_old()
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise NoSuchJob(f"no job {job_id!r}: unknown, or finished more than JOBS_TTL_S ago", job_id=job_id)
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued or running job; a finished one is left as it is."""
+        job = self.get(job_id)
+        if not job.finished and job.task is not None:
+            job.task.cancel()  # the engine sets the request's cancel flag: it stops at the next step
+            job.end("CANCELLED", error=Cancelled(f"job {job_id} was cancelled", step=_step(job)))
+        return job
+
+    def cancel_all(self) -> None:
+        for job in self._jobs.values():
+            if job.task is not None and not job.finished:
+                job.task.cancel()
+
+    async def _run(self, job: Job, engine: Engine) -> None:
+        loop = asyncio.get_running_loop()
+
+        def on_start() -> None:  # on the engine's thread
+            loop.call_soon_threadsafe(job.start)
+
+        try:
+            result = await events.generate(engine, job.request, job.events, on_start)
+        except asyncio.CancelledError:
+            job.end("CANCELLED", error=Cancelled(f"job {job.id} was cancelled", step=_step(job)))
+        except Exception as exc:
+            job.end("FAILED", error=from_exception(exc))
+        else:
+            job.start()  # the start may still be on its way from the engine's thread
+            job.end("COMPLETED", result=result)
+
+    def _forget_old(self) -> None:
+        now = self.clock()
+        finished = [job for job in self._jobs.values() if job.ended is not None]
+        excess = len(finished) - self.kept
+        for job in finished:  # oldest first
+            if excess > 0 or now - job.ended > self.ttl_s:  # type: ignore[operator]
+                del self._jobs[job.id]
+                excess -= 1
+
+
+def _step(job: Job) -> int:
+    return int((job.events.latest or {}).get("step", 0))
+
+
+# --- routes --------------------------------------------------------------------------------------------------
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
+_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (401, 404, 422, 503)}
+
+
+def _store(request: Request) -> JobStore:
+    store: JobStore = request.app.state.jobs
+    return store
+
+
+@router.post("", status_code=202, response_model=JobStatus, responses=_ERRORS, summary="Queue a request as a job")
+async def create_job(body: GenerateRequest, request: Request) -> JSONResponse:
+    """Queues the same request as POST /v1/generate and answers at once with the job's id (also in
+    `Location`). Input errors the request's fields show are refused here (422); those found when it runs
+    (an unknown model or pipeline, a bad image) end the job FAILED with the same error body."""
+    state = request.app.state
+    job = _store(request).submit(state.engine, state.events, body)
+    return JSONResponse(job.describe(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@router.get("/{job_id}", response_model=JobStatus, responses=_ERRORS, summary="A job's status and result")
+async def get_job(job_id: str, request: Request) -> JSONResponse:
+    return JSONResponse(_store(request).get(job_id).describe())
+
+
+@router.delete("/{job_id}", response_model=JobStatus, responses=_ERRORS, summary="Cancel a job")
+async def cancel_job(job_id: str, request: Request) -> JSONResponse:
+    """A queued job never starts; a running one stops at the next denoising step, and the others in its
+    batch go on. Cancelling a finished job changes nothing. Answers the job's status."""
+    return JSONResponse(_store(request).cancel(job_id).describe())
+
+
+@router.get(
+    "/{job_id}/events",
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    summary="Server-sent events of a job",
+)
+async def job_events(job_id: str, request: Request) -> StreamingResponse:
+    """`event: status` with the job's status first, then `event: event` for each event of the job (the
+    webhook events: start, throttled progress, done or error), and `event: status` with the final status
+    (and the result) once it ends; then the stream closes. Closing the stream does not cancel the job."""
+    from ..events import EventQueue
+
+    job = _store(request).get(job_id)
+    watcher = EventQueue()
+    job.watchers.append(watcher)
+    return StreamingResponse(_sse(job, watcher), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _sse(job: Job, watcher: EventQueue) -> AsyncIterator[bytes]:
+    try:
+        yield _sse_message("status", job.describe(with_result=False))
+        # Events reach the queue in the order they happened, the end last (events.EventQueue), so every event
+        # of the job is streamed before its final status.
+        while not job.finished or not watcher.queue.empty():
+            try:
+                event = await asyncio.wait_for(watcher.queue.get(), KEEP_ALIVE_S)
+            except TimeoutError:
+                yield b": keep-alive\n\n"
+                continue
+            if event is _END:
+                break
+            yield _sse_message("event", event)
+        yield _sse_message("status", job.describe())
+    finally:
+        job.watchers.remove(watcher)
+
+
+def _sse_message(name: str, data: Any) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
