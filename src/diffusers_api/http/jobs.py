@@ -55,7 +55,7 @@ _END = {"type": "job", "status": "end"}  # handed to watchers once the job has e
 @dataclass(eq=False)
 class Job:
     id: str
-    request: GenerateRequest
+    request: GenerateRequest | None  # dropped once the job ends: input images can be large
     events: RequestEvents
     status: JobState = "IN_QUEUE"
     created_at: float = field(default_factory=time.time)
@@ -89,7 +89,7 @@ class Job:
         CANCELLED."""
         if self.finished:
             return
-        self.status, self.result, self.error = status, result, error
+        self.status, self.result, self.error, self.request = status, result, error, None
         self.finished_at, self.ended = time.time(), self.clock()
         self.publish(_END)
 
@@ -146,7 +146,7 @@ class JobStore:
             request = request.model_copy(update={"request_id": job_id})
         job = Job(job_id, request, hub.for_request(request), clock=self.clock)
         job.events.sinks.append(job.publish)
-        job.task = asyncio.create_task(self._run(job, engine), name=f"job-{job_id}")
+        job.task = asyncio.create_task(self._run(job, engine, request), name=f"job-{job_id}")
         self._jobs[job_id] = job
         return job
 
@@ -170,14 +170,14 @@ class JobStore:
             if job.task is not None and not job.finished:
                 job.task.cancel()
 
-    async def _run(self, job: Job, engine: Engine) -> None:
+    async def _run(self, job: Job, engine: Engine, request: GenerateRequest) -> None:
         loop = asyncio.get_running_loop()
 
         def on_start() -> None:  # on the engine's thread
             loop.call_soon_threadsafe(job.start)
 
         try:
-            result = await events.generate(engine, job.request, job.events, on_start)
+            result = await events.generate(engine, request, job.events, on_start)
         except asyncio.CancelledError:
             job.end("CANCELLED", error=Cancelled(f"job {job.id} was cancelled", step=_step(job)))
         except Exception as exc:
