@@ -9,6 +9,7 @@ measured: at most 4e-7).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -248,12 +249,12 @@ def test_a_failing_scheduler_step_fails_only_its_request(sd: LoadedModel, denois
 
 
 def test_a_failing_batched_forward_is_retried_request_by_request(sd: LoadedModel) -> None:
-    """E.g. a batch too big for the device's memory: each request then runs alone and still completes."""
+    """A batched forward that fails for another reason than memory: each request then runs alone."""
     from diffusers_api.engine.batcher import eager_forward
 
     def small_batches_only(unet: Any, sample: torch.Tensor, *args: Any) -> Any:
         if sample.shape[0] > 2:
-            raise RuntimeError("out of memory (simulated)")
+            raise RuntimeError("no kernel for this batch (simulated)")
         return eager_forward(unet, sample, *args)
 
     batcher = StepBatcher(forward=small_batches_only)
@@ -268,6 +269,46 @@ def test_a_failing_batched_forward_is_retried_request_by_request(sd: LoadedModel
     for job, want in zip(jobs, expected, strict=True):
         assert job.error is None
         assert torch.equal(job.latents, want)  # each ran alone: exactly diffusers' result
+
+
+def test_a_batch_too_big_for_memory_is_split_and_capped_until_idle(sd: LoadedModel) -> None:
+    from diffusers_api.engine.batcher import eager_forward
+
+    attempts: list[int] = []
+
+    def four_rows_fit(unet: Any, sample: torch.Tensor, *args: Any) -> Any:
+        attempts.append(int(sample.shape[0]))
+        if sample.shape[0] > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return eager_forward(unet, sample, *args)
+
+    batcher = StepBatcher(forward=four_rows_fit)
+    loop = Denoiser(batcher)
+    seeds = (20, 21, 22, 23)
+    expected = [reference(sd, "txt2img", None, call(s, num_inference_steps=6)) for s in seeds]
+    try:
+        for burst in (1, 2):
+            jobs = [ours(sd, "txt2img", None, call(s, num_inference_steps=6)) for s in seeds]
+            run_all(loop, jobs)
+            for job, want in zip(jobs, expected, strict=True):
+                assert job.error is None
+                assert_batched_close(job.latents, want)
+            # one failed attempt per burst: after it, the group's forwards stay under the cap
+            assert loop.stats.out_of_memory == burst
+            assert sum(rows > 4 for rows in attempts) == burst
+            assert max(batcher.stats.rows) <= 4
+            assert wait_until(lambda: loop.stats.row_cap is None)  # idle: the cap is forgotten
+    finally:
+        loop.stop()
+
+
+def wait_until(condition: Any, timeout_s: float = 10) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_cancel_stops_at_the_next_step_boundary(sd: LoadedModel, denoiser: Denoiser) -> None:

@@ -104,6 +104,11 @@ class Job:
         return int(self.latents.shape[0])
 
     @property
+    def rows(self) -> int:
+        """Rows of this job in a UNet forward: two per image with classifier-free guidance."""
+        return self.images * (2 if self.guided else 1)
+
+    @property
     def steps(self) -> int:
         return len(self.timesteps)
 

@@ -14,8 +14,10 @@ Requests arrive as `Job`s (engine/denoise.py), prepared on their own threads. Ea
    request thread decodes the image while the loop goes on with the others.
 
 Every job steps in every round, so none starves; how many images are in flight at once is bounded by the
-engine's admission (MAX_BATCH_SIZE). A failing forward is retried job by job, so one bad request (or a batch
-too big for the device's memory) fails only what has to fail.
+engine's admission (MAX_BATCH_SIZE), and how many rows one forward takes by the device's memory: a forward
+that runs out of memory is split in halves, and the group's forwards stay capped at the rows that fit until
+the loop next goes idle (then memory may have been freed, and the cap is learned again). Any other failing
+forward is retried job by job, so one bad request fails only itself.
 """
 
 from __future__ import annotations
@@ -43,14 +45,18 @@ class LoopStats:
     jobs: int = 0  # jobs that entered the loop
     job_steps: int = 0  # sum over rounds of the jobs stepped
     max_jobs: int = 0  # most jobs stepped in one round
+    out_of_memory: int = 0  # forwards that ran out of memory and were split
+    row_cap: int | None = None  # the smallest rows-per-forward cap learned from those, while it holds
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | None]:
         mean = self.job_steps / self.rounds if self.rounds else 0.0
         return {
             "rounds": self.rounds,
             "jobs": self.jobs,
             "mean_jobs_per_round": round(mean, 2),
             "max_jobs": self.max_jobs,
+            "out_of_memory": self.out_of_memory,
+            "row_cap": self.row_cap,
         }
 
 
@@ -66,6 +72,7 @@ class Denoiser:
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._joined = False  # whether the loop is a participant of the batcher's rendezvous
+        self._row_caps: dict[Any, int] = {}  # group key -> most rows per forward that fit in memory
 
     @property
     def active(self) -> int:
@@ -111,6 +118,9 @@ class Denoiser:
     def _next_round(self) -> bool:
         """Wait for work; admit the jobs that arrived. False when stopped (pending jobs then fail)."""
         with self._cond:
+            if not (self._inbox or self._active):
+                self._row_caps.clear()  # idle: what did not fit may fit now
+                self.stats.row_cap = None
             while not (self._inbox or self._active or self._stopped):
                 self._cond.wait()
             if self._stopped:
@@ -159,15 +169,24 @@ class Denoiser:
         return True
 
     def _step(self, jobs: list[Job]) -> None:
+        """One step of a group: one forward, or several when the group has more rows than fit in memory."""
+        for chunk in _chunks(jobs, self._row_caps.get(jobs[0].key())):
+            self._step_chunk(chunk)
+
+    def _step_chunk(self, jobs: list[Job]) -> None:
         try:
             noise = self._forward(jobs)
         except Exception as exc:
             if len(jobs) == 1:
                 jobs[0].error = exc
                 return
+            if _out_of_memory(exc):
+                self._cap_rows(jobs, exc)
+                self._step(jobs)  # again, in chunks under the new cap
+                return
             log.warning("a batched step of %d requests failed (%s); retrying them one by one", len(jobs), exc)
             for job in jobs:
-                self._step([job])
+                self._step_chunk([job])
             return
         for job, (guided, text) in zip(jobs, noise, strict=True):
             try:
@@ -176,6 +195,19 @@ class Denoiser:
                 job.error = exc
                 continue
             _report(job)
+
+    def _cap_rows(self, jobs: list[Job], error: BaseException) -> None:
+        """`jobs` did not fit in one forward: cap their group at half its rows (at least its largest job)."""
+        import torch
+
+        rows = sum(job.rows for job in jobs)
+        cap = max(rows // 2, max(job.rows for job in jobs))
+        self._row_caps[jobs[0].key()] = cap
+        self.stats.out_of_memory += 1
+        self.stats.row_cap = min(self._row_caps.values())
+        log.warning("a step of %d rows ran out of memory (%s); capping this batch at %d rows", rows, error, cap)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give back what the failed forward left cached
 
     def _forward(self, jobs: list[Job]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """One UNet forward for `jobs`, guidance applied: per job (noise prediction, its conditional half)."""
@@ -222,6 +254,30 @@ def _groups(jobs: list[Job]) -> list[list[Job]]:
     for job in jobs:
         groups.setdefault(job.key(), []).append(job)
     return list(groups.values())
+
+
+def _chunks(jobs: list[Job], cap: int | None) -> list[list[Job]]:
+    """`jobs` in order, cut into runs of at most `cap` rows (a job with more rows than that runs alone)."""
+    if cap is None:
+        return [jobs]
+    chunks: list[list[Job]] = []
+    rows = 0
+    for job in jobs:
+        if not chunks or rows + job.rows > cap:
+            chunks.append([])
+            rows = 0
+        chunks[-1].append(job)
+        rows += job.rows
+    return chunks
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(error).lower()  # other devices' allocators (CPU, MPS) say it in words
+    return "out of memory" in text or "can't allocate memory" in text
 
 
 def _half(job: Job, rows: torch.Tensor, half: str) -> torch.Tensor:
