@@ -20,13 +20,14 @@ class FakeUNet:
 
     batches: list[int] = field(default_factory=list)
     fail_on_rows: int | None = None
+    broken: bool = False  # every forward fails
     config: str = "fake-config"
     compute_s: float = 0.005  # a forward takes time, as a real one does: the other loops catch up meanwhile
 
     def __call__(self, sample: Any, t: Any, encoder_hidden_states: Any = None, **kwargs: Any) -> Any:
         time.sleep(self.compute_s)
         self.batches.append(int(sample.shape[0]))
-        if self.fail_on_rows == sample.shape[0]:
+        if self.broken or self.fail_on_rows == sample.shape[0]:
             raise RuntimeError("device fault")
         t = t if torch.is_tensor(t) else torch.tensor(float(t))
         noise = sample * 2 + t.reshape(-1, 1).float().expand(sample.shape[0], 1)
@@ -91,20 +92,35 @@ def test_unbatchable_calls_run_alone_within_the_round() -> None:
     assert max(unet.batches) == 2  # never merged
 
 
-def test_a_failed_forward_fails_its_callers_and_the_batcher_goes_on() -> None:
-    unet, batcher = FakeUNet(fail_on_rows=4), StepBatcher(max_wait_s=5.0)
-    barrier = threading.Barrier(2)
+def run_together(batcher: StepBatcher, unet: FakeUNet, starts: tuple[float, ...], steps: int) -> list[Any]:
+    """Loops that start at the same moment; each future's result or exception."""
+    barrier = threading.Barrier(len(starts))
 
     def guarded(start: float) -> Any:
         barrier.wait()
-        return loop(batcher, FakePipe(unet), start, 6)  # the loops meet within a step or two, then fail
+        return loop(batcher, FakePipe(unet), start, steps)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [pool.submit(guarded, start) for start in (1.0, 2.0)]
-        errors = [future.exception(timeout=30) for future in futures]
-    assert any(isinstance(error, RuntimeError) for error in errors)
+    with ThreadPoolExecutor(max_workers=len(starts)) as pool:
+        futures = [pool.submit(guarded, start) for start in starts]
+        return [future.exception(timeout=30) or future.result() for future in futures]
+
+
+def test_a_failed_merged_forward_is_retried_call_by_call() -> None:
+    """E.g. a merged step too big for the device's memory: each call alone fits, and every loop completes."""
+    unet, batcher = FakeUNet(fail_on_rows=4), StepBatcher(max_wait_s=5.0)
+    results = run_together(batcher, unet, (1.0, 2.0), 6)
+    for start, outputs in zip((1.0, 2.0), results, strict=True):
+        torch.testing.assert_close(outputs, expected(start, 6))
+    assert 4 in unet.batches  # they did meet, and the merged attempt failed
     assert batcher.participants == 0
-    unet.fail_on_rows = None
+
+
+def test_a_forward_that_fails_alone_fails_its_caller_and_the_batcher_goes_on() -> None:
+    unet, batcher = FakeUNet(broken=True), StepBatcher(max_wait_s=5.0)
+    results = run_together(batcher, unet, (1.0, 2.0), 6)
+    assert all(isinstance(result, RuntimeError) for result in results)
+    assert batcher.participants == 0
+    unet.broken = False
     torch.testing.assert_close(loop(batcher, FakePipe(unet), 3.0, 2), expected(3.0, 2))
 
 

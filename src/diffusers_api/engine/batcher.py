@@ -20,6 +20,7 @@ others by at most that much per step, never block them.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +31,8 @@ from typing import Any
 # kwargs) runs the call on its own within the round.
 _BATCHABLE_KWARGS = {"encoder_hidden_states", "added_cond_kwargs", "return_dict"}
 _ALWAYS_NONE_OK = {"timestep_cond", "cross_attention_kwargs"}
+
+log = logging.getLogger(__name__)
 
 UNetForward = Callable[[Any, Any, Any, Any, dict[str, Any] | None], Any]
 """(unet, sample, timesteps[batch], encoder_hidden_states, added_cond_kwargs) -> noise prediction."""
@@ -174,6 +177,11 @@ class StepBatcher:
             for call, output in zip(group, outputs, strict=True):
                 call.result = _wrap_output(output, call.kwargs.get("return_dict", True))
         except Exception as exc:
+            if len(group) > 1:  # out of memory, say: each call alone may still fit, and fails only itself
+                log.warning("a merged UNet step of %d calls failed (%s); running them one by one", len(group), exc)
+                for call in group:
+                    self._run_group([call])
+                return
             for call in group:
                 call.error = exc
 
