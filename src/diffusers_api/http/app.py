@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..errors import DiffusersAPIError, InvalidInputs, PayloadTooLarge, Unauthorized, from_exception
 from ..events import EventHub, EventQueue, generate, ndjson_stream, start_engine
+from ..metrics import Metrics
 from ..models import prefetch
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ def create_app(settings: Settings, engine: Engine | None = None, events: EventHu
 
         engine = make_engine(settings)
     hub = events or EventHub(settings)
+    metrics = Metrics(engine)
+    hub.request_sinks.append(metrics.request_sink)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -59,12 +62,15 @@ def create_app(settings: Settings, engine: Engine | None = None, events: EventHu
     app.state.settings = settings
     app.state.engine = engine
     app.state.events = hub
+    app.state.metrics = metrics
     _add_middleware(app, settings)
     _add_error_handlers(app, settings)
 
     from . import legacy, routes
+    from .metrics import router as metrics_router
 
     app.include_router(routes.health_router)
+    app.include_router(metrics_router)
     app.include_router(routes.router)
     app.include_router(legacy.router)
     return app
