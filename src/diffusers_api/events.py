@@ -234,13 +234,16 @@ class RequestEvents:
 
 
 class EventHub:
-    """One per process: the webhook sender and the defaults (SEND_URL, SIGN_KEY) from the settings."""
+    """One per process: the webhook sender and the defaults (SEND_URL, SIGN_KEY) from the settings.
+
+    `request_sinks` make one more sink for each request (the HTTP server's metrics add theirs here)."""
 
     def __init__(self, settings: Settings, sender: WebhookSender | None = None) -> None:
         self.settings = settings
         self.sender = sender or WebhookSender(
             settings.webhook_timeout_s, settings.webhook_retries, settings.webhook_queue_size
         )
+        self.request_sinks: list[Callable[[], Sink]] = []
 
     def for_boot(self) -> RequestEvents:
         return RequestEvents(self._webhook_sinks(None, None), self.settings.container_id)
@@ -250,6 +253,7 @@ class EventHub:
             self._check_request_url(request.send_url)
         key = request.sign_key.get_secret_value() if request.sign_key else None
         sinks = self._webhook_sinks(request.send_url, key) + list(extra_sinks or [])
+        sinks += [make_sink() for make_sink in self.request_sinks]
         throttle = ProgressThrottle(request.callback_steps, self.settings.progress_interval_s)
         return RequestEvents(sinks, self.settings.container_id, request.request_id, throttle)
 

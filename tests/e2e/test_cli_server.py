@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from support.envelopes import GRASS
+from support.envelopes import GRASS, grass
 from support.processes import cli, free_port, offline_env, running
 
 pytestmark = pytest.mark.e2e
@@ -157,6 +157,17 @@ def test_wrong_api_key(server: Server) -> None:
     response = httpx.post(f"{server.url}/", json=GRASS, headers={"authorization": "Bearer wrong"})
     assert response.status_code == 401
     assert response.json()["$error"]["code"] == "UNAUTHORIZED"
+
+
+def test_metrics_need_the_key_and_count_requests(server: Server) -> None:
+    assert httpx.post(f"{server.url}/", json=grass(steps=2), headers=AUTH, timeout=120).status_code == 200
+    assert httpx.get(f"{server.url}/metrics").status_code == 401
+    response = httpx.get(f"{server.url}/metrics", headers=AUTH)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    done = [line for line in response.text.splitlines() if line.startswith("diffusers_api_requests_total")]
+    assert any('status="done"' in line and float(line.split()[-1]) >= 1 for line in done), done
+    assert "diffusers_api_unet_forward_rows_bucket" in response.text
 
 
 def test_shutdown_on_sigterm(models_dir: Path, tmp_path: Path) -> None:

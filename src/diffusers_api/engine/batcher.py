@@ -19,6 +19,7 @@ others by at most that much per step, never block them.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import threading
@@ -66,10 +67,13 @@ class BatchStats:
     timeouts: int = 0  # rounds fired by the wait bound rather than by everyone arriving
     rows_total: int = 0
     rows: list[int] = field(default_factory=list)
+    # forwards by their rows, since the start: /metrics builds its batch-size histogram from it
+    row_counts: collections.Counter[int] = field(default_factory=collections.Counter)
 
     def record(self, rows: int) -> None:
         self.forwards += 1
         self.rows_total += rows
+        self.row_counts[rows] += 1
         self.rows.append(rows)
         del self.rows[:-1000]  # keep the recent history only
 

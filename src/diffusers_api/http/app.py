@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..errors import DiffusersAPIError, InvalidInputs, PayloadTooLarge, Unauthorized, from_exception
 from ..events import EventHub, EventQueue, generate, ndjson_stream, start_engine
+from ..metrics import Metrics
 from ..models import prefetch
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ def create_app(settings: Settings, engine: Engine | None = None, events: EventHu
     from .jobs import JobStore
 
     jobs = JobStore(settings)
+    metrics = Metrics(engine)
+    hub.request_sinks.append(metrics.request_sink)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,13 +67,16 @@ def create_app(settings: Settings, engine: Engine | None = None, events: EventHu
     app.state.engine = engine
     app.state.events = hub
     app.state.jobs = jobs
+    app.state.metrics = metrics
     _add_middleware(app, settings)
     _add_error_handlers(app, settings)
 
     from . import jobs as jobs_api
     from . import legacy, routes
+    from .metrics import router as metrics_router
 
     app.include_router(routes.health_router)
+    app.include_router(metrics_router)
     app.include_router(routes.router)
     app.include_router(jobs_api.router)
     app.include_router(legacy.router)
