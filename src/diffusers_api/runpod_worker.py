@@ -101,7 +101,7 @@ def make_handler(
         try:
             parsed = parse_job_input(job.get("input"))
             _check_ready(engine)
-            events = hub.for_request(parsed.request, extra_sinks=[ProgressReporter(job, progress_update)])
+            events = await hub.for_request(parsed.request, extra_sinks=[ProgressReporter(job, progress_update)])
             result = await generate(engine, parsed.request, events)
         except Exception as exc:
             if not isinstance(exc, DiffusersAPIError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
 import time
@@ -185,8 +186,8 @@ def test_the_request_send_url_and_key_override_the_settings() -> None:
     hub = EventHub(settings, sender=Recorder())
     hub.for_boot().emit("init", "start")
     request = GenerateRequest(send_url="http://request/hook", sign_key="request-key")
-    hub.for_request(request).emit("inference", "start")
-    hub.for_request(GenerateRequest()).emit("inference", "start")
+    asyncio.run(hub.for_request(request)).emit("inference", "start")
+    asyncio.run(hub.for_request(GenerateRequest())).emit("inference", "start")
     assert sent == [
         ("http://env/hook", "env-key"),
         ("http://request/hook", "request-key"),
@@ -201,22 +202,49 @@ def test_the_request_send_url_and_key_override_the_settings() -> None:
 )
 def test_a_request_send_url_may_not_reach_private_addresses(url: str) -> None:
     with pytest.raises(InvalidInputs, match="ALLOW_PRIVATE_URLS") as caught:
-        EventHub(Settings()).for_request(GenerateRequest(send_url=url))
+        asyncio.run(EventHub(Settings()).for_request(GenerateRequest(send_url=url)))
     assert caught.value.status == 422
-    assert EventHub(Settings(allow_private_urls=True)).for_request(GenerateRequest(send_url=url)).sinks
+    assert asyncio.run(EventHub(Settings(allow_private_urls=True)).for_request(GenerateRequest(send_url=url))).sinks
 
 
 def test_an_unresolvable_request_send_url_is_invalid_input() -> None:
     with pytest.raises(InvalidInputs, match="SEND_URL"):
-        EventHub(Settings()).for_request(GenerateRequest(send_url="http://no-such-host.invalid/hook"))
+        asyncio.run(EventHub(Settings()).for_request(GenerateRequest(send_url="http://no-such-host.invalid/hook")))
 
 
 def test_the_servers_own_send_url_is_trusted() -> None:
-    assert EventHub(Settings(send_url="http://127.0.0.1:9/hook")).for_request(GenerateRequest()).sinks
+    assert asyncio.run(EventHub(Settings(send_url="http://127.0.0.1:9/hook")).for_request(GenerateRequest())).sinks
+
+
+def test_resolving_a_request_send_url_never_blocks_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow DNS server holds up the request that named the host, not every other request and probe."""
+    import socket
+
+    def slow_resolver(host: str, *args: object, **kwargs: object) -> list[tuple]:
+        time.sleep(0.5)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow_resolver)
+    ticks: list[float] = []
+
+    async def main() -> None:
+        async def ticker() -> None:
+            while True:
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        task = asyncio.create_task(ticker())
+        events = await EventHub(Settings()).for_request(GenerateRequest(send_url="http://example.test/hook"))
+        task.cancel()
+        assert events.sinks
+
+    asyncio.run(main())
+    assert len(ticks) > 20  # the loop went on ticking while the name resolved
+    assert max(b - a for a, b in itertools.pairwise(ticks)) < 0.25
 
 
 def test_no_send_url_means_no_webhook_sink() -> None:
-    assert EventHub(Settings()).for_request(GenerateRequest()).sinks == []
+    assert asyncio.run(EventHub(Settings()).for_request(GenerateRequest())).sinks == []
 
 
 # --- delivery --------------------------------------------------------------------------------------------------

@@ -92,7 +92,7 @@ def run_requests(engine: FakeEngine, metrics: Metrics, count: int = 1) -> list[o
     async def one() -> object:
         request = GenerateRequest(prompt="x")
         try:
-            return await generate(engine, request, hub.for_request(request))
+            return await generate(engine, request, await hub.for_request(request))
         except Exception as exc:  # the caller checks what was counted, not what was raised
             return exc
 
@@ -162,7 +162,8 @@ def test_a_cancelled_request_is_counted_as_cancelled() -> None:
     hub.request_sinks.append(metrics.request_sink)
 
     async def cancel_one() -> None:
-        task = asyncio.ensure_future(generate(engine, GenerateRequest(), hub.for_request(GenerateRequest())))
+        events = await hub.for_request(GenerateRequest())
+        task = asyncio.ensure_future(generate(engine, GenerateRequest(), events))
         await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

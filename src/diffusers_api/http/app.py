@@ -127,10 +127,10 @@ async def run_request(
     `render(result)` as JSON, or, when it asked for `stream_events`, with NDJSON lines ending in that body."""
     state = http_request.app.state
     if not request.stream_events:
-        result = await generate(state.engine, request, state.events.for_request(request))
+        result = await generate(state.engine, request, await state.events.for_request(request))
         return JSONResponse(render(result))
     stream = EventQueue()
-    events = state.events.for_request(request, extra_sinks=[stream])
+    events = await state.events.for_request(request, extra_sinks=[stream])
 
     async def work() -> Any:
         return render(await generate(state.engine, request, events))

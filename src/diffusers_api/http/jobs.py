@@ -132,19 +132,20 @@ class JobStore:
         self.clock = clock
         self._jobs: OrderedDict[str, Job] = OrderedDict()
 
-    def submit(self, engine: Engine, hub: EventHub, request: GenerateRequest) -> Job:
+    async def submit(self, engine: Engine, hub: EventHub, request: GenerateRequest) -> Job:
         if request.stream_events:
             raise InvalidInputs("stream_events does not apply to jobs: read GET /v1/jobs/{id}/events instead")
         if engine.health not in (Health.READY, Health.BUSY):
             raise NotReady(f"the server is {engine.health.value.lower()}", state=engine.health.value)
+        job_id = uuid.uuid4().hex
+        if request.request_id is None:  # events and meta carry the job's id
+            request = request.model_copy(update={"request_id": job_id})
+        emitter = await hub.for_request(request)  # may wait on DNS (the request's SEND_URL): count after it
         self._forget_old()
         unfinished = sum(not job.finished for job in self._jobs.values())
         if unfinished >= self.capacity:
             raise Busy(f"{unfinished} jobs are queued or running; try again shortly", queue_depth=unfinished)
-        job_id = uuid.uuid4().hex
-        if request.request_id is None:  # events and meta carry the job's id
-            request = request.model_copy(update={"request_id": job_id})
-        job = Job(job_id, request, hub.for_request(request), clock=self.clock)
+        job = Job(job_id, request, emitter, clock=self.clock)
         job.events.sinks.append(job.publish)
         job.task = asyncio.create_task(self._run(job, engine, request), name=f"job-{job_id}")
         self._jobs[job_id] = job
@@ -217,7 +218,7 @@ async def create_job(body: GenerateRequest, request: Request) -> JSONResponse:
     `Location`). Input errors the request's fields show are refused here (422); those found when it runs
     (an unknown model or pipeline, a bad image) end the job FAILED with the same error body."""
     state = request.app.state
-    job = _store(request).submit(state.engine, state.events, body)
+    job = await _store(request).submit(state.engine, state.events, body)
     return JSONResponse(job.describe(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 

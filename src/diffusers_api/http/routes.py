@@ -46,7 +46,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
         body = body.model_copy(update={"image_format": wanted})
         if body.stream_events:
             raise InvalidInputs("stream_events answers NDJSON; it cannot be combined with Accept: image/*")
-        emitter = request.app.state.events.for_request(body)
+        emitter = await request.app.state.events.for_request(body)
         result = await events.generate(_engine(request), body, emitter)
         headers = {"X-Seed": str(result.seeds[0]), "X-Model": str(result.meta.get("MODEL_ID", ""))}
         return Response(result.images[0], media_type=mime_type(result.image_format), headers=headers)
