@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from support.envelopes import GRASS, grass
-from support.processes import cli, free_port, offline_env, running
+from support.processes import cli, free_port, offline_env, running, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -171,14 +171,8 @@ def test_metrics_need_the_key_and_count_requests(server: Server) -> None:
 
 
 def test_shutdown_on_sigterm(models_dir: Path, tmp_path: Path) -> None:
-    port = free_port()
-    command = cli("serve", "--model", "builtin/tiny-sd", "--host", "127.0.0.1", "--port", str(port))
     log = tmp_path / "server.log"
-
-    def ready(url: str) -> bool:
-        return httpx.get(f"{url}/ping", timeout=5).status_code == 200
-
-    with running(command, offline_env(models_dir), f"http://127.0.0.1:{port}", log, ready) as handle:
+    with serving(models_dir, log) as handle:
         pass  # leaving sends SIGTERM, and SIGKILL only after 30 s without an exit
     # uvicorn shuts down gracefully, then re-raises the signal so that supervisors see it
     assert handle.process.returncode in (0, -signal.SIGTERM)

@@ -13,7 +13,7 @@ import pytest
 
 from diffusers_api.client import Client, verify_webhook
 from support import envelopes
-from support.processes import Process, cli, free_port, offline_env, running
+from support.processes import Process, free_port, serving
 from support.receiver import Post, Receiver, receiver
 
 pytestmark = pytest.mark.e2e
@@ -35,22 +35,14 @@ def hook() -> Iterator[Receiver]:
 
 @pytest.fixture(scope="module")
 def server(models_dir: Path, hook: Receiver, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    port = free_port()
-    env = offline_env(
-        models_dir,
-        SEND_URL=hook.url,
-        SIGN_KEY=KEY,
-        CONTAINER_ID="e2e-box",
-        WEBHOOK_TIMEOUT_S=str(WEBHOOK_TIMEOUT_S),
-        ALLOW_PRIVATE_URLS="1",  # the receivers of these tests listen on loopback
-    )
-    command = cli("serve", "--model", "builtin/tiny-sd", "--host", "127.0.0.1", "--port", str(port))
-    log = tmp_path_factory.mktemp("events") / "server.log"
-
-    def ready(url: str) -> bool:
-        return httpx.get(f"{url}/ping", timeout=5).status_code == 200
-
-    with running(command, env, f"http://127.0.0.1:{port}", log, ready) as process:
+    env = {
+        "SEND_URL": hook.url,
+        "SIGN_KEY": KEY,
+        "CONTAINER_ID": "e2e-box",
+        "WEBHOOK_TIMEOUT_S": str(WEBHOOK_TIMEOUT_S),
+        "ALLOW_PRIVATE_URLS": "1",  # the receivers of these tests listen on loopback
+    }
+    with serving(models_dir, tmp_path_factory.mktemp("events") / "server.log", env) as process:
         yield process
 
 

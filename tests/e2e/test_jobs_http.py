@@ -14,7 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from support.processes import Process, cli, free_port, offline_env, running
+from support.processes import Process, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -24,15 +24,8 @@ LONG_STEPS = 1000  # far more than the test waits for (seconds): the job only en
 
 @pytest.fixture(scope="module")
 def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    port = free_port()
-    env = offline_env(models_dir, MAX_BATCH_SIZE="2", PROGRESS_INTERVAL_S="0")
-    command = cli("serve", "--model", "builtin/tiny-sd", "--host", "127.0.0.1", "--port", str(port))
-    log = tmp_path_factory.mktemp("jobs") / "server.log"
-
-    def ready(url: str) -> bool:
-        return httpx.get(f"{url}/ping", timeout=5).status_code == 200
-
-    with running(command, env, f"http://127.0.0.1:{port}", log, ready) as process:
+    env = {"MAX_BATCH_SIZE": "2", "PROGRESS_INTERVAL_S": "0"}
+    with serving(models_dir, tmp_path_factory.mktemp("jobs") / "server.log", env) as process:
         yield process
 
 

@@ -64,6 +64,23 @@ def running(
             process.wait()
 
 
+def ping_ready(url: str) -> bool:
+    """The server has loaded its model: GET /ping answers 200 (204 while it loads)."""
+    return httpx.get(f"{url}/ping", timeout=5).status_code == 200
+
+
+@contextmanager
+def serving(
+    models_dir: Path, log: Path, env: dict[str, str] | None = None, ready: Callable[[str], bool] = ping_ready
+) -> Iterator[Process]:
+    """`diffusers-api serve` on the built-in tiny SD model, on a free loopback port, until the block ends.
+    `env` adds to (or overrides) `offline_env`."""
+    port = free_port()
+    command = cli("serve", "--model", "builtin/tiny-sd", "--host", "127.0.0.1", "--port", str(port))
+    with running(command, offline_env(models_dir) | (env or {}), f"http://127.0.0.1:{port}", log, ready) as process:
+        yield process
+
+
 def _wait(handle: Process, ready: Callable[[str], bool], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -11,27 +11,11 @@ from collections.abc import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
-from diffusers_api.config import Settings
 from diffusers_api.engine import Health
 from diffusers_api.errors import Busy, ModelMismatch, NoSuchPipeline, PipelineError
-from diffusers_api.http.app import create_app
+from support.apps import make_client
 from support.envelopes import GRASS
 from support.fakes import FakeEngine
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-def make_client(engine: FakeEngine, **settings: object) -> TestClient:
-    return TestClient(create_app(Settings(**settings), engine), raise_server_exceptions=False)
-
-
-@pytest.fixture
-def client(engine: FakeEngine) -> Iterator[TestClient]:
-    with make_client(engine) as test_client:
-        yield test_client
 
 
 def test_legacy_request_returns_an_image_and_meta(client: TestClient, engine: FakeEngine) -> None:

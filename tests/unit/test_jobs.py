@@ -5,34 +5,17 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 
 from diffusers_api.config import Settings
 from diffusers_api.engine import Health
 from diffusers_api.errors import ModelMismatch
-from diffusers_api.http.app import create_app
+from support.apps import make_client
 from support.fakes import FakeEngine
 
 WAIT_S = 10
-
-
-def make_client(engine: FakeEngine, **settings: Any) -> TestClient:
-    return TestClient(create_app(Settings(**settings), engine), raise_server_exceptions=False)
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-def client(engine: FakeEngine) -> Iterator[TestClient]:
-    with make_client(engine) as test_client:
-        yield test_client
 
 
 def wait_for(client: TestClient, job_id: str, *states: str) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,10 +19,10 @@ from diffusers_api.engine import Health, StepBatcher
 from diffusers_api.engine.stepper import Denoiser
 from diffusers_api.errors import Busy, PipelineError
 from diffusers_api.events import EventHub, generate
-from diffusers_api.http.app import create_app
 from diffusers_api.metrics import Metrics
 from diffusers_api.runner import ProgressCallback
 from diffusers_api.schema import GenerateRequest, GenerateResult
+from support.apps import make_client
 from support.envelopes import GRASS
 from support.fakes import FakeEngine
 
@@ -293,21 +293,6 @@ def test_no_gpu_memory_on_a_cpu() -> None:
 
 
 # --- the route -------------------------------------------------------------------------------------------------
-
-
-def make_client(engine: FakeEngine, **settings: object) -> TestClient:
-    return TestClient(create_app(Settings(**settings), engine), raise_server_exceptions=False)
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-def client(engine: FakeEngine) -> Iterator[TestClient]:
-    with make_client(engine) as test_client:
-        yield test_client
 
 
 def test_metrics_route_answers_prometheus_text(client: TestClient) -> None:
