@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Every GPU measurement issue #5 asks for, in one device call (about 6 minutes on an H200):
+#
+#   device run: command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=540
+#   here, first: TINY=1 bash bench/gpu_session.sh      # the same steps on the tiny models, on a CPU
+#
+# .whl holds the wheels the GPU image lacks (diffusers, the web stack; see the device README); they are
+# installed into /tmp/site. Each step has its own time limit, so that one running long cannot take the others
+# down, and writes under $OUT (what a device call brings back; /tmp/gpu-session elsewhere):
+#   1. bench/gpu_bench.py: plain diffusers against the server, W and SDXL   -> gpu.jsonl, gpu_bench.log
+#   2. pytest -m gpu: CUDA graphs and compiled models on the device          -> pytest-gpu.log
+#   3. bench/cold_start.py --model sd21: process start to first image        -> cold_start.jsonl, cold_start.log
+# Then it prints what each step reported, for the reply's output tail.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-session}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+if [ -z "${TINY:-}" ] && [ -d .whl ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD/src
+else
+  export PYTHONPATH=$PWD/src
+fi
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+TINY_FLAG=${TINY:+--tiny}
+
+{ nvidia-smi || true; $PY -c 'import torch, diffusers; print("torch", torch.__version__, "diffusers", diffusers.__version__)'; } \
+  >"$OUT/env.txt" 2>&1
+
+timeout 330 $PY bench/gpu_bench.py $TINY_FLAG --out "$OUT/gpu.jsonl" >"$OUT/gpu_bench.log" 2>&1
+echo "gpu_bench: exit $?"
+timeout 100 $PY -m pytest -q -p no:cacheprovider -m gpu tests/unit/test_graphs.py tests/integration/test_compiled_models.py \
+  >"$OUT/pytest-gpu.log" 2>&1
+echo "pytest -m gpu: exit $?"
+if [ -n "${TINY:-}" ]; then model=builtin/tiny-sd; else model=sd21; fi
+timeout 90 $PY bench/cold_start.py --model $model --runs 2 --out "$OUT/cold_start.jsonl" >"$OUT/cold_start.log" 2>&1
+echo "cold_start: exit $?"
+
+echo "--- results"
+cat "$OUT/env.txt" | grep -E "torch|NVIDIA H|MiB" | head -3
+grep -h '"what"' "$OUT/gpu.jsonl" "$OUT/cold_start.jsonl" 2>/dev/null | cut -c1-700
+tail -2 "$OUT/pytest-gpu.log"
