@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -300,6 +301,35 @@ def test_a_batch_too_big_for_memory_is_split_and_capped_until_idle(sd: LoadedMod
             assert wait_until(lambda: loop.stats.row_cap is None)  # idle: the cap is forgotten
     finally:
         loop.stop()
+
+
+def test_the_split_retry_runs_once_the_failed_forward_is_freed(sd: LoadedModel) -> None:
+    """Retrying inside the except block would keep the failed forward's tensors (its traceback holds them)
+    alive through the retry, which then runs out of memory again."""
+    from diffusers_api.engine.batcher import eager_forward
+
+    failed: list[weakref.ref[torch.Tensor]] = []
+    held_at_retry: list[bool] = []
+
+    def forward(unet: Any, sample: torch.Tensor, *args: Any) -> Any:
+        if failed:
+            held_at_retry.append(any(ref() is not None for ref in failed))
+        if sample.shape[0] > 2:
+            activations = torch.empty(1 << 20)  # what a real forward holds when it runs out of memory
+            failed.append(weakref.ref(activations))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return eager_forward(unet, sample, *args)
+
+    loop = Denoiser(StepBatcher(forward=forward))
+    jobs = [ours(sd, "txt2img", None, call(s, num_inference_steps=3)) for s in (30, 31)]
+    try:
+        run_all(loop, jobs)
+    finally:
+        loop.stop()
+    assert all(job.error is None for job in jobs)
+    assert failed  # the two did meet in one forward, and it failed
+    assert held_at_retry
+    assert not any(held_at_retry)
 
 
 def wait_until(condition: Any, timeout_s: float = 10) -> bool:

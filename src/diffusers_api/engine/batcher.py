@@ -151,7 +151,13 @@ class StepBatcher:
         if batch:
             self._run_round(batch)
         if call.error is not None:
-            raise call.error
+            # Raised without a reference left in this frame: the traceback holds the frame, and a cycle through
+            # it would keep the failed forward's tensors (an out-of-memory retry needs them gone) until a GC pass.
+            error, call.error = call.error, None
+            try:
+                raise error
+            finally:
+                del error
         return call.result
 
     def _run_round(self, batch: list[_Call]) -> None:
@@ -180,14 +186,17 @@ class StepBatcher:
             outputs = self._batched_forward(group)
             for call, output in zip(group, outputs, strict=True):
                 call.result = _wrap_output(output, call.kwargs.get("return_dict", True))
+            return
         except Exception as exc:
-            if len(group) > 1:  # out of memory, say: each call alone may still fit, and fails only itself
-                log.warning("a merged UNet step of %d calls failed (%s); running them one by one", len(group), exc)
-                for call in group:
-                    self._run_group([call])
+            if len(group) == 1:
+                group[0].error = exc
                 return
-            for call in group:
-                call.error = exc
+            failure = f"{type(exc).__name__}: {exc}"
+        # Out of memory, say: each call alone may still fit, and fails only itself. Retried outside the except
+        # block, whose traceback holds the failed forward's tensors until it ends.
+        log.warning("a merged UNet step of %d calls failed (%s); running them one by one", len(group), failure)
+        for call in group:
+            self._run_group([call])
 
     def _batched_forward(self, group: list[_Call]) -> list[Any]:
         import torch

@@ -22,6 +22,7 @@ forward is retried job by job, so one bad request fails only itself.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from collections.abc import Iterable
@@ -174,17 +175,21 @@ class Denoiser:
             self._step_chunk(chunk)
 
     def _step_chunk(self, jobs: list[Job]) -> None:
+        failure: str | None = None
         try:
             noise = self._forward(jobs)
         except Exception as exc:
             if len(jobs) == 1:
                 jobs[0].error = exc
                 return
-            if _out_of_memory(exc):
-                self._cap_rows(jobs, exc)
+            failure, out_of_memory = f"{type(exc).__name__}: {exc}", _out_of_memory(exc)
+        if failure is not None:
+            # Retried outside the except block: its traceback holds the failed forward's tensors until it ends.
+            if out_of_memory:
+                self._cap_rows(jobs, failure)
                 self._step(jobs)  # again, in chunks under the new cap
                 return
-            log.warning("a batched step of %d requests failed (%s); retrying them one by one", len(jobs), exc)
+            log.warning("a batched step of %d requests failed (%s); retrying them one by one", len(jobs), failure)
             for job in jobs:
                 self._step_chunk([job])
             return
@@ -196,7 +201,7 @@ class Denoiser:
                 continue
             _report(job)
 
-    def _cap_rows(self, jobs: list[Job], error: BaseException) -> None:
+    def _cap_rows(self, jobs: list[Job], error: str) -> None:
         """`jobs` did not fit in one forward: cap their group at half its rows (at least its largest job)."""
         import torch
 
@@ -206,6 +211,7 @@ class Denoiser:
         self.stats.out_of_memory += 1
         self.stats.row_cap = min(self._row_caps.values())
         log.warning("a step of %d rows ran out of memory (%s); capping this batch at %d rows", rows, error, cap)
+        gc.collect()  # what the failed forward allocated may still sit in reference cycles (tracebacks, frames)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # give back what the failed forward left cached
 
