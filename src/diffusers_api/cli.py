@@ -95,13 +95,17 @@ def _add_client_parser(commands: Any) -> None:
         "client",
         help="send named test requests to a server or a RunPod endpoint",
         description="Send named test requests (legacy envelopes, input images drawn in code) and save the images. "
-        "Plain mode posts to TEST_URL; --runpod submits to RUNPOD_BASE_URL/RUNPOD_ENDPOINT_ID/run with "
+        "Plain mode posts to TEST_URL; --jobs queues them at TEST_URL/v1/jobs and follows their progress; "
+        "--runpod submits to RUNPOD_BASE_URL/RUNPOD_ENDPOINT_ID/run with "
         "RUNPOD_API_KEY and polls /status/{id} until the job ends.",
     )
     client.add_argument("tests", nargs="*", metavar="TEST", help="test names (default txt2img; --list lists them)")
     client.add_argument("--list", action="store_true", help="list the named tests and exit")
     client.add_argument("--url", help="server URL (TEST_URL, default http://localhost:8000/)")
     client.add_argument("--runpod", action="store_true", help="send as RunPod jobs (/run, then poll /status)")
+    client.add_argument(
+        "--jobs", action="store_true", help="send as server jobs (POST /v1/jobs), printing each step's progress"
+    )
     client.add_argument("--call-arg", action="append", metavar="K=V", help="set callInputs.K (repeatable)")
     client.add_argument("--model-arg", action="append", metavar="K=V", help="set modelInputs.K (repeatable)")
     client.add_argument("--output-dir", default="output", help="where images are saved (default ./output)")
@@ -211,6 +215,7 @@ def client(args: argparse.Namespace) -> int:
             args.tests or ["txt2img"],
             url=args.url,
             runpod=args.runpod,
+            jobs=args.jobs,
             call_args=args.call_arg,
             model_args=args.model_arg,
             output_dir=args.output_dir,

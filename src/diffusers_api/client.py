@@ -1,5 +1,6 @@
-"""The Python client: named test requests, sent to a server (`POST /`) or to a RunPod endpoint (`/run`, then
-`/status/{id}` until the job ends), with the images saved to a folder. `diffusers-api client` is its CLI; the
+"""The Python client: named test requests, sent to a server (`POST /`, or as jobs: `POST /v1/jobs`, then
+`GET /v1/jobs/{id}` until the job ends) or to a RunPod endpoint (`/run`, then `/status/{id}` until the job
+ends), with the images saved to a folder. `diffusers-api client` is its CLI; the
 end-to-end tests use it too. `verify_webhook` checks the signature of a webhook this server sent.
 
     from diffusers_api.client import Client, build_test
@@ -9,6 +10,7 @@ end-to-end tests use it too. `verify_webhook` checks the signature of a webhook 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import time
@@ -241,6 +243,91 @@ class RunPodClient:
         return _json_body(response)
 
 
+@dataclass
+class JobsClient:
+    """Sends envelopes as jobs of a diffusers-api server: the native request to `POST {url}/v1/jobs`, then
+    `GET /v1/jobs/{id}` until it ends, reporting each new step to `on_progress`. A job still running at the
+    timeout, or when the caller is interrupted, is cancelled (`DELETE`) rather than left to run."""
+
+    url: str
+    api_key: str | None = None
+    timeout_s: float = 600
+    poll_interval_s: float = 0.25
+    on_progress: Callable[[dict[str, Any]], None] | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{self.url.rstrip('/')}/v1/jobs"
+
+    def send(self, envelope: Envelope) -> Reply:
+        started = time.perf_counter()
+        body = _native_body(envelope)
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        with httpx.Client(headers=headers, timeout=min(self.timeout_s, 60)) as http:
+            created = _job_body(_call(http, "POST", self.target, json=body))
+            job_id = str(created["id"])
+            try:
+                final = self._follow(http, job_id, started + self.timeout_s)
+            except BaseException:  # a timeout, Ctrl-C: the server should not go on working for nobody
+                with contextlib.suppress(ClientError):
+                    _call(http, "DELETE", f"{self.target}/{job_id}")
+                raise
+        if final["status"] != "COMPLETED":
+            error = final.get("error") or {}
+            raise ClientError(f"job {job_id} ended {final['status']}: {error.get('code')}: {error.get('message')}")
+        result = final["result"]
+        legacy = {
+            "images_base64": [image["data"] for image in result["images"]],
+            "$meta": result["meta"],
+            "$timings": result["timings"],
+            "$mem_usage": result.get("mem_usage", 0.0),
+        }
+        return Reply(legacy, time.perf_counter() - started)
+
+    def _follow(self, http: httpx.Client, job_id: str, deadline: float) -> dict[str, Any]:
+        reported: tuple[Any, ...] | None = None
+        while True:
+            status = _job_body(_call(http, "GET", f"{self.target}/{job_id}"))
+            progress = status.get("progress", {})
+            seen = (status["status"], progress.get("stage"), progress.get("step"))
+            if self.on_progress is not None and seen != reported:
+                self.on_progress(status)
+                reported = seen
+            if status["status"] in TERMINAL_STATES:
+                return status
+            if time.perf_counter() >= deadline:
+                raise ClientError(f"job {job_id} still {status['status']} after {self.timeout_s:g} s; cancelled it")
+            time.sleep(self.poll_interval_s)
+
+
+def _native_body(envelope: Envelope) -> dict[str, Any]:
+    """The envelope as a native request (`/v1`), as the server itself translates it."""
+    from .errors import DiffusersAPIError
+    from .schema import from_legacy
+
+    try:
+        request = from_legacy(envelope)
+    except DiffusersAPIError as exc:
+        raise ClientError(f"{exc.code}: {exc.message}") from None
+    if request.stream_events:
+        raise ClientError("streamEvents does not apply to jobs: their progress is followed instead")
+    body = request.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
+    if request.sign_key is not None:
+        body["sign_key"] = request.sign_key.get_secret_value()  # dumped masked otherwise
+    return body
+
+
+def _job_body(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        raise ClientError(f"HTTP {response.status_code}, not JSON: {response.text[:300]}") from None
+    if response.status_code >= 400:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        raise ClientError(f"{error.get('code')}: {error.get('message')} (HTTP {response.status_code})")
+    return dict(body)
+
+
 def _call(http: httpx.Client, method: str, url: str, **kwargs: Any) -> httpx.Response:
     try:
         return http.request(method, url, **kwargs)
@@ -312,6 +399,7 @@ def run_tests(
     *,
     url: str | None = None,
     runpod: bool = False,
+    jobs: bool = False,
     call_args: list[str] | None = None,
     model_args: list[str] | None = None,
     output_dir: str | Path = "output",
@@ -325,8 +413,12 @@ def run_tests(
     if unknown:
         raise ClientError(f"no test named {', '.join(unknown)}; known: {', '.join(TESTS)}")
     model, call = parse_pairs(model_args), parse_pairs(call_args)
-    sender = _sender(ClientSettings(), url, runpod, timeout_s, api_key)
+    if jobs and runpod:
+        raise ClientError("--jobs and --runpod exclude each other: RunPod has jobs of its own")
+    sender = _sender(ClientSettings(), url, runpod, jobs, timeout_s, api_key)
     for name in names:
+        if isinstance(sender, JobsClient):
+            sender.on_progress = _progress_printer(name, out)
         out(f"{name}: sending to {sender.target}")
         reply = sender.send(build_test(name, model, call))
         for event in reply.events:
@@ -337,9 +429,24 @@ def run_tests(
     return 0
 
 
+def _progress_printer(name: str, out: Callable[[str], None]) -> Callable[[dict[str, Any]], None]:
+    def report(status: dict[str, Any]) -> None:
+        progress = status.get("progress", {})
+        line = f"{name}: job {status['id']} {status['status']} ({progress.get('stage')})"
+        if progress.get("steps"):
+            line += f" step {progress['step']}/{progress['steps']}"
+        if progress.get("eta_s") is not None:
+            line += f", about {progress['eta_s']:g} s left"
+        out(line)
+
+    return report
+
+
 def _sender(
-    settings: ClientSettings, url: str | None, runpod: bool, timeout_s: float, api_key: str | None
-) -> Client | RunPodClient:
+    settings: ClientSettings, url: str | None, runpod: bool, jobs: bool, timeout_s: float, api_key: str | None
+) -> Client | JobsClient | RunPodClient:
+    if jobs:
+        return JobsClient(url or settings.test_url, api_key=api_key, timeout_s=timeout_s)
     if not runpod:
         return Client(url or settings.test_url, api_key=api_key, timeout_s=timeout_s)
     key = api_key or (settings.runpod_api_key.get_secret_value() if settings.runpod_api_key else None)

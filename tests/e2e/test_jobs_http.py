@@ -14,6 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from diffusers_api.client import ClientError, JobsClient, run_tests
 from support.processes import Process, serving
 
 pytestmark = pytest.mark.e2e
@@ -100,3 +101,33 @@ def test_cancelling_a_running_job_stops_it_at_the_next_step(server: Process) -> 
     time.sleep(0.5)
     # the round that was running when the cancellation came may finish; no round starts after it
     assert loop_rounds(server) - at_cancel <= 1
+
+
+def test_the_client_sends_a_test_as_a_job_and_prints_its_steps(server: Process, tmp_path: Path) -> None:
+    lines: list[str] = []
+    run_tests(
+        ["txt2img"],
+        url=server.url,
+        jobs=True,
+        model_args=["num_inference_steps=5", "width=64", "height=64"],
+        output_dir=tmp_path,
+        out=lines.append,
+    )
+    assert any("step 5/5" in line for line in lines), lines
+    assert any("COMPLETED" in line for line in lines), lines
+    with Image.open(tmp_path / "txt2img.png") as saved:
+        assert saved.size == (64, 64)
+
+
+def test_the_client_reports_a_failed_job(server: Process, tmp_path: Path) -> None:
+    with pytest.raises(ClientError, match=r"ended FAILED: MODEL_MISMATCH"):
+        run_tests(["txt2img"], url=server.url, jobs=True, call_args=["MODEL_ID=another/model"], output_dir=tmp_path)
+
+
+def test_the_client_cancels_a_job_it_stops_waiting_for(server: Process) -> None:
+    client = JobsClient(server.url, timeout_s=1.0)
+    envelope = {"modelInputs": {"prompt": "long", "num_inference_steps": LONG_STEPS}, "callInputs": {}}
+    with pytest.raises(ClientError, match=r"after 1 s; cancelled it") as caught:
+        client.send(envelope)
+    job_id = str(caught.value).split()[1]
+    assert status(server, job_id)["status"] == "CANCELLED"

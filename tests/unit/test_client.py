@@ -173,3 +173,24 @@ def test_an_unreachable_server_is_a_clear_error(capsys: pytest.CaptureFixture[st
     code = main(["client", "--url", "http://127.0.0.1:9/", "--timeout", "2"])
     assert code == 1
     assert "could not reach http://127.0.0.1:9/" in capsys.readouterr().err
+
+
+def test_a_job_carries_the_native_request_with_its_secrets() -> None:
+    from diffusers_api.client import _native_body
+
+    envelope = {
+        "modelInputs": {"prompt": "a barn", "num_inference_steps": 4, "init_image": "aGk="},
+        "callInputs": {"SCHEDULER": "Euler a", "SIGN_KEY": "k", "startRequestId": "r1"},
+    }
+    assert _native_body(envelope) == {
+        "prompt": "a barn",
+        "num_inference_steps": 4,
+        "image": "aGk=",
+        "scheduler": "Euler a",
+        "sign_key": "k",
+        "request_id": "r1",
+    }
+    with pytest.raises(ClientError, match="streamEvents"):
+        _native_body({"modelInputs": {"prompt": "p"}, "callInputs": {"streamEvents": True}})
+    with pytest.raises(ClientError, match="INVALID_INPUTS"):
+        _native_body({"modelInputs": {"prompt": "p"}})
