@@ -243,15 +243,16 @@ async def job_events(job_id: str, request: Request) -> StreamingResponse:
     """`event: status` with the job's status first, then `event: event` for each event of the job (the
     webhook events: start, throttled progress, done or error), and `event: status` with the final status
     (and the result) once it ends; then the stream closes. Closing the stream does not cancel the job."""
+    job = _store(request).get(job_id)
+    return StreamingResponse(_sse(job), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _sse(job: Job) -> AsyncIterator[bytes]:
     from ..events import EventQueue
 
-    job = _store(request).get(job_id)
+    # Watching starts with the stream, so that a client gone before its first byte leaves no watcher behind.
     watcher = EventQueue()
     job.watchers.append(watcher)
-    return StreamingResponse(_sse(job, watcher), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-async def _sse(job: Job, watcher: EventQueue) -> AsyncIterator[bytes]:
     try:
         yield _sse_message("status", job.describe(with_result=False))
         # Events reach the queue in the order they happened, the end last (events.EventQueue), so every event
