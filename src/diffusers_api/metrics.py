@@ -153,7 +153,7 @@ class Metrics:
         )
         requests = CounterMetricFamily(
             "diffusers_api_requests",
-            "Requests that ended, by status (done, error) and error code; cancelled requests are not counted.",
+            "Requests that ended, by status (done, error) and error code (CANCELLED for cancelled ones).",
             labels=["status", "code"],
         )
         for (status, code), count in sorted(finished.items()):
