@@ -111,6 +111,17 @@ class ModelPipelines:
                 names.append(task_class.__name__)
         return list(dict.fromkeys(names))
 
+    def warm(self) -> None:
+        """Resolve the task names (txt2img, img2img, inpaint) and the model's own class now, while the model
+        loads: the first resolution imports diffusers' AutoPipeline tables, about a hundred pipeline modules
+        (1-2 s), which the first request would otherwise wait for. A name this model cannot serve stays
+        unresolved, and is refused when a request asks for it."""
+        for name in (*SHORT_NAMES, type(self.base).__name__):
+            try:
+                self.resolve(name)
+            except NoSuchPipeline:
+                continue
+
     def default_name(self, *, has_image: bool, has_mask: bool) -> str:
         """The pipeline a request gets when it names none: chosen by the images it carries."""
         if has_mask:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -83,6 +86,36 @@ def test_first_request_reports_init_once(models_dir: Path) -> None:
     runner.start()
     assert "init" in runner.run(ask()).timings
     assert "init" not in runner.run(ask()).timings
+
+
+def test_the_first_request_waits_for_no_pipeline_imports(models_dir: Path) -> None:
+    """Resolving pipeline names imports diffusers' AutoPipeline tables (1-2 s): that belongs to the model load,
+    before /ping says ready, not to the first request. Checked in a fresh interpreter, which has imported none."""
+    script = """
+import sys
+from pathlib import Path
+from diffusers_api.config import Settings
+from diffusers_api.runner import Runner
+from diffusers_api.schema import GenerateRequest
+
+runner = Runner(Settings(model_id="builtin/tiny-sd", models_dir=Path(sys.argv[1])))
+runner.start()
+before = set(sys.modules)
+for pipeline in (None, "img2img"):
+    image = None if pipeline is None else sys.argv[2]
+    runner.run(GenerateRequest(prompt="p", num_inference_steps=2, pipeline=pipeline, image=image))
+print(sorted(name for name in set(sys.modules) - before if name.startswith("diffusers.pipelines")))
+"""
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(models_dir), b64_image((10, 200, 30))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_same_seed_same_bytes_other_seed_other_image(runner: Runner) -> None:

@@ -223,7 +223,9 @@ class ModelStore:
             elapsed,
         )
         source = spec.model_url or spec.checkpoint_url or str(directory)
-        return LoadedModel(spec, ModelPipelines(pipe), self.device, dtype, source, elapsed, size)
+        pipelines = ModelPipelines(pipe)
+        pipelines.warm()
+        return LoadedModel(spec, pipelines, self.device, dtype, source, elapsed, size)
 
     def _from_pretrained(self, spec: ModelSpec, directory: Path) -> Any:
         from diffusers import DiffusionPipeline
