@@ -28,6 +28,11 @@ class Health(enum.StrEnum):
     SETUP_FAILED = "SETUP_FAILED"
     DEFUNCT = "DEFUNCT"
 
+    @property
+    def serving(self) -> bool:
+        """The model is loaded and requests are taken (READY, or BUSY with some in flight)."""
+        return self in (Health.READY, Health.BUSY)
+
 
 class Engine(Protocol):
     """Runs requests on the device. Implementations must keep the event loop free."""

@@ -29,7 +29,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .. import events
-from ..engine import Health
 from ..errors import Busy, Cancelled, DiffusersAPIError, InvalidInputs, NoSuchJob, NotReady, from_exception
 from ..schema import (
     ErrorResponse,
@@ -135,7 +134,7 @@ class JobStore:
     async def submit(self, engine: Engine, hub: EventHub, request: GenerateRequest) -> Job:
         if request.stream_events:
             raise InvalidInputs("stream_events does not apply to jobs: read GET /v1/jobs/{id}/events instead")
-        if engine.health not in (Health.READY, Health.BUSY):
+        if not engine.health.serving:
             raise NotReady(f"the server is {engine.health.value.lower()}", state=engine.health.value)
         job_id = uuid.uuid4().hex
         if request.request_id is None:  # events and meta carry the job's id

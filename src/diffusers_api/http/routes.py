@@ -84,8 +84,6 @@ async def models(request: Request) -> JSONResponse:
 
 # --- health ------------------------------------------------------------------------------------------------
 
-_SERVING = (Health.READY, Health.BUSY)
-
 
 @health_router.get("/health", summary="Lifecycle state; 503 until the model is ready")
 async def health(request: Request) -> JSONResponse:
@@ -105,7 +103,7 @@ async def health(request: Request) -> JSONResponse:
     memory = device_memory() if state is not Health.STARTING else None
     if memory is not None:
         body["device_memory"] = memory
-    return JSONResponse(body, status_code=200 if state in _SERVING else 503)
+    return JSONResponse(body, status_code=200 if state.serving else 503)
 
 
 def _compile_summary(batcher: Any) -> dict[str, Any]:
@@ -117,7 +115,7 @@ def _compile_summary(batcher: Any) -> dict[str, Any]:
 @health_router.get("/healthcheck", summary="docker-diffusers-api health check")
 async def healthcheck(request: Request) -> JSONResponse:
     state = _engine(request).health
-    serving = state in _SERVING
+    serving = state.serving
     body = {"state": "healthy" if serving else state.value.lower(), "gpu": _gpu(state)}
     return JSONResponse(body, status_code=200 if serving else 503)
 
@@ -136,7 +134,7 @@ def _gpu(state: Health) -> bool | None:
 @health_router.get("/ping", summary="RunPod load-balancer probe: 200 ready, 204 initializing")
 async def ping(request: Request) -> Response:
     state = _engine(request).health
-    if state in _SERVING:
+    if state.serving:
         return JSONResponse({"status": "healthy"})
     if state is Health.STARTING:
         return Response(status_code=204)
