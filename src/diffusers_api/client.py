@@ -264,7 +264,7 @@ class JobsClient:
         body = _native_body(envelope)
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         with httpx.Client(headers=headers, timeout=min(self.timeout_s, 60)) as http:
-            created = _job_body(_call(http, "POST", self.target, json=body))
+            created = _json_body(_call(http, "POST", self.target, json=body))
             job_id = str(created["id"])
             try:
                 final = self._follow(http, job_id, started + self.timeout_s)
@@ -287,7 +287,7 @@ class JobsClient:
     def _follow(self, http: httpx.Client, job_id: str, deadline: float) -> dict[str, Any]:
         reported: tuple[Any, ...] | None = None
         while True:
-            status = _job_body(_call(http, "GET", f"{self.target}/{job_id}"))
+            status = _json_body(_call(http, "GET", f"{self.target}/{job_id}"))
             progress = status.get("progress", {})
             seen = (status["status"], progress.get("stage"), progress.get("step"))
             if self.on_progress is not None and seen != reported:
@@ -317,17 +317,6 @@ def _native_body(envelope: Envelope) -> dict[str, Any]:
     return body
 
 
-def _job_body(response: httpx.Response) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError:
-        raise ClientError(f"HTTP {response.status_code}, not JSON: {response.text[:300]}") from None
-    if response.status_code >= 400:
-        error = body.get("error", {}) if isinstance(body, dict) else {}
-        raise ClientError(f"{error.get('code')}: {error.get('message')} (HTTP {response.status_code})")
-    return dict(body)
-
-
 def _call(http: httpx.Client, method: str, url: str, **kwargs: Any) -> httpx.Response:
     try:
         return http.request(method, url, **kwargs)
@@ -343,6 +332,9 @@ def _json_body(response: httpx.Response) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ClientError(f"HTTP {response.status_code}: expected a JSON object, got {body!r:.300}")
     if response.status_code >= 400 and "$error" not in body:
+        error = body.get("error")  # the native API's error body
+        if isinstance(error, dict):
+            raise ClientError(f"{error.get('code')}: {error.get('message')} (HTTP {response.status_code})")
         raise ClientError(f"HTTP {response.status_code}: {body}")
     return body
 
