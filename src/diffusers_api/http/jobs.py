@@ -92,6 +92,11 @@ class Job:
         self.finished_at, self.ended = time.time(), self.clock()
         self.publish(_END)
 
+    def cancelled(self) -> None:
+        """End as CANCELLED, with the step it had reached."""
+        step = int((self.events.latest or {}).get("step", 0))
+        self.end("CANCELLED", error=Cancelled(f"job {self.id} was cancelled", step=step))
+
     def describe(self, with_result: bool = True) -> dict[str, Any]:
         body = JobStatus(
             id=self.id,
@@ -162,7 +167,7 @@ class JobStore:
         job = self.get(job_id)
         if not job.finished and job.task is not None:
             job.task.cancel()  # the engine sets the request's cancel flag: it stops at the next step
-            job.end("CANCELLED", error=Cancelled(f"job {job_id} was cancelled", step=_step(job)))
+            job.cancelled()
         return job
 
     def cancel_all(self) -> None:
@@ -179,7 +184,7 @@ class JobStore:
         try:
             result = await events.generate(engine, request, job.events, on_start)
         except asyncio.CancelledError:
-            job.end("CANCELLED", error=Cancelled(f"job {job.id} was cancelled", step=_step(job)))
+            job.cancelled()
         except Exception as exc:
             job.end("FAILED", error=from_exception(exc))
         else:
@@ -194,10 +199,6 @@ class JobStore:
             if excess > 0 or now - job.ended > self.ttl_s:  # type: ignore[operator]
                 del self._jobs[job.id]
                 excess -= 1
-
-
-def _step(job: Job) -> int:
-    return int((job.events.latest or {}).get("step", 0))
 
 
 # --- routes --------------------------------------------------------------------------------------------------
