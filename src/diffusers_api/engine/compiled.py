@@ -242,10 +242,6 @@ class CompiledForward:
         self.stats.eager_steps += 1
         return self.base(unet, sample, timesteps, hidden, added)
 
-    def prepare(self, unet: Any, sample: Any, timesteps: Any, hidden: Any, added: dict[str, Any] | None) -> None:
-        """Compile for these inputs' shape ahead of the first request (e.g. right after a model loads)."""
-        self._shape(unet, sample, timesteps, hidden, added)
-
     def _shape(
         self, unet: Any, sample: Any, timesteps: Any, hidden: Any, added: dict[str, Any] | None
     ) -> tuple[tuple[Any, ...], _Shape]:
