@@ -251,7 +251,7 @@ class EventHub:
     async def for_request(self, request: GenerateRequest, extra_sinks: list[Sink] | None = None) -> RequestEvents:
         """The emitter of one request. A request's own SEND_URL is checked first; the check resolves its host,
         on a worker thread, so that a slow DNS server holds up this request only, never the event loop."""
-        if request.send_url and not self.settings.allow_private_urls:
+        if request.send_url:
             await asyncio.to_thread(self._check_request_url, request.send_url)
         key = request.sign_key.get_secret_value() if request.sign_key else None
         sinks = self._webhook_sinks(request.send_url, key) + list(extra_sinks or [])
