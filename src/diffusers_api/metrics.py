@@ -22,8 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .engine.base import Health
-from .runner import device_memory
+from .engine.base import Health, probe_device_memory
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -191,8 +190,7 @@ def _engine_families(engine: Engine) -> Iterator[Metric]:
     denoiser = getattr(engine, "denoiser", None)
     if denoiser is not None:
         yield from _loop_families(denoiser.stats)
-    # While the model loads, the engine's thread may be half-way through importing torch: leave it alone.
-    memory = device_memory() if state is not Health.STARTING else None
+    memory = probe_device_memory(state)
     if memory is not None:
         yield _gpu_memory_family(memory)
 

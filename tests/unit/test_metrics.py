@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from diffusers_api import metrics as metrics_module
+from diffusers_api import runner as runner_module
 from diffusers_api.config import Settings
 from diffusers_api.engine import Health, StepBatcher
 from diffusers_api.engine.stepper import Denoiser
@@ -275,7 +275,7 @@ def test_gpu_memory_is_read_only_once_the_engine_has_started(monkeypatch: pytest
         reads.append(1)
         return {"allocated_gb": 1.5, "peak_allocated_gb": 2.25, "reserved_gb": 3.0}
 
-    monkeypatch.setattr(metrics_module, "device_memory", device_memory)
+    monkeypatch.setattr(runner_module, "device_memory", device_memory)
     engine = FakeEngine(health=Health.STARTING)
     metrics = Metrics(engine)
     assert "diffusers_api_gpu_memory_bytes" not in scrape(metrics)

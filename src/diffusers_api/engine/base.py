@@ -34,6 +34,16 @@ class Health(enum.StrEnum):
         return self in (Health.READY, Health.BUSY)
 
 
+def probe_device_memory(health: Health) -> dict[str, float] | None:
+    """`runner.device_memory()` for a probe (/health, /metrics): None while the model loads, when the engine's
+    thread may be half-way through importing torch and a probe must leave it alone."""
+    if health is Health.STARTING:
+        return None
+    from ..runner import device_memory
+
+    return device_memory()
+
+
 class Engine(Protocol):
     """Runs requests on the device. Implementations must keep the event loop free."""
 

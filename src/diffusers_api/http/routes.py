@@ -9,10 +9,10 @@ from fastapi.responses import JSONResponse
 
 from .. import events
 from ..engine import Engine, Health
+from ..engine.base import probe_device_memory
 from ..engine.compiled import CompiledForward
 from ..errors import DiffusersAPIError, InvalidInputs, NotReady
 from ..imaging import mime_type
-from ..runner import device_memory
 from ..schema import ErrorResponse, GenerateRequest, GenerateResponse, GenerateResult
 from .app import require_api_key, run_request
 
@@ -99,8 +99,7 @@ async def health(request: Request) -> JSONResponse:
     denoiser = getattr(engine, "denoiser", None)
     if denoiser is not None:
         body["batching"]["loop"] = denoiser.stats.summary()
-    # While the model loads, the engine's thread may be half-way through importing torch: leave it alone.
-    memory = device_memory() if state is not Health.STARTING else None
+    memory = probe_device_memory(state)
     if memory is not None:
         body["device_memory"] = memory
     return JSONResponse(body, status_code=200 if state.serving else 503)
