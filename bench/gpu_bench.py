@@ -233,10 +233,12 @@ def plain_diffusers(path: Path, args: argparse.Namespace, size: int, label: str)
 class Server:
     """`diffusers-api serve` in a subprocess, as a user starts it."""
 
-    def __init__(self, path: Path, args: argparse.Namespace, log: Path, extra_env: dict[str, str]) -> None:
+    def __init__(
+        self, path: Path, args: argparse.Namespace, log: Path, extra_env: dict[str, str], src: Path = ROOT / "src"
+    ) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = os.environ | {"PYTHONPATH": f"{ROOT / 'src'}:{os.environ.get('PYTHONPATH', '')}"} | extra_env
+        env = os.environ | {"PYTHONPATH": f"{src}:{os.environ.get('PYTHONPATH', '')}"} | extra_env
         command = [
             sys.executable,
             "-m",
@@ -341,6 +343,8 @@ async def load(url: str, args: argparse.Namespace, size: int, clients: int, per_
     return {
         "batching": _batching_delta(before, after),
         "loop": after.get("loop"),
+        "encodes": after.get("encodes"),  # combined prompt encodes and VAE decodes (counts since the start)
+        "decodes": after.get("decodes"),
         # torch's peak allocation so far: after the 1-client run it is the peak at batch 1
         "device_memory": health.get("device_memory"),
         "clients": clients,
@@ -359,12 +363,18 @@ def _batching_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
 
 
 def server_runs(
-    path: Path, args: argparse.Namespace, size: int, label: str, concurrency: list[int], wait_ms: int = 250
+    path: Path,
+    args: argparse.Namespace,
+    size: int,
+    label: str,
+    concurrency: list[int],
+    wait_ms: int = 250,
+    src: Path = ROOT / "src",
 ) -> dict[str, Any]:
     import httpx
 
     env = {"MAX_BATCH_SIZE": str(args.max_batch), "BATCH_WAIT_MS": str(wait_ms)}
-    server = Server(path, args, args.out_dir / f"server_{label}.log", env)
+    server = Server(path, args, args.out_dir / f"server_{label}.log", env, src)
     try:
         server.wait_ready()
         response = httpx.post(f"{server.url}/v1/generate", json=request_body(args, size, 1), timeout=600)
@@ -455,6 +465,11 @@ def main() -> None:
     parser.add_argument("--image-format", default="JPEG")
     parser.add_argument("--skip-sdxl", action="store_true")
     parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="another checkout's src/ (e.g. from `git archive`): its server runs W too, after this one's",
+    )
+    parser.add_argument(
         "--wait-ms", type=lambda v: [int(x) for x in v.split(",")], default=[250], help="BATCH_WAIT_MS values"
     )
     args = parser.parse_args()
@@ -472,6 +487,14 @@ def main() -> None:
         free_memory()
         for wait_ms in args.wait_ms:
             section("server_W", lambda w=wait_ms: server_runs(sd, args, sizes[0], f"W_wait{w}", clients, w), args, env)
+        if args.baseline_src:  # the same workload on another source tree, in the same run
+            baseline = args.baseline_src.resolve()
+            section(
+                "server_W_baseline",
+                lambda: server_runs(sd, args, sizes[0], "W_baseline", clients, args.wait_ms[0], baseline),
+                args,
+                env,
+            )
         if not args.skip_sdxl:
             section("build_sdxl", lambda: build_and_save(sdxl_base, sdxl, args), args, env)
             section("plain_SDXL", lambda: plain_diffusers(sdxl, args, sizes[1], "SDXL"), args, env)

@@ -1,0 +1,176 @@
+"""Where a batched round's time goes, in process (no HTTP, no request threads): the GPU breakdown of the engine.
+
+    python bench/loop_bench.py --out bench/results/loop.jsonl          # on a CUDA machine, SD2.1-base 512
+    python bench/loop_bench.py --tiny --out /tmp/loop.jsonl            # the same script on a CPU, tiny model
+
+For N jobs in flight (1, 8, 32), with the engine's own pieces (ModelPipelines, denoise.prepare, the Denoiser, the
+StepBatcher with CUDA graphs), each timed with the device synchronised:
+- `prepare_s`: N requests prepared one after the other (prompt encoding, timesteps, initial latents);
+- `loop_round_s`: one round of the Denoiser stepping all N jobs (forward, guidance, N scheduler steps);
+- `graph_forward_s` / `eager_forward_s`: the UNet forward alone on the same 2N rows, replayed as a CUDA graph
+  (padded to its bucket) and eagerly; `loop_round_s` minus the forward is the loop's own cost per round;
+- `decode_each_s` / `decode_batched_s`: the N images decoded one call each, and in one batched VAE call.
+Then, for a range of row counts, the UNet forward eagerly and as a CUDA graph (which wins where).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "src"))
+
+from gpu_bench import PROMPT, build_and_save, environment, sd21_base, section, sync  # noqa: E402
+
+
+def median_time(fn: Callable[[], Any], runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        sync()
+        started = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+class Engine:
+    """The engine's pieces over one loaded model, as the server assembles them."""
+
+    def __init__(self, path: Path, args: argparse.Namespace) -> None:
+        from diffusers import DiffusionPipeline
+
+        from diffusers_api.engine import CudaGraphForward, StepBatcher
+        from diffusers_api.engine.stepper import Denoiser
+        from diffusers_api.pipelines import ModelPipelines
+
+        dtype = torch.float16 if args.device == "cuda" else torch.float32
+        base = DiffusionPipeline.from_pretrained(path, dtype=dtype).to(args.device)
+        self.pipelines = ModelPipelines(base)
+        self.cls = type(base)
+        self.forward = CudaGraphForward()
+        self.denoiser = Denoiser(StepBatcher(forward=self.forward))
+        self.args = args
+
+    def jobs(self, n: int, size: int) -> list[Any]:
+        from diffusers_api.engine import denoise
+
+        jobs = []
+        for i in range(n):
+            pipe = self.pipelines.build(self.cls, self.pipelines.scheduler("DPM++ 2M"), safety_checker=False)
+            kwargs = {
+                "prompt": f"{PROMPT} {i}",
+                "num_inference_steps": self.args.steps,
+                "guidance_scale": 7.5,
+                "width": size,
+                "height": size,
+                "generator": torch.Generator("cpu").manual_seed(i),
+            }
+            jobs.append(denoise.prepare(pipe, kwargs))
+        return jobs
+
+    def run(self, jobs: list[Any]) -> None:
+        threads = [threading.Thread(target=self.denoiser.run, args=(job,)) for job in jobs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        sync()
+
+
+def forward_inputs(jobs: list[Any]) -> tuple[Any, Any, Any]:
+    sample = torch.cat([job.latents for job in jobs] * 2)
+    hidden = torch.cat([job.hidden[:1] for job in jobs] + [job.hidden[1:] for job in jobs])
+    timesteps = torch.full((sample.shape[0],), float(jobs[0].timesteps[0]), device=sample.device)
+    return sample, timesteps, hidden
+
+
+def in_flight(engine: Engine, n: int, size: int) -> dict[str, Any]:
+    from diffusers_api.engine.batcher import eager_forward
+
+    unet, vae = engine.pipelines.components["unet"], engine.pipelines.components["vae"]
+    prepare_s = median_time(lambda: engine.jobs(n, size), 1)
+    engine.run(engine.jobs(n, size))  # warm-up: captures this bucket's graph
+    jobs = engine.jobs(n, size)
+    rounds_before = engine.denoiser.stats.rounds
+    started = time.perf_counter()
+    engine.run(jobs)
+    loop_s = time.perf_counter() - started
+    rounds = engine.denoiser.stats.rounds - rounds_before
+    sample, timesteps, hidden = forward_inputs(jobs)
+    graph_s = median_time(lambda: engine.forward(unet, sample, timesteps, hidden, None), 5)
+    eager_s = median_time(lambda: eager_forward(unet, sample, timesteps, hidden, None), 5)
+    latents = torch.cat([job.latents for job in jobs]) / vae.config.scaling_factor
+    each_s = median_time(lambda: [vae.decode(latents[i : i + 1], return_dict=False) for i in range(n)], 3)
+    batched_s = median_time(lambda: vae.decode(latents, return_dict=False), 3)
+    return {
+        "jobs": n,
+        "rows": 2 * n,
+        "prepare_each_s": round(prepare_s / n, 4),
+        "rounds": rounds,
+        "loop_round_s": round(loop_s / rounds, 4),
+        "graph_forward_s": round(graph_s, 4),
+        "eager_forward_s": round(eager_s, 4),
+        "loop_overhead_per_job_ms": round((loop_s / rounds - min(graph_s, eager_s)) / n * 1000, 3),
+        "decode_each_s": round(each_s, 4),
+        "decode_batched_s": round(batched_s, 4),
+    }
+
+
+def forwards(engine: Engine, rows_list: list[int], size: int) -> dict[str, Any]:
+    """The UNet forward at each row count, eagerly and as a CUDA graph of exactly that many rows."""
+    from diffusers_api.engine import CudaGraphForward
+    from diffusers_api.engine.batcher import eager_forward
+
+    unet = engine.pipelines.components["unet"]
+    template = engine.jobs(1, size)[0]
+    results = []
+    for rows in rows_list:
+        graph = CudaGraphForward(buckets=(rows,))
+        sample = template.latents.expand(rows, -1, -1, -1).contiguous()
+        hidden = template.hidden[:1].expand(rows, -1, -1).contiguous()
+        timesteps = torch.full((rows,), float(template.timesteps[0]), device=sample.device)
+        eager_s = median_time(lambda s=sample, h=hidden, t=timesteps: eager_forward(unet, s, t, h, None), 5)
+        graph(unet, sample, timesteps, hidden, None)  # capture
+        graph_s = median_time(lambda s=sample, h=hidden, t=timesteps, g=graph: g(unet, s, t, h, None), 5)
+        results.append({"rows": rows, "eager_s": round(eager_s, 4), "graph_s": round(graph_s, 4)})
+        del graph
+    return {"what": "loop_unet_forward_by_rows", "results": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="the built-in tiny model (CPU check of the script)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/loop.jsonl"))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--jobs", default="1,8,32")
+    parser.add_argument("--rows", default="2,8,16,24,32,48,64")
+    args = parser.parse_args()
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    size = 64 if args.tiny else 512
+    env = environment()
+    work = Path(tempfile.mkdtemp(prefix="loop-bench-"))
+    path = work / "sd21-base"
+    section("build_sd", lambda: build_and_save(sd21_base, path, args), args, env)
+    engine = Engine(path, args)
+    for n in (int(x) for x in args.jobs.split(",")):
+        section(f"loop_{n}_jobs", lambda n=n: {"what": f"loop_{n}_jobs"} | in_flight(engine, n, size), args, env)
+    rows = [int(x) for x in args.rows.split(",")]
+    section("loop_unet_forward_by_rows", lambda: forwards(engine, rows, size), args, env)
+    engine.denoiser.stop()
+
+
+if __name__ == "__main__":
+    main()
