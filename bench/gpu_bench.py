@@ -234,15 +234,24 @@ class Server:
     """`diffusers-api serve` in a subprocess, as a user starts it."""
 
     def __init__(
-        self, path: Path, args: argparse.Namespace, log: Path, extra_env: dict[str, str], src: Path = ROOT / "src"
+        self,
+        path: Path,
+        args: argparse.Namespace,
+        log: Path,
+        extra_env: dict[str, str],
+        src: Path = ROOT / "src",
+        switch_interval_ms: float | None = None,
     ) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = os.environ | {"PYTHONPATH": f"{src}:{os.environ.get('PYTHONPATH', '')}"} | extra_env
+        # With switch_interval_ms, Python's GIL switch interval (default 5 ms) is set before the server starts.
+        start = ["-m", "diffusers_api"]
+        if switch_interval_ms is not None:
+            start = ["-c", _SWITCHED.format(seconds=switch_interval_ms / 1000)]
         command = [
             sys.executable,
-            "-m",
-            "diffusers_api",
+            *start,
             "serve",
             "--model",
             str(path),
@@ -297,6 +306,12 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self.log.close()
+
+
+_SWITCHED = (
+    "import runpy, sys; sys.setswitchinterval({seconds}); sys.argv = ['diffusers_api', *sys.argv[1:]]; "
+    "runpy.run_module('diffusers_api', run_name='__main__', alter_sys=True)"
+)
 
 
 def _free_port() -> int:
@@ -370,11 +385,12 @@ def server_runs(
     concurrency: list[int],
     wait_ms: int = 250,
     src: Path = ROOT / "src",
+    switch_interval_ms: float | None = None,
 ) -> dict[str, Any]:
     import httpx
 
     env = {"MAX_BATCH_SIZE": str(args.max_batch), "BATCH_WAIT_MS": str(wait_ms)}
-    server = Server(path, args, args.out_dir / f"server_{label}.log", env, src)
+    server = Server(path, args, args.out_dir / f"server_{label}.log", env, src, switch_interval_ms)
     try:
         server.wait_ready()
         response = httpx.post(f"{server.url}/v1/generate", json=request_body(args, size, 1), timeout=600)
@@ -465,6 +481,11 @@ def main() -> None:
     parser.add_argument("--image-format", default="JPEG")
     parser.add_argument("--skip-sdxl", action="store_true")
     parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        help="also run W with Python's GIL switch interval set to this (the default is 5 ms)",
+    )
+    parser.add_argument(
         "--baseline-src",
         type=Path,
         help="another checkout's src/ (e.g. from `git archive`): its server runs W too, after this one's",
@@ -492,6 +513,16 @@ def main() -> None:
             section(
                 "server_W_baseline",
                 lambda: server_runs(sd, args, sizes[0], "W_baseline", clients, args.wait_ms[0], baseline),
+                args,
+                env,
+            )
+        if args.switch_interval_ms is not None:
+            ms = args.switch_interval_ms
+            section(
+                "server_W_switch",
+                lambda: server_runs(
+                    sd, args, sizes[0], f"W_switch{ms:g}ms", clients, args.wait_ms[0], ROOT / "src", ms
+                ),
                 args,
                 env,
             )
