@@ -30,13 +30,12 @@ if TYPE_CHECKING:
 
     from .engine import Engine
     from .engine.batcher import BatchStats
-    from .engine.combine import CombinerStats
     from .engine.stepper import LoopStats
     from .events import Event, Sink
 
 # seconds: from 10 ms (encoding a small image) to 5 minutes (a large model's first download)
 SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0)
-# rows per UNet forward: powers of two up to the largest CUDA graph bucket (128 rows), and one above
+# rows per UNet forward: the batch buckets of the CUDA graphs (1, 2, 4, ... 128 rows) and one above
 ROWS_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 
 
@@ -191,7 +190,6 @@ def _engine_families(engine: Engine) -> Iterator[Metric]:
     denoiser = getattr(engine, "denoiser", None)
     if denoiser is not None:
         yield from _loop_families(denoiser.stats)
-        yield from _decode_families(denoiser.decodes.stats)
     memory = probe_device_memory(state)
     if memory is not None:
         yield _gpu_memory_family(memory)
@@ -227,17 +225,6 @@ def _loop_families(stats: LoopStats) -> Iterator[Metric]:
     yield GaugeMetricFamily("diffusers_api_loop_max_jobs", "Most requests stepped in one round.", stats.max_jobs)
     yield CounterMetricFamily(
         "diffusers_api_loop_out_of_memory", "Steps that ran out of memory and were split.", stats.out_of_memory
-    )
-
-
-def _decode_families(stats: CombinerStats) -> Iterator[Metric]:
-    from prometheus_client.core import CounterMetricFamily
-
-    yield CounterMetricFamily("diffusers_api_vae_decodes", "VAE decodes asked for by finished requests.", stats.calls)
-    yield CounterMetricFamily(
-        "diffusers_api_vae_decode_runs",
-        "VAE calls that ran them (decodes finishing together are combined).",
-        stats.runs,
     )
 
 

@@ -233,12 +233,12 @@ class Runner:
 
         assert self.denoiser is not None
         try:
-            job = denoise.prepare(pipe, kwargs, self.denoiser.encodes)
+            job = denoise.prepare(pipe, kwargs)
         except (ValueError, TypeError) as exc:
             raise InvalidInputs(f"{type(pipe).__name__} rejected the inputs: {exc}") from exc
         job.progress, job.cancel = progress, cancel
         self.denoiser.run(job)
-        return denoise.finish(pipe, job, kwargs, self.denoiser.decodes)
+        return denoise.finish(pipe, job, kwargs)
 
     def _diffusers_call(
         self, pipe: Any, kwargs: dict[str, Any], progress: ProgressCallback | None, cancel: threading.Event | None

@@ -382,29 +382,6 @@ def test_eight_concurrent_requests_share_their_forwards(models_dir: Path) -> Non
     assert batcher.stats.rows_total == 8 * 10 * 2  # every step of every request ran, CFG rows included
 
 
-@pytest.mark.parametrize("model_id", ["builtin/tiny-sd", "builtin/tiny-sdxl"])
-def test_requests_together_share_their_prompt_encodes_and_vae_decodes(models_dir: Path, model_id: str) -> None:
-    """Arriving together, finishing in the same round: the CLIP calls and the VAE decodes of the requests are
-    combined, and each image is still its own (as when the request runs alone)."""
-    runner = _runner(models_dir, model_id)
-    requests = [GenerateRequest(prompt=f"p{i}", seed=i, num_inference_steps=6) for i in range(6)]
-    alone = run_alone(runner, requests)
-    with batching(runner), ThreadPoolExecutor(max_workers=len(requests)) as pool:
-        assert runner.denoiser is not None
-        encodes, decodes = runner.denoiser.encodes.stats, runner.denoiser.decodes.stats
-        together = list(pool.map(runner.run, requests))
-    # SD encodes the prompt and the (empty) negative prompt; SDXL the prompt with each of its two encoders, and
-    # an empty negative prompt is zeros (force_zeros_for_empty_prompt)
-    assert encodes.calls == 6 * 2
-    assert encodes.runs < encodes.calls
-    assert encodes.largest > 1
-    assert decodes.calls == 6
-    assert decodes.runs < 6
-    assert decodes.largest > 1
-    for batched, solo in zip(together, alone, strict=True):
-        assert_close(pixels(batched), pixels(solo))
-
-
 def test_shared_tokenizer_is_safe_across_threads(runner: Runner) -> None:
     """diffusers tokenizes with padding="max_length" and "longest" in turn; threads must not mix them up."""
     model = runner.store.get(GenerateRequest(prompt="x"))

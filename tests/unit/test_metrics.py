@@ -254,19 +254,9 @@ def test_denoising_loop_counters() -> None:
     assert parsed["diffusers_api_loop_max_jobs"] == {(): 3.0}
 
 
-def test_combined_vae_decode_counters() -> None:
-    engine = BatchingFake()
-    decodes = engine.denoiser.decodes.stats
-    decodes.calls, decodes.runs = 8, 2
-    parsed = scrape(Metrics(engine))
-    assert parsed["diffusers_api_vae_decodes_total"] == {(): 8.0}
-    assert parsed["diffusers_api_vae_decode_runs_total"] == {(): 2.0}
-
-
 def test_the_serial_engine_has_no_batch_metrics() -> None:
     parsed = scrape(Metrics(FakeEngine()))  # no batcher, no denoiser: as the serial engine
-    engine_metrics = ("diffusers_api_batch", "diffusers_api_loop", "diffusers_api_vae")
-    assert not [name for name in parsed if name.startswith(engine_metrics)]
+    assert not [name for name in parsed if name.startswith(("diffusers_api_batch", "diffusers_api_loop"))]
     assert "diffusers_api_unet_forward_rows_count" not in parsed
 
 

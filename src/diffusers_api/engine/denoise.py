@@ -10,8 +10,7 @@ requests at once:
 - the loop (`engine/stepper.py`, one thread for all requests): each step, the jobs of one model and shape run
   as one UNet forward; guidance is one tensor operation for all of them; then each job's own scheduler steps
   its own latents (schedulers keep per-request history, so this stays per job).
-- `finish` (on the request's thread again): VAE decode, safety checker, post-processing, as the pipeline does;
-  the decodes of requests that finish at the same time run as one VAE call.
+- `finish` (on the request's thread again): VAE decode, safety checker, post-processing, as the pipeline does.
 
 Supported here: `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`, `StableDiffusionXLPipeline`,
 `StableDiffusionXLImg2ImgPipeline` and `StableDiffusionInpaintPipeline` (inpainting UNets with 9 input channels,
@@ -29,8 +28,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-
-from .combine import Combiner
 
 if TYPE_CHECKING:
     import torch
@@ -190,16 +187,13 @@ def _arguments(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- prepare
 
 
-def prepare(pipe: Any, kwargs: dict[str, Any], encodes: Encodes | None = None) -> Job:
-    """Everything `pipe(**kwargs)` does before its first step. Raises ValueError/TypeError as the pipeline does.
-
-    With `encodes` (the engine's), the prompt encodes are combined with those of requests preparing at the same time.
-    """
+def prepare(pipe: Any, kwargs: dict[str, Any]) -> Job:
+    """Everything `pipe(**kwargs)` does before its first step. Raises ValueError/TypeError as the pipeline does."""
     import torch
 
     family, task, _ = _SUPPORTED[type(pipe).__name__]
     args = _arguments(pipe, kwargs)
-    with torch.inference_mode(), _combined_text_encoders(pipe, encodes):
+    with torch.inference_mode():
         if family == "sd":
             return _prepare_sd(pipe, args, task)
         return _prepare_sdxl(pipe, args, task)
@@ -411,47 +405,34 @@ class Output:
     nsfw_content_detected: list[bool] | None = None
 
 
-def finish(pipe: Any, job: Job, kwargs: dict[str, Any], decodes: Decodes | None = None) -> Output:
-    """Everything `pipe(**kwargs)` does after its last step: decode, safety check, post-process.
-
-    With `decodes` (the engine's), the VAE decode is combined with those of requests finishing at the same time.
-    """
+def finish(pipe: Any, job: Job, kwargs: dict[str, Any]) -> Output:
+    """Everything `pipe(**kwargs)` does after its last step: decode, safety check, post-process."""
     import torch
 
     family, _, _ = _SUPPORTED[type(pipe).__name__]
     with torch.inference_mode():
         if family == "sd":
-            return _finish_sd(pipe, job, kwargs.get("generator"), decodes)
-        return _finish_sdxl(pipe, job, decodes)
+            return _finish_sd(pipe, job, kwargs.get("generator"))
+        return _finish_sdxl(pipe, job)
 
 
-def _finish_sd(pipe: Any, job: Job, generator: Any, decodes: Decodes | None) -> Output:
-    if decodes is not None and _combinable(pipe.vae):
-        image = _decode(decodes, _decode_sd, pipe.vae, job.latents)
-    else:  # as the pipeline calls it (some VAEs' decoders draw noise from the generator)
-        latents = job.latents / pipe.vae.config.scaling_factor
-        image = pipe.vae.decode(latents, return_dict=False, generator=generator)[0]
+def _finish_sd(pipe: Any, job: Job, generator: Any) -> Output:
+    latents = job.latents / pipe.vae.config.scaling_factor
+    image = pipe.vae.decode(latents, return_dict=False, generator=generator)[0]
     image, nsfw = pipe.run_safety_checker(image, pipe._execution_device, job.hidden.dtype)
     denormalize = [True] * image.shape[0] if nsfw is None else [not flag for flag in nsfw]
     return Output(pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=denormalize), nsfw)
 
 
-def _finish_sdxl(pipe: Any, job: Job, decodes: Decodes | None) -> Output:
+def _finish_sdxl(pipe: Any, job: Job) -> Output:
     latents, vae = job.latents, pipe.vae
     if _needs_upcast(vae):
         vae = float32_vae(vae)
         latents = latents.float()
-    if decodes is not None and _combinable(vae):
-        image = _decode(decodes, _decode_sdxl, vae, latents)
-    else:
-        image = _decode_sdxl(vae, latents)
+    image = _decode_sdxl(vae, latents)
     if pipe.watermark is not None:
         image = pipe.watermark.apply_watermark(image)
     return Output(pipe.image_processor.postprocess(image, output_type="pil"))
-
-
-def _decode_sd(vae: Any, latents: Any) -> Any:
-    return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
 
 
 def _decode_sdxl(vae: Any, latents: Any) -> Any:
@@ -465,130 +446,6 @@ def _decode_sdxl(vae: Any, latents: Any) -> Any:
     else:
         latents = latents / vae.config.scaling_factor
     return vae.decode(latents, return_dict=False)[0]
-
-
-# ---------------------------------------------------------------------------------------------- combined decodes
-# Requests that step together finish together. Their VAE decodes are combined into one call (engine/combine.py)
-# of at most DECODE_BATCH_LATENT_PIXELS: 8 images at 512x512, 2 at 1024x1024. Only VAEs whose decode of a batch
-# is the decode of each image: AutoencoderKL and the tiny AutoencoderTiny, with or without tiling and slicing.
-
-DECODE_BATCH_LATENT_PIXELS = 8 * 64 * 64
-_COMBINABLE_VAES = ("AutoencoderKL", "AutoencoderTiny")
-
-
-@dataclass(frozen=True, eq=False)
-class _DecodeCall:
-    decode: Any  # _decode_sd or _decode_sdxl
-    vae: Any
-    latents: Any
-
-
-Decodes = Combiner[_DecodeCall, Any]
-
-
-def decodes() -> Decodes:
-    """The engine's combiner of VAE decodes."""
-    return Combiner(run=_decode_together, max_weight=DECODE_BATCH_LATENT_PIXELS)
-
-
-def _combinable(vae: Any) -> bool:
-    module = vae.module if isinstance(vae, _PinnedDtype) else vae
-    return type(module).__name__ in _COMBINABLE_VAES
-
-
-def _decode(combiner: Decodes, decode: Any, vae: Any, latents: Any) -> Any:
-    key = (decode, id(vae), tuple(latents.shape[1:]), latents.dtype, latents.device)
-    weight = latents.shape[0] * latents.shape[-2] * latents.shape[-1]
-    return combiner(key, _DecodeCall(decode, vae, latents), weight)
-
-
-def _decode_together(calls: list[_DecodeCall]) -> list[Any]:
-    import torch
-
-    first = calls[0]
-    if len(calls) == 1:
-        return [first.decode(first.vae, first.latents)]
-    images = first.decode(first.vae, torch.cat([call.latents for call in calls]))
-    return list(images.split([call.latents.shape[0] for call in calls]))
-
-
-# ---------------------------------------------------------------------------------------------- combined prompt encodes
-# Likewise the prompt encodes of requests that arrive together: each CLIP text encoder call of `encode_prompt` is
-# combined with other requests' calls of the same shape and options (at most ENCODE_BATCH_PROMPTS prompts). CLIP
-# encodes each prompt on its own (a causal mask, and the pooled output read at each prompt's end token).
-
-ENCODE_BATCH_PROMPTS = 16
-_COMBINABLE_TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection")
-
-
-@dataclass(frozen=True, eq=False)
-class _EncodeCall:
-    encoder: Any
-    input_ids: Any
-    options: tuple[tuple[str, Any], ...]  # keyword arguments without tensors (output_hidden_states, ...)
-
-
-Encodes = Combiner[_EncodeCall, Any]
-
-
-def encodes() -> Encodes:
-    """The engine's combiner of prompt encodes."""
-    return Combiner(run=_encode_together, max_weight=ENCODE_BATCH_PROMPTS)
-
-
-@contextmanager
-def _combined_text_encoders(pipe: Any, combiner: Encodes | None) -> Iterator[None]:
-    """`pipe`'s CLIP text encoders, for the duration of `prepare`, combine their calls through `combiner`.
-    `pipe` is this request's own pipeline object, so swapping its attributes affects no one else."""
-    swapped = {}
-    for name in ("text_encoder", "text_encoder_2"):
-        module = getattr(pipe, name, None)
-        if combiner is not None and type(module).__name__ in _COMBINABLE_TEXT_ENCODERS:
-            swapped[name] = module
-            object.__setattr__(pipe, name, _CombinedTextEncoder(module, combiner))
-    try:
-        yield
-    finally:
-        for name, module in swapped.items():
-            object.__setattr__(pipe, name, module)
-
-
-class _CombinedTextEncoder:
-    """A shared text encoder as one request sees it: calls go through the engine's combiner."""
-
-    def __init__(self, module: Any, combiner: Encodes) -> None:
-        self.__dict__.update(module=module, combiner=combiner)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.module, name)
-
-    def __call__(self, input_ids: Any, **kwargs: Any) -> Any:
-        if any(value is not None and not isinstance(value, bool) for value in kwargs.values()):
-            return self.module(input_ids, **kwargs)  # an attention mask: not combined
-        options = tuple(sorted(kwargs.items()))
-        key = (id(self.module), tuple(input_ids.shape[1:]), input_ids.device, options)
-        return self.combiner(key, _EncodeCall(self.module, input_ids, options), int(input_ids.shape[0]))
-
-
-def _encode_together(calls: list[_EncodeCall]) -> list[Any]:
-    import torch
-
-    first = calls[0]
-    options = dict(first.options)
-    if len(calls) == 1:
-        return [first.encoder(first.input_ids, **options)]
-    output = first.encoder(torch.cat([call.input_ids for call in calls]), **options)
-    sizes = [int(call.input_ids.shape[0]) for call in calls]
-    parts = {name: _split_rows(value, sizes) for name, value in output.items()}
-    return [type(output)(**{name: split[i] for name, split in parts.items()}) for i in range(len(calls))]
-
-
-def _split_rows(value: Any, sizes: list[int]) -> list[Any]:
-    """A model output's field cut into each caller's rows (tuples of tensors, such as hidden_states, per tensor)."""
-    if isinstance(value, tuple):
-        per_tensor = [tensor.split(sizes) for tensor in value]
-        return [tuple(split[i] for split in per_tensor) for i in range(len(sizes))]
-    return list(value.split(sizes))
 
 
 # ---------------------------------------------------------------------------------------------- fp16 SDXL VAE

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import Cancelled, NotReady
-from .denoise import decodes, encodes
 
 if TYPE_CHECKING:
     import torch
@@ -75,8 +74,6 @@ class Denoiser:
         self._stopped = False
         self._joined = False  # whether the loop is a participant of the batcher's rendezvous
         self._row_caps: dict[Any, int] = {}  # group key -> most rows per forward that fit in memory
-        self.decodes = decodes()  # the VAE decodes of this loop's finished jobs, combined
-        self.encodes = encodes()  # the prompt encodes of jobs being prepared for it, combined
 
     @property
     def active(self) -> int:

@@ -99,8 +99,6 @@ async def health(request: Request) -> JSONResponse:
     denoiser = getattr(engine, "denoiser", None)
     if denoiser is not None:
         body["batching"]["loop"] = denoiser.stats.summary()
-        body["batching"]["decodes"] = denoiser.decodes.stats.summary()
-        body["batching"]["encodes"] = denoiser.encodes.stats.summary()
     memory = probe_device_memory(state)
     if memory is not None:
         body["device_memory"] = memory
