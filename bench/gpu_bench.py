@@ -358,8 +358,6 @@ async def load(url: str, args: argparse.Namespace, size: int, clients: int, per_
     return {
         "batching": _batching_delta(before, after),
         "loop": after.get("loop"),
-        "encodes": after.get("encodes"),  # combined prompt encodes and VAE decodes (counts since the start)
-        "decodes": after.get("decodes"),
         # torch's peak allocation so far: after the 1-client run it is the peak at batch 1
         "device_memory": health.get("device_memory"),
         "clients": clients,
