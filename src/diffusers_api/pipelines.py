@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import inspect
 import threading
-from functools import lru_cache
+from collections.abc import Mapping
+from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any
 
 from .errors import InvalidScheduler, NoSuchPipeline
@@ -156,7 +157,7 @@ class ModelPipelines:
         return cls
 
     def _missing_components(self, cls: Any) -> list[str]:
-        expected, _ = cls._get_signature_keys(cls)
+        expected, _ = _signature_keys(cls)
         optional = set(cls._optional_components) | _defaulted_params(cls)
         return [name for name in expected if self.components.get(name) is None and name not in optional]
 
@@ -165,7 +166,7 @@ class ModelPipelines:
 
     def build(self, cls: Any, scheduler: SchedulerMixin, *, safety_checker: bool) -> DiffusionPipeline:
         """A fresh pipeline of `cls` over the shared components, with its own scheduler."""
-        expected, optional_params = cls._get_signature_keys(cls)
+        expected, optional_params = _signature_keys(cls)
         kwargs: dict[str, Any] = {name: self.components.get(name) for name in expected}
         kwargs["scheduler"] = scheduler
         kwargs.update({k: v for k, v in self._options.items() if k in optional_params})
@@ -257,6 +258,26 @@ def _family(class_name: str) -> str | None:
 
     family: str | None = auto_pipeline._get_model(class_name)
     return family
+
+
+# Signatures are read per class, once: inspect.signature takes about 0.2 ms a call, and every request needs a few.
+
+
+def call_parameters(cls: Any) -> Mapping[str, inspect.Parameter]:
+    """The parameters of `cls.__call__` (a pipeline class)."""
+    return _call_parameters(cls)
+
+
+@cache
+def _call_parameters(cls: Any) -> Mapping[str, inspect.Parameter]:
+    return inspect.signature(cls.__call__).parameters
+
+
+@cache
+def _signature_keys(cls: Any) -> tuple[list[str], set[str]]:
+    """diffusers' (expected modules, optional parameters) of a pipeline class's __init__."""
+    keys: tuple[list[str], set[str]] = cls._get_signature_keys(cls)
+    return keys
 
 
 def _defaulted_params(cls: Any) -> set[str]:

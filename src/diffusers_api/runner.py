@@ -6,7 +6,6 @@ anything but a `DiffusersAPIError`, so every transport can turn failures into th
 
 from __future__ import annotations
 
-import inspect
 import logging
 import sys
 import threading
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from . import imaging
 from .errors import Cancelled, DiffusersAPIError, InvalidInputs, PipelineError
 from .models.store import LoadedModel, ModelStore
+from .pipelines import call_parameters
 from .schema import RESERVED_CALL_ARGS, GenerateRequest, GenerateResult
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ class Runner:
     ) -> dict[str, Any]:
         import torch
 
-        accepted = set(inspect.signature(pipe_cls.__call__).parameters) - RESERVED_CALL_ARGS - {"self"}
+        accepted = set(call_parameters(pipe_cls)) - RESERVED_CALL_ARGS - {"self"}
         kwargs = {name: getattr(request, name) for name in CALL_FIELDS if getattr(request, name) is not None}
         kwargs |= inputs | request.extra
         unknown = sorted(set(kwargs) - accepted)
@@ -244,7 +244,7 @@ class Runner:
         self, pipe: Any, kwargs: dict[str, Any], progress: ProgressCallback | None, cancel: threading.Event | None
     ) -> Any:
         """The pipeline's own loop; its UNet calls still join the batcher's rounds when there is one."""
-        if "callback_on_step_end" in inspect.signature(type(pipe).__call__).parameters:
+        if "callback_on_step_end" in call_parameters(type(pipe)):
             kwargs["callback_on_step_end"] = _step_callback(progress, cancel)
         batched = self.batcher.session(pipe) if self.batcher and hasattr(pipe, "unet") else nullcontext()
         try:

@@ -1,0 +1,113 @@
+"""Host time a request spends outside the denoising loop: the Python its own thread runs (CPU, tiny model).
+
+    python bench/request_overhead.py                                   # this tree
+    python bench/request_overhead.py --baseline-src /tmp/before/src    # and another tree, alternately
+
+Requests go one at a time through the Runner with the batched loop, as the batching engine runs them. The
+request thread's CPU time (`time.thread_time`) counts only what that thread runs: building the request's
+pipeline, preparing it (checks, prompt encoding, timesteps, initial latents), then decoding, post-processing and
+encoding the image. The denoising loop runs on its own thread and is not counted. On a GPU these steps launch
+small kernels and run Python with the GIL held, so concurrent requests serialise on them: in the H100 runs, 8
+clients in step took about 0.5 s per round trip more than their 20 batched steps.
+
+Each variant runs in a fresh interpreter; variants alternate, and each reports the median over its requests.
+One JSON line per variant and run is appended to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def child(requests: int, steps: int) -> dict[str, float]:
+    """In a fresh interpreter whose sys.path starts with the variant's src/: the request thread's CPU ms."""
+    from diffusers_api.config import Settings
+    from diffusers_api.engine import StepBatcher
+    from diffusers_api.engine.stepper import Denoiser
+    from diffusers_api.runner import Runner
+    from diffusers_api.schema import GenerateRequest
+
+    runner = Runner(Settings(model_id="builtin/tiny-sd", models_dir=Path(tempfile.mkdtemp(prefix="overhead-"))))
+    runner.start()
+    batcher = StepBatcher()
+    runner.batcher, runner.denoiser = batcher, Denoiser(batcher)
+
+    def request(i: int) -> GenerateRequest:
+        return GenerateRequest(
+            prompt=f"a photograph of an astronaut riding a horse {i}",
+            seed=i,
+            num_inference_steps=steps,
+            scheduler="DPM++ 2M",
+            safety_checker=False,  # as the GPU benchmark's models, which have none
+            image_format="JPEG",
+        )
+
+    for i in range(3):  # warm-up
+        runner.run(request(i))
+    cpu_ms, wall_ms = [], []
+    for i in range(requests):
+        cpu, wall = time.thread_time(), time.perf_counter()
+        runner.run(request(i))
+        cpu_ms.append((time.thread_time() - cpu) * 1000)
+        wall_ms.append((time.perf_counter() - wall) * 1000)
+    runner.denoiser.stop()
+    return {
+        "request_thread_cpu_ms": round(statistics.median(cpu_ms), 2),
+        "wall_ms": round(statistics.median(wall_ms), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=3, help="fresh interpreters per variant")
+    parser.add_argument("--baseline-src", type=Path, help="another checkout's src/, measured alternately")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/request_overhead-cpu.jsonl"))
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.requests, args.steps)))
+        return
+    variants = {"current": ROOT / "src"}
+    if args.baseline_src:
+        variants["baseline"] = args.baseline_src.resolve()
+    results: dict[str, list[float]] = {name: [] for name in variants}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for run in range(args.runs):
+        for name in variants if run % 2 == 0 else reversed(variants):
+            env = os.environ | {"PYTHONPATH": f"{variants[name]}:{os.environ.get('PYTHONPATH', '')}", "OFFLINE": "1"}
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--requests",
+                str(args.requests),
+                "--steps",
+                str(args.steps),
+            ]
+            done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+            record = json.loads(done.stdout.strip().splitlines()[-1]) | {"variant": name, "run": run}
+            record |= {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "what": "request_overhead"}
+            results[name].append(record["request_thread_cpu_ms"])
+            print(json.dumps(record), flush=True)
+            with args.out.open("a") as out:
+                out.write(json.dumps(record) + "\n")
+    summary = {name: round(statistics.median(values), 2) for name, values in results.items()}
+    if "baseline" in summary:
+        summary["baseline_over_current"] = round(summary["baseline"] / summary["current"], 2)
+    print(json.dumps({"what": "request_overhead_summary", "median_request_thread_cpu_ms": summary}))
+
+
+if __name__ == "__main__":
+    main()
