@@ -235,6 +235,25 @@ def test_derived_pipelines_share_the_weights(runner: Runner) -> None:
     assert img2img.scheduler is not pipelines.base.scheduler
 
 
+def test_each_request_gets_a_fresh_scheduler_of_the_models_config(runner: Runner) -> None:
+    """Schedulers are built once per kind and copied per request: a used one must not reach the next request."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipelines = runner.store.get(ask()).pipelines
+    first = pipelines.scheduler("DPM++ 2M Karras")
+    first.set_timesteps(7)
+    first.model_outputs[0] = torch.ones(1)
+    second = pipelines.scheduler("dpm++ 2m karras")  # however it is spelled
+    expected = DPMSolverMultistepScheduler.from_config(
+        pipelines.components["scheduler"].config, algorithm_type="dpmsolver++", use_karras_sigmas=True
+    )
+    assert second is not first
+    assert dict(second.config) == dict(expected.config)
+    assert second.num_inference_steps is None
+    assert second.model_outputs == [None] * second.config.solver_order
+    assert torch.equal(second.sigmas, expected.sigmas)
+
+
 def test_scheduler_choice_does_not_leak(runner: Runner) -> None:
     baseline = runner.run(ask(seed=5))
     runner.run(ask(seed=5, scheduler="Euler a"))
