@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement issue #5 asks for, in one device call (about 6 minutes on an H200):
+# Every GPU measurement issue #5 asks for, in one device call (289 s and 342 s on an H100):
 #
 #   device run: command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=540
 #   here, first: TINY=1 bash bench/gpu_session.sh      # the same steps on the tiny models, on a CPU
