@@ -9,7 +9,8 @@ StepBatcher with CUDA graphs), each timed with the device synchronised:
 - `loop_round_s`: one round of the Denoiser stepping all N jobs (forward, guidance, N scheduler steps);
 - `graph_forward_s` / `eager_forward_s`: the UNet forward alone on the same 2N rows, replayed as a CUDA graph
   (padded to its bucket) and eagerly; `loop_round_s` minus the forward is the loop's own cost per round;
-- `decode_each_s` / `decode_batched_s`: the N images decoded one call each, and in one batched VAE call.
+- `decode_each_s` / `decode_batched_s`: the N images decoded one call each, and in one batched VAE call;
+- `finish_each_s`: what a request thread does after the loop, per request (decode, post-processing to PIL).
 Then, for a range of row counts, the UNet forward eagerly and as a CUDA graph (which wins where).
 """
 
@@ -64,6 +65,7 @@ class Engine:
         self.forward = CudaGraphForward()
         self.denoiser = Denoiser(StepBatcher(forward=self.forward))
         self.args = args
+        self.pipes: dict[int, Any] = {}  # id(job) -> its request's pipeline
 
     def jobs(self, n: int, size: int) -> list[Any]:
         from diffusers_api.engine import denoise
@@ -80,6 +82,7 @@ class Engine:
                 "generator": torch.Generator("cpu").manual_seed(i),
             }
             jobs.append(denoise.prepare(pipe, kwargs))
+            self.pipes[id(jobs[-1])] = pipe
         return jobs
 
     def run(self, jobs: list[Any]) -> None:
@@ -99,6 +102,7 @@ def forward_inputs(jobs: list[Any]) -> tuple[Any, Any, Any]:
 
 
 def in_flight(engine: Engine, n: int, size: int) -> dict[str, Any]:
+    from diffusers_api.engine import denoise
     from diffusers_api.engine.batcher import eager_forward
 
     unet, vae = engine.pipelines.components["unet"], engine.pipelines.components["vae"]
@@ -116,6 +120,8 @@ def in_flight(engine: Engine, n: int, size: int) -> dict[str, Any]:
     latents = torch.cat([job.latents for job in jobs]) / vae.config.scaling_factor
     each_s = median_time(lambda: [vae.decode(latents[i : i + 1], return_dict=False) for i in range(n)], 3)
     batched_s = median_time(lambda: vae.decode(latents, return_dict=False), 3)
+    finish_s = median_time(lambda: [denoise.finish(engine.pipes[id(job)], job, {}) for job in jobs], 1)
+    engine.pipes.clear()
     return {
         "jobs": n,
         "rows": 2 * n,
@@ -127,6 +133,7 @@ def in_flight(engine: Engine, n: int, size: int) -> dict[str, Any]:
         "loop_overhead_per_job_ms": round((loop_s / rounds - min(graph_s, eager_s)) / n * 1000, 3),
         "decode_each_s": round(each_s, 4),
         "decode_batched_s": round(batched_s, 4),
+        "finish_each_s": round(finish_s / n, 4),
     }
 
 
