@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -389,3 +390,13 @@ def test_flagged_images_are_reported_and_blacked_out(models_dir: Path) -> None:
 def test_lora_scale_without_lora_is_a_clear_error(runner: Runner) -> None:
     with pytest.raises(InvalidInputs, match="LoRA"):
         runner.run(ask(cross_attention_kwargs={"scale": 0.5}))
+
+
+def test_a_model_loads_in_its_precision_without_deprecated_arguments(models_dir: Path) -> None:
+    """diffusers 0.42 takes `dtype=` and warns at every load given the old `torch_dtype=`."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runner = Runner(Settings(model_id="builtin/tiny-sd", models_dir=models_dir, model_precision="bf16"))
+        runner.start()
+    assert runner.store.get(ask()).pipelines.base.unet.dtype == torch.bfloat16
+    assert not [str(w.message) for w in caught if "torch_dtype" in str(w.message)]

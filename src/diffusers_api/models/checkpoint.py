@@ -110,7 +110,7 @@ def _convert(spec: ModelSpec, checkpoint: Path, target: Path, settings: Settings
     if spec.hf_model_id:
         kwargs["config"] = spec.hf_model_id
     if spec.precision:
-        kwargs["torch_dtype"] = torch_dtype(spec.precision)
+        kwargs["dtype"] = torch_dtype(spec.precision)  # diffusers 0.42 deprecates torch_dtype=
     try:
         pipe = pipeline_class.from_single_file(str(checkpoint), **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

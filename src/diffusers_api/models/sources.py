@@ -174,7 +174,7 @@ def _save_as_cache_entry(spec: ModelSpec, source: Path, target: Path) -> None:
 
     kwargs: dict[str, Any] = {"variant": spec.variant} if spec.variant else {}
     if spec.precision:
-        kwargs["torch_dtype"] = torch_dtype(spec.precision)
+        kwargs["dtype"] = torch_dtype(spec.precision)  # diffusers 0.42 deprecates torch_dtype=
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:

@@ -232,7 +232,7 @@ class ModelStore:
 
         kwargs: dict[str, Any] = {}
         if spec.precision:
-            kwargs["torch_dtype"] = torch_dtype(spec.precision)
+            kwargs["dtype"] = torch_dtype(spec.precision)  # diffusers 0.42 deprecates torch_dtype=
         if spec.variant and not (spec.model_url or spec.checkpoint_url):
             kwargs["variant"] = spec.variant  # a cache entry was saved without variant suffixes
         try:
