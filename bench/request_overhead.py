@@ -10,6 +10,11 @@ encoding the image. The denoising loop runs on its own thread and is not counted
 small kernels and run Python with the GIL held, so concurrent requests serialise on them: in the H100 runs, 8
 clients in step took about 0.5 s per round trip more than their 20 batched steps.
 
+With `--clients N`, it measures what that host work costs N concurrent clients when the device is fast: the UNet
+forward becomes a sleep of `--device-ms` (the GIL released, as while a GPU runs a CUDA graph) whatever its rows,
+torch runs on one thread, and N closed-loop clients send `--per-client` requests each. It reports images/s. A
+simulation of a host-bound GPU server, not a GPU measurement.
+
 Each variant runs in a fresh interpreter; variants alternate, and each reports the median over its requests.
 One JSON line per variant and run is appended to --out.
 """
@@ -23,23 +28,37 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def child(requests: int, steps: int) -> dict[str, float]:
-    """In a fresh interpreter whose sys.path starts with the variant's src/: the request thread's CPU ms."""
+def child(args: argparse.Namespace) -> dict[str, float]:
+    """In a fresh interpreter whose sys.path starts with the variant's src/."""
+    import torch
+
     from diffusers_api.config import Settings
     from diffusers_api.engine import StepBatcher
     from diffusers_api.engine.stepper import Denoiser
     from diffusers_api.runner import Runner
     from diffusers_api.schema import GenerateRequest
 
+    steps = args.steps
+
+    def device_step(unet: Any, sample: Any, timesteps: Any, hidden: Any, added: Any) -> Any:
+        time.sleep(args.device_ms / 1000)
+        return torch.zeros_like(sample)
+
     runner = Runner(Settings(model_id="builtin/tiny-sd", models_dir=Path(tempfile.mkdtemp(prefix="overhead-"))))
     runner.start()
-    batcher = StepBatcher()
+    if args.clients > 1:
+        torch.set_num_threads(1)
+        batcher = StepBatcher(forward=device_step)
+    else:
+        batcher = StepBatcher()
     runner.batcher, runner.denoiser = batcher, Denoiser(batcher)
 
     def request(i: int) -> GenerateRequest:
@@ -54,8 +73,10 @@ def child(requests: int, steps: int) -> dict[str, float]:
 
     for i in range(3):  # warm-up
         runner.run(request(i))
+    if args.clients > 1:
+        return _clients(runner, request, args)
     cpu_ms, wall_ms = [], []
-    for i in range(requests):
+    for i in range(args.requests):
         cpu, wall = time.thread_time(), time.perf_counter()
         runner.run(request(i))
         cpu_ms.append((time.thread_time() - cpu) * 1000)
@@ -67,6 +88,28 @@ def child(requests: int, steps: int) -> dict[str, float]:
     }
 
 
+def _clients(runner: Any, request: Any, args: argparse.Namespace) -> dict[str, float]:
+    def client(index: int) -> None:
+        for n in range(args.per_client):
+            runner.run(request(1000 * index + n))
+
+    threads = [threading.Thread(target=client, args=(index,)) for index in range(args.clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    runner.denoiser.stop()
+    stats = runner.batcher.stats
+    return {
+        "clients": args.clients,
+        "device_ms": args.device_ms,
+        "images_per_s": round(args.clients * args.per_client / wall, 3),
+        "mean_rows": round(stats.rows_total / stats.forwards, 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=30)
@@ -74,10 +117,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="fresh interpreters per variant")
     parser.add_argument("--baseline-src", type=Path, help="another checkout's src/, measured alternately")
     parser.add_argument("--out", type=Path, default=Path("bench/results/request_overhead-cpu.jsonl"))
+    parser.add_argument("--clients", type=int, default=1, help="N > 1: images/s of N clients, simulated device")
+    parser.add_argument("--per-client", type=int, default=4)
+    parser.add_argument("--device-ms", type=float, default=40.0, help="the simulated device's time per UNet step")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.requests, args.steps)))
+        print(json.dumps(child(args)))
         return
     variants = {"current": ROOT / "src"}
     if args.baseline_src:
@@ -87,26 +133,19 @@ def main() -> None:
     for run in range(args.runs):
         for name in variants if run % 2 == 0 else reversed(variants):
             env = os.environ | {"PYTHONPATH": f"{variants[name]}:{os.environ.get('PYTHONPATH', '')}", "OFFLINE": "1"}
-            command = [
-                sys.executable,
-                __file__,
-                "--child",
-                "--requests",
-                str(args.requests),
-                "--steps",
-                str(args.steps),
-            ]
+            command = [sys.executable, __file__, "--child", *sys.argv[1:]]
             done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
             record = json.loads(done.stdout.strip().splitlines()[-1]) | {"variant": name, "run": run}
             record |= {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "what": "request_overhead"}
-            results[name].append(record["request_thread_cpu_ms"])
+            results[name].append(record["images_per_s" if args.clients > 1 else "request_thread_cpu_ms"])
             print(json.dumps(record), flush=True)
             with args.out.open("a") as out:
                 out.write(json.dumps(record) + "\n")
     summary = {name: round(statistics.median(values), 2) for name, values in results.items()}
     if "baseline" in summary:
         summary["baseline_over_current"] = round(summary["baseline"] / summary["current"], 2)
-    print(json.dumps({"what": "request_overhead_summary", "median_request_thread_cpu_ms": summary}))
+    measure = "images_per_s" if args.clients > 1 else "request_thread_cpu_ms"
+    print(json.dumps({"what": "request_overhead_summary", f"median_{measure}": summary}))
 
 
 if __name__ == "__main__":
