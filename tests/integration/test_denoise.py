@@ -405,3 +405,25 @@ def test_the_execution_device_is_read_once_per_model(
         output = denoise.finish(request_pipe, job, {})
         assert len(output.images) == 1
     assert len(reads) == 1
+
+
+@pytest.mark.parametrize("scheduler", ["DPM++ 2M", "Euler a", "UniPCMultistepScheduler"])
+def test_the_loop_never_looks_up_a_first_step_index(
+    sd: LoadedModel, denoiser: Denoiser, scheduler: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Looking it up reads a device tensor (a sync on a GPU); the request's own thread does it while preparing."""
+    request_pipe = pipe(sd, "txt2img", scheduler)
+    threads: list[str] = []
+    lookup = type(request_pipe.scheduler).index_for_timestep
+
+    def recorded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return lookup(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(request_pipe.scheduler), "index_for_timestep", recorded)
+    kwargs = call(7)
+    job = denoise.prepare(request_pipe, kwargs)
+    run_all(denoiser, [job])
+    assert job.error is None
+    assert threads == [threading.current_thread().name]  # once, while preparing
+    assert torch.equal(job.latents, reference(sd, "txt2img", scheduler, call(7)))  # and the same steps

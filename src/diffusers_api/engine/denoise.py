@@ -400,6 +400,7 @@ def _initial_latents(pipe: Any, args: dict[str, Any], task: str, images: int, dt
 
 def _job(pipe: Any, args: dict[str, Any], timesteps: Any, latents: Any, hidden: Any, added: Any) -> Job:
     pipe._num_timesteps = len(timesteps)
+    _find_first_step(pipe.scheduler, timesteps)
     return Job(
         unet=pipe.unet,
         scheduler=pipe.scheduler,
@@ -412,6 +413,18 @@ def _job(pipe: Any, args: dict[str, Any], timesteps: Any, latents: Any, hidden: 
         guidance_rescale=float(args.get("guidance_rescale") or 0.0),
         step_kwargs=pipe.prepare_extra_step_kwargs(args["generator"], args["eta"]),
     )
+
+
+def _find_first_step(scheduler: Any, timesteps: Any) -> None:
+    """The step index a scheduler would look up at its first step, looked up here on the request's thread.
+
+    Schedulers without a begin index (the SD txt2img pipeline sets none) find their first index by searching their
+    timesteps for the first one, and reading the result is a device sync. In the loop that would make its thread
+    wait for all the work queued on the device, whenever a request joins. Setting the begin index to the same
+    value makes the first step take it as is, so the steps are the same."""
+    if getattr(scheduler, "begin_index", 0) is not None or not hasattr(scheduler, "index_for_timestep"):
+        return
+    scheduler.set_begin_index(int(scheduler.index_for_timestep(timesteps[0])))
 
 
 # ---------------------------------------------------------------------------------------------- finish
