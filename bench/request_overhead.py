@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def child(args: argparse.Namespace) -> dict[str, float]:
+def child(args: argparse.Namespace) -> dict[str, Any]:
     """In a fresh interpreter whose sys.path starts with the variant's src/."""
     import torch
 
@@ -88,7 +88,7 @@ def child(args: argparse.Namespace) -> dict[str, float]:
     }
 
 
-def _clients(runner: Any, request: Any, args: argparse.Namespace) -> dict[str, float]:
+def _clients(runner: Any, request: Any, args: argparse.Namespace) -> dict[str, Any]:
     def client(index: int) -> None:
         for n in range(args.per_client):
             runner.run(request(1000 * index + n))
@@ -123,7 +123,11 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args)))
+        import diffusers
+        import torch
+
+        versions = {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": sys.version.split()[0]}
+        print(json.dumps(child(args) | {"env": versions}))
         return
     variants = {"current": ROOT / "src"}
     if args.baseline_src:
