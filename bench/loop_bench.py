@@ -32,20 +32,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from gpu_bench import PROMPT, build_and_save, environment, free_memory, sd21_base, section, sync  # noqa: E402
+from gpu_bench import PROMPT, build_and_save, environment, free_memory, sd21_base, section, sync, timed  # noqa: E402
 
 
 def median_time(fn: Callable[[], Any], runs: int) -> float:
-    """In inference mode, as the engine's threads run: the CUDA graphs' static inputs are inference tensors."""
-    times = []
+    """gpu_bench's `timed`, in inference mode as the engine's threads run (the CUDA graphs' static inputs are
+    inference tensors), and after the work already queued on the device."""
     with torch.inference_mode():
-        for _ in range(runs):
-            sync()
-            started = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        sync()
+        return statistics.median(timed(fn, runs))
 
 
 class Engine:

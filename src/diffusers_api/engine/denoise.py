@@ -196,12 +196,9 @@ _EXECUTION_DEVICES_LOCK = threading.Lock()
 def execution_device(pipe: Any) -> Any:
     """`pipe._execution_device`, read once per model."""
     with _EXECUTION_DEVICES_LOCK:
-        device = _EXECUTION_DEVICES.get(pipe.unet)
-    if device is None:
-        device = pipe._execution_device
-        with _EXECUTION_DEVICES_LOCK:
-            _EXECUTION_DEVICES[pipe.unet] = device
-    return device
+        if pipe.unet not in _EXECUTION_DEVICES:
+            _EXECUTION_DEVICES[pipe.unet] = pipe._execution_device
+        return _EXECUTION_DEVICES[pipe.unet]
 
 
 # ---------------------------------------------------------------------------------------------- prepare
