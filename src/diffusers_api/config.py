@@ -68,7 +68,9 @@ class Settings(BaseSettings):
     offline: bool = Field(False, description="Never touch the network: load models from MODELS_DIR only")
     allow_pickle: bool = Field(False, description="Allow pickled .ckpt checkpoints (they can run code)")
     allow_private_urls: bool = Field(
-        False, description="Allow model and checkpoint URLs on private, loopback or link-local addresses"
+        False,
+        description="Allow model and checkpoint URLs, S3 endpoints named in them and a request's SEND_URL on private,"
+        " loopback or link-local addresses",
     )
     model_memory_budget: int | None = Field(
         None, description="Bytes of weights kept resident (e.g. 12GB, 8GiB); unset: one model at a time"

@@ -26,7 +26,6 @@ import logging
 import queue
 import threading
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -91,6 +90,7 @@ class _Delivery:
     body: bytes
     key: str | None
     attempts: int
+    guarded: bool  # a request's own URL: connect to public addresses only (outbound.http_client)
 
 
 class WebhookSender:
@@ -106,10 +106,11 @@ class WebhookSender:
         self._queue: queue.Queue[_Delivery] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._clients: dict[bool, Any] = {}  # guarded or not -> httpx client, used by the delivery thread only
 
-    def send(self, url: str, event: Event, key: str | None) -> None:
+    def send(self, url: str, event: Event, key: str | None, guarded: bool = False) -> None:
         attempts = 1 if event.get("status") == "progress" else 1 + self.retries
-        delivery = _Delivery(url, json.dumps(event).encode(), key, attempts)
+        delivery = _Delivery(url, json.dumps(event).encode(), key, attempts, guarded)
         self._ensure_thread()
         try:
             self._queue.put_nowait(delivery)
@@ -152,10 +153,17 @@ class WebhookSender:
                 )
 
     def _post(self, delivery: _Delivery) -> None:
+        """One attempt. Redirects are not followed: a 3xx answer is a failed delivery, like a 4xx or 5xx."""
         headers = signed_headers(delivery.key, delivery.body)
-        request = urllib.request.Request(delivery.url, data=delivery.body, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-            response.read()
+        response = self._client(delivery.guarded).post(delivery.url, content=delivery.body, headers=headers)
+        response.raise_for_status()
+
+    def _client(self, guarded: bool) -> Any:
+        if guarded not in self._clients:
+            from .outbound import http_client
+
+            self._clients[guarded] = http_client(guarded, "SEND_URL", timeout=self.timeout_s)
+        return self._clients[guarded]
 
 
 # --- progress ------------------------------------------------------------------------------------------------
@@ -254,7 +262,8 @@ class EventHub:
         if request.send_url:
             await asyncio.to_thread(self._check_request_url, request.send_url)
         key = request.sign_key.get_secret_value() if request.sign_key else None
-        sinks = self._webhook_sinks(request.send_url, key) + list(extra_sinks or [])
+        sinks = self._webhook_sinks(request.send_url, key, guarded=not self.settings.allow_private_urls)
+        sinks += list(extra_sinks or [])
         sinks += [make_sink() for make_sink in self.request_sinks]
         throttle = ProgressThrottle(request.callback_steps, self.settings.progress_interval_s)
         return RequestEvents(sinks, self.settings.container_id, request.request_id, throttle)
@@ -263,21 +272,24 @@ class EventHub:
         """A request's own SEND_URL must not reach into the server's network (SPEC 8): no private, loopback or
         link-local targets unless ALLOW_PRIVATE_URLS is on. The operator's SEND_URL setting is trusted."""
         from .errors import InvalidInputs, StorageError
-        from .models.transfer import check_public_url
+        from .outbound import check_public_url
 
         try:
-            check_public_url(url, self.settings, "SEND_URL")
+            check_public_url(url, self.settings.allow_private_urls, "SEND_URL")
         except StorageError as exc:  # cannot resolve: the request's mistake here, not the storage's
             raise InvalidInputs(exc.message, field="SEND_URL") from None
 
-    def _webhook_sinks(self, url: str | None, key: str | None) -> list[Sink]:
-        url = url or self.settings.send_url
+    def _webhook_sinks(self, url: str | None, key: str | None, guarded: bool = False) -> list[Sink]:
+        """The webhook sink for a request's own SEND_URL (connections `guarded` to public addresses), else for the
+        operator's SEND_URL setting, which is trusted."""
+        if not url:
+            url, guarded = self.settings.send_url, False
         if not url:
             return []
         if key is None and self.settings.sign_key is not None:
             key = self.settings.sign_key.get_secret_value()
         sender, target, sign_with = self.sender, url, key
-        return [lambda event: sender.send(target, event, sign_with)]
+        return [lambda event: sender.send(target, event, sign_with, guarded)]
 
 
 # --- the one path every transport takes ----------------------------------------------------------------------

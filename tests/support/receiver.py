@@ -1,6 +1,7 @@
 """A real HTTP receiver on loopback, in a thread: records every POST (webhooks, RunPod progress posts).
 
-`hang=True` makes it accept connections and never answer until it is closed, like a stuck webhook endpoint.
+`hang=True` makes it accept connections and never answer until it is closed, like a stuck webhook endpoint;
+`redirect_to` makes it answer every POST with a 302 to that location. Any other method is recorded and refused.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Post:
     path: str
     headers: dict[str, str]
     body: bytes
+    method: str = "POST"
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -40,7 +42,7 @@ class Receiver:
 
 
 @contextmanager
-def receiver(hang: bool = False) -> Iterator[Receiver]:
+def receiver(hang: bool = False, redirect_to: str | None = None) -> Iterator[Receiver]:
     recorder: Receiver
 
     class Handler(BaseHTTPRequestHandler):
@@ -51,9 +53,15 @@ def receiver(hang: bool = False) -> Iterator[Receiver]:
             if hang:
                 recorder.released.wait(60)
                 return
-            self.send_response(200)
+            self.send_response(302 if redirect_to else 200)
+            if redirect_to:
+                self.send_header("location", redirect_to)
             self.send_header("content-length", "0")
             self.end_headers()
+
+        def do_GET(self) -> None:
+            recorder.posts.append(Post(self.path, dict(self.headers.items()), b"", method="GET"))
+            self.send_error(405)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass

@@ -179,7 +179,7 @@ def test_the_request_send_url_and_key_override_the_settings() -> None:
     sent: list[tuple[str, str | None]] = []
 
     class Recorder(WebhookSender):
-        def send(self, url: str, event: Event, key: str | None) -> None:
+        def send(self, url: str, event: Event, key: str | None, guarded: bool = False) -> None:
             sent.append((url, key))
 
     settings = Settings(send_url="http://env/hook", sign_key="env-key", allow_private_urls=True)

@@ -8,16 +8,13 @@ only on a terminal; logs get one line per transfer.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
-from ..errors import InvalidInputs, StorageError
+from ..errors import StorageError
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -47,35 +44,14 @@ def progress_bar(total: int | None, description: str) -> Any:
     return tqdm(total=total, desc=description, unit="B", unit_scale=True, disable=not sys.stderr.isatty())
 
 
-# --------------------------------------------------------------------------------------------- address check
-
-
-def check_public_url(url: str, settings: Settings, what: str) -> None:
-    """Refuse URLs on private, loopback or link-local addresses (SPEC 8) unless ALLOW_PRIVATE_URLS is on."""
-    if settings.allow_private_urls:
-        return
-    host = urlsplit(url).hostname
-    if not host:
-        raise InvalidInputs(f"{what} {url!r} has no host")
-    try:
-        addresses = {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
-    except OSError as exc:
-        raise StorageError(f"{what}: cannot resolve {host}: {exc}") from exc
-    for address in addresses:
-        ip = ipaddress.ip_address(address.split("%")[0])
-        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_unspecified:
-            raise InvalidInputs(
-                f"{what} {url!r} resolves to the non-public address {ip}; set ALLOW_PRIVATE_URLS=1 to allow it",
-                setting="ALLOW_PRIVATE_URLS",
-            )
-
-
 # --------------------------------------------------------------------------------------------- HTTP
 
 
 def http_download(url: str, dest: Path, settings: Settings) -> None:
     """GET `url` into `dest`, retrying with backoff and resuming with a Range request where the server can."""
-    check_public_url(url, settings, "download URL")
+    from ..outbound import check_public_url
+
+    check_public_url(url, settings.allow_private_urls, "download URL")  # refused before anything is written
     started = time.perf_counter()
     for attempt in range(1, ATTEMPTS + 1):
         try:
@@ -96,12 +72,17 @@ class _Retryable(Exception):
 def _http_attempt(url: str, dest: Path, settings: Settings) -> None:
     import httpx
 
+    from ..outbound import http_client
+
     have = dest.stat().st_size if dest.exists() else 0
     headers = {"Range": f"bytes={have}-"} if have else {}
     timeout = httpx.Timeout(settings.download_timeout_s)
     try:
         with (
-            httpx.Client(timeout=timeout, follow_redirects=True, event_hooks=_redirect_hooks(settings)) as client,
+            # guarded: the connection (and that of every redirect) goes to an address checked as public
+            http_client(
+                not settings.allow_private_urls, "download URL", timeout=timeout, follow_redirects=True
+            ) as client,
             client.stream("GET", url, headers=headers) as response,
         ):
             total = _expected_size(response, have, url)
@@ -111,13 +92,6 @@ def _http_attempt(url: str, dest: Path, settings: Settings) -> None:
         raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
     if total is not None and dest.stat().st_size != total:
         raise Truncated(f"got {dest.stat().st_size} of {total} bytes")
-
-
-def _redirect_hooks(settings: Settings) -> dict[str, list[Any]]:
-    def check(request: Any) -> None:
-        check_public_url(str(request.url), settings, "download URL")
-
-    return {"request": [check]}
 
 
 def _expected_size(response: Any, have: int, url: str) -> int | None:
@@ -147,8 +121,16 @@ def _write_body(response: Any, dest: Path, *, append: bool, total: int | None) -
 
 
 def s3_client(endpoint_url: str | None, settings: Settings) -> Any:
+    """A boto3 S3 client. An endpoint named by a MODEL_URL (not AWS_S3_ENDPOINT_URL, which the operator set) is
+    checked like any URL a request may bring. boto3 resolves it again when it connects, so unlike HTTP downloads
+    this check cannot rule out DNS rebinding: it stops a URL that names a private address outright."""
     import boto3
     from botocore.config import Config
+
+    from ..outbound import check_public_url
+
+    if endpoint_url is not None and endpoint_url != settings.aws_s3_endpoint_url:
+        check_public_url(endpoint_url, settings.allow_private_urls, "S3 endpoint")
 
     secret = settings.aws_secret_access_key
     key_id = settings.aws_access_key_id

@@ -1,0 +1,111 @@
+"""Outbound HTTP to URLs that requests name, and the check that keeps it out of the server's own network.
+
+SPEC 8: a URL that comes with a request (a model archive, a checkpoint, a request's own SEND_URL) must not
+reach private, loopback or link-local addresses unless ALLOW_PRIVATE_URLS is on. Checking a host name and then
+letting the HTTP library resolve it again leaves a gap: a DNS server that answers a public address to the check
+and a private one to the connection (DNS rebinding) gets through. So the check is made where the connection
+is made. `http_client(guarded=True)` gives an httpx client whose connections resolve their host once, refuse it
+when any of its addresses is not public, and connect to an address that was checked; TLS still verifies the
+certificate against the host name, and every redirect is a new connection, checked the same way.
+
+`check_public_url` is the same check on its own, for an early, clear refusal before anything runs (a request's
+SEND_URL is checked when the request arrives) and for S3 endpoints, whose connections boto3 makes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpcore
+import httpx
+
+from .errors import InvalidInputs, StorageError
+
+
+def check_public_url(url: str, allow_private: bool, what: str) -> None:
+    """Refuse `url` when its host resolves to any non-public address, unless `allow_private`."""
+    if allow_private:
+        return
+    host = urlsplit(url).hostname
+    if not host:
+        raise InvalidInputs(f"{what} {url!r} has no host")
+    public_addresses(host, None, f"{what} {url!r}")
+
+
+def public_addresses(host: str, port: int | None, what: str) -> list[str]:
+    """The addresses `host` resolves to, in the resolver's order; InvalidInputs when any is not public (one bad
+    answer is enough to refuse: which one a connection would use is the resolver's choice, not ours)."""
+    try:
+        addresses = _resolve(host, port)
+    except OSError as exc:
+        raise StorageError(f"{what}: cannot resolve {host}: {exc}") from exc
+    _refuse_non_public(addresses, what)
+    return addresses
+
+
+def _resolve(host: str, port: int | None) -> list[str]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _refuse_non_public(addresses: list[str], what: str) -> None:
+    for address in addresses:
+        ip = ipaddress.ip_address(address.split("%")[0])
+        if not is_public(ip):
+            message = f"{what} resolves to the non-public address {ip}; set ALLOW_PRIVATE_URLS=1 to allow it"
+            raise InvalidInputs(message, setting="ALLOW_PRIVATE_URLS")
+
+
+def is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_unspecified)
+
+
+class _PublicOnlyBackend(httpcore.SyncBackend):
+    """httpcore's socket backend, resolving each host itself and connecting only to public addresses."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.NetworkStream:
+        try:
+            addresses = _resolve(host, port)
+        except OSError as exc:  # as httpcore reports it: a connection error, which callers may retry
+            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from exc
+        _refuse_non_public(addresses, f"{self.what} host {host!r}")
+        failure: Exception | None = None
+        for address in addresses:
+            try:  # an IP literal: the socket layer connects to it without resolving anything again
+                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                failure = exc
+        assert failure is not None  # getaddrinfo answers at least one address or raises
+        raise failure
+
+
+class _PublicOnlyTransport(httpx.HTTPTransport):
+    def __init__(self, what: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # httpx builds its connection pool without a way to pass a network backend: build the same pool with ours.
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(),
+            keepalive_expiry=5.0,  # as httpx's own pool
+            network_backend=_PublicOnlyBackend(what),
+        )
+
+
+def http_client(guarded: bool, what: str, **kwargs: Any) -> httpx.Client:
+    """An httpx client; with `guarded`, every connection it makes goes to a public address (see above).
+    A guarded client ignores proxy settings from the environment: through a proxy, the proxy resolves names."""
+    if not guarded:
+        return httpx.Client(**kwargs)
+    return httpx.Client(transport=_PublicOnlyTransport(what), **kwargs)
