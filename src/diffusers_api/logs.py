@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 _QUIET = ("diffusers", "huggingface_hub", "httpx", "urllib3", "filelock")
@@ -26,6 +27,23 @@ def configure_logging(level: str = "info") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactTokens) for f in access.filters):
+        access.addFilter(RedactTokens())
+
+
+class RedactTokens(logging.Filter):
+    """Access log lines show request paths: blank the value of a `token=` query parameter (a job's events
+    token opens that job's stream and result), so that logs never hand out what they record."""
+
+    PATTERN = re.compile(r"([?&]token=)[^&\s]*")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                self.PATTERN.sub(r"\1<redacted>", arg) if isinstance(arg, str) else arg for arg in record.args
+            )
+        return True
 
 
 def _disable_progress_bars() -> None:

@@ -213,6 +213,10 @@ class JobProgress(BaseModel):
 class JobStatus(BaseModel):
     id: str
     status: JobState
+    events_url: str = Field(
+        description="The job's server-sent events; with API_KEY set it carries a token that opens this stream alone,"
+        " for clients that cannot send an Authorization header (a browser's EventSource)"
+    )
     created_at: float = Field(description="Unix time the job was queued")
     started_at: float | None = Field(None, description="Unix time it left the queue")
     finished_at: float | None = Field(None, description="Unix time it ended")

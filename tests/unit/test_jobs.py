@@ -210,3 +210,32 @@ def test_jobs_need_the_api_key(engine: FakeEngine) -> None:
         job = client.post("/v1/jobs", json={"prompt": "a"}, headers={"Authorization": "Bearer k"}).json()
         assert client.get(f"/v1/jobs/{job['id']}").status_code == 401
         assert client.delete(f"/v1/jobs/{job['id']}").status_code == 401
+
+
+def test_a_jobs_events_token_opens_its_stream_and_nothing_else(engine: FakeEngine) -> None:
+    """A browser's EventSource cannot send Authorization: the job's events_url carries a token instead."""
+    auth = {"Authorization": "Bearer k"}
+    with make_client(engine, api_key="k") as client:
+        job = client.post("/v1/jobs", json={"prompt": "a"}, headers=auth).json()
+        other = client.post("/v1/jobs", json={"prompt": "b"}, headers=auth).json()
+        url = job["events_url"]
+        assert url.startswith(f"/v1/jobs/{job['id']}/events?token=")
+        token = url.split("token=")[1]
+        with client.stream("GET", url) as response:
+            assert response.status_code == 200
+            messages = sse(response.read().decode())
+        assert messages[-1][1]["status"] == "COMPLETED"
+        assert client.get(f"/v1/jobs/{job['id']}/events").status_code == 401  # neither token nor key
+        assert client.get(f"/v1/jobs/{job['id']}/events?token=0{token[1:]}").status_code == 401
+        assert client.get(f"/v1/jobs/{other['id']}/events?token={token}").status_code == 401  # another job's
+        assert client.get(f"/v1/jobs/{job['id']}?token={token}").status_code == 401  # the events alone
+        assert client.get(f"/v1/jobs/{job['id']}/events", headers=auth).status_code == 200  # the key still opens it
+        refused = client.get(f"/v1/jobs/{job['id']}/events?token=nope").json()
+        assert refused["error"]["code"] == "UNAUTHORIZED"
+        assert "events_url" in refused["error"]["message"]
+
+
+def test_without_an_api_key_the_events_url_has_no_token(client: TestClient) -> None:
+    job = client.post("/v1/jobs", json={"prompt": "a"}).json()
+    assert job["events_url"] == f"/v1/jobs/{job['id']}/events"
+    assert client.get(job["events_url"]).status_code == 200

@@ -88,3 +88,21 @@ def test_logging_keeps_an_explicit_progress_bar_choice(tmp_path: Path) -> None:
     code = "from diffusers_api.logs import configure_logging\nconfigure_logging()\n"
     env = report(code, tmp_path, TQDM_DISABLE="0", HF_HUB_DISABLE_PROGRESS_BARS="0")["env"]
     assert env == {"TQDM_DISABLE": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "0"}
+
+
+def test_access_logs_never_show_an_events_token() -> None:
+    import logging
+
+    from diffusers_api.logs import RedactTokens
+
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        "",
+        0,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "GET", "/v1/jobs/ab/events?token=deadbeef&x=1", "1.1", 200),
+        None,
+    )
+    assert RedactTokens().filter(record)
+    assert record.getMessage() == '127.0.0.1:5000 - "GET /v1/jobs/ab/events?token=<redacted>&x=1 HTTP/1.1" 200'

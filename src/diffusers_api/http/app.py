@@ -79,6 +79,7 @@ def create_app(settings: Settings, engine: Engine | None = None, events: EventHu
     app.include_router(metrics_router)
     app.include_router(routes.router)
     app.include_router(jobs_api.router)
+    app.include_router(jobs_api.events_router)
     app.include_router(legacy.router)
     return app
 

@@ -10,6 +10,10 @@ the batching engine behave the same), in a task of the server's event loop inste
                                     denoising step and frees its rows of the batch
     GET    /v1/jobs/{id}/events  -> server-sent events: the status, each event of the job, the final status
 
+With API_KEY set every route needs `Authorization: Bearer <API_KEY>`, except that the events of a job may also
+be read with the token in its `events_url` (`?token=`): a browser's EventSource cannot send headers. The token is
+an HMAC of the job's id under API_KEY, so it opens that one job's stream and nothing else, and needs no storage.
+
 Jobs live in this process's memory: a restart forgets them. A finished job stays readable for JOBS_TTL_S, and
 at most JOBS_KEPT finished jobs are kept (the oldest go first); after that its id answers NO_SUCH_JOB.
 """
@@ -17,7 +21,10 @@ at most JOBS_KEPT finished jobs are kept (the oldest go first); after that its i
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
+import secrets
 import time
 import uuid
 from collections import OrderedDict
@@ -29,7 +36,16 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from .. import events
-from ..errors import Busy, Cancelled, DiffusersAPIError, InvalidInputs, NoSuchJob, NotReady, from_exception
+from ..errors import (
+    Busy,
+    Cancelled,
+    DiffusersAPIError,
+    InvalidInputs,
+    NoSuchJob,
+    NotReady,
+    Unauthorized,
+    from_exception,
+)
 from ..schema import (
     ErrorResponse,
     GenerateRequest,
@@ -56,6 +72,7 @@ class Job:
     id: str
     request: GenerateRequest | None  # dropped once the job ends: input images can be large
     events: RequestEvents
+    events_url: str
     status: JobState = "IN_QUEUE"
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
@@ -101,6 +118,7 @@ class Job:
         body = JobStatus(
             id=self.id,
             status=self.status,
+            events_url=self.events_url,
             created_at=self.created_at,
             started_at=self.started_at,
             finished_at=self.finished_at,
@@ -132,6 +150,7 @@ class JobStore:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s = settings.jobs_ttl_s
         self.kept = settings.jobs_kept
+        self.api_key = settings.api_key.get_secret_value() if settings.api_key else None
         self.capacity = settings.max_queue + settings.max_batch_size  # unfinished jobs, like the engine's bound
         self.clock = clock
         self._jobs: OrderedDict[str, Job] = OrderedDict()
@@ -149,7 +168,7 @@ class JobStore:
         unfinished = sum(not job.finished for job in self._jobs.values())
         if unfinished >= self.capacity:
             raise Busy(f"{unfinished} jobs are queued or running; try again shortly", queue_depth=unfinished)
-        job = Job(job_id, request, emitter, clock=self.clock)
+        job = Job(job_id, request, emitter, events_url(job_id, self.api_key), clock=self.clock)
         job.events.sinks.append(job.publish)
         job.task = asyncio.create_task(self._run(job, engine, request), name=f"job-{job_id}")
         self._jobs[job_id] = job
@@ -234,15 +253,41 @@ async def cancel_job(job_id: str, request: Request) -> JSONResponse:
     return JSONResponse(_store(request).cancel(job_id).describe())
 
 
-@router.get(
+def events_token(api_key: str, job_id: str) -> str:
+    """The token that opens job `job_id`'s event stream alone."""
+    return hmac.new(api_key.encode(), f"job-events:{job_id}".encode(), hashlib.sha256).hexdigest()
+
+
+def events_url(job_id: str, api_key: str | None) -> str:
+    url = f"/v1/jobs/{job_id}/events"
+    return f"{url}?token={events_token(api_key, job_id)}" if api_key else url
+
+
+def _may_read_events(job_id: str, request: Request, token: str | None = None) -> None:
+    """FastAPI dependency: API_KEY in the Authorization header, or this job's events token in `?token=`."""
+    api_key = _store(request).api_key
+    if api_key is not None and token is not None:
+        if secrets.compare_digest(token, events_token(api_key, job_id)):
+            return
+        raise Unauthorized("wrong events token: use the events_url of the job, or send 'Authorization: Bearer'")
+    require_api_key(request)
+
+
+# Not behind the router's API key alone: the events token of the job opens its stream too.
+events_router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@events_router.get(
     "/{job_id}/events",
     responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}}},
     summary="Server-sent events of a job",
+    dependencies=[Depends(_may_read_events)],
 )
 async def job_events(job_id: str, request: Request) -> StreamingResponse:
     """`event: status` with the job's status first, then `event: event` for each event of the job (the
     webhook events: start, throttled progress, done or error), and `event: status` with the final status
-    (and the result) once it ends; then the stream closes. Closing the stream does not cancel the job."""
+    (and the result) once it ends; then the stream closes. Closing the stream does not cancel the job.
+    With API_KEY set, `?token=` (the token in the job's `events_url`) opens the stream without a header."""
     job = _store(request).get(job_id)
     return StreamingResponse(_sse(job), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
