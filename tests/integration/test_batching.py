@@ -182,10 +182,11 @@ def test_sdxl_img2img_batched(models_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("padding_mask_crop", [None, 8], ids=["our-loop", "diffusers-loop"])
-def test_inpaint_batched(models_dir: Path, padding_mask_crop: int | None) -> None:
+@pytest.mark.parametrize("model_id", ["builtin/tiny-sd-inpaint", "builtin/tiny-sdxl-inpaint"], ids=["sd", "sdxl"])
+def test_inpaint_batched(models_dir: Path, model_id: str, padding_mask_crop: int | None) -> None:
     """Inpainting runs in our loop; with an option our loop does not reproduce (padding_mask_crop) it keeps
     diffusers' own loop, whose UNet calls are merged all the same."""
-    runner = _runner(models_dir, "builtin/tiny-sd-inpaint")
+    runner = _runner(models_dir, model_id)
     image = to_base64(encode_image(Image.new("RGB", (64, 64), (90, 90, 90))))
     mask = Image.new("RGB", (64, 64), (0, 0, 0))
     mask.paste((255, 255, 255), (16, 16, 48, 48))

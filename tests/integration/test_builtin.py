@@ -24,6 +24,7 @@ from diffusers import (
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
 from PIL import Image
@@ -39,10 +40,12 @@ from diffusers_api.models.builtin import (
 )
 
 SD, INPAINT, SDXL = "builtin/tiny-sd", "builtin/tiny-sd-inpaint", "builtin/tiny-sdxl"
+SDXL_INPAINT = "builtin/tiny-sdxl-inpaint"
 PIPELINE_CLASSES = {
     SD: StableDiffusionPipeline,
     INPAINT: StableDiffusionInpaintPipeline,
     SDXL: StableDiffusionXLPipeline,
+    SDXL_INPAINT: StableDiffusionXLInpaintPipeline,
 }
 PROMPT = "a photo of an astronaut riding a horse"
 STEPS = 3
@@ -80,7 +83,7 @@ def file_digests(directory: Path) -> dict[str, str]:
 
 
 def test_names_and_directories(tmp_path: Path) -> None:
-    assert builtin_names() == [SD, INPAINT, SDXL]
+    assert builtin_names() == [SD, INPAINT, SDXL, SDXL_INPAINT]
     assert all(is_builtin(name) for name in builtin_names())
     assert not is_builtin("runwayml/stable-diffusion-v1-5")
     assert builtin_dir(SD, tmp_path) == tmp_path / "models--builtin--tiny-sd"
@@ -101,7 +104,7 @@ def test_unknown_builtin_is_model_not_found(tmp_path: Path, model_id: str) -> No
 # ---------------------------------------------------------------------------------------------- on disk
 
 
-@pytest.mark.parametrize("model_id", [SD, INPAINT, SDXL])
+@pytest.mark.parametrize("model_id", [SD, INPAINT, SDXL, SDXL_INPAINT])
 def test_loads_from_disk_as_its_pipeline_class(pipes: dict[str, Any], model_id: str) -> None:
     pipe = pipes[model_id]
     assert type(pipe) is PIPELINE_CLASSES[model_id]
@@ -125,8 +128,10 @@ def test_sd_parts(pipes: dict[str, Any], model_id: str) -> None:
     assert {key: pipe.scheduler.config[key] for key in expected} == expected
 
 
-def test_sdxl_parts(pipes: dict[str, Any]) -> None:
-    pipe = pipes[SDXL]
+@pytest.mark.parametrize("model_id", [SDXL, SDXL_INPAINT])
+def test_sdxl_parts(pipes: dict[str, Any], model_id: str) -> None:
+    pipe = pipes[model_id]
+    assert pipe.unet.config.in_channels == (9 if model_id == SDXL_INPAINT else 4)
     assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     assert pipe.tokenizer_2.pad_token == "!"
     assert pipe.tokenizer.pad_token == "<|endoftext|>"
@@ -136,7 +141,7 @@ def test_sdxl_parts(pipes: dict[str, Any]) -> None:
     assert not hasattr(pipe, "safety_checker")
 
 
-@pytest.mark.parametrize("model_id", [SD, INPAINT, SDXL])
+@pytest.mark.parametrize("model_id", [SD, INPAINT, SDXL, SDXL_INPAINT])
 def test_weights_are_small_safetensors(built: Path, model_id: str) -> None:
     directory = builtin_dir(model_id, built)
     weights = list(directory.rglob("*.safetensors"))
@@ -231,7 +236,7 @@ def test_tokenizer_pads_and_truncates_to_77(pipes: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------- determinism
 
 
-@pytest.mark.parametrize("model_id", [SD, INPAINT, SDXL])
+@pytest.mark.parametrize("model_id", [SD, INPAINT, SDXL, SDXL_INPAINT])
 def test_builds_are_byte_identical(built: Path, tmp_path: Path, model_id: str) -> None:
     first = ensure_builtin(model_id, tmp_path / "a")
     second = ensure_builtin(model_id, tmp_path / "b")

@@ -159,17 +159,30 @@ def half_masked() -> dict[str, Image.Image]:
 
 
 @pytest.mark.parametrize("strength", [1.0, 0.75])
-def test_inpaint_equals_diffusers(models_dir: Path, sd: LoadedModel, denoiser: Denoiser, strength: float) -> None:
+@pytest.mark.parametrize(
+    ("models", "extra"),
+    [
+        (("builtin/tiny-sd-inpaint", "builtin/tiny-sd"), {}),
+        (("builtin/tiny-sdxl-inpaint", "builtin/tiny-sdxl"), {"aesthetic_score": 7.0, "original_size": (96, 96)}),
+    ],
+    ids=["sd", "sdxl"],
+)
+def test_inpaint_equals_diffusers(
+    models_dir: Path, denoiser: Denoiser, models: tuple[str, str], extra: dict[str, Any], strength: float
+) -> None:
     """Both kinds of inpainting: a 9-channel inpainting UNet, and the plain 4-channel one the pipeline blends."""
-    inpaint = _model(models_dir, "builtin/tiny-sd-inpaint")
-    for model in (inpaint, sd):
+    for model in (_model(models_dir, model_id) for model_id in models):
+        assert denoise.supports(pipe(model, "inpaint"), call(1, strength=strength, **half_masked(), **extra))
         expected = [
-            reference(model, "inpaint", "DPM++ 2M", call(s, strength=strength, **half_masked())) for s in (1, 2)
+            reference(model, "inpaint", "DPM++ 2M", call(s, strength=strength, **half_masked(), **extra))
+            for s in (1, 2)
         ]
-        alone = ours(model, "inpaint", "DPM++ 2M", call(1, strength=strength, **half_masked()))
+        alone = ours(model, "inpaint", "DPM++ 2M", call(1, strength=strength, **half_masked(), **extra))
         denoiser.run(alone)
         assert torch.equal(alone.latents, expected[0])
-        jobs = [ours(model, "inpaint", "DPM++ 2M", call(s, strength=strength, **half_masked())) for s in (1, 2)]
+        jobs = [
+            ours(model, "inpaint", "DPM++ 2M", call(s, strength=strength, **half_masked(), **extra)) for s in (1, 2)
+        ]
         run_all(denoiser, jobs)
         for job, want in zip(jobs, expected, strict=True):
             assert_batched_close(job.latents, want)
@@ -188,14 +201,21 @@ def test_sdxl_txt2img_and_img2img_equal_diffusers(sdxl: LoadedModel, denoiser: D
         assert_batched_close(job.latents, want)
 
 
-def test_finish_gives_the_pipelines_images(sd: LoadedModel, sdxl: LoadedModel, denoiser: Denoiser) -> None:
+def test_finish_gives_the_pipelines_images(
+    models_dir: Path, sd: LoadedModel, sdxl: LoadedModel, denoiser: Denoiser
+) -> None:
     import numpy as np
 
-    for model in (sd, sdxl):
-        expected = pipe(model)(**call(10), output_type="pil").images[0]
-        job = ours(model, "txt2img", None, call(10))
+    sdxl_inpaint = _model(models_dir, "builtin/tiny-sdxl-inpaint")
+    for model, task, kwargs in [
+        (sd, "txt2img", {}),
+        (sdxl, "txt2img", {}),
+        (sdxl_inpaint, "inpaint", half_masked()),
+    ]:
+        expected = pipe(model, task)(**call(10, **kwargs), output_type="pil").images[0]
+        job = ours(model, task, None, call(10, **kwargs))
         denoiser.run(job)
-        image = denoise.finish(pipe(model), job, call(10)).images[0]
+        image = denoise.finish(pipe(model, task), job, call(10, **kwargs)).images[0]
         assert np.array_equal(np.asarray(image), np.asarray(expected))
 
 

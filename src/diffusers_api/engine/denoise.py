@@ -12,9 +12,10 @@ requests at once:
   its own latents (schedulers keep per-request history, so this stays per job).
 - `finish` (on the request's thread again): VAE decode, safety checker, post-processing, as the pipeline does.
 
-Supported here: `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`, `StableDiffusionXLPipeline`,
-`StableDiffusionXLImg2ImgPipeline` and `StableDiffusionInpaintPipeline` (inpainting UNets with 9 input channels,
-and plain 4-channel ones that the pipeline blends with the init image), with the arguments in `_SUPPORTED`.
+Supported here: `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`, `StableDiffusionInpaintPipeline`,
+`StableDiffusionXLPipeline`, `StableDiffusionXLImg2ImgPipeline` and `StableDiffusionXLInpaintPipeline` (for both
+inpainting pipelines: inpainting UNets with 9 input channels, and plain 4-channel ones that the pipeline blends
+with the init image), with the arguments in `_SUPPORTED`.
 Anything else (other pipelines, LoRA scales, IP-Adapters, guidance-embedding models, denoising_start/end,
 callbacks) keeps the generic diffusers path, which still batches its UNet calls through the StepBatcher.
 """
@@ -71,6 +72,7 @@ _SUPPORTED: dict[str, tuple[str, str, set[str]]] = {
     "StableDiffusionInpaintPipeline": ("sd", "inpaint", _SD_ARGS | _INPAINT_ARGS),
     "StableDiffusionXLPipeline": ("sdxl", "txt2img", _SD_ARGS | _SDXL_ARGS),
     "StableDiffusionXLImg2ImgPipeline": ("sdxl", "img2img", _SD_ARGS | _SDXL_ARGS | _IMG2IMG_ARGS | _SDXL_IMG2IMG_ARGS),
+    "StableDiffusionXLInpaintPipeline": ("sdxl", "inpaint", _SD_ARGS | _SDXL_ARGS | _INPAINT_ARGS | _SDXL_IMG2IMG_ARGS),
 }
 
 
@@ -258,13 +260,29 @@ def _prepare_sd(pipe: Any, args: dict[str, Any], task: str) -> Job:
     )
     hidden = torch.cat([negative, positive]) if pipe.do_classifier_free_guidance else positive
     if task == "inpaint":
-        return _prepare_inpaint(pipe, args, images, hidden, device)
+        inpainting = _inpaint_latents(pipe, args, images, hidden.dtype, device)
+        return inpainting.job(pipe, args, hidden, added=None)
     timesteps, latents = _initial_latents(pipe, args, task, images, hidden.dtype, device)
     return _job(pipe, args, timesteps, latents, hidden, added=None)
 
 
-def _prepare_inpaint(pipe: Any, args: dict[str, Any], images: int, hidden: Any, device: Any) -> Job:
-    """StableDiffusionInpaintPipeline's steps 4 to 6: timesteps, init image, noise, mask and masked image."""
+@dataclass
+class _Inpainting:
+    """What the inpainting pipelines (SD and SDXL alike) prepare before their loop, besides the prompts."""
+
+    timesteps: Any
+    latents: Any
+    conditioning: Any = None  # 9-channel UNets: mask and masked-image latents, rows like the hidden states
+    blend: Blend | None = None  # 4-channel UNets: the init image the unmasked area is reset to after each step
+
+    def job(self, pipe: Any, args: dict[str, Any], hidden: Any, added: Any) -> Job:
+        job = _job(pipe, args, self.timesteps, self.latents, hidden, added)
+        job.conditioning, job.blend = self.conditioning, self.blend
+        return job
+
+
+def _inpaint_latents(pipe: Any, args: dict[str, Any], images: int, dtype: Any, device: Any) -> _Inpainting:
+    """The inpainting pipelines' timesteps, init image, noise, mask and masked image (steps 4 to 7 of SDXL's)."""
     import torch
 
     height, width, generator = args["height"], args["width"], args["generator"]
@@ -273,25 +291,22 @@ def _prepare_inpaint(pipe: Any, args: dict[str, Any], images: int, hidden: Any, 
         raise ValueError(f"strength {args['strength']} leaves {steps} denoising steps; at least one is needed")
     init_image = pipe.image_processor.preprocess(args["image"], height=height, width=width).to(dtype=torch.float32)
     unet_channels = pipe.unet.config.in_channels
+    if unet_channels not in (4, 9):
+        raise ValueError(f"an inpainting UNet takes 4 or 9 input channels, not {unet_channels}")
     outputs = pipe.prepare_latents(
-        images, pipe.vae.config.latent_channels, height, width, hidden.dtype, device, generator,
+        images, pipe.vae.config.latent_channels, height, width, dtype, device, generator,
         image=init_image, timestep=timesteps[:1].repeat(images), is_strength_max=args["strength"] == 1.0,
         return_noise=True, return_image_latents=unet_channels == 4,
     )  # fmt: skip
     latents, noise = outputs[0], outputs[1]
     condition = pipe.mask_processor.preprocess(args["mask_image"], height=height, width=width)
     mask, masked_latents = pipe.prepare_mask_latents(
-        condition, init_image * (condition < 0.5), images, height, width, hidden.dtype, device, generator,
+        condition, init_image * (condition < 0.5), images, height, width, dtype, device, generator,
         pipe.do_classifier_free_guidance,
     )  # fmt: skip
-    job = _job(pipe, args, timesteps, latents, hidden, added=None)
     if unet_channels == 9:
-        job.conditioning = torch.cat([mask, masked_latents], dim=1)
-    elif unet_channels == 4:
-        job.blend = Blend(image_latents=outputs[2], noise=noise, mask=mask[:images])
-    else:
-        raise ValueError(f"an inpainting UNet takes 4 or 9 input channels, not {unet_channels}")
-    return job
+        return _Inpainting(timesteps, latents, conditioning=torch.cat([mask, masked_latents], dim=1))
+    return _Inpainting(timesteps, latents, blend=Blend(image_latents=outputs[2], noise=noise, mask=mask[:images]))
 
 
 def _prepare_sdxl(pipe: Any, args: dict[str, Any], task: str) -> Job:
@@ -303,6 +318,13 @@ def _prepare_sdxl(pipe: Any, args: dict[str, Any], task: str) -> Job:
         pipe.check_inputs(
             args["prompt"], args["prompt_2"], args["height"], args["width"], args["negative_prompt"],
             args["negative_prompt_2"],
+        )  # fmt: skip
+    elif task == "inpaint":
+        args["height"] = args["height"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        args["width"] = args["width"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        pipe.check_inputs(
+            args["prompt"], args["prompt_2"], args["image"], args["mask_image"], args["height"], args["width"],
+            args["strength"], None, args["output_type"], args["negative_prompt"], args["negative_prompt_2"],
         )  # fmt: skip
     else:
         pipe.check_inputs(
@@ -322,7 +344,11 @@ def _prepare_sdxl(pipe: Any, args: dict[str, Any], task: str) -> Job:
         clip_skip=pipe.clip_skip,
     )
     with _vae_for_encoding(pipe):
-        timesteps, latents = _initial_latents(pipe, args, task, images, positive.dtype, device)
+        if task == "inpaint":
+            inpainting = _inpaint_latents(pipe, args, images, positive.dtype, device)
+            timesteps, latents = inpainting.timesteps, inpainting.latents
+        else:
+            timesteps, latents = _initial_latents(pipe, args, task, images, positive.dtype, device)
     if task == "txt2img" and hasattr(pipe.scheduler, "set_begin_index"):
         pipe.scheduler.set_begin_index(0)
     height, width = (size * pipe.vae_scale_factor for size in latents.shape[-2:])
@@ -336,6 +362,8 @@ def _prepare_sdxl(pipe: Any, args: dict[str, Any], task: str) -> Job:
     if task == "txt2img":
         time_ids = time_ids.repeat(images, 1)
     added = {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device)}
+    if task == "inpaint":
+        return inpainting.job(pipe, args, positive.to(device), added)
     return _job(pipe, args, timesteps, latents, positive.to(device), added)
 
 
@@ -520,7 +548,8 @@ class _PinnedDtype:
 
 @contextmanager
 def _vae_for_encoding(pipe: Any) -> Iterator[None]:
-    """SDXL img2img encodes the init image with the VAE, upcasting it like the decode: use the float32 copy.
+    """SDXL img2img and inpainting encode the init image (and the masked image) with the VAE, upcasting it like
+    the decode: use the float32 copy.
     `pipe` is this request's own pipeline object, so swapping its attribute affects no one else."""
     vae = pipe.vae
     if not _needs_upcast(vae):

@@ -229,25 +229,39 @@ def _sd_components(unet_in_channels: int) -> dict[str, Any]:
 def _build_tiny_sdxl() -> DiffusionPipeline:
     from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
 
+    return StableDiffusionXLPipeline(**_sdxl_components(unet_in_channels=4))
+
+
+def _build_tiny_sdxl_inpaint() -> DiffusionPipeline:
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint import (
+        StableDiffusionXLInpaintPipeline,
+    )
+
+    # 4 noisy latent + 1 mask + 4 masked-image latent channels, as in SDXL inpainting checkpoints.
+    return StableDiffusionXLInpaintPipeline(**_sdxl_components(unet_in_channels=9))
+
+
+def _sdxl_components(unet_in_channels: int) -> dict[str, Any]:
     # SDXL's second tokenizer pads with "!" (id 0), the first with the end-of-text token.
     tokenizer, tokenizer_2 = build_clip_tokenizer(), build_clip_tokenizer(pad_token="!")
-    return StableDiffusionXLPipeline(
-        vae=_vae(scaling_factor=0.13025),
-        text_encoder=_text_encoder(_text_config(tokenizer), SEED_TEXT_ENCODER),
-        text_encoder_2=_text_encoder(_text_config(tokenizer_2), SEED_TEXT_ENCODER_2, with_projection=True),
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=_sdxl_unet(),
-        scheduler=_sdxl_scheduler(),
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
+    return {
+        "vae": _vae(scaling_factor=0.13025),
+        "text_encoder": _text_encoder(_text_config(tokenizer), SEED_TEXT_ENCODER),
+        "text_encoder_2": _text_encoder(_text_config(tokenizer_2), SEED_TEXT_ENCODER_2, with_projection=True),
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        "unet": _sdxl_unet(unet_in_channels),
+        "scheduler": _sdxl_scheduler(),
+        "force_zeros_for_empty_prompt": True,
+        "add_watermarker": False,
+    }
 
 
 _RECIPES: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny-sd": _build_tiny_sd,
     "tiny-sd-inpaint": _build_tiny_sd_inpaint,
     "tiny-sdxl": _build_tiny_sdxl,
+    "tiny-sdxl-inpaint": _build_tiny_sdxl_inpaint,
 }
 
 
@@ -292,14 +306,14 @@ def _sd_unet(in_channels: int) -> Any:
     )
 
 
-def _sdxl_unet() -> Any:
+def _sdxl_unet(in_channels: int = 4) -> Any:
     from diffusers import UNet2DConditionModel
 
     time_embed_dim = 8
     _seed(SEED_UNET)
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         block_out_channels=UNET_CHANNELS,
         layers_per_block=1,
