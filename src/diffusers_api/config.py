@@ -76,6 +76,12 @@ class Settings(BaseSettings):
         None, description="Bytes of weights kept resident (e.g. 12GB, 8GiB); unset: one model at a time"
     )
     download_timeout_s: float = Field(60.0, gt=0, description="Connect/read timeout of every model transfer")
+    lora_max_bytes: int = Field(
+        2 * 1024**3, ge=1, description="Largest LoRA file a request's lora_weights may download (e.g. 500MB, 2GiB)"
+    )
+    lora_variants_kept: int = Field(
+        2, ge=1, le=64, description="Models with LoRAs fused (one per set of LoRAs and scales) kept per loaded model"
+    )
     models_dir: Path = Field(
         default_factory=default_models_dir,
         description="Where models are stored (default /runpod-volume/diffusers-api when that volume exists)",
@@ -151,7 +157,7 @@ class Settings(BaseSettings):
     def _expand_models_dir(cls, value: Path) -> Path:
         return value.expanduser()
 
-    @field_validator("model_memory_budget", mode="before")
+    @field_validator("model_memory_budget", "lora_max_bytes", mode="before")
     @classmethod
     def _parse_bytes(cls, value: object) -> object:
         if isinstance(value, str):

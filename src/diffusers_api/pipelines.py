@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import InvalidScheduler, NoSuchPipeline
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from diffusers import DiffusionPipeline
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -168,21 +170,38 @@ class ModelPipelines:
 
     def build(self, cls: Any, scheduler: SchedulerMixin, *, safety_checker: bool) -> DiffusionPipeline:
         """A fresh pipeline of `cls` over the shared components, with its own scheduler."""
-        expected, optional_params = _signature_keys(cls)
-        kwargs: dict[str, Any] = {name: self.components.get(name) for name in expected}
-        kwargs["scheduler"] = scheduler
-        kwargs.update({k: v for k, v in self._options.items() if k in optional_params})
-        if not safety_checker and "safety_checker" in kwargs:
-            kwargs["safety_checker"] = None
-            if "requires_safety_checker" in optional_params:
-                kwargs["requires_safety_checker"] = False
-        pipe = cls(**kwargs)
+        pipe = self._new(cls, self.components | {"scheduler": scheduler}, safety_checker=safety_checker)
         for name, tokenizer in self._tokenizers.items():
             if getattr(pipe, name, None) is not None:
                 # object.__setattr__: DiffusionPipeline.__setattr__ would record the wrapper in the config
                 object.__setattr__(pipe, name, tokenizer)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def _new(self, cls: Any, components: dict[str, Any], *, safety_checker: bool = True) -> Any:
+        expected, optional_params = _signature_keys(cls)
+        kwargs: dict[str, Any] = {name: components.get(name) for name in expected}
+        kwargs.update({k: v for k, v in self._options.items() if k in optional_params})
+        if not safety_checker and "safety_checker" in kwargs:
+            kwargs["safety_checker"] = None
+            if "requires_safety_checker" in optional_params:
+                kwargs["requires_safety_checker"] = False
+        return cls(**kwargs)
+
+    # --- LoRA variants ---------------------------------------------------------------------------------------
+
+    def with_loras(self, loras: list[tuple[Path, float, str]]) -> tuple[ModelPipelines, dict[str, Any]]:
+        """This model with `loras` (file, scale, URL) fused into copies of the modules they touch (see
+        models/lora.py); every other component stays shared. Returns the variant and its own modules."""
+        from .models.lora import LORA_COMPONENTS, apply_loras
+
+        shared = {name: self.components[name] for name in LORA_COMPONENTS if self.components.get(name) is not None}
+        pipe = self._new(type(self.base), self.components | {n: copy.deepcopy(m) for n, m in shared.items()})
+        touched = apply_loras(pipe, loras)
+        pipe.register_modules(**{name: module for name, module in shared.items() if name not in touched})
+        variant = ModelPipelines(pipe)
+        variant._tokenizers = self._tokenizers  # the same tokenizers, so the same locks
+        return variant, touched
 
     # --- schedulers ------------------------------------------------------------------------------------------
 

@@ -273,6 +273,8 @@ class Runner:
         }
         if request.scheduler and request.scheduler != meta["SCHEDULER"]:
             meta["SCHEDULER_ALIAS"] = request.scheduler
+        if model.spec.loras:
+            meta["LORA_WEIGHTS"] = [{"url": url, "scale": scale} for url, scale in model.spec.loras]
         if request.request_id:
             meta["startRequestId"] = request.request_id
         return meta
@@ -285,7 +287,7 @@ def _check_lora_scale(model: LoadedModel, request: GenerateRequest) -> None:
         return
     if not _has_lora(model.pipelines.base):
         raise InvalidInputs(
-            "cross_attention_kwargs.scale weighs LoRA weights, and this model has none loaded",
+            "cross_attention_kwargs.scale weighs LoRA weights, and this request has none: name them in lora_weights",
             field="cross_attention_kwargs",
         )
 

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from .errors import InvalidInputs
 
@@ -37,6 +37,24 @@ RESERVED_CALL_ARGS = frozenset(
 )
 
 
+class LoraWeight(BaseModel):
+    """A LoRA fused into the model for this request (models/lora.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="http(s) URL of a .safetensors LoRA file")
+    scale: float | None = Field(
+        None, ge=-8, le=8, description="Its weight; default: the request's cross_attention_kwargs.scale, else 1"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
 class GenerateRequest(BaseModel):
     """One image-generation request. Names follow diffusers' `__call__` arguments where one exists."""
 
@@ -55,6 +73,11 @@ class GenerateRequest(BaseModel):
     pipeline: str | None = Field(None, description="Pipeline class, AutoPipelineFor*, or txt2img / img2img / inpaint")
     scheduler: str | None = Field(None, description="Scheduler class name or alias (e.g. 'Euler a', 'DPM++ 2M')")
     safety_checker: bool = Field(True, description="Run the model's safety checker, if it has one")
+    lora_weights: list[LoraWeight] | None = Field(
+        None,
+        max_length=8,
+        description="LoRAs to fuse into the model: URLs, or {url, scale} objects (a single URL may be a string)",
+    )
 
     # --- pipeline inputs -------------------------------------------------------------------------------------
     prompt: str | list[str] | None = None
@@ -91,6 +114,30 @@ class GenerateRequest(BaseModel):
         if value and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value or None
+
+    @field_validator("lora_weights", mode="before")
+    @classmethod
+    def _lora_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return [{"url": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _lora_scales(self) -> GenerateRequest:
+        """diffusers (and the original server) weigh LoRAs with `cross_attention_kwargs.scale`. Here LoRAs are
+        fused at their scales before the call, so that scale becomes the default of every LoRA, and is taken out
+        of the call's arguments."""
+        if not self.lora_weights:
+            return self
+        kwargs = dict(self.cross_attention_kwargs or {})
+        default = float(kwargs.pop("scale", 1.0))
+        for lora in self.lora_weights:
+            if lora.scale is None:
+                lora.scale = default
+        self.cross_attention_kwargs = kwargs or None
+        return self
 
     @field_validator("image_format", mode="before")
     @classmethod
@@ -245,11 +292,11 @@ _LEGACY_CALL_INPUTS = {
     "SEND_URL": "send_url",
     "SIGN_KEY": "sign_key",
     "streamEvents": "stream_events",
+    "lora_weights": "lora_weights",
 }
 # callInputs the server knows but this build does not act on: refused with a clear message rather than ignored,
 # so that nobody believes a webhook or a LoRA was applied when it was not.
 _LEGACY_UNSUPPORTED = (
-    "lora_weights",
     "textual_inversions",
     "train",
     "use_extra",

@@ -73,7 +73,8 @@ def test_bad_bodies_are_invalid_inputs(body: bytes, fragment: str) -> None:
         ({}, "modelInputs, callInputs"),
         ({"modelInputs": [], "callInputs": {}}, "modelInputs must be an object"),
         ({"modelInputs": {}, "callInputs": {"NOPE": 1}}, "callInputs.NOPE is not a known call input"),
-        ({"modelInputs": {}, "callInputs": {"lora_weights": "x"}}, "lora_weights is not supported"),
+        ({"modelInputs": {}, "callInputs": {"lora_weights": "x"}}, "lora_weights.0.url: Value error, must be an http"),
+        ({"modelInputs": {}, "callInputs": {"textual_inversions": ["x"]}}, "textual_inversions is not supported"),
         ({"modelInputs": {}, "callInputs": {"SEND_URL": "ftp://x"}}, "send_url: Value error, must be an http"),
         ({"modelInputs": {"callback_steps": 0}, "callInputs": {}}, "callback_steps"),
         ({"modelInputs": {}, "callInputs": {"is_url": True}}, "is_url"),
@@ -91,7 +92,8 @@ def test_bad_bodies_are_invalid_inputs(body: bytes, fragment: str) -> None:
         "neither",
         "modelInputs-list",
         "unknown-call-input",
-        "unsupported-lora",
+        "lora-not-a-url",
+        "unsupported-textual-inversions",
         "send-url-not-http",
         "zero-callback-steps",
         "is-url",
@@ -181,3 +183,39 @@ def test_native_response_carries_seed_per_image() -> None:
     response = GenerateResponse.from_result(_result(2))
     assert [image.seed for image in response.images] == [7, 8]
     assert response.images[0].format == "png"
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ({"lora_weights": "https://x/a.safetensors"}, [("https://x/a.safetensors", 1.0)]),
+        (
+            {"lora_weights": ["https://x/a", {"url": "https://x/b", "scale": 0.3}]},
+            [("https://x/a", 1.0), ("https://x/b", 0.3)],
+        ),
+        (
+            {
+                "lora_weights": ["https://x/a", {"url": "https://x/b", "scale": 0.3}],
+                "cross_attention_kwargs": {"scale": 0.6},
+            },
+            [("https://x/a", 0.6), ("https://x/b", 0.3)],
+        ),
+    ],
+    ids=["one-url", "list", "cross-attention-scale-is-the-default"],
+)
+def test_lora_weights_forms(given: dict, expected: list) -> None:
+    request = GenerateRequest(**given)
+    assert [(lora.url, lora.scale) for lora in request.lora_weights or []] == expected
+    assert request.cross_attention_kwargs is None  # the scale went into the LoRAs: nothing left for the call
+
+
+def test_cross_attention_kwargs_other_than_scale_stay() -> None:
+    request = GenerateRequest(lora_weights="https://x/a", cross_attention_kwargs={"scale": 0.5, "other": 1})
+    assert request.cross_attention_kwargs == {"other": 1}
+
+
+def test_too_many_or_out_of_range_loras_are_refused() -> None:
+    with pytest.raises(ValueError, match="at most 8"):
+        GenerateRequest(lora_weights=[f"https://x/{i}" for i in range(9)])
+    with pytest.raises(ValueError, match="less than or equal to 8"):
+        GenerateRequest(lora_weights=[{"url": "https://x/a", "scale": 9}])

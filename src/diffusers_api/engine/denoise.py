@@ -16,7 +16,7 @@ Supported here: `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`, `St
 `StableDiffusionXLPipeline`, `StableDiffusionXLImg2ImgPipeline` and `StableDiffusionXLInpaintPipeline` (for both
 inpainting pipelines: inpainting UNets with 9 input channels, and plain 4-channel ones that the pipeline blends
 with the init image), with the arguments in `_SUPPORTED`.
-Anything else (other pipelines, LoRA scales, IP-Adapters, guidance-embedding models, denoising_start/end,
+Anything else (other pipelines, cross_attention_kwargs, IP-Adapters, guidance-embedding models, denoising_start/end,
 callbacks) keeps the generic diffusers path, which still batches its UNet calls through the StepBatcher.
 """
 

@@ -24,6 +24,8 @@ class ModelSpec:
     precision: str = ""
     model_url: str | None = None
     checkpoint_url: str | None = None
+    # LoRAs fused into the model (url, scale), in the request's order; () for the model itself (see models/lora.py)
+    loras: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelSpec | None:
@@ -40,7 +42,8 @@ class ModelSpec:
         )
 
     def for_request(self, request: GenerateRequest) -> ModelSpec:
-        """This spec with the request's choices laid over it. A new model id starts from a clean slate."""
+        """This spec with the request's choices laid over it. A new model id starts from a clean slate; LoRAs are
+        the request's own, never inherited."""
         base = self if request.model in (None, self.model_id) else ModelSpec(model_id=request.model or "")
         asked = {
             "hf_model_id": request.hf_model_id,
@@ -50,7 +53,12 @@ class ModelSpec:
             "model_url": request.model_url,
             "checkpoint_url": request.checkpoint_url,
         }
-        return dataclasses.replace(base, **{k: v for k, v in asked.items() if v is not None})
+        loras = tuple((lora.url, 1.0 if lora.scale is None else lora.scale) for lora in request.lora_weights or ())
+        return dataclasses.replace(base, **{k: v for k, v in asked.items() if v is not None}, loras=loras)
+
+    @property
+    def without_loras(self) -> ModelSpec:
+        return dataclasses.replace(self, loras=())
 
     def describe(self) -> str:
         parts = [self.model_id] + [
@@ -62,6 +70,7 @@ class ModelSpec:
             )
             if value
         ]
+        parts += [f"lora={url}@{scale:g}" for url, scale in self.loras]
         return " ".join(parts)
 
     @property

@@ -4,7 +4,8 @@ A request's ModelSpec is resolved to a local directory by `sources.fetch` (built
 cloud-cache archive, single-file checkpoint), loaded through `DiffusionPipeline.from_pretrained`, and kept
 resident. With RUNTIME_DOWNLOADS=1 a request may name any model: resident models form an LRU bounded by
 MODEL_MEMORY_BUDGET (bytes of weights; unset: one model at a time), and an evicted model's memory is given
-back to the device. With RUNTIME_DOWNLOADS=0 another model gets MODEL_MISMATCH.
+back to the device. With RUNTIME_DOWNLOADS=0 another model gets MODEL_MISMATCH. A request with LoRAs gets a
+variant of a resident model (models/lora.py), kept with it and evicted with it.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelLoadError, ModelMismatch, ModelNotFound, NoModelId
 from . import archive, disk
+from .lora import fetch_lora
 from .sources import caused_by, fetch, not_found_errors, torch_dtype
 from .spec import ModelSpec
 
@@ -47,7 +49,13 @@ class LoadedModel:
     dtype: str
     source: str
     load_ms: float
-    bytes: int = 0
+    bytes: int = 0  # of its own weights (a LoRA variant: the modules it copied)
+    # LoRA variants of this model, least recently used first; they share its other components and go with it
+    variants: OrderedDict[ModelSpec, LoadedModel] = field(default_factory=OrderedDict)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.bytes + sum(variant.bytes for variant in self.variants.values())
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -58,6 +66,8 @@ class LoadedModel:
             "bytes": self.bytes,
             "source": self.source,
             "load_ms": round(self.load_ms, 2),
+            **({"loras": [{"url": url, "scale": scale} for url, scale in self.spec.loras]} if self.spec.loras else {}),
+            **({"variants": [variant.describe() for variant in self.variants.values()]} if self.variants else {}),
         }
 
 
@@ -75,11 +85,16 @@ def resolve_device(name: str) -> str:
 
 def pipeline_bytes(pipe: Any) -> int:
     """Bytes of the parameters and buffers of a pipeline's torch modules (each tensor counted once)."""
+    return module_bytes(*pipe.components.values())
+
+
+def module_bytes(*modules: Any) -> int:
+    """Bytes of the parameters and buffers of the torch modules among `modules` (each tensor counted once)."""
     import torch
 
     seen: set[int] = set()
     total = 0
-    for component in pipe.components.values():
+    for component in modules:
         if not isinstance(component, torch.nn.Module):
             continue
         for tensor in [*component.parameters(), *component.buffers()]:
@@ -117,7 +132,7 @@ class ModelStore:
         return list(self._resident.values())
 
     def resident_bytes(self) -> int:
-        return sum(model.bytes for model in self.resident)
+        return sum(model.total_bytes for model in self.resident)
 
     def load_default(self, timings: dict[str, float] | None = None) -> LoadedModel | None:
         """Load the configured model (at startup). Returns None when no model is configured."""
@@ -131,7 +146,13 @@ class ModelStore:
         started = time.perf_counter()
         transfers = _transfer_ms(timings)
         try:
-            return self._get(self._spec_for(request), timings)
+            spec = self._spec_for(request)
+            if not spec.loras:
+                return self._get(spec, timings)
+            # LoRA files are fetched before taking the lock: a download must not hold up every other request.
+            files = [(fetch_lora(url, self.settings, timings), scale, url) for url, scale in spec.loras]
+            with self._lock:
+                return self._variant(self._get(spec.without_loras, timings), spec, files)
         finally:
             if timings is not None:
                 elapsed = (time.perf_counter() - started) * 1000 - (_transfer_ms(timings) - transfers)
@@ -146,6 +167,25 @@ class ModelStore:
             if not self.settings.runtime_downloads:
                 raise self._mismatch(spec)
             return self._ensure(spec, timings)
+
+    def _variant(self, base: LoadedModel, spec: ModelSpec, files: list[tuple[Path, float, str]]) -> LoadedModel:
+        """`base` with `spec.loras` fused (made on first use, then kept while LORA_VARIANTS_KEPT allows)."""
+        variant = base.variants.get(spec)
+        if variant is not None:
+            base.variants.move_to_end(spec)
+            return variant
+        started = time.perf_counter()
+        pipelines, own = base.pipelines.with_loras(files)
+        elapsed = (time.perf_counter() - started) * 1000
+        size = sum(module_bytes(module) for module in own.values())
+        variant = LoadedModel(spec, pipelines, base.device, base.dtype, base.source, elapsed, size)
+        base.variants[spec] = variant
+        log.info("made %s (%d bytes of its own) in %.0f ms", spec.describe(), size, elapsed)
+        while len(base.variants) > self.settings.lora_variants_kept:
+            dropped, _ = base.variants.popitem(last=False)
+            log.info("dropping %s to keep %d LoRA variants", dropped.describe(), self.settings.lora_variants_kept)
+            free_device_memory()
+        return variant
 
     def _mismatch(self, spec: ModelSpec) -> ModelMismatch:
         served = self.loaded.spec.describe() if self.loaded else "no model"

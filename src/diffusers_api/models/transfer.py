@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import StorageError
+from ..errors import InvalidInputs, StorageError
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -47,15 +47,16 @@ def progress_bar(total: int | None, description: str) -> Any:
 # --------------------------------------------------------------------------------------------- HTTP
 
 
-def http_download(url: str, dest: Path, settings: Settings) -> None:
-    """GET `url` into `dest`, retrying with backoff and resuming with a Range request where the server can."""
+def http_download(url: str, dest: Path, settings: Settings, max_bytes: int | None = None) -> None:
+    """GET `url` into `dest`, retrying with backoff and resuming with a Range request where the server can.
+    With `max_bytes`, a larger file is refused (InvalidInputs) as soon as its size is announced or reached."""
     from ..outbound import check_public_url
 
     check_public_url(url, settings.allow_private_urls, "download URL")  # refused before anything is written
     started = time.perf_counter()
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            _http_attempt(url, dest, settings)
+            _http_attempt(url, dest, settings, max_bytes)
             break
         except (Truncated, _Retryable) as exc:
             if attempt == ATTEMPTS:
@@ -69,7 +70,7 @@ class _Retryable(Exception):
     pass
 
 
-def _http_attempt(url: str, dest: Path, settings: Settings) -> None:
+def _http_attempt(url: str, dest: Path, settings: Settings, max_bytes: int | None) -> None:
     import httpx
 
     from ..outbound import http_client
@@ -86,8 +87,10 @@ def _http_attempt(url: str, dest: Path, settings: Settings) -> None:
             client.stream("GET", url, headers=headers) as response,
         ):
             total = _expected_size(response, have, url)
+            if max_bytes is not None and total is not None and total > max_bytes:
+                raise _too_large(url, max_bytes)
             resume = response.status_code == 206
-            _write_body(response, dest, append=resume, total=total)
+            _write_body(response, dest, append=resume, total=total, max_bytes=max_bytes, url=url)
     except httpx.TransportError as exc:
         raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
     if total is not None and dest.stat().st_size != total:
@@ -108,13 +111,19 @@ def _expected_size(response: Any, have: int, url: str) -> int | None:
     return int(length) + (have if status == 206 else 0)
 
 
-def _write_body(response: Any, dest: Path, *, append: bool, total: int | None) -> None:
+def _write_body(response: Any, dest: Path, *, append: bool, total: int | None, max_bytes: int | None, url: str) -> None:
     with dest.open("ab" if append else "wb") as out, progress_bar(total, dest.name) as bar:
         bar.update(out.tell())
         # No chunk size: each piece is written as it arrives, so a broken connection loses nothing received.
         for chunk in response.iter_bytes():
             out.write(chunk)
             bar.update(len(chunk))
+            if max_bytes is not None and out.tell() > max_bytes:  # no or a false Content-Length
+                raise _too_large(url, max_bytes)
+
+
+def _too_large(url: str, max_bytes: int) -> InvalidInputs:
+    return InvalidInputs(f"{url} is larger than the {max_bytes} bytes allowed", max_bytes=max_bytes)
 
 
 # --------------------------------------------------------------------------------------------- S3
