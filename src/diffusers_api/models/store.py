@@ -22,7 +22,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ModelLoadError, ModelMismatch, ModelNotFound, NoModelId
+from ..errors import ModelLoadError, ModelMismatch, ModelNotFound, NoModelId, PipelineError
 from . import archive, disk
 from .lora import fetch_lora
 from .sources import caused_by, fetch, not_found_errors, torch_dtype
@@ -147,12 +147,13 @@ class ModelStore:
         transfers = _transfer_ms(timings)
         try:
             spec = self._spec_for(request)
+            base = self._get(spec.without_loras, timings)
             if not spec.loras:
-                return self._get(spec, timings)
-            # LoRA files are fetched before taking the lock: a download must not hold up every other request.
+                return base
+            # LoRA files are fetched outside the lock: a download must not hold up every other request.
             files = [(fetch_lora(url, self.settings, timings), scale, url) for url, scale in spec.loras]
             with self._lock:
-                return self._variant(self._get(spec.without_loras, timings), spec, files)
+                return self._variant(base, spec, files)
         finally:
             if timings is not None:
                 elapsed = (time.perf_counter() - started) * 1000 - (_transfer_ms(timings) - transfers)
@@ -174,8 +175,17 @@ class ModelStore:
         if variant is not None:
             base.variants.move_to_end(spec)
             return variant
+        import torch
+
         started = time.perf_counter()
-        pipelines, own = base.pipelines.with_loras(files)
+        try:
+            pipelines, own = base.pipelines.with_loras(files)
+        except torch.cuda.OutOfMemoryError as exc:
+            free_device_memory()
+            raise PipelineError(
+                f"out of GPU memory copying the model for its LoRAs: {exc}; lower LORA_VARIANTS_KEPT or "
+                "MODEL_MEMORY_BUDGET"
+            ) from exc
         elapsed = (time.perf_counter() - started) * 1000
         size = sum(module_bytes(module) for module in own.values())
         variant = LoadedModel(spec, pipelines, base.device, base.dtype, base.source, elapsed, size)
@@ -185,6 +195,7 @@ class ModelStore:
             dropped, _ = base.variants.popitem(last=False)
             log.info("dropping %s to keep %d LoRA variants", dropped.describe(), self.settings.lora_variants_kept)
             free_device_memory()
+        self._trim()  # the variant's copies count against MODEL_MEMORY_BUDGET: older models may have to go
         return variant
 
     def _mismatch(self, spec: ModelSpec) -> ModelMismatch:
