@@ -10,8 +10,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
+from urllib.parse import parse_qs
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import InvalidInputs
 
@@ -46,6 +56,8 @@ class LoraWeight(BaseModel):
     scale: float | None = Field(
         None, ge=-8, le=8, description="Its weight; default: the request's cross_attention_kwargs.scale, else 1"
     )
+    # The original server read `#fname=...&scale=...` after a LoRA's URL; its scale is kept as a default here.
+    _fragment_scale: float | None = PrivateAttr(None)
 
     @field_validator("url")
     @classmethod
@@ -53,6 +65,18 @@ class LoraWeight(BaseModel):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value
+
+    @model_validator(mode="after")
+    def _fragment(self) -> LoraWeight:
+        url, _, fragment = self.url.partition("#")
+        if fragment:
+            scales = parse_qs(fragment).get("scale")
+            try:
+                self._fragment_scale = float(scales[0]) if scales else None
+            except ValueError:
+                raise ValueError(f"scale in {self.url!r} is not a number") from None
+            self.url = url  # what is downloaded, and what names the file in the cache
+        return self
 
 
 class GenerateRequest(BaseModel):
@@ -127,15 +151,19 @@ class GenerateRequest(BaseModel):
     @model_validator(mode="after")
     def _lora_scales(self) -> GenerateRequest:
         """diffusers (and the original server) weigh LoRAs with `cross_attention_kwargs.scale`. Here LoRAs are
-        fused at their scales before the call, so that scale becomes the default of every LoRA, and is taken out
-        of the call's arguments."""
+        fused at their scales before the call, so that scale becomes the weight of every LoRA that does not give
+        its own (an object's `scale`), and is taken out of the call's arguments. As in the original, it wins over
+        a `#scale=` after the URL, and 1 is the weight when neither is given."""
         if not self.lora_weights:
             return self
         kwargs = dict(self.cross_attention_kwargs or {})
-        default = float(kwargs.pop("scale", 1.0))
+        given = kwargs.pop("scale", None)
         for lora in self.lora_weights:
             if lora.scale is None:
-                lora.scale = default
+                fallback = lora._fragment_scale if lora._fragment_scale is not None else 1.0
+                lora.scale = float(given) if given is not None else fallback
+            if not -8 <= lora.scale <= 8:
+                raise ValueError(f"the scale of LoRA {lora.url} is {lora.scale}; it must be between -8 and 8")
         self.cross_attention_kwargs = kwargs or None
         return self
 

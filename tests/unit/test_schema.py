@@ -200,8 +200,19 @@ def test_native_response_carries_seed_per_image() -> None:
             },
             [("https://x/a", 0.6), ("https://x/b", 0.3)],
         ),
+        ({"lora_weights": "https://x/a#fname=a.safetensors&scale=0.4"}, [("https://x/a", 0.4)]),
+        (
+            {"lora_weights": "https://x/a#fname=a.safetensors&scale=0.4", "cross_attention_kwargs": {"scale": 0.9}},
+            [("https://x/a", 0.9)],
+        ),
     ],
-    ids=["one-url", "list", "cross-attention-scale-is-the-default"],
+    ids=[
+        "one-url",
+        "list",
+        "cross-attention-scale-is-the-default",
+        "original-fragment-scale",
+        "cross-attention-scale-wins-over-the-fragment",
+    ],
 )
 def test_lora_weights_forms(given: dict, expected: list) -> None:
     request = GenerateRequest(**given)
@@ -219,3 +230,7 @@ def test_too_many_or_out_of_range_loras_are_refused() -> None:
         GenerateRequest(lora_weights=[f"https://x/{i}" for i in range(9)])
     with pytest.raises(ValueError, match="less than or equal to 8"):
         GenerateRequest(lora_weights=[{"url": "https://x/a", "scale": 9}])
+    with pytest.raises(ValueError, match="must be between -8 and 8"):
+        GenerateRequest(lora_weights="https://x/a", cross_attention_kwargs={"scale": 20})
+    with pytest.raises(ValueError, match="is not a number"):
+        GenerateRequest(lora_weights="https://x/a#scale=big")
