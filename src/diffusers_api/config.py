@@ -77,10 +77,10 @@ class Settings(BaseSettings):
     )
     download_timeout_s: float = Field(60.0, gt=0, description="Connect/read timeout of every model transfer")
     lora_max_bytes: int = Field(
-        2 * 1024**3, ge=1, description="Largest LoRA file a request's lora_weights may download (e.g. 500MB, 2GiB)"
+        2 * 1024**3, ge=1, description="Largest LoRA or embedding file a request may download (e.g. 500MB, 2GiB)"
     )
     lora_variants_kept: int = Field(
-        2, ge=1, le=64, description="Models with LoRAs fused (one per set of LoRAs and scales) kept per loaded model"
+        2, ge=1, le=64, description="Variants with LoRAs or embeddings (one per set of them) kept per loaded model"
     )
     models_dir: Path = Field(
         default_factory=default_models_dir,

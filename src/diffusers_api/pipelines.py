@@ -188,20 +188,28 @@ class ModelPipelines:
                 kwargs["requires_safety_checker"] = False
         return cls(**kwargs)
 
-    # --- LoRA variants ---------------------------------------------------------------------------------------
+    # --- variants with adapters --------------------------------------------------------------------------------
 
-    def with_loras(self, loras: list[tuple[Path, float, str]]) -> tuple[ModelPipelines, dict[str, Any]]:
-        """This model with `loras` (file, scale, URL) fused into copies of the modules they touch (see
-        models/lora.py); every other component stays shared. Returns the variant and its own modules."""
-        from .models.lora import LORA_COMPONENTS, apply_loras
+    def with_adapters(
+        self, loras: list[tuple[Path, float, str]], embeddings: list[tuple[Path, str | None, str]]
+    ) -> tuple[ModelPipelines, dict[str, Any]]:
+        """This model with `loras` (file, scale, URL) fused and textual inversions `embeddings` (file, token, URL)
+        added, each in copies of the modules it touches (see models/adapters.py); every other component stays
+        shared. Returns the variant and its own modules."""
+        from .models.adapters import LORA_COMPONENTS, TEXT_PAIRS, apply_embeddings, apply_loras
 
-        shared = {name: self.components[name] for name in LORA_COMPONENTS if self.components.get(name) is not None}
+        names = set(LORA_COMPONENTS) if loras else set()
+        if embeddings:
+            names |= {name for pair in TEXT_PAIRS for name in pair}
+        shared = {name: self.components[name] for name in sorted(names) if self.components.get(name) is not None}
         pipe = self._new(type(self.base), self.components | {n: copy.deepcopy(m) for n, m in shared.items()})
-        touched = apply_loras(pipe, loras)
+        touched = apply_loras(pipe, loras) | apply_embeddings(pipe, embeddings)
         pipe.register_modules(**{name: module for name, module in shared.items() if name not in touched})
         variant = ModelPipelines(pipe)
-        variant._tokenizers = self._tokenizers  # the same tokenizers, so the same locks
-        return variant, touched
+        for name in self._tokenizers:
+            if name not in touched:  # the same tokenizer, so the same lock
+                variant._tokenizers[name] = self._tokenizers[name]
+        return variant, {name: getattr(pipe, name) for name in sorted(touched)}
 
     # --- schedulers ------------------------------------------------------------------------------------------
 

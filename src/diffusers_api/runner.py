@@ -275,6 +275,8 @@ class Runner:
             meta["SCHEDULER_ALIAS"] = request.scheduler
         if model.spec.loras:
             meta["LORA_WEIGHTS"] = [{"url": url, "scale": scale} for url, scale in model.spec.loras]
+        if model.spec.embeddings:
+            meta["TEXTUAL_INVERSIONS"] = [{"url": url, "token": token} for url, token in model.spec.embeddings]
         if request.request_id:
             meta["startRequestId"] = request.request_id
         return meta

@@ -47,35 +47,65 @@ RESERVED_CALL_ARGS = frozenset(
 )
 
 
-class LoraWeight(BaseModel):
-    """A LoRA fused into the model for this request (models/lora.py)."""
+def _require_http(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+class _AdapterURL(BaseModel):
+    """An adapter file's URL. The original server read options after it (`#fname=x.safetensors&scale=0.7`,
+    `&token=...`): they are split off here (`_options`), leaving the URL that is downloaded and names the file."""
 
     model_config = ConfigDict(extra="forbid")
+
+    url: str
+    _options: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return _require_http(value)
+
+    @model_validator(mode="after")
+    def _fragment(self) -> _AdapterURL:
+        self.url, _, fragment = self.url.partition("#")
+        self._options = {name: values[0] for name, values in parse_qs(fragment).items()}
+        return self
+
+
+class LoraWeight(_AdapterURL):
+    """A LoRA fused into the model for this request (models/adapters.py)."""
 
     url: str = Field(description="http(s) URL of a .safetensors LoRA file")
     scale: float | None = Field(
         None, ge=-8, le=8, description="Its weight; default: the request's cross_attention_kwargs.scale, else 1"
     )
-    # The original server read `#fname=...&scale=...` after a LoRA's URL; its scale is kept as a default here.
-    _fragment_scale: float | None = PrivateAttr(None)
 
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
-        return value
+    @property
+    def fragment_scale(self) -> float | None:
+        """The `#scale=` after the URL, a default when neither the LoRA nor the request gives one."""
+        given = self._options.get("scale")
+        try:
+            return float(given) if given is not None else None
+        except ValueError:
+            raise ValueError(f"scale {given!r} after {self.url} is not a number") from None
+
+
+class TextualInversion(_AdapterURL):
+    """A textual-inversion embedding added to the model's vocabulary for this request (models/adapters.py)."""
+
+    url: str = Field(description="http(s) URL of a .safetensors embedding")
+    token: str | None = Field(
+        None, min_length=1, max_length=100, description="The word the prompt uses for it; default: the file's own"
+    )
 
     @model_validator(mode="after")
-    def _fragment(self) -> LoraWeight:
-        url, _, fragment = self.url.partition("#")
-        if fragment:
-            scales = parse_qs(fragment).get("scale")
-            try:
-                self._fragment_scale = float(scales[0]) if scales else None
-            except ValueError:
-                raise ValueError(f"scale in {self.url!r} is not a number") from None
-            self.url = url  # what is downloaded, and what names the file in the cache
+    def _token(self) -> TextualInversion:
+        """As the original server: `#token=`, else the `#fname=` without its extension."""
+        if self.token is None:
+            fname = self._options.get("fname", "").rsplit(".", 1)[0]
+            self.token = self._options.get("token", fname) or None
         return self
 
 
@@ -101,6 +131,11 @@ class GenerateRequest(BaseModel):
         None,
         max_length=8,
         description="LoRAs to fuse into the model: URLs, or {url, scale} objects (a single URL may be a string)",
+    )
+    textual_inversions: list[TextualInversion] | None = Field(
+        None,
+        max_length=8,
+        description="Textual-inversion embeddings to add: URLs, or {url, token} objects (a single URL may be a string)",
     )
 
     # --- pipeline inputs -------------------------------------------------------------------------------------
@@ -139,10 +174,10 @@ class GenerateRequest(BaseModel):
             raise ValueError("must be an http:// or https:// URL")
         return value or None
 
-    @field_validator("lora_weights", mode="before")
+    @field_validator("lora_weights", "textual_inversions", mode="before")
     @classmethod
-    def _lora_list(cls, value: object) -> object:
-        if isinstance(value, str):
+    def _url_list(cls, value: object) -> object:
+        if isinstance(value, str | dict):  # one of them, not in a list
             value = [value]
         if isinstance(value, list):
             return [{"url": item} if isinstance(item, str) else item for item in value]
@@ -160,7 +195,7 @@ class GenerateRequest(BaseModel):
         given = kwargs.pop("scale", None)
         for lora in self.lora_weights:
             if lora.scale is None:
-                fallback = lora._fragment_scale if lora._fragment_scale is not None else 1.0
+                fallback = lora.fragment_scale if lora.fragment_scale is not None else 1.0
                 lora.scale = float(given) if given is not None else fallback
             if not -8 <= lora.scale <= 8:
                 raise ValueError(f"the scale of LoRA {lora.url} is {lora.scale}; it must be between -8 and 8")
@@ -321,11 +356,11 @@ _LEGACY_CALL_INPUTS = {
     "SIGN_KEY": "sign_key",
     "streamEvents": "stream_events",
     "lora_weights": "lora_weights",
+    "textual_inversions": "textual_inversions",
 }
 # callInputs the server knows but this build does not act on: refused with a clear message rather than ignored,
 # so that nobody believes a webhook or a LoRA was applied when it was not.
 _LEGACY_UNSUPPORTED = (
-    "textual_inversions",
     "train",
     "use_extra",
     "attn_procs",

@@ -74,7 +74,8 @@ def test_bad_bodies_are_invalid_inputs(body: bytes, fragment: str) -> None:
         ({"modelInputs": [], "callInputs": {}}, "modelInputs must be an object"),
         ({"modelInputs": {}, "callInputs": {"NOPE": 1}}, "callInputs.NOPE is not a known call input"),
         ({"modelInputs": {}, "callInputs": {"lora_weights": "x"}}, "lora_weights.0.url: Value error, must be an http"),
-        ({"modelInputs": {}, "callInputs": {"textual_inversions": ["x"]}}, "textual_inversions is not supported"),
+        ({"modelInputs": {}, "callInputs": {"textual_inversions": ["x"]}}, "textual_inversions.0.url: Value error"),
+        ({"modelInputs": {}, "callInputs": {"compel_prompts": True}}, "compel_prompts is not supported"),
         ({"modelInputs": {}, "callInputs": {"SEND_URL": "ftp://x"}}, "send_url: Value error, must be an http"),
         ({"modelInputs": {"callback_steps": 0}, "callInputs": {}}, "callback_steps"),
         ({"modelInputs": {}, "callInputs": {"is_url": True}}, "is_url"),
@@ -93,7 +94,8 @@ def test_bad_bodies_are_invalid_inputs(body: bytes, fragment: str) -> None:
         "modelInputs-list",
         "unknown-call-input",
         "lora-not-a-url",
-        "unsupported-textual-inversions",
+        "textual-inversion-not-a-url",
+        "unsupported-compel",
         "send-url-not-http",
         "zero-callback-steps",
         "is-url",
@@ -234,3 +236,18 @@ def test_too_many_or_out_of_range_loras_are_refused() -> None:
         GenerateRequest(lora_weights="https://x/a", cross_attention_kwargs={"scale": 20})
     with pytest.raises(ValueError, match="is not a number"):
         GenerateRequest(lora_weights="https://x/a#scale=big")
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("https://x/e.safetensors", ("https://x/e.safetensors", None)),
+        ("https://x/9208#fname=easynegative.safetensors", ("https://x/9208", "easynegative")),
+        ("https://x/9208#fname=easynegative.safetensors&token=bad-hands", ("https://x/9208", "bad-hands")),
+        ({"url": "https://x/e#token=ignored", "token": "<cat>"}, ("https://x/e", "<cat>")),
+    ],
+    ids=["plain", "original-fname", "original-token", "object"],
+)
+def test_textual_inversion_forms(given: object, expected: tuple) -> None:
+    request = GenerateRequest(textual_inversions=given)
+    assert [(item.url, item.token) for item in request.textual_inversions or []] == [expected]

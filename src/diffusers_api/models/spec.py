@@ -24,8 +24,9 @@ class ModelSpec:
     precision: str = ""
     model_url: str | None = None
     checkpoint_url: str | None = None
-    # LoRAs fused into the model (url, scale), in the request's order; () for the model itself (see models/lora.py)
-    loras: tuple[tuple[str, float], ...] = ()
+    # What a request adds (models/adapters.py), in its order; () for the model itself:
+    loras: tuple[tuple[str, float], ...] = ()  # LoRAs fused into it: (url, scale)
+    embeddings: tuple[tuple[str, str | None], ...] = ()  # textual inversions: (url, token)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelSpec | None:
@@ -42,8 +43,8 @@ class ModelSpec:
         )
 
     def for_request(self, request: GenerateRequest) -> ModelSpec:
-        """This spec with the request's choices laid over it. A new model id starts from a clean slate; LoRAs are
-        the request's own, never inherited."""
+        """This spec with the request's choices laid over it. A new model id starts from a clean slate; adapters
+        (LoRAs, textual inversions) are the request's own, never inherited."""
         base = self if request.model in (None, self.model_id) else ModelSpec(model_id=request.model or "")
         asked = {
             "hf_model_id": request.hf_model_id,
@@ -54,11 +55,17 @@ class ModelSpec:
             "checkpoint_url": request.checkpoint_url,
         }
         loras = tuple((lora.url, 1.0 if lora.scale is None else lora.scale) for lora in request.lora_weights or ())
-        return dataclasses.replace(base, **{k: v for k, v in asked.items() if v is not None}, loras=loras)
+        embeddings = tuple((item.url, item.token) for item in request.textual_inversions or ())
+        chosen = {k: v for k, v in asked.items() if v is not None}
+        return dataclasses.replace(base, **chosen, loras=loras, embeddings=embeddings)
 
     @property
-    def without_loras(self) -> ModelSpec:
-        return dataclasses.replace(self, loras=())
+    def has_adapters(self) -> bool:
+        return bool(self.loras or self.embeddings)
+
+    @property
+    def without_adapters(self) -> ModelSpec:
+        return dataclasses.replace(self, loras=(), embeddings=())
 
     def describe(self) -> str:
         parts = [self.model_id] + [
@@ -71,6 +78,7 @@ class ModelSpec:
             if value
         ]
         parts += [f"lora={url}@{scale:g}" for url, scale in self.loras]
+        parts += [f"embedding={url}" + (f"@{token}" if token else "") for url, token in self.embeddings]
         return " ".join(parts)
 
     @property

@@ -5,7 +5,8 @@ cloud-cache archive, single-file checkpoint), loaded through `DiffusionPipeline.
 resident. With RUNTIME_DOWNLOADS=1 a request may name any model: resident models form an LRU bounded by
 MODEL_MEMORY_BUDGET (bytes of weights; unset: one model at a time), and an evicted model's memory is given
 back to the device. With RUNTIME_DOWNLOADS=0 another model gets MODEL_MISMATCH. A request with LoRAs gets a
-variant of a resident model (models/lora.py), kept with it and evicted with it.
+variant of a resident model (models/adapters.py), kept with it and evicted with it; so does one with textual
+inversions.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelLoadError, ModelMismatch, ModelNotFound, NoModelId, PipelineError
 from . import archive, disk
-from .lora import fetch_lora
+from .adapters import fetch_adapter
 from .sources import caused_by, fetch, not_found_errors, torch_dtype
 from .spec import ModelSpec
 
@@ -49,8 +50,9 @@ class LoadedModel:
     dtype: str
     source: str
     load_ms: float
-    bytes: int = 0  # of its own weights (a LoRA variant: the modules it copied)
-    # LoRA variants of this model, least recently used first; they share its other components and go with it
+    bytes: int = 0  # of its own weights (a variant: the modules it copied)
+    # variants of this model with adapters (LoRAs, textual inversions), least recently used first; they share its
+    # other components and go with it
     variants: OrderedDict[ModelSpec, LoadedModel] = field(default_factory=OrderedDict)
 
     @property
@@ -67,6 +69,11 @@ class LoadedModel:
             "source": self.source,
             "load_ms": round(self.load_ms, 2),
             **({"loras": [{"url": url, "scale": scale} for url, scale in self.spec.loras]} if self.spec.loras else {}),
+            **(
+                {"textual_inversions": [{"url": url, "token": token} for url, token in self.spec.embeddings]}
+                if self.spec.embeddings
+                else {}
+            ),
             **({"variants": [variant.describe() for variant in self.variants.values()]} if self.variants else {}),
         }
 
@@ -147,13 +154,18 @@ class ModelStore:
         transfers = _transfer_ms(timings)
         try:
             spec = self._spec_for(request)
-            base = self._get(spec.without_loras, timings)
-            if not spec.loras:
+            base = self._get(spec.without_adapters, timings)
+            if not spec.has_adapters:
                 return base
-            # LoRA files are fetched outside the lock: a download must not hold up every other request.
-            files = [(fetch_lora(url, self.settings, timings), scale, url) for url, scale in spec.loras]
+            # Adapter files are fetched outside the lock: a download must not hold up every other request.
+            settings = self.settings
+            loras = [(fetch_adapter(url, settings, "LoRA", timings), scale, url) for url, scale in spec.loras]
+            embeddings = [
+                (fetch_adapter(url, settings, "textual inversion", timings), token, url)
+                for url, token in spec.embeddings
+            ]
             with self._lock:
-                return self._variant(base, spec, files)
+                return self._variant(base, spec, loras, embeddings)
         finally:
             if timings is not None:
                 elapsed = (time.perf_counter() - started) * 1000 - (_transfer_ms(timings) - transfers)
@@ -169,8 +181,14 @@ class ModelStore:
                 raise self._mismatch(spec)
             return self._ensure(spec, timings)
 
-    def _variant(self, base: LoadedModel, spec: ModelSpec, files: list[tuple[Path, float, str]]) -> LoadedModel:
-        """`base` with `spec.loras` fused (made on first use, then kept while LORA_VARIANTS_KEPT allows)."""
+    def _variant(
+        self,
+        base: LoadedModel,
+        spec: ModelSpec,
+        loras: list[tuple[Path, float, str]],
+        embeddings: list[tuple[Path, str | None, str]],
+    ) -> LoadedModel:
+        """`base` with the adapters of `spec` (made on first use, then kept while LORA_VARIANTS_KEPT allows)."""
         variant = base.variants.get(spec)
         if variant is not None:
             base.variants.move_to_end(spec)
@@ -179,12 +197,12 @@ class ModelStore:
 
         started = time.perf_counter()
         try:
-            pipelines, own = base.pipelines.with_loras(files)
+            pipelines, own = base.pipelines.with_adapters(loras, embeddings)
         except torch.cuda.OutOfMemoryError as exc:
             free_device_memory()
             raise PipelineError(
-                f"out of GPU memory copying the model for its LoRAs: {exc}; lower LORA_VARIANTS_KEPT or "
-                "MODEL_MEMORY_BUDGET"
+                f"out of GPU memory copying the model for its LoRAs or embeddings: {exc}; lower LORA_VARIANTS_KEPT "
+                "or MODEL_MEMORY_BUDGET"
             ) from exc
         elapsed = (time.perf_counter() - started) * 1000
         size = sum(module_bytes(module) for module in own.values())
@@ -193,7 +211,7 @@ class ModelStore:
         log.info("made %s (%d bytes of its own) in %.0f ms", spec.describe(), size, elapsed)
         while len(base.variants) > self.settings.lora_variants_kept:
             dropped, _ = base.variants.popitem(last=False)
-            log.info("dropping %s to keep %d LoRA variants", dropped.describe(), self.settings.lora_variants_kept)
+            log.info("dropping %s to keep %d variants", dropped.describe(), self.settings.lora_variants_kept)
             free_device_memory()
         self._trim()  # the variant's copies count against MODEL_MEMORY_BUDGET: older models may have to go
         return variant

@@ -1,5 +1,5 @@
-"""LoRA weights a request names (`lora_weights`): fetched over real HTTP from a loopback server, fused into a
-variant of the tiny models, compared with what diffusers' own loader gives."""
+"""What a request adds to a model (`lora_weights`, `textual_inversions`): fetched over real HTTP from a loopback
+server, applied to a variant of the tiny models, compared with what diffusers' own loaders give."""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from diffusers_api.config import Settings
 from diffusers_api.engine import StepBatcher
 from diffusers_api.engine.stepper import Denoiser
 from diffusers_api.errors import InvalidInputs
+from diffusers_api.models.adapters import adapter_path
 from diffusers_api.models.builtin import ensure_builtin
-from diffusers_api.models.lora import lora_path
 from diffusers_api.runner import Runner
 from diffusers_api.schema import GenerateRequest, GenerateResult, from_legacy
-from support.loras import make_lora
+from support.adapters import make_embedding, make_lora
 from support.servers import FileServer, file_server
 
 SD, SDXL = "builtin/tiny-sd", "builtin/tiny-sdxl"
@@ -42,6 +42,10 @@ def files(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             file = make_lora(ensure_builtin(model_id, models_dir), made / name, seed, text_encoders=text)
             server.files[f"/{name}.safetensors"] = file.read_bytes()
         server.files["/not-a-lora.safetensors"] = b"this is not a safetensors file" * 10
+        server.files["/barn.safetensors"] = make_embedding(made / "barn.safetensors", 4, "<barn>").read_bytes()
+        sdxl_embedding = make_embedding(made / "xl.safetensors", 5, None, sdxl=True)
+        server.files["/xl.safetensors"] = sdxl_embedding.read_bytes()
+        server.files["/a.safetensors"] = make_embedding(made / "a.safetensors", 6, "a").read_bytes()
         yield server
 
 
@@ -105,7 +109,7 @@ def test_the_model_itself_is_untouched_and_the_file_is_fetched_once(files: FileS
     after = sd.run(ask())
     assert np.array_equal(pixels(after), pixels(before))  # the shared UNet and text encoder never changed
     assert np.array_equal(pixels(again), pixels(first))
-    assert "download" in first.timings or lora_path(url, sd.settings.models_dir).is_file()
+    assert "download" in first.timings or adapter_path(url, sd.settings.models_dir).is_file()
     assert "download" not in again.timings
     assert files.requests.count(("/sd.safetensors", None)) == 1
     model = sd.store.describe()["loaded"][0]
@@ -191,9 +195,84 @@ def test_a_bad_lora_is_a_clear_error_and_nothing_is_kept(
     with pytest.raises(InvalidInputs, match=message) as caught:
         runner.run(ask(lora_weights=f"{files.url}{path}"))
     assert caught.value.status == 422
-    assert not lora_path(f"{files.url}{path}", tmp_path).exists() or path == "/sdxl.safetensors"
+    assert not adapter_path(f"{files.url}{path}", tmp_path).exists() or path == "/sdxl.safetensors"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial download left
     base = runner.store.loaded
     assert base is not None
     assert not base.variants
     assert runner.run(ask()).images  # the model still serves
+
+
+# --- textual inversions -----------------------------------------------------------------------------------------
+
+
+def diffusers_with_embedding(model_dir: Path, embedding: bytes, token: str, prompt: str, tmp_path: Path) -> np.ndarray:
+    """The same request through plain diffusers' load_textual_inversion (SDXL: once per text encoder)."""
+    from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+    from safetensors.torch import load_file
+
+    file = tmp_path / "embedding.safetensors"
+    file.write_bytes(embedding)
+    pipe = DiffusionPipeline.from_pretrained(model_dir)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    state = load_file(str(file))
+    if "clip_g" in state:
+        pipe.load_textual_inversion(
+            state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+        )
+        pipe.load_textual_inversion(
+            state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+        )
+    else:
+        pipe.load_textual_inversion(str(file), token=token)
+    kwargs: dict[str, Any] = {"num_inference_steps": STEPS, "generator": torch.Generator().manual_seed(5)}
+    return np.asarray(pipe(prompt, **kwargs).images[0]).astype(int)
+
+
+@pytest.mark.parametrize(
+    ("model_id", "embedding", "token"),
+    [(SD, "barn.safetensors", "<barn>"), (SDXL, "xl.safetensors#fname=xl.safetensors&token=<xl-style>", "<xl-style>")],
+    ids=["sd", "sdxl"],
+)
+def test_a_textual_inversion_gives_what_diffusers_own_loader_gives(
+    files: FileServer, models_dir: Path, tmp_path: Path, model_id: str, embedding: str, token: str
+) -> None:
+    runner = runner_for(model_id, models_dir)
+    prompt = f"a photo of {token}"
+    plain = runner.run(ask(prompt=prompt))
+    result = runner.run(ask(prompt=prompt, textual_inversions=f"{files.url}/{embedding}"))
+    file = files.files["/" + embedding.split("#")[0]]
+    expected = diffusers_with_embedding(ensure_builtin(model_id, models_dir), file, token, prompt, tmp_path)
+    assert np.array_equal(pixels(result), expected)
+    assert not np.array_equal(pixels(result), pixels(plain))  # without it, the token is only characters
+    base = runner.store.loaded
+    assert base is not None
+    variant = next(iter(base.variants.values()))
+    assert variant.pipelines.components["unet"] is base.pipelines.components["unet"]  # an embedding copies no UNet
+    assert variant.pipelines.components["tokenizer"] is not base.pipelines.components["tokenizer"]
+    assert token not in base.pipelines.components["tokenizer"].get_vocab()  # the shared tokenizer is untouched
+    assert np.array_equal(pixels(runner.run(ask(prompt=prompt))), pixels(plain))
+
+
+def test_loras_and_embeddings_together(files: FileServer, sd: Runner) -> None:
+    lora, embedding = f"{files.url}/sd.safetensors", f"{files.url}/barn.safetensors"
+    both = sd.run(ask(prompt="a <barn>", lora_weights=lora, textual_inversions=embedding))
+    lora_only = sd.run(ask(prompt="a <barn>", lora_weights=lora))
+    assert not np.array_equal(pixels(both), pixels(lora_only))
+    assert both.meta["TEXTUAL_INVERSIONS"] == [{"url": embedding, "token": None}]
+
+
+@pytest.mark.parametrize(
+    ("embedding", "message"),
+    [
+        ("xl.safetensors", "name its token"),
+        ("a.safetensors", "already in tokenizer vocabulary"),
+        ("not-a-lora.safetensors", "is not a safetensors file"),
+    ],
+    ids=["sdxl-pair-without-token", "token-already-a-word", "not-safetensors"],
+)
+def test_a_bad_textual_inversion_is_a_clear_error(files: FileServer, sd: Runner, embedding: str, message: str) -> None:
+    with pytest.raises(InvalidInputs, match=message) as caught:
+        sd.run(ask(textual_inversions=f"{files.url}/{embedding}"))
+    assert caught.value.extra.get("field") == "textual_inversions"

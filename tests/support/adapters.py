@@ -32,3 +32,21 @@ def make_lora(model_dir: Path, out_dir: Path, seed: int, text_encoders: bool = T
                 layers[f"{name}_lora_layers"] = get_peft_model_state_dict(encoder)
     type(pipe).save_lora_weights(out_dir, **layers)
     return out_dir / "pytorch_lora_weights.safetensors"
+
+
+def make_embedding(path: Path, seed: int, token: str | None, sdxl: bool = False, dim: int = 32) -> Path:
+    """A textual-inversion embedding of one vector: diffusers' own format ({token: vector}) for SD, and for SDXL
+    the usual {"clip_l", "clip_g"} pair (its token is given apart, as such files require)."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    if sdxl:
+        tensors = {
+            "clip_l": torch.randn(1, dim, generator=generator),
+            "clip_g": torch.randn(1, dim, generator=generator),
+        }
+    else:
+        assert token is not None
+        tensors = {token: torch.randn(dim, generator=generator)}
+    save_file(tensors, str(path))
+    return path
