@@ -46,15 +46,21 @@ _SEED_LIMIT = 2**63
 # --- decoding ---------------------------------------------------------------------------------------------
 
 
-def decode_image(value: str, field: str, *, max_bytes: int, max_pixels: int) -> Image.Image:
-    """Decode a base64 or data-URI image input into a fully loaded RGB image (alpha composited on white)."""
-    data = _decode_base64(value, field, max_bytes=max_bytes)
+def decode_image(value: str | bytes, field: str, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Decode an image input (base64 or data-URI text, or the bytes of a file) into a fully loaded RGB image
+    (alpha composited on white)."""
+    data = value if isinstance(value, bytes) else _decode_base64(value, field, max_bytes=max_bytes)
     return _to_rgb(_open_image(data, field, max_pixels=max_pixels))
 
 
-def decode_mask(value: str, field: str, *, max_bytes: int, max_pixels: int) -> Image.Image:
+def decode_mask(value: str | bytes, field: str, *, max_bytes: int, max_pixels: int) -> Image.Image:
     """Like `decode_image`, but returned as a single-channel "L" mask."""
     return decode_image(value, field, max_bytes=max_bytes, max_pixels=max_pixels).convert("L")
+
+
+def is_url(value: str) -> bool:
+    """An image input given as an http(s) URL (base64 never holds a colon, and a data URI starts with data:)."""
+    return value.startswith(("http://", "https://"))
 
 
 def _decode_base64(value: str, field: str, *, max_bytes: int) -> bytes:

@@ -10,6 +10,7 @@ certificate against the host name, and every redirect is a new connection, check
 
 `check_public_url` is the same check on its own, for an early, clear refusal before anything runs (a request's
 SEND_URL is checked when the request arrives) and for S3 endpoints, whose connections boto3 makes.
+`fetch_bytes` reads a small file (an input image) into memory through such a client, capped in bytes.
 """
 
 from __future__ import annotations
@@ -109,3 +110,29 @@ def http_client(guarded: bool, what: str, **kwargs: Any) -> httpx.Client:
     if not guarded:
         return httpx.Client(**kwargs)
     return httpx.Client(transport=_PublicOnlyTransport(what), **kwargs)
+
+
+def fetch_bytes(url: str, *, guarded: bool, what: str, max_bytes: int, timeout_s: float) -> bytes:
+    """GET `url` into memory, following redirects (each one checked when `guarded`). InvalidInputs naming `what`
+    when it cannot be fetched, does not answer 200, or is larger than `max_bytes`."""
+    check_public_url(url, not guarded, what)
+    try:
+        with (
+            http_client(guarded, what, timeout=timeout_s, follow_redirects=True) as client,
+            client.stream("GET", url) as response,
+        ):
+            if response.status_code != 200:
+                raise InvalidInputs(f"{what} {url} answered HTTP {response.status_code}")
+            length = response.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > max_bytes:
+                raise InvalidInputs(f"{what} {url} is {length} bytes, more than the {max_bytes} allowed")
+            data = bytearray()
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) > max_bytes:
+                    raise InvalidInputs(f"{what} {url} is larger than the {max_bytes} bytes allowed")
+            return bytes(data)
+    except httpx.HTTPError as exc:
+        raise InvalidInputs(f"{what} {url} could not be fetched: {type(exc).__name__}: {exc}") from None
+    except StorageError as exc:  # the name does not resolve: the request's mistake here
+        raise InvalidInputs(exc.message) from None

@@ -113,8 +113,7 @@ class Runner:
             timings["init"], self._init_ms = self._init_ms, None
         # The store reports its own phases: loadModel, and download / upload when it had to fetch the model.
         model = self.store.get(request, timings)
-        with timings.phase("decode"):
-            inputs = self._decode_inputs(request)
+        inputs = self._decode_inputs(request, timings)
         pipe_cls = self._pipeline_class(model, request)
         _check_lora_scale(model, request)
         scheduler = model.pipelines.scheduler(self._scheduler_name(model, request))
@@ -141,14 +140,33 @@ class Runner:
 
     # --- inputs ----------------------------------------------------------------------------------------------
 
-    def _decode_inputs(self, request: GenerateRequest) -> dict[str, Image.Image]:
+    def _decode_inputs(self, request: GenerateRequest, timings: Timings) -> dict[str, Image.Image]:
         limits = {"max_bytes": self.settings.max_body_bytes, "max_pixels": self.settings.max_image_pixels}
+        given = {field: getattr(request, field) for field in ("image", "mask_image")}
+        raw = {field: self._image_bytes(value, field, timings) for field, value in given.items() if value is not None}
         decoded: dict[str, Image.Image] = {}
-        if request.image is not None:
-            decoded["image"] = imaging.decode_image(request.image, "image", **limits)
-        if request.mask_image is not None:
-            decoded["mask_image"] = imaging.decode_mask(request.mask_image, "mask_image", **limits)
+        with timings.phase("decode"):
+            if "image" in raw:
+                decoded["image"] = imaging.decode_image(raw["image"], "image", **limits)
+            if "mask_image" in raw:
+                decoded["mask_image"] = imaging.decode_mask(raw["mask_image"], "mask_image", **limits)
         return decoded
+
+    def _image_bytes(self, value: str, field: str, timings: Timings) -> str | bytes:
+        """An image input as it came (base64, data URI), or, given as an http(s) URL, the file it names: fetched
+        through a connection to public addresses only (unless ALLOW_PRIVATE_URLS), capped like a request body."""
+        if not imaging.is_url(value):
+            return value
+        from .outbound import fetch_bytes
+
+        with timings.phase("download"):
+            return fetch_bytes(
+                value,
+                guarded=not self.settings.allow_private_urls,
+                what=field,
+                max_bytes=self.settings.max_body_bytes,
+                timeout_s=self.settings.download_timeout_s,
+            )
 
     def _pipeline_class(self, model: LoadedModel, request: GenerateRequest) -> Any:
         has_image, has_mask = request.image is not None, request.mask_image is not None

@@ -149,8 +149,10 @@ class GenerateRequest(BaseModel):
     strength: float | None = Field(None, ge=0, le=1)
     eta: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**63, description="Seed of the first image; drawn when absent")
-    image: str | None = Field(None, description="Input image (base64 or data URI) for img2img / inpaint")
-    mask_image: str | None = Field(None, description="Inpainting mask (base64 or data URI); white is repainted")
+    image: str | None = Field(None, description="Input image (base64, data URI or http(s) URL) for img2img / inpaint")
+    mask_image: str | None = Field(
+        None, description="Inpainting mask (base64, data URI or http(s) URL); white is repainted"
+    )
     cross_attention_kwargs: dict[str, Any] | None = None
     extra: dict[str, Any] = Field(
         default_factory=dict, description="Other arguments of the pipeline's __call__, passed through"
@@ -397,6 +399,11 @@ def from_legacy(envelope: dict[str, Any]) -> GenerateRequest:
         if not isinstance(value, dict):
             raise InvalidInputs(f"{key} must be an object, got {type(value).__name__}")
     data = _legacy_call_inputs(call_inputs) | _legacy_model_inputs(model_inputs)
+    if call_inputs.get("is_url"):
+        for field in ("image", "mask_image"):
+            value = data.get(field)
+            if value is not None and not (isinstance(value, str) and value.startswith(("http://", "https://"))):
+                raise InvalidInputs(f"callInputs.is_url is true, so modelInputs.{field} must be an http(s) URL")
     try:
         return GenerateRequest.model_validate(data)
     except ValidationError as exc:
@@ -410,8 +417,7 @@ def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:
         if key in _LEGACY_CALL_INPUTS:
             data[_LEGACY_CALL_INPUTS[key]] = value
         elif key == "is_url":
-            if value:
-                raise InvalidInputs("callInputs.is_url: image URLs are not supported yet; send base64")
+            continue  # read by from_legacy: the image inputs are URLs
         elif key in _LEGACY_IGNORED:
             continue
         elif key in _LEGACY_UNSUPPORTED:

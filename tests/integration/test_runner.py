@@ -30,6 +30,7 @@ from diffusers_api.errors import (
 from diffusers_api.imaging import encode_image, to_base64
 from diffusers_api.runner import Runner
 from diffusers_api.schema import GenerateRequest, from_legacy
+from support.servers import file_server
 
 STEPS = 4
 
@@ -151,6 +152,40 @@ def test_img2img_changes_with_the_input_image(runner: Runner) -> None:
     red = runner.run(ask(image=b64_image((200, 30, 30)), strength=0.5))
     blue = runner.run(ask(image=b64_image((30, 30, 200)), strength=0.5))
     assert red.images != blue.images
+
+
+def test_image_urls_are_fetched_like_base64_images(models_dir: Path) -> None:
+    """SPEC 1.1: with callInputs.is_url (native: any http(s) URL) the image inputs are fetched, over a connection
+    to public addresses only unless ALLOW_PRIVATE_URLS (this server is on loopback)."""
+    runner = Runner(Settings(model_id="builtin/tiny-sd-inpaint", models_dir=models_dir, allow_private_urls=True))
+    runner.start()
+    image, mask = encode_image(Image.new("RGB", (64, 64), (90, 90, 90))), encode_image(Image.new("RGB", (64, 64)))
+    with file_server() as files:
+        files.files |= {"/image.png": image, "/mask.png": mask, "/text.txt": b"not an image"}
+        by_value = runner.run(ask(image=to_base64(image), mask_image=to_base64(mask)))
+        envelope = {
+            "modelInputs": {"prompt": "realistic field of grass", "num_inference_steps": STEPS, "seed": 1,
+                            "init_image": f"{files.url}/image.png", "mask_image": f"{files.url}/mask.png"},
+            "callInputs": {"is_url": True},
+        }  # fmt: skip
+        by_url = runner.run(from_legacy(envelope))
+        assert by_url.images == by_value.images
+        assert "download" in by_url.timings
+        for path, message in [("/missing.png", "answered HTTP 404"), ("/text.txt", "not a valid image")]:
+            with pytest.raises(InvalidInputs, match=message):
+                runner.run(ask(image=f"{files.url}{path}", mask_image=to_base64(mask)))
+        noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        files.files["/noise.png"] = encode_image(Image.fromarray(noise))  # about 12 kB: PNG cannot shrink noise
+        capped = {"max_body_bytes": 1024, "allow_private_urls": True}
+        small = Runner(Settings(model_id="builtin/tiny-sd-inpaint", models_dir=models_dir, **capped))
+        small.start()
+        with pytest.raises(InvalidInputs, match="more than the 1024 allowed"):
+            small.run(ask(image=f"{files.url}/noise.png", mask_image=to_base64(mask)))
+        guarded = Runner(Settings(model_id="builtin/tiny-sd-inpaint", models_dir=models_dir))
+        guarded.start()
+        with pytest.raises(InvalidInputs, match=r"non-public address 127\.0\.0\.1.*ALLOW_PRIVATE_URLS"):
+            guarded.run(ask(image=f"{files.url}/image.png", mask_image=to_base64(mask)))
+        assert [path for path, _ in files.requests].count("/image.png") == 1  # never by the guarded server
 
 
 def test_inpaint_on_the_inpainting_model(models_dir: Path) -> None:

@@ -78,7 +78,7 @@ def test_bad_bodies_are_invalid_inputs(body: bytes, fragment: str) -> None:
         ({"modelInputs": {}, "callInputs": {"compel_prompts": True}}, "compel_prompts is not supported"),
         ({"modelInputs": {}, "callInputs": {"SEND_URL": "ftp://x"}}, "send_url: Value error, must be an http"),
         ({"modelInputs": {"callback_steps": 0}, "callInputs": {}}, "callback_steps"),
-        ({"modelInputs": {}, "callInputs": {"is_url": True}}, "is_url"),
+        ({"modelInputs": {"image": "aGVsbG8="}, "callInputs": {"is_url": True}}, "must be an http\\(s\\) URL"),
         ({"modelInputs": {"width": 65}, "callInputs": {}}, "width: Input should be a multiple of 8"),
         ({"modelInputs": {"num_inference_steps": 0}, "callInputs": {}}, "num_inference_steps"),
         ({"modelInputs": {"seed": -1}, "callInputs": {}}, "seed"),
