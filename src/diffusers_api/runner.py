@@ -115,7 +115,6 @@ class Runner:
         model = self.store.get(request, timings)
         inputs = self._decode_inputs(request, timings)
         pipe_cls = self._pipeline_class(model, request)
-        _check_lora_scale(model, request)
         scheduler = model.pipelines.scheduler(self._scheduler_name(model, request))
         pipe = model.pipelines.build(pipe_cls, scheduler, safety_checker=request.safety_checker)
         seeds = imaging.image_seeds(request.seed, request.image_count)
@@ -298,25 +297,6 @@ class Runner:
         if request.request_id:
             meta["startRequestId"] = request.request_id
         return meta
-
-
-def _check_lora_scale(model: LoadedModel, request: GenerateRequest) -> None:
-    """`cross_attention_kwargs.scale` weighs LoRA adapters. Without one it means nothing, and diffusers' text
-    encoder scaling even crashes on transformers 5; say so instead."""
-    if not request.cross_attention_kwargs or "scale" not in request.cross_attention_kwargs:
-        return
-    if not _has_lora(model.pipelines.base):
-        raise InvalidInputs(
-            "cross_attention_kwargs.scale weighs LoRA weights, and this request has none: name them in lora_weights",
-            field="cross_attention_kwargs",
-        )
-
-
-def _has_lora(pipe: Any) -> bool:
-    try:
-        return any(pipe.get_list_adapters().values())
-    except (AttributeError, ValueError):  # no LoRA support, or no PEFT backend: then certainly no adapters
-        return False
 
 
 def _step_callback(progress: ProgressCallback | None, cancel: threading.Event | None) -> Callable[..., Any]:

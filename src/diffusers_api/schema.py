@@ -191,9 +191,11 @@ class GenerateRequest(BaseModel):
         fused at their scales before the call, so that scale becomes the weight of every LoRA that does not give
         its own (an object's `scale`), and is taken out of the call's arguments. As in the original, it wins over
         a `#scale=` after the URL, and 1 is the weight when neither is given."""
-        if not self.lora_weights:
-            return self
         kwargs = dict(self.cross_attention_kwargs or {})
+        if not self.lora_weights:
+            if "scale" in kwargs:  # it would mean nothing (and diffusers' text encoder scaling fails without LoRAs)
+                raise ValueError("cross_attention_kwargs.scale weighs LoRA weights, and this request names none")
+            return self
         given = kwargs.pop("scale", None)
         for lora in self.lora_weights:
             if lora.scale is None:

@@ -422,11 +422,6 @@ def test_flagged_images_are_reported_and_blacked_out(models_dir: Path) -> None:
     assert runner.run(ask(safety_checker=False)).nsfw is None
 
 
-def test_lora_scale_without_lora_is_a_clear_error(runner: Runner) -> None:
-    with pytest.raises(InvalidInputs, match="LoRA"):
-        runner.run(ask(cross_attention_kwargs={"scale": 0.5}))
-
-
 def test_a_model_loads_in_its_precision_without_deprecated_arguments(models_dir: Path) -> None:
     """diffusers 0.42 takes `dtype=` and warns at every load given the old `torch_dtype=`."""
     with warnings.catch_warnings(record=True) as caught:

@@ -144,8 +144,8 @@ def test_legacy_event_inputs_map_onto_the_request_and_the_key_stays_secret() -> 
 
 
 def test_cross_attention_kwargs_accepts_a_json_string() -> None:
-    request = from_legacy({"modelInputs": {"cross_attention_kwargs": '{"scale": 0.5}'}, "callInputs": {}})
-    assert request.cross_attention_kwargs == {"scale": 0.5}
+    request = from_legacy({"modelInputs": {"cross_attention_kwargs": '{"other": 0.5}'}, "callInputs": {}})
+    assert request.cross_attention_kwargs == {"other": 0.5}
 
 
 def test_native_request_reports_all_errors_at_once() -> None:
@@ -251,3 +251,10 @@ def test_too_many_or_out_of_range_loras_are_refused() -> None:
 def test_textual_inversion_forms(given: object, expected: tuple) -> None:
     request = GenerateRequest(textual_inversions=given)
     assert [(item.url, item.token) for item in request.textual_inversions or []] == [expected]
+
+
+def test_a_lora_scale_without_loras_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"cross_attention_kwargs\.scale weighs LoRA weights, and this request names"):
+        GenerateRequest(cross_attention_kwargs={"scale": 0.5})
+    with pytest.raises(InvalidInputs, match="cross_attention_kwargs"):
+        from_legacy({"modelInputs": {"cross_attention_kwargs": '{"scale": 0.5}'}, "callInputs": {}})
