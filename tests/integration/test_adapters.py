@@ -4,6 +4,7 @@ server, applied to a variant of the tiny models, compared with what diffusers' o
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -276,3 +277,35 @@ def test_a_bad_textual_inversion_is_a_clear_error(files: FileServer, sd: Runner,
     with pytest.raises(InvalidInputs, match=message) as caught:
         sd.run(ask(textual_inversions=f"{files.url}/{embedding}"))
     assert caught.value.extra.get("field") == "textual_inversions"
+
+
+def test_making_a_variant_holds_up_no_other_request(
+    files: FileServer, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A variant is made outside the store's lock: a plain request is served meanwhile, and a second request for
+    the same LoRA waits for the first one's variant instead of making its own."""
+    from diffusers_api.pipelines import ModelPipelines
+
+    runner = runner_for(SD, models_dir)
+    making, release, calls = threading.Event(), threading.Event(), []
+    real = ModelPipelines.with_adapters
+
+    def held(self: ModelPipelines, loras: Any, embeddings: Any) -> Any:
+        calls.append(loras)
+        making.set()
+        assert release.wait(60)
+        return real(self, loras, embeddings)
+
+    monkeypatch.setattr(ModelPipelines, "with_adapters", held)
+    url = f"{files.url}/sd.safetensors"
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        first = pool.submit(runner.run, ask(lora_weights=url))
+        assert making.wait(60)
+        second = pool.submit(runner.run, ask(lora_weights=url, seed=6))
+        plain = pool.submit(runner.run, ask())
+        assert "LORA_WEIGHTS" not in plain.result(timeout=60).meta  # served while the variant is being made
+        assert not first.done()
+        assert not second.done()
+        release.set()
+        assert first.result(timeout=60).meta["LORA_WEIGHTS"] == second.result(timeout=60).meta["LORA_WEIGHTS"]
+    assert len(calls) == 1

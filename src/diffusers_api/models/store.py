@@ -18,6 +18,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -120,6 +121,8 @@ class ModelStore:
         self._resident: OrderedDict[ModelSpec, LoadedModel] = OrderedDict()
         # One load at a time: two threads asking for the same new model must not load it twice.
         self._lock = threading.RLock()
+        # variants being made, outside the lock: (id of the model, spec) -> the variant, once made
+        self._making: dict[tuple[int, ModelSpec], Future[LoadedModel]] = {}
 
     @cached_property
     def device(self) -> str:
@@ -164,8 +167,7 @@ class ModelStore:
                 (fetch_adapter(url, settings, "textual inversion", timings), token, url)
                 for url, token in spec.embeddings
             ]
-            with self._lock:
-                return self._variant(base, spec, loras, embeddings)
+            return self._variant(base, spec, loras, embeddings)
         finally:
             if timings is not None:
                 elapsed = (time.perf_counter() - started) * 1000 - (_transfer_ms(timings) - transfers)
@@ -188,32 +190,41 @@ class ModelStore:
         loras: list[tuple[Path, float, str]],
         embeddings: list[tuple[Path, str | None, str]],
     ) -> LoadedModel:
-        """`base` with the adapters of `spec` (made on first use, then kept while LORA_VARIANTS_KEPT allows)."""
-        variant = base.variants.get(spec)
-        if variant is not None:
-            base.variants.move_to_end(spec)
-            return variant
-        import torch
+        """`base` with the adapters of `spec` (made on first use, then kept while LORA_VARIANTS_KEPT allows).
 
-        started = time.perf_counter()
+        Making one copies modules and fuses weights (seconds for a large model on a GPU), so it runs outside the
+        store's lock: other requests go on meanwhile. Requests for the same variant wait for the one making it."""
+        key = (id(base), spec)
+        with self._lock:
+            variant = base.variants.get(spec)
+            if variant is not None:
+                base.variants.move_to_end(spec)
+                return variant
+            making, mine = self._making.get(key), False
+            if making is None:
+                making, mine = Future(), True
+                self._making[key] = making
+        if not mine:
+            return making.result()
         try:
-            pipelines, own = base.pipelines.with_adapters(loras, embeddings)
-        except torch.cuda.OutOfMemoryError as exc:
-            free_device_memory()
-            raise PipelineError(
-                f"out of GPU memory copying the model for its LoRAs or embeddings: {exc}; lower LORA_VARIANTS_KEPT "
-                "or MODEL_MEMORY_BUDGET"
-            ) from exc
-        elapsed = (time.perf_counter() - started) * 1000
+            pipelines, own, elapsed = _make_variant(base, loras, embeddings)
+        except BaseException as exc:
+            with self._lock:
+                del self._making[key]
+            making.set_exception(exc)
+            raise
         size = sum(module_bytes(module) for module in own.values())
         variant = LoadedModel(spec, pipelines, base.device, base.dtype, base.source, elapsed, size)
-        base.variants[spec] = variant
         log.info("made %s (%d bytes of its own) in %.0f ms", spec.describe(), size, elapsed)
-        while len(base.variants) > self.settings.lora_variants_kept:
-            dropped, _ = base.variants.popitem(last=False)
-            log.info("dropping %s to keep %d variants", dropped.describe(), self.settings.lora_variants_kept)
-            free_device_memory()
-        self._trim()  # the variant's copies count against MODEL_MEMORY_BUDGET: older models may have to go
+        with self._lock:
+            del self._making[key]
+            base.variants[spec] = variant
+            while len(base.variants) > self.settings.lora_variants_kept:
+                dropped, _ = base.variants.popitem(last=False)
+                log.info("dropping %s to keep %d variants", dropped.describe(), self.settings.lora_variants_kept)
+                free_device_memory()
+            self._trim()  # the variant's copies count against MODEL_MEMORY_BUDGET: older models may have to go
+        making.set_result(variant)
         return variant
 
     def _mismatch(self, spec: ModelSpec) -> ModelMismatch:
@@ -367,6 +378,24 @@ def _safetensors_bytes(path: Path, float_bytes: int | None) -> int:
         size = float_bytes if float_bytes and tensor["dtype"] in _FLOATS else _DTYPE_BYTES.get(tensor["dtype"], 4)
         total += math.prod(tensor["shape"]) * size
     return total
+
+
+def _make_variant(
+    base: LoadedModel, loras: list[tuple[Path, float, str]], embeddings: list[tuple[Path, str | None, str]]
+) -> tuple[ModelPipelines, dict[str, Any], float]:
+    """(the variant's pipelines, its own modules, milliseconds taken)."""
+    import torch
+
+    started = time.perf_counter()
+    try:
+        pipelines, own = base.pipelines.with_adapters(loras, embeddings)
+    except torch.cuda.OutOfMemoryError as exc:
+        free_device_memory()
+        raise PipelineError(
+            f"out of GPU memory copying the model for its LoRAs or embeddings: {exc}; lower LORA_VARIANTS_KEPT or "
+            "MODEL_MEMORY_BUDGET"
+        ) from exc
+    return pipelines, own, (time.perf_counter() - started) * 1000
 
 
 def _transfer_ms(timings: dict[str, float] | None) -> float:
