@@ -106,6 +106,8 @@ class TextualInversion(_AdapterURL):
         if self.token is None:
             fname = self._options.get("fname", "").rsplit(".", 1)[0]
             self.token = self._options.get("token", fname) or None
+            if self.token is not None and len(self.token) > 100:
+                raise ValueError(f"the token after {self.url} is longer than 100 characters")
         return self
 
 

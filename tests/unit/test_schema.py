@@ -258,3 +258,8 @@ def test_a_lora_scale_without_loras_is_refused() -> None:
         GenerateRequest(cross_attention_kwargs={"scale": 0.5})
     with pytest.raises(InvalidInputs, match="cross_attention_kwargs"):
         from_legacy({"modelInputs": {"cross_attention_kwargs": '{"scale": 0.5}'}, "callInputs": {}})
+
+
+def test_a_textual_inversion_token_from_the_url_is_bounded_too() -> None:
+    with pytest.raises(ValueError, match="longer than 100 characters"):
+        GenerateRequest(textual_inversions=f"https://x/e#token={'t' * 101}")
