@@ -259,29 +259,38 @@ def _prepare_sd(pipe: Any, args: dict[str, Any], task: str) -> Job:
         clip_skip=pipe.clip_skip,
     )
     hidden = torch.cat([negative, positive]) if pipe.do_classifier_free_guidance else positive
-    if task == "inpaint":
-        inpainting = _inpaint_latents(pipe, args, images, hidden.dtype, device)
-        return inpainting.job(pipe, args, hidden, added=None)
-    timesteps, latents = _initial_latents(pipe, args, task, images, hidden.dtype, device)
-    return _job(pipe, args, timesteps, latents, hidden, added=None)
+    return _initial_latents(pipe, args, task, images, hidden.dtype, device).job(pipe, args, hidden, added=None)
 
 
 @dataclass
-class _Inpainting:
-    """What the inpainting pipelines (SD and SDXL alike) prepare before their loop, besides the prompts."""
+class _Latents:
+    """What the pipelines prepare before their loop, besides the prompts (SD and SDXL alike)."""
 
     timesteps: Any
     latents: Any
-    conditioning: Any = None  # 9-channel UNets: mask and masked-image latents, rows like the hidden states
-    blend: Blend | None = None  # 4-channel UNets: the init image the unmasked area is reset to after each step
+    conditioning: Any = None  # 9-channel inpainting UNets: mask and masked-image latents, rows like `hidden`
+    blend: Blend | None = None  # 4-channel UNets inpainting: the init image the unmasked area is reset to
 
     def job(self, pipe: Any, args: dict[str, Any], hidden: Any, added: Any) -> Job:
-        job = _job(pipe, args, self.timesteps, self.latents, hidden, added)
-        job.conditioning, job.blend = self.conditioning, self.blend
-        return job
+        pipe._num_timesteps = len(self.timesteps)
+        _find_first_step(pipe.scheduler, self.timesteps)
+        return Job(
+            unet=pipe.unet,
+            scheduler=pipe.scheduler,
+            timesteps=self.timesteps,
+            latents=self.latents,
+            hidden=hidden,
+            added=added,
+            guidance_scale=float(args["guidance_scale"]),
+            guided=bool(pipe.do_classifier_free_guidance),
+            guidance_rescale=float(args.get("guidance_rescale") or 0.0),
+            conditioning=self.conditioning,
+            blend=self.blend,
+            step_kwargs=pipe.prepare_extra_step_kwargs(args["generator"], args["eta"]),
+        )
 
 
-def _inpaint_latents(pipe: Any, args: dict[str, Any], images: int, dtype: Any, device: Any) -> _Inpainting:
+def _inpaint_latents(pipe: Any, args: dict[str, Any], images: int, dtype: Any, device: Any) -> _Latents:
     """The inpainting pipelines' timesteps, init image, noise, mask and masked image (steps 4 to 7 of SDXL's)."""
     import torch
 
@@ -305,8 +314,8 @@ def _inpaint_latents(pipe: Any, args: dict[str, Any], images: int, dtype: Any, d
         pipe.do_classifier_free_guidance,
     )  # fmt: skip
     if unet_channels == 9:
-        return _Inpainting(timesteps, latents, conditioning=torch.cat([mask, masked_latents], dim=1))
-    return _Inpainting(timesteps, latents, blend=Blend(image_latents=outputs[2], noise=noise, mask=mask[:images]))
+        return _Latents(timesteps, latents, conditioning=torch.cat([mask, masked_latents], dim=1))
+    return _Latents(timesteps, latents, blend=Blend(image_latents=outputs[2], noise=noise, mask=mask[:images]))
 
 
 def _prepare_sdxl(pipe: Any, args: dict[str, Any], task: str) -> Job:
@@ -344,14 +353,10 @@ def _prepare_sdxl(pipe: Any, args: dict[str, Any], task: str) -> Job:
         clip_skip=pipe.clip_skip,
     )
     with _vae_for_encoding(pipe):
-        if task == "inpaint":
-            inpainting = _inpaint_latents(pipe, args, images, positive.dtype, device)
-            timesteps, latents = inpainting.timesteps, inpainting.latents
-        else:
-            timesteps, latents = _initial_latents(pipe, args, task, images, positive.dtype, device)
+        prepared = _initial_latents(pipe, args, task, images, positive.dtype, device)
     if task == "txt2img" and hasattr(pipe.scheduler, "set_begin_index"):
         pipe.scheduler.set_begin_index(0)
-    height, width = (size * pipe.vae_scale_factor for size in latents.shape[-2:])
+    height, width = (size * pipe.vae_scale_factor for size in prepared.latents.shape[-2:])
     time_ids, negative_time_ids = _sdxl_time_ids(pipe, args, task, (height, width), positive.dtype, pooled)
     if pipe.do_classifier_free_guidance:
         positive = torch.cat([negative, positive])
@@ -362,9 +367,7 @@ def _prepare_sdxl(pipe: Any, args: dict[str, Any], task: str) -> Job:
     if task == "txt2img":
         time_ids = time_ids.repeat(images, 1)
     added = {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device)}
-    if task == "inpaint":
-        return inpainting.job(pipe, args, positive.to(device), added)
-    return _job(pipe, args, timesteps, latents, positive.to(device), added)
+    return prepared.job(pipe, args, positive.to(device), added)
 
 
 def _sdxl_time_ids(
@@ -408,36 +411,21 @@ def _timesteps(pipe: Any, args: dict[str, Any], task: str, device: Any) -> tuple
     return tail
 
 
-def _initial_latents(pipe: Any, args: dict[str, Any], task: str, images: int, dtype: Any, device: Any) -> Any:
-    """(timesteps, latents): pure noise for txt2img; the noised init image for img2img."""
+def _initial_latents(pipe: Any, args: dict[str, Any], task: str, images: int, dtype: Any, device: Any) -> _Latents:
+    """Pure noise for txt2img; the noised init image for img2img; that and the mask for inpainting."""
+    if task == "inpaint":
+        return _inpaint_latents(pipe, args, images, dtype, device)
     timesteps, _ = _timesteps(pipe, args, task, device)
     generator = args["generator"]
     if task == "txt2img":
         channels = pipe.unet.config.in_channels
         height, width = args["height"], args["width"]
-        return timesteps, pipe.prepare_latents(images, channels, height, width, dtype, device, generator)
+        return _Latents(timesteps, pipe.prepare_latents(images, channels, height, width, dtype, device, generator))
     image = pipe.image_processor.preprocess(args["image"])
     start = timesteps[:1].repeat(images)
     batch = _batch_size(args["prompt"])
     latents = pipe.prepare_latents(image, start, batch, args["num_images_per_prompt"], dtype, device, generator)
-    return timesteps, latents
-
-
-def _job(pipe: Any, args: dict[str, Any], timesteps: Any, latents: Any, hidden: Any, added: Any) -> Job:
-    pipe._num_timesteps = len(timesteps)
-    _find_first_step(pipe.scheduler, timesteps)
-    return Job(
-        unet=pipe.unet,
-        scheduler=pipe.scheduler,
-        timesteps=timesteps,
-        latents=latents,
-        hidden=hidden,
-        added=added,
-        guidance_scale=float(args["guidance_scale"]),
-        guided=bool(pipe.do_classifier_free_guidance),
-        guidance_rescale=float(args.get("guidance_rescale") or 0.0),
-        step_kwargs=pipe.prepare_extra_step_kwargs(args["generator"], args["eta"]),
-    )
+    return _Latents(timesteps, latents)
 
 
 def _find_first_step(scheduler: Any, timesteps: Any) -> None:
