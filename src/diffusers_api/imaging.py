@@ -58,11 +58,6 @@ def decode_mask(value: str | bytes, field: str, *, max_bytes: int, max_pixels: i
     return decode_image(value, field, max_bytes=max_bytes, max_pixels=max_pixels).convert("L")
 
 
-def is_url(value: str) -> bool:
-    """An image input given as an http(s) URL (base64 never holds a colon, and a data URI starts with data:)."""
-    return value.startswith(("http://", "https://"))
-
-
 def _decode_base64(value: str, field: str, *, max_bytes: int) -> bytes:
     if not isinstance(value, str):
         raise InvalidImage(field, f"expected a base64 string, got {type(value).__name__}")

@@ -20,7 +20,7 @@ from . import imaging
 from .errors import Cancelled, DiffusersAPIError, InvalidInputs, PipelineError
 from .models.store import LoadedModel, ModelStore
 from .pipelines import call_parameters
-from .schema import RESERVED_CALL_ARGS, GenerateRequest, GenerateResult
+from .schema import RESERVED_CALL_ARGS, GenerateRequest, GenerateResult, is_http_url
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -141,20 +141,16 @@ class Runner:
 
     def _decode_inputs(self, request: GenerateRequest, timings: Timings) -> dict[str, Image.Image]:
         limits = {"max_bytes": self.settings.max_body_bytes, "max_pixels": self.settings.max_image_pixels}
-        given = {field: getattr(request, field) for field in ("image", "mask_image")}
+        decoders = {"image": imaging.decode_image, "mask_image": imaging.decode_mask}
+        given = {field: getattr(request, field) for field in decoders}
         raw = {field: self._image_bytes(value, field, timings) for field, value in given.items() if value is not None}
-        decoded: dict[str, Image.Image] = {}
         with timings.phase("decode"):
-            if "image" in raw:
-                decoded["image"] = imaging.decode_image(raw["image"], "image", **limits)
-            if "mask_image" in raw:
-                decoded["mask_image"] = imaging.decode_mask(raw["mask_image"], "mask_image", **limits)
-        return decoded
+            return {field: decoders[field](data, field, **limits) for field, data in raw.items()}
 
     def _image_bytes(self, value: str, field: str, timings: Timings) -> str | bytes:
         """An image input as it came (base64, data URI), or, given as an http(s) URL, the file it names: fetched
         through a connection to public addresses only (unless ALLOW_PRIVATE_URLS), capped like a request body."""
-        if not imaging.is_url(value):
+        if not is_http_url(value):
             return value
         from .outbound import fetch_bytes
 

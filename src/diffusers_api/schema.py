@@ -47,8 +47,14 @@ RESERVED_CALL_ARGS = frozenset(
 )
 
 
+def is_http_url(value: object) -> bool:
+    """An http(s) URL, as image inputs, webhooks and adapter files may be given (base64 never holds a colon, and
+    a data URI starts with data:)."""
+    return isinstance(value, str) and value.startswith(("http://", "https://"))
+
+
 def _require_http(value: str) -> str:
-    if not value.startswith(("http://", "https://")):
+    if not is_http_url(value):
         raise ValueError("must be an http:// or https:// URL")
     return value
 
@@ -174,9 +180,7 @@ class GenerateRequest(BaseModel):
     @field_validator("send_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
-        if value and not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
-        return value or None
+        return _require_http(value) if value else None
 
     @field_validator("lora_weights", "textual_inversions", mode="before")
     @classmethod
@@ -201,8 +205,8 @@ class GenerateRequest(BaseModel):
         given = kwargs.pop("scale", None)
         for lora in self.lora_weights:
             if lora.scale is None:
-                fallback = lora.fragment_scale if lora.fragment_scale is not None else 1.0
-                lora.scale = float(given) if given is not None else fallback
+                fragment = lora.fragment_scale
+                lora.scale = float(given) if given is not None else (fragment if fragment is not None else 1.0)
             if not -8 <= lora.scale <= 8:
                 raise ValueError(f"the scale of LoRA {lora.url} is {lora.scale}; it must be between -8 and 8")
         self.cross_attention_kwargs = kwargs or None
@@ -365,7 +369,7 @@ _LEGACY_CALL_INPUTS = {
     "textual_inversions": "textual_inversions",
 }
 # callInputs the server knows but this build does not act on: refused with a clear message rather than ignored,
-# so that nobody believes a webhook or a LoRA was applied when it was not.
+# so that nobody believes such an option was applied when it was not.
 _LEGACY_UNSUPPORTED = (
     "train",
     "use_extra",
@@ -406,7 +410,7 @@ def from_legacy(envelope: dict[str, Any]) -> GenerateRequest:
     if call_inputs.get("is_url"):
         for field in ("image", "mask_image"):
             value = data.get(field)
-            if value is not None and not (isinstance(value, str) and value.startswith(("http://", "https://"))):
+            if value is not None and not is_http_url(value):
                 raise InvalidInputs(f"callInputs.is_url is true, so modelInputs.{field} must be an http(s) URL")
     try:
         return GenerateRequest.model_validate(data)
