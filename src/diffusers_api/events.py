@@ -262,8 +262,7 @@ class EventHub:
         if request.send_url:
             await asyncio.to_thread(self._check_request_url, request.send_url)
         key = request.sign_key.get_secret_value() if request.sign_key else None
-        sinks = self._webhook_sinks(request.send_url, key, guarded=not self.settings.allow_private_urls)
-        sinks += list(extra_sinks or [])
+        sinks = self._webhook_sinks(request.send_url, key) + list(extra_sinks or [])
         sinks += [make_sink() for make_sink in self.request_sinks]
         throttle = ProgressThrottle(request.callback_steps, self.settings.progress_interval_s)
         return RequestEvents(sinks, self.settings.container_id, request.request_id, throttle)
@@ -279,11 +278,11 @@ class EventHub:
         except StorageError as exc:  # cannot resolve: the request's mistake here, not the storage's
             raise InvalidInputs(exc.message, field="SEND_URL") from None
 
-    def _webhook_sinks(self, url: str | None, key: str | None, guarded: bool = False) -> list[Sink]:
-        """The webhook sink for a request's own SEND_URL (connections `guarded` to public addresses), else for the
-        operator's SEND_URL setting, which is trusted."""
-        if not url:
-            url, guarded = self.settings.send_url, False
+    def _webhook_sinks(self, url: str | None, key: str | None) -> list[Sink]:
+        """The webhook sink for a request's own SEND_URL (its connections guarded: public addresses only, unless
+        ALLOW_PRIVATE_URLS), else for the operator's SEND_URL setting, which is trusted."""
+        guarded = bool(url) and not self.settings.allow_private_urls
+        url = url or self.settings.send_url
         if not url:
             return []
         if key is None and self.settings.sign_key is not None:

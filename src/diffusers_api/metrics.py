@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 # seconds: from 10 ms (encoding a small image) to 5 minutes (a large model's first download)
 SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0)
-# rows per UNet forward: the batch buckets of the CUDA graphs (1, 2, 4, ... 128 rows) and one above
+# rows per UNet forward: powers of two up to the largest CUDA graph bucket (128 rows), and one above
 ROWS_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
 
 

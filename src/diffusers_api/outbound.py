@@ -33,18 +33,11 @@ def check_public_url(url: str, allow_private: bool, what: str) -> None:
     host = urlsplit(url).hostname
     if not host:
         raise InvalidInputs(f"{what} {url!r} has no host")
-    public_addresses(host, None, f"{what} {url!r}")
-
-
-def public_addresses(host: str, port: int | None, what: str) -> list[str]:
-    """The addresses `host` resolves to, in the resolver's order; InvalidInputs when any is not public (one bad
-    answer is enough to refuse: which one a connection would use is the resolver's choice, not ours)."""
     try:
-        addresses = _resolve(host, port)
+        addresses = _resolve(host, None)
     except OSError as exc:
-        raise StorageError(f"{what}: cannot resolve {host}: {exc}") from exc
-    _refuse_non_public(addresses, what)
-    return addresses
+        raise StorageError(f"{what} {url!r}: cannot resolve {host}: {exc}") from exc
+    _refuse_non_public(addresses, f"{what} {url!r}")
 
 
 def _resolve(host: str, port: int | None) -> list[str]:
@@ -53,6 +46,8 @@ def _resolve(host: str, port: int | None) -> list[str]:
 
 
 def _refuse_non_public(addresses: list[str], what: str) -> None:
+    """InvalidInputs when any of `addresses` is not public: one bad answer is enough, since which one a connection
+    would use is the resolver's choice, not ours."""
     for address in addresses:
         ip = ipaddress.ip_address(address.split("%")[0])
         if not is_public(ip):
