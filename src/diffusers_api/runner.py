@@ -286,10 +286,9 @@ class Runner:
         }
         if request.scheduler and request.scheduler != meta["SCHEDULER"]:
             meta["SCHEDULER_ALIAS"] = request.scheduler
-        if model.spec.loras:
-            meta["LORA_WEIGHTS"] = [{"url": url, "scale": scale} for url, scale in model.spec.loras]
-        if model.spec.embeddings:
-            meta["TEXTUAL_INVERSIONS"] = [{"url": url, "token": token} for url, token in model.spec.embeddings]
+        loras, embeddings = model.spec.adapters_json()
+        meta |= {"LORA_WEIGHTS": loras} if loras else {}
+        meta |= {"TEXTUAL_INVERSIONS": embeddings} if embeddings else {}
         if request.request_id:
             meta["startRequestId"] = request.request_id
         return meta

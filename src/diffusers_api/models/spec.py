@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .locations import normalized_id
 
@@ -66,6 +66,11 @@ class ModelSpec:
     @property
     def without_adapters(self) -> ModelSpec:
         return dataclasses.replace(self, loras=(), embeddings=())
+
+    def adapters_json(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(LoRAs, textual inversions) as responses and the model list show them."""
+        loras = [{"url": url, "scale": scale} for url, scale in self.loras]
+        return loras, [{"url": url, "token": token} for url, token in self.embeddings]
 
     def describe(self) -> str:
         parts = [self.model_id] + [

@@ -61,6 +61,7 @@ class LoadedModel:
         return self.bytes + sum(variant.bytes for variant in self.variants.values())
 
     def describe(self) -> dict[str, Any]:
+        loras, embeddings = self.spec.adapters_json()
         return {
             "model_id": self.spec.model_id,
             "id": self.spec.normalized_id,
@@ -69,12 +70,8 @@ class LoadedModel:
             "bytes": self.bytes,
             "source": self.source,
             "load_ms": round(self.load_ms, 2),
-            **({"loras": [{"url": url, "scale": scale} for url, scale in self.spec.loras]} if self.spec.loras else {}),
-            **(
-                {"textual_inversions": [{"url": url, "token": token} for url, token in self.spec.embeddings]}
-                if self.spec.embeddings
-                else {}
-            ),
+            **({"loras": loras} if loras else {}),
+            **({"textual_inversions": embeddings} if embeddings else {}),
             **({"variants": [variant.describe() for variant in self.variants.values()]} if self.variants else {}),
         }
 
