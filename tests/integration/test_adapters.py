@@ -264,6 +264,21 @@ def test_loras_and_embeddings_together(files: FileServer, sd: Runner) -> None:
     assert both.meta["TEXTUAL_INVERSIONS"] == [{"url": embedding, "token": None}]
 
 
+def test_an_sdxl_style_embedding_with_one_encoders_vector_loads_into_that_encoder(
+    files: FileServer, sd: Runner, tmp_path: Path
+) -> None:
+    """A `clip_l`-only file (SD's single text encoder is SDXL's first) is used, not a server error."""
+    from safetensors.torch import save_file
+
+    file = tmp_path / "clip-l.safetensors"
+    save_file({"clip_l": torch.randn(1, 32, generator=torch.Generator().manual_seed(8))}, str(file))
+    files.files["/clip-l.safetensors"] = file.read_bytes()
+    prompt = "a photo of <clip-l>"
+    plain = sd.run(ask(prompt=prompt))
+    result = sd.run(ask(prompt=prompt, textual_inversions=f"{files.url}/clip-l.safetensors#token=<clip-l>"))
+    assert not np.array_equal(pixels(result), pixels(plain))
+
+
 @pytest.mark.parametrize(
     ("embedding", "message"),
     [

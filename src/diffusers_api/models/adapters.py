@@ -128,16 +128,14 @@ def apply_embeddings(pipe: Any, embeddings: list[tuple[Path, str | None, str]]) 
     touched: set[str] = set()
     for path, token, url in embeddings:
         state = load_file(str(path))
-        if "clip_l" in state or "clip_g" in state:  # SDXL: one tensor per text encoder, the token given apart
-            if token is None:
-                raise _invalid("textual inversion", f"textual inversion {url}: name its token (#token=<name>)")
-            parts: list[tuple[tuple[str, str], Any]] = [
-                (pair, state[key]) for pair, key in zip(TEXT_PAIRS, ("clip_l", "clip_g"), strict=True)
-            ]
-        elif len(state) == 1 and token is None and next(iter(state)) == "emb_params":
+        # SDXL files hold one tensor per text encoder (clip_l, clip_g); A1111's one tensor as emb_params. Neither
+        # names its token.
+        per_encoder = [
+            (pair, state[key]) for pair, key in zip(TEXT_PAIRS, ("clip_l", "clip_g"), strict=True) if key in state
+        ]
+        if token is None and (per_encoder or list(state) == ["emb_params"]):
             raise _invalid("textual inversion", f"textual inversion {url}: name its token (#token=<name>)")
-        else:
-            parts = [(TEXT_PAIRS[0], state)]
+        parts: list[tuple[tuple[str, str], Any]] = per_encoder or [(TEXT_PAIRS[0], state)]
         for (tokenizer, encoder), weights in parts:
             if getattr(pipe, encoder, None) is None:
                 raise _invalid("textual inversion", f"textual inversion {url} needs a {encoder} this model lacks")
