@@ -360,6 +360,7 @@ async def load(url: str, args: argparse.Namespace, size: int, clients: int, per_
         "loop": after.get("loop"),
         # torch's peak allocation so far: after the 1-client run it is the peak at batch 1
         "device_memory": health.get("device_memory"),
+        **({"compile": health["compile"]} if health.get("compile", {}).get("state", "off") != "off" else {}),
         "clients": clients,
         "requests": len(latencies),
         "images_per_s": round(len(latencies) / wall, 2),
@@ -375,6 +376,20 @@ def _batching_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, 
     return delta
 
 
+def wait_compiled(url: str, deadline: float) -> dict[str, Any]:
+    """Poll /health until no compile is queued or running (COMPILE=1) or time.monotonic() passes `deadline`;
+    how long that took, and the summary."""
+    import httpx
+
+    started = time.perf_counter()
+    while True:
+        summary = httpx.get(f"{url}/health", timeout=10).json().get("compile", {})
+        if summary.get("state") in ("ready", "failed", "off") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    return {"waited_s": round(time.perf_counter() - started, 1), "summary": summary}
+
+
 def server_runs(
     path: Path,
     args: argparse.Namespace,
@@ -384,10 +399,12 @@ def server_runs(
     wait_ms: int = 250,
     src: Path = ROOT / "src",
     switch_interval_ms: float | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     import httpx
 
-    env = {"MAX_BATCH_SIZE": str(args.max_batch), "BATCH_WAIT_MS": str(wait_ms)}
+    env = {"MAX_BATCH_SIZE": str(args.max_batch), "BATCH_WAIT_MS": str(wait_ms)} | (extra_env or {})
+    compiling = env.get("COMPILE") == "1"
     server = Server(path, args, args.out_dir / f"server_{label}.log", env, src, switch_interval_ms)
     try:
         server.wait_ready()
@@ -396,12 +413,18 @@ def server_runs(
         result: dict[str, Any] = {
             "what": f"server_{label}",
             "batch_wait_ms": wait_ms,
+            **({"environment": extra_env} if extra_env else {}),
             "cold_start_to_first_image_s": round(time.perf_counter() - server.started, 3),
             "first_request_timings_ms": response.json()["timings"],
         }
         result["runs"] = []
+        deadline = time.monotonic() + args.compile_wait_s  # for all of this server's compile waits together
+        if compiling:  # the first request queued the compile of its shape: measure once it is ready
+            result["compile_ready"] = [wait_compiled(server.url, deadline)]
         for clients in concurrency:  # in increasing order, so that each run's peak memory is its own
             asyncio.run(load(server.url, args, size, clients, 1))  # warm-up: captures this batch's CUDA graphs
+            if compiling:  # and queues a compile (or a check) of any new shape
+                result["compile_ready"].append(wait_compiled(server.url, deadline) | {"clients": clients})
             per_client = args.runs if clients == 1 else max(2, args.per_client)
             result["runs"].append(asyncio.run(load(server.url, args, size, clients, per_client)))
         result["gpu_memory_gb"] = server.gpu_memory_gb()
@@ -489,6 +512,18 @@ def main() -> None:
         help="another checkout's src/ (e.g. from `git archive`): its server runs W too, after this one's",
     )
     parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL:NAME=VALUE,...",
+        help="also run W with these settings in the server's environment, e.g. cudnn:CUDNN_BENCHMARK=1 or "
+        "compiled:COMPILE=1 (which waits for each new shape's compile before measuring; cold cache)",
+    )
+    parser.add_argument("--variant-clients", default="", help="clients for the variants (default: --clients)")
+    parser.add_argument(
+        "--compile-wait-s", type=float, default=240, help="longest wait for a COMPILE=1 server's compiles, in all"
+    )
+    parser.add_argument(
         "--wait-ms", type=lambda v: [int(x) for x in v.split(",")], default=[250], help="BATCH_WAIT_MS values"
     )
     args = parser.parse_args()
@@ -520,6 +555,18 @@ def main() -> None:
                 "server_W_switch",
                 lambda: server_runs(
                     sd, args, sizes[0], f"W_switch{ms:g}ms", clients, args.wait_ms[0], ROOT / "src", ms
+                ),
+                args,
+                env,
+            )
+        for variant in args.variant:
+            label, _, settings = variant.partition(":")
+            extra = dict(item.split("=", 1) for item in settings.split(",") if item)
+            variant_clients = [int(c) for c in args.variant_clients.split(",")] if args.variant_clients else clients
+            section(
+                f"server_W_{label}",
+                lambda label=label, extra=extra, vc=variant_clients: server_runs(
+                    sd, args, sizes[0], f"W_{label}", vc, args.wait_ms[0], extra_env=extra
                 ),
                 args,
                 env,

@@ -11,7 +11,8 @@ StepBatcher with CUDA graphs), each timed with the device synchronised:
   (padded to its bucket) and eagerly; `loop_round_s` minus the forward is the loop's own cost per round;
 - `decode_each_s` / `decode_batched_s`: the N images decoded one call each, and in one batched VAE call;
 - `finish_each_s`: what a request thread does after the loop, per request (decode, post-processing to PIL).
-Then, for a range of row counts, the UNet forward eagerly and as a CUDA graph (which wins where).
+Then, for a range of row counts, the UNet forward eagerly and as a CUDA graph (which wins where), and for a few
+of them, with the VAE decode of one image, without and with cuDNN's algorithm timing (CUDNN_BENCHMARK).
 """
 
 from __future__ import annotations
@@ -153,6 +154,23 @@ def forwards(engine: Engine, rows_list: list[int], size: int) -> dict[str, Any]:
     return {"what": "loop_unet_forward_by_rows", "results": results}
 
 
+def cudnn_benchmark(engine: Engine, rows_list: list[int], size: int) -> dict[str, Any]:
+    """`forwards` and the VAE decode of one image, with cuDNN's heuristics choosing convolution algorithms and
+    then with cuDNN timing them (CUDNN_BENCHMARK=1); `forwards` captures new graphs, with those algorithms."""
+    vae = engine.pipelines.components["vae"]
+    template = engine.jobs(1, size)[0]
+    latent = template.latents / vae.config.scaling_factor
+    results: dict[str, Any] = {"what": "loop_cudnn_benchmark"}
+    for benchmark in (False, True):
+        torch.backends.cudnn.benchmark = benchmark
+        by_rows = forwards(engine, rows_list, size)["results"]
+        median_time(lambda: vae.decode(latent, return_dict=False), 2)  # warm-up (the timing, when benchmarking)
+        decode_s = median_time(lambda: vae.decode(latent, return_dict=False), 5)
+        results["on" if benchmark else "off"] = {"forwards": by_rows, "decode_1_s": round(decode_s, 4)}
+    torch.backends.cudnn.benchmark = False
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the built-in tiny model (CPU check of the script)")
@@ -160,6 +178,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--jobs", default="1,8,32")
     parser.add_argument("--rows", default="2,8,16,24,32,48,64")
+    parser.add_argument("--cudnn-rows", default="2,16,64", help="rows for the CUDNN_BENCHMARK comparison")
     args = parser.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -174,6 +193,8 @@ def main() -> None:
         free_memory()
     rows = [int(x) for x in args.rows.split(",")]
     section("loop_unet_forward_by_rows", lambda: forwards(engine, rows, size), args, env)
+    cudnn_rows = [int(x) for x in args.cudnn_rows.split(",")]
+    section("loop_cudnn_benchmark", lambda: cudnn_benchmark(engine, cudnn_rows, size), args, env)
     engine.denoiser.stop()
 
 
