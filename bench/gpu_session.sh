@@ -12,7 +12,7 @@
 # down, and writes under $OUT (what a device call brings back; /tmp/gpu-session elsewhere):
 #   1. bench/gpu_bench.py: plain diffusers against the server (and .baseline's), W and SDXL -> gpu.jsonl, gpu_bench.log
 #   2. bench/loop_bench.py: where a batched round's time goes, in process       -> loop.jsonl, loop_bench.log
-#   3. pytest -m gpu: CUDA graphs and compiled models on the device (SKIP_PYTEST_GPU=1 skips it) -> pytest-gpu.log
+#   3. pytest: CUDA graphs and compiled models on the device (PYTEST_GPU_FILES chooses, SKIP_PYTEST_GPU=1 skips) -> pytest-gpu.log
 #   4. bench/cold_start.py --model sd21: process start to first image (SKIP_COLD_START=1 skips it)
 # GPU_BENCH_ARGS adds options to gpu_bench.py (e.g. --skip-sdxl, --variant cudnn:CUDNN_BENCHMARK=1), and
 # GPU_BENCH_TIMEOUT (seconds, default 330) bounds it.
@@ -43,7 +43,7 @@ echo "loop_bench: exit $?"
 # run's concern, so pytest's warnings plugin (which makes them errors) is off.
 if [ -z "${SKIP_PYTEST_GPU:-}" ]; then
   timeout 100 $PY -m pytest -q -p no:cacheprovider -p no:warnings -m gpu \
-    tests/unit/test_graphs.py tests/integration/test_compiled_models.py >"$OUT/pytest-gpu.log" 2>&1
+    ${PYTEST_GPU_FILES:-tests/unit/test_graphs.py tests/integration/test_compiled_models.py} >"$OUT/pytest-gpu.log" 2>&1
   echo "pytest -m gpu: exit $?"
 fi
 if [ -z "${SKIP_COLD_START:-}" ]; then

@@ -88,7 +88,12 @@ def test_models_endpoint_lists_loaded_and_cached_models(models_dir: Path) -> Non
 
 @pytest.mark.parametrize(
     "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))],
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
+        ),
+    ],
 )
 def test_cudnn_benchmark_is_turned_on_by_a_model_load_on_cuda_only(models_dir: Path, device: str) -> None:
     from diffusers_api.models.store import ModelStore
