@@ -516,7 +516,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="LABEL:NAME=VALUE,...",
-        help="also run W with these settings in the server's environment, e.g. cudnn:CUDNN_BENCHMARK=1 or "
+        help="also run W with these settings in the server's environment, e.g. graphs-off:CUDA_GRAPHS=0 or "
         "compiled:COMPILE=1 (which waits for each new shape's compile before measuring; cold cache)",
     )
     parser.add_argument("--variant-clients", default="", help="clients for the variants (default: --clients)")

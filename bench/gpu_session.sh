@@ -14,7 +14,7 @@
 #   2. bench/loop_bench.py: where a batched round's time goes, in process       -> loop.jsonl, loop_bench.log
 #   3. pytest: CUDA graphs and compiled models on the device (PYTEST_GPU_FILES chooses, SKIP_PYTEST_GPU=1 skips) -> pytest-gpu.log
 #   4. bench/cold_start.py --model sd21: process start to first image (SKIP_COLD_START=1 skips it)
-# GPU_BENCH_ARGS adds options to gpu_bench.py (e.g. --skip-sdxl, --variant cudnn:CUDNN_BENCHMARK=1), and
+# GPU_BENCH_ARGS adds options to gpu_bench.py (e.g. --skip-sdxl, --variant compiled:COMPILE=1), and
 # GPU_BENCH_TIMEOUT (seconds, default 330) bounds it.
 # Then it prints what each step reported, for the reply's output tail.
 set -uo pipefail

@@ -12,7 +12,7 @@ StepBatcher with CUDA graphs), each timed with the device synchronised:
 - `decode_each_s` / `decode_batched_s`: the N images decoded one call each, and in one batched VAE call;
 - `finish_each_s`: what a request thread does after the loop, per request (decode, post-processing to PIL).
 Then, for a range of row counts, the UNet forward eagerly and as a CUDA graph (which wins where), and for a few
-of them, with the VAE decode of one image, without and with cuDNN's algorithm timing (CUDNN_BENCHMARK).
+of them, with the VAE decode of one image, without and with cuDNN timing its algorithms (cudnn.benchmark).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def forwards(engine: Engine, rows_list: list[int], size: int) -> dict[str, Any]:
 
 def cudnn_benchmark(engine: Engine, rows_list: list[int], size: int) -> dict[str, Any]:
     """`forwards` and the VAE decode of one image, with cuDNN's heuristics choosing convolution algorithms and
-    then with cuDNN timing them (CUDNN_BENCHMARK=1); `forwards` captures new graphs, with those algorithms."""
+    then with cuDNN timing them (cudnn.benchmark); `forwards` captures new graphs, with those algorithms."""
     vae = engine.pipelines.components["vae"]
     template = engine.jobs(1, size)[0]
     latent = template.latents / vae.config.scaling_factor
@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--jobs", default="1,8,32")
     parser.add_argument("--rows", default="2,8,16,24,32,48,64")
-    parser.add_argument("--cudnn-rows", default="2,16,64", help="rows for the CUDNN_BENCHMARK comparison")
+    parser.add_argument("--cudnn-rows", default="2,16,64", help="rows for the cudnn.benchmark comparison")
     args = parser.parse_args()
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -127,10 +127,6 @@ class Settings(BaseSettings):
     # --- engine --------------------------------------------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, le=256, description="Images denoised together; 1: one request at a time")
     cuda_graphs: bool = Field(True, description="Replay batched UNet steps as CUDA graphs on a CUDA device")
-    cudnn_benchmark: bool = Field(
-        False,
-        description="Let cuDNN time its convolution algorithms per new shape on a CUDA device and keep the fastest",
-    )
     batch_wait_ms: int = Field(
         250, ge=1, le=10_000, description="Longest a step waits for a request still busy between its steps"
     )

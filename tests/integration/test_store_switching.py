@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from diffusers_api.config import Settings
@@ -84,26 +83,3 @@ def test_models_endpoint_lists_loaded_and_cached_models(models_dir: Path) -> Non
     assert [model["model_id"] for model in body["loaded"]] == [SD]
     assert body["loaded"][0]["bytes"] > 0
     assert "models--builtin--tiny-sd" in {model["id"] for model in body["cached"]}
-
-
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param(
-            "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")]
-        ),
-    ],
-)
-def test_cudnn_benchmark_is_turned_on_by_a_model_load_on_cuda_only(models_dir: Path, device: str) -> None:
-    from diffusers_api.models.store import ModelStore
-
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
-    try:
-        for setting in (False, True):
-            settings = Settings(model_id="builtin/tiny-sd", models_dir=models_dir, device=device)
-            ModelStore(settings.model_copy(update={"cudnn_benchmark": setting})).load_default()
-            assert torch.backends.cudnn.benchmark is (setting and device == "cuda")
-    finally:
-        torch.backends.cudnn.benchmark = before

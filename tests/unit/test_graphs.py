@@ -40,19 +40,9 @@ def test_off_cuda_it_is_the_eager_step(tiny_unet: torch.nn.Module) -> None:
     assert forward.captures == 0
 
 
-@pytest.fixture(params=[False, True], ids=["cudnn-heuristics", "cudnn-benchmark"])
-def cudnn_benchmark(request: pytest.FixtureRequest) -> object:
-    """Both ways cuDNN can choose convolution algorithms (CUDNN_BENCHMARK): the graphs' warm-up steps must run
-    the timing before the capture."""
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = request.param
-    yield request.param
-    torch.backends.cudnn.benchmark = before
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_graph_replay_matches_eager_with_padding(tiny_unet: torch.nn.Module, cudnn_benchmark: bool) -> None:
+def test_graph_replay_matches_eager_with_padding(tiny_unet: torch.nn.Module) -> None:
     unet = tiny_unet.to("cuda")
     forward = CudaGraphForward()
     with torch.no_grad():

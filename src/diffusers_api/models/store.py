@@ -286,11 +286,6 @@ class ModelStore:
         started = time.perf_counter()
         pipe = self._from_pretrained(spec, directory)
         pipe.to(self.device)
-        if self.settings.cudnn_benchmark and self.device.startswith("cuda"):
-            import torch
-
-            # process-wide; the CUDA graphs' warm-up steps run each new shape's timing before capture
-            torch.backends.cudnn.benchmark = True
         pipe.set_progress_bar_config(disable=True)
         elapsed = (time.perf_counter() - started) * 1000
         dtype = str(getattr(pipe, "dtype", "")).removeprefix("torch.")
