@@ -39,8 +39,11 @@ from diffusers_api.schema import GenerateRequest, GenerateResult  # noqa: E402
 MODEL = "builtin/tiny-sd"
 
 
-def requests(count: int, steps: int) -> list[GenerateRequest]:
-    return [GenerateRequest(prompt=f"a red barn, take {i}", seed=i, num_inference_steps=steps) for i in range(count)]
+def requests(count: int, steps: int, size: int | None = None) -> list[GenerateRequest]:
+    return [
+        GenerateRequest(prompt=f"a red barn, take {i}", seed=i, num_inference_steps=steps, width=size, height=size)
+        for i in range(count)
+    ]
 
 
 async def through_engine(engine: BatchingEngine, batch: list[GenerateRequest], clients: int) -> tuple[float, list]:
@@ -65,7 +68,7 @@ def pixels(result: GenerateResult) -> np.ndarray:
 def throughput(models_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings(model_id=MODEL, models_dir=models_dir, max_batch_size=8)
     engine = BatchingEngine(Runner(settings), max_batch_size=8, max_queue=64, batcher=StepBatcher())
-    batch = requests(args.requests, args.steps)
+    batch = requests(args.requests, args.steps, args.size)
 
     async def main() -> dict[str, Any]:
         await engine.start()
@@ -83,6 +86,7 @@ def throughput(models_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
         await engine.stop()
         return {
             "what": "cpu_batching_8_clients_over_1",
+            "size": args.size or "model default",
             "images_per_s_1_client": round(statistics.median(ones), 2),
             "images_per_s_8_clients": round(statistics.median(eights), 2),
             "ratio": round(statistics.median(eights) / statistics.median(ones), 2),
@@ -140,13 +144,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, help="image width and height (default: the model's, 128)")
+    parser.add_argument("--skip-overhead", action="store_true", help="measure the batching ratio only")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     import torch
 
     with tempfile.TemporaryDirectory() as work:
         models_dir = Path(work) / "models"
-        for measure in (throughput, overhead):
+        for measure in (throughput,) if args.skip_overhead else (throughput, overhead):
             record = measure(models_dir, args) | {"torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
             line = json.dumps(record)
             print(line, flush=True)
