@@ -458,9 +458,10 @@ def _no_tracing_here() -> Iterator[None]:
 
 COMPILE_NICENESS = 10
 """How much lower the compiling process's CPU priority is than the server's (`os.nice`; its compile workers
-inherit it), so that compiling takes the cores the server leaves idle. The server's steps need a core at once: on
-a GPU, one thread launches each step's kernels, and on an H200 host the first request beside a cold compile at
-the same priority took 13.5 s against 1.3 s (bench/results/gpu-h200-2026-11-26-run3.jsonl)."""
+inherit it), so that compiling takes the cores the server leaves idle. The server's steps need a core at once (on
+a GPU, one thread launches each step's kernels). On an H200 host, before this, the first request beside a cold
+compile took 13.5 s against 1.3 s (bench/results/gpu-h200-2026-11-26-run3.jsonl); whether CPU contention was all
+of that is not measured yet."""
 
 
 def compile_in_subprocess(unet: Any, job: CompileJob, forward: CompiledForward) -> dict[str, Any]:
