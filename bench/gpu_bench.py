@@ -490,6 +490,15 @@ def build_and_save(builder: Callable[..., Any], path: Path, args: argparse.Names
     }
 
 
+def variant(text: str) -> tuple[str, dict[str, str]]:
+    """--variant LABEL:NAME=VALUE,...: a label and the settings for the server's environment."""
+    label, _, settings = text.partition(":")
+    items = [item for item in settings.split(",") if item]
+    if not label or any("=" not in item for item in items):
+        raise argparse.ArgumentTypeError(f"expected LABEL:NAME=VALUE,... (got {text!r})")
+    return label, dict(item.split("=", 1) for item in items)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny models (CPU check of the script itself)")
@@ -514,6 +523,7 @@ def main() -> None:
     parser.add_argument(
         "--variant",
         action="append",
+        type=variant,
         default=[],
         metavar="LABEL:NAME=VALUE,...",
         help="also run W with these settings in the server's environment, e.g. graphs-off:CUDA_GRAPHS=0 or "
@@ -559,9 +569,7 @@ def main() -> None:
                 args,
                 env,
             )
-        for variant in args.variant:
-            label, _, settings = variant.partition(":")
-            extra = dict(item.split("=", 1) for item in settings.split(",") if item)
+        for label, extra in args.variant:
             variant_clients = [int(c) for c in args.variant_clients.split(",")] if args.variant_clients else clients
             section(
                 f"server_W_{label}",

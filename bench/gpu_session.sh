@@ -7,7 +7,7 @@
 # To measure a change against the code before it in the same run, put that code's src/ in .baseline/src (ignored by
 # git: `echo /.baseline/ >> .git/info/exclude; git archive REV src | tar -x -C .baseline`) and carry ".baseline" too.
 #
-# .whl holds the wheels the GPU image lacks (diffusers, the web stack; see the device README); they are
+# .whl holds the wheels the GPU image lacks (bench/gpu-wheels.txt says which, and how to fetch them); they are
 # installed into /tmp/site. Each step has its own time limit, so that one running long cannot take the others
 # down, and writes under $OUT (what a device call brings back; /tmp/gpu-session elsewhere):
 #   1. bench/gpu_bench.py: plain diffusers against the server (and .baseline's), W and SDXL -> gpu.jsonl, gpu_bench.log
