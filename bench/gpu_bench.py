@@ -412,7 +412,7 @@ def server_runs(
         response.raise_for_status()
         result: dict[str, Any] = {
             "what": f"server_{label}",
-            "batch_wait_ms": wait_ms,
+            "batch_wait_ms": int(env["BATCH_WAIT_MS"]),  # a variant may set its own
             **({"environment": extra_env} if extra_env else {}),
             "cold_start_to_first_image_s": round(time.perf_counter() - server.started, 3),
             "first_request_timings_ms": response.json()["timings"],
