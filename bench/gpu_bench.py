@@ -10,6 +10,9 @@ save_pretrained): speed does not depend on their values. Measured, each in this 
 - plain diffusers, in process: W latency (p50 of several calls), 8 images in one call, peak memory, load time;
 - the server (`diffusers-api serve` in a subprocess, real HTTP): cold start (process start to first image),
   single-request latency, throughput and p50/p99 latency with 1, 8 and 32 concurrent clients, peak memory;
+- with `--variant LABEL:NAME=VALUE,...`, W again on a server with those settings, e.g.
+  `--variant compiled:COMPILE=1`: from an empty compile cache, each run waiting for the compiles its warm-up
+  queued (at most --compile-wait-s in all), with the compile summary from /health per run;
 - SDXL 1024: plain and server latency.
 
 Each result is one JSON line (printed and appended to --out) with the GPU, torch and diffusers versions.
