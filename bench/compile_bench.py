@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from diffusers_api.engine.batcher import eager_forward  # noqa: E402
-from diffusers_api.engine.compiled import CompiledForward, use_cache_dir  # noqa: E402
-from diffusers_api.engine.graphs import CudaGraphForward  # noqa: E402
+from diffusers_api.denoising.compiled import CompiledForward, use_cache_dir  # noqa: E402
+from diffusers_api.denoising.forward import eager_forward  # noqa: E402
+from diffusers_api.denoising.graphs import CudaGraphForward  # noqa: E402
 
 MODELS = {"tiny-sd": "builtin/tiny-sd", "tiny-sdxl": "builtin/tiny-sdxl", "sd21": "sd21", "sdxl": "sdxl"}
 

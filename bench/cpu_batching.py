@@ -32,7 +32,9 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from diffusers_api.config import Settings  # noqa: E402
-from diffusers_api.engine import BatchingEngine, StepBatcher  # noqa: E402
+from diffusers_api.denoising import SharedSteps  # noqa: E402
+from diffusers_api.engine import BatchingEngine  # noqa: E402
+from diffusers_api.generation import Generation  # noqa: E402
 from diffusers_api.runner import Runner  # noqa: E402
 from diffusers_api.schema import GenerateRequest, GenerateResult  # noqa: E402
 
@@ -54,7 +56,7 @@ async def through_engine(engine: BatchingEngine, batch: list[GenerateRequest], c
     async def client() -> None:
         while queue:
             index, request = queue.pop(0)
-            results[index] = await engine.submit(request)
+            results[index] = await engine.submit(Generation(request))
 
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
@@ -67,14 +69,15 @@ def pixels(result: GenerateResult) -> np.ndarray:
 
 def throughput(models_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings(model_id=MODEL, models_dir=models_dir, max_batch_size=8)
-    engine = BatchingEngine(Runner(settings), max_batch_size=8, max_queue=64, batcher=StepBatcher())
+    steps = SharedSteps()
+    engine = BatchingEngine(Runner(settings, steps=steps), max_batch_size=8, max_queue=64)
     batch = requests(args.requests, args.steps, args.size)
 
     async def main() -> dict[str, Any]:
         await engine.start()
         await through_engine(engine, batch[:2], 1)  # warm-up
         ones, eights, rows = [], [], []
-        stats = engine.batcher.stats
+        stats = steps.rendezvous.stats
         for _ in range(args.repeats):
             seconds, sequential = await through_engine(engine, batch, 1)
             ones.append(len(batch) / seconds)

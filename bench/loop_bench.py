@@ -4,7 +4,7 @@
     python bench/loop_bench.py --tiny --out /tmp/loop.jsonl            # the same script on a CPU, tiny model
 
 For N jobs in flight (1, 8, 32), with the engine's own pieces (ModelPipelines, denoise.prepare, the Denoiser, the
-StepBatcher with CUDA graphs), each timed with the device synchronised:
+Rendezvous with CUDA graphs), each timed with the device synchronised:
 - `prepare_s`: N requests prepared one after the other (prompt encoding, timesteps, initial latents);
 - `loop_round_s`: one round of the Denoiser stepping all N jobs (forward, guidance, N scheduler steps);
 - `graph_forward_s` / `eager_forward_s`: the UNet forward alone on the same 2N rows, replayed as a CUDA graph
@@ -50,8 +50,8 @@ class Engine:
     def __init__(self, path: Path, args: argparse.Namespace) -> None:
         from diffusers import DiffusionPipeline
 
-        from diffusers_api.engine import CudaGraphForward, StepBatcher
-        from diffusers_api.engine.stepper import Denoiser
+        from diffusers_api.denoising import Denoiser, Rendezvous
+        from diffusers_api.denoising.graphs import CudaGraphForward
         from diffusers_api.pipelines import ModelPipelines
 
         dtype = torch.float16 if args.device == "cuda" else torch.float32
@@ -59,12 +59,12 @@ class Engine:
         self.pipelines = ModelPipelines(base)
         self.cls = type(base)
         self.forward = CudaGraphForward()
-        self.denoiser = Denoiser(StepBatcher(forward=self.forward))
+        self.denoiser = Denoiser(Rendezvous(forward=self.forward))
         self.args = args
         self.pipes: dict[int, Any] = {}  # id(job) -> its request's pipeline
 
     def jobs(self, n: int, size: int) -> list[Any]:
-        from diffusers_api.engine import denoise
+        from diffusers_api.denoising import tasks as denoise
 
         jobs = []
         for i in range(n):
@@ -98,8 +98,8 @@ def forward_inputs(jobs: list[Any]) -> tuple[Any, Any, Any]:
 
 
 def in_flight(engine: Engine, n: int, size: int) -> dict[str, Any]:
-    from diffusers_api.engine import denoise
-    from diffusers_api.engine.batcher import eager_forward
+    from diffusers_api.denoising import tasks as denoise
+    from diffusers_api.denoising.forward import eager_forward
 
     unet, vae = engine.pipelines.components["unet"], engine.pipelines.components["vae"]
     prepare_s = median_time(lambda: engine.jobs(n, size), 1)
@@ -135,8 +135,8 @@ def in_flight(engine: Engine, n: int, size: int) -> dict[str, Any]:
 
 def forwards(engine: Engine, rows_list: list[int], size: int) -> dict[str, Any]:
     """The UNet forward at each row count, eagerly and as a CUDA graph of exactly that many rows."""
-    from diffusers_api.engine import CudaGraphForward
-    from diffusers_api.engine.batcher import eager_forward
+    from diffusers_api.denoising.forward import eager_forward
+    from diffusers_api.denoising.graphs import CudaGraphForward
 
     unet = engine.pipelines.components["unet"]
     template = engine.jobs(1, size)[0]

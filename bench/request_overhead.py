@@ -41,8 +41,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from diffusers_api.config import Settings
-    from diffusers_api.engine import StepBatcher
-    from diffusers_api.engine.stepper import Denoiser
+    from diffusers_api.denoising import Rendezvous, SharedSteps
     from diffusers_api.runner import Runner
     from diffusers_api.schema import GenerateRequest
 
@@ -52,14 +51,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(args.device_ms / 1000)
         return torch.zeros_like(sample)
 
-    runner = Runner(Settings(model_id="builtin/tiny-sd", models_dir=Path(tempfile.mkdtemp(prefix="overhead-"))))
-    runner.start()
     if args.clients > 1:
         torch.set_num_threads(1)
-        batcher = StepBatcher(forward=device_step)
+        batcher = Rendezvous(forward=device_step)
     else:
-        batcher = StepBatcher()
-    runner.batcher, runner.denoiser = batcher, Denoiser(batcher)
+        batcher = Rendezvous()
+    settings = Settings(model_id="builtin/tiny-sd", models_dir=Path(tempfile.mkdtemp(prefix="overhead-")))
+    runner = Runner(settings, steps=SharedSteps(batcher))
+    runner.start()
 
     def request(i: int) -> GenerateRequest:
         return GenerateRequest(
@@ -81,7 +80,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         runner.run(request(i))
         cpu_ms.append((time.thread_time() - cpu) * 1000)
         wall_ms.append((time.perf_counter() - wall) * 1000)
-    runner.denoiser.stop()
+    runner.steps.stop()
     return {
         "request_thread_cpu_ms": round(statistics.median(cpu_ms), 2),
         "wall_ms": round(statistics.median(wall_ms), 1),
@@ -100,8 +99,8 @@ def _clients(runner: Any, request: Any, args: argparse.Namespace) -> dict[str, A
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    runner.denoiser.stop()
-    stats = runner.batcher.stats
+    runner.steps.stop()
+    stats = runner.steps.rendezvous.stats
     return {
         "clients": args.clients,
         "device_ms": args.device_ms,

@@ -30,12 +30,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import Cancelled, DiffusersAPIError, from_exception
+from .errors import DiffusersAPIError, from_exception
 
 if TYPE_CHECKING:
     from .config import Settings
-    from .engine import Engine
-    from .schema import GenerateRequest, GenerateResult
+    from .schema import GenerateRequest
 
 log = logging.getLogger(__name__)
 
@@ -289,39 +288,6 @@ class EventHub:
             key = self.settings.sign_key.get_secret_value()
         sender, target, sign_with = self.sender, url, key
         return [lambda event: sender.send(target, event, sign_with, guarded)]
-
-
-# --- the one path every transport takes ----------------------------------------------------------------------
-
-
-async def start_engine(engine: Engine, events: RequestEvents) -> None:
-    """Load the model, reporting `init` start/done (or error) to SEND_URL."""
-    events.emit("init", "start")
-    started = time.perf_counter()
-    await engine.start()
-    elapsed = round((time.perf_counter() - started) * 1000, 2)
-    if engine.setup_error:
-        events.emit("init", "error", error=engine.setup_error, timings={"init": elapsed})
-    else:
-        events.emit("init", "done", timings={"init": elapsed})
-
-
-async def generate(
-    engine: Engine, request: GenerateRequest, events: RequestEvents, on_start: Callable[[], None] | None = None
-) -> GenerateResult:
-    """Run one request on the engine, reporting `inference` start, throttled progress, and done or error.
-    `on_start` is called (on the engine's thread) when the request leaves the queue and starts running."""
-    events.emit("inference", "start")
-    try:
-        result = await engine.submit(request, events.progress, on_start)
-    except asyncio.CancelledError:  # the client left, or the job was cancelled: the request stops too
-        events.emit("inference", "error", error=Cancelled("request cancelled").to_wire())
-        raise
-    except Exception as exc:
-        events.emit("inference", "error", error=from_exception(exc).to_wire())
-        raise
-    events.emit("inference", "done", timings=result.timings, seeds=result.seeds)
-    return result
 
 
 # --- NDJSON --------------------------------------------------------------------------------------------------

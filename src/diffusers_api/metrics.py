@@ -28,9 +28,9 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 
+    from .denoising.loop import LoopStats
+    from .denoising.rendezvous import BatchStats
     from .engine import Engine
-    from .engine.batcher import BatchStats
-    from .engine.stepper import LoopStats
     from .events import Event, Sink
 
 # seconds: from 10 ms (encoding a small image) to 5 minutes (a large model's first download)
@@ -184,12 +184,10 @@ def _engine_families(engine: Engine) -> Iterator[Metric]:
     for health in Health:
         states.add_metric([health.value], 1 if health is state else 0)
     yield states
-    batcher = getattr(engine, "batcher", None)  # the batching engine's; the serial engine has none
-    if batcher is not None:
-        yield from _batcher_families(batcher.stats)
-    denoiser = getattr(engine, "denoiser", None)
-    if denoiser is not None:
-        yield from _loop_families(denoiser.stats)
+    stats = engine.stats()  # the batching engine's; the serial engine has none
+    if stats is not None:
+        yield from _batcher_families(stats.batch)
+        yield from _loop_families(stats.loop)
     memory = probe_device_memory(state)
     if memory is not None:
         yield _gpu_memory_family(memory)

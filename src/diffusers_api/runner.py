@@ -7,7 +7,6 @@ anything but a `DiffusersAPIError`, so every transport can turn failures into th
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +16,8 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from . import imaging
+from .denoising.tasks import ProgressCallback
+from .devices import memory_usage
 from .errors import Cancelled, DiffusersAPIError, InvalidInputs, PipelineError
 from .models.store import LoadedModel, ModelStore
 from .pipelines import call_parameters
@@ -26,13 +27,9 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .config import Settings
-    from .engine.batcher import StepBatcher
-    from .engine.stepper import Denoiser
+    from .denoising import SharedSteps
 
 log = logging.getLogger(__name__)
-
-ProgressCallback = Callable[[int, int], None]
-"""Called after each denoising step with (step, steps)."""
 
 # Request fields that are pipeline __call__ arguments of the same name.
 CALL_FIELDS = (
@@ -76,14 +73,13 @@ class Timings(dict[str, float]):
 class Runner:
     """Turns a GenerateRequest into a GenerateResult on the configured device."""
 
-    def __init__(self, settings: Settings, store: ModelStore | None = None) -> None:
+    def __init__(self, settings: Settings, store: ModelStore | None = None, steps: SharedSteps | None = None) -> None:
+        """With `steps`, concurrent requests share their denoising steps (the batching engine gives it); without,
+        each request runs diffusers' own call alone."""
         self.settings = settings
         self.store = store or ModelStore(settings)
+        self.steps = steps
         self._init_ms: float | None = None
-        # Set by the batching engine: UNet calls of concurrent requests then share one forward per step.
-        self.batcher: StepBatcher | None = None
-        # Set by the batching engine: SD/SDXL requests then run in its batched denoising loop.
-        self.denoiser: Denoiser | None = None
 
     def start(self) -> None:
         """Load the configured model. Called once, before the first request, off the event loop."""
@@ -217,9 +213,7 @@ class Runner:
 
     def _loop(self, pipe: Any, kwargs: dict[str, Any]) -> str:
         """Which denoising loop runs this request: ours (batched step by step) or the pipeline's own."""
-        from .engine import denoise
-
-        return "batched" if self.denoiser is not None and denoise.supports(pipe, kwargs) else "diffusers"
+        return "batched" if self.steps is not None and self.steps.supports(pipe, kwargs) else "diffusers"
 
     def _call(
         self,
@@ -233,33 +227,19 @@ class Runner:
 
         try:
             if loop == "batched":
-                return self._denoise(pipe, kwargs, progress, cancel)
+                assert self.steps is not None
+                return self.steps.denoise(pipe, kwargs, progress, cancel)
             return self._diffusers_call(pipe, kwargs, progress, cancel)
         except torch.cuda.OutOfMemoryError as exc:
             raise PipelineError(f"out of GPU memory: {exc}; try fewer or smaller images") from exc
 
-    def _denoise(
-        self, pipe: Any, kwargs: dict[str, Any], progress: ProgressCallback | None, cancel: threading.Event | None
-    ) -> Any:
-        """Our own loop: prepare here, step in the engine's shared loop, decode here again."""
-        from .engine import denoise
-
-        assert self.denoiser is not None
-        try:
-            job = denoise.prepare(pipe, kwargs)
-        except (ValueError, TypeError) as exc:
-            raise InvalidInputs(f"{type(pipe).__name__} rejected the inputs: {exc}") from exc
-        job.progress, job.cancel = progress, cancel
-        self.denoiser.run(job)
-        return denoise.finish(pipe, job, kwargs)
-
     def _diffusers_call(
         self, pipe: Any, kwargs: dict[str, Any], progress: ProgressCallback | None, cancel: threading.Event | None
     ) -> Any:
-        """The pipeline's own loop; its UNet calls still join the batcher's rounds when there is one."""
+        """The pipeline's own loop; its UNet calls still meet the others' when steps are shared."""
         if "callback_on_step_end" in call_parameters(type(pipe)):
             kwargs["callback_on_step_end"] = _step_callback(progress, cancel)
-        batched = self.batcher.session(pipe) if self.batcher and hasattr(pipe, "unet") else nullcontext()
+        batched = self.steps.session(pipe) if self.steps and hasattr(pipe, "unet") else nullcontext()
         try:
             with batched:
                 output = pipe(**kwargs)
@@ -304,27 +284,3 @@ def _step_callback(progress: ProgressCallback | None, cancel: threading.Event | 
         return callback_kwargs
 
     return on_step_end
-
-
-def device_memory() -> dict[str, float] | None:
-    """GPU memory held by this process's tensors, now and at its peak (GB); None where CUDA is not in use.
-
-    Never initialises CUDA itself: a health probe must not touch a device the model has not."""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return None
-    return {
-        "allocated_gb": round(torch.cuda.memory_allocated() / 1e9, 3),
-        "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
-        "reserved_gb": round(torch.cuda.memory_reserved() / 1e9, 3),
-    }
-
-
-def memory_usage(device: str) -> float:
-    """Fraction of device memory in use (0..1); 0 on CPU."""
-    import torch
-
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        return 0.0
-    free, total = torch.cuda.mem_get_info()
-    return round((total - free) / total, 4)

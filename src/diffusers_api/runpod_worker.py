@@ -16,13 +16,15 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .devices import is_fatal_device_error
+from .engine import Health
 from .errors import DiffusersAPIError, InvalidInputs, NotReady, from_exception
-from .events import Event, EventHub, generate, start_engine
+from .events import Event, EventHub
+from .generation import Generation, boot, generate
 from .schema import GenerateRequest, GenerateResponse, decode_envelope, from_legacy, parse_request, to_legacy
 
 if TYPE_CHECKING:
@@ -31,42 +33,27 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Job = dict[str, Any]
-ProgressUpdate = Callable[[Job, Any], None]
-
-# Messages of errors after which the CUDA context is poisoned and every later job would fail: RunPod should
-# replace the worker. (Out-of-memory is not among them: PyTorch frees the memory and the next job runs.)
-_FATAL_DEVICE_ERRORS = re.compile(
-    r"CUDA error|CUBLAS_STATUS_|CUDNN_STATUS_|device-side assert|illegal memory access|NCCL error", re.IGNORECASE
-)
+RunPodJob = dict[str, Any]  # a job as RunPod hands it over: {"id", "input", ...}
+ProgressUpdate = Callable[[RunPodJob, Any], None]
 
 
-def runpod_error(error: BaseException) -> dict[str, Any]:
-    """The one place an error becomes RunPod's `{"error": "<string>"}`, with the code and details beside it."""
+def runpod_error(error: BaseException, defunct: bool = False) -> dict[str, Any]:
+    """The one place an error becomes RunPod's `{"error": "<string>"}`, with the code and details beside it.
+    `refresh_worker` asks RunPod for a new worker after a fatal device error (the engine is then DEFUNCT)."""
     wrapped = from_exception(error)
     body: dict[str, Any] = {"error": f"{wrapped.code}: {wrapped.message}", "$error": wrapped.to_wire()}
-    if is_fatal_device_error(error):
+    if defunct or is_fatal_device_error(error):
         body["refresh_worker"] = True
     return body
 
 
-def is_fatal_device_error(error: BaseException) -> bool:
-    """True when `error`, or an error it was raised from, left the GPU unusable."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if _FATAL_DEVICE_ERRORS.search(str(seen)):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
 @dataclass
-class ParsedJob:
+class ParsedInput:
     request: GenerateRequest
     legacy: bool
 
 
-def parse_job_input(data: Any) -> ParsedJob:
+def parse_job_input(data: Any) -> ParsedInput:
     """`job["input"]`: the legacy envelope (also as a JSON string) or a native request."""
     if data is None:
         raise InvalidInputs("the job has no 'input'")
@@ -74,8 +61,8 @@ def parse_job_input(data: Any) -> ParsedJob:
     if not isinstance(envelope, dict):
         raise InvalidInputs(f"job input must be a JSON object, got {type(envelope).__name__}")
     if "modelInputs" in envelope or "callInputs" in envelope:
-        return ParsedJob(from_legacy(envelope), legacy=True)
-    return ParsedJob(parse_request(envelope), legacy=False)
+        return ParsedInput(from_legacy(envelope), legacy=True)
+    return ParsedInput(parse_request(envelope), legacy=False)
 
 
 class ProgressReporter:
@@ -83,7 +70,7 @@ class ProgressReporter:
     "steps"}`. The events arrive throttled already (callback_steps or PROGRESS_INTERVAL_S); RunPod's helper
     posts from a thread of its own, so calling it from the device thread does not block the denoising loop."""
 
-    def __init__(self, job: Job, update: ProgressUpdate) -> None:
+    def __init__(self, job: RunPodJob, update: ProgressUpdate) -> None:
         self.job = job
         self.update = update
 
@@ -94,19 +81,19 @@ class ProgressReporter:
 
 def make_handler(
     engine: Engine, hub: EventHub, progress_update: ProgressUpdate
-) -> Callable[[Job], Awaitable[dict[str, Any]]]:
+) -> Callable[[RunPodJob], Awaitable[dict[str, Any]]]:
     """The async job handler RunPod calls, once per job, concurrently up to the worker's concurrency."""
 
-    async def handle(job: Job) -> dict[str, Any]:
+    async def handle(job: RunPodJob) -> dict[str, Any]:
         try:
             parsed = parse_job_input(job.get("input"))
             _check_ready(engine)
             events = await hub.for_request(parsed.request, extra_sinks=[ProgressReporter(job, progress_update)])
-            result = await generate(engine, parsed.request, events)
+            result = await generate(engine, Generation(parsed.request, events))
         except Exception as exc:
             if not isinstance(exc, DiffusersAPIError):
                 log.exception("job %s failed", job.get("id"))
-            return runpod_error(exc)
+            return runpod_error(exc, defunct=engine.health is Health.DEFUNCT)
         return to_legacy(result) if parsed.legacy else GenerateResponse.from_result(result).model_dump()
 
     return handle
@@ -137,7 +124,7 @@ def run(settings: Settings) -> None:
     engine = make_engine(settings)
     hub = EventHub(settings)
     atexit.register(hub.sender.flush, settings.webhook_timeout_s)
-    asyncio.run(start_engine(engine, hub.for_boot()))
+    asyncio.run(boot(engine, hub.for_boot()))
     if engine.setup_error:
         log.error("model setup failed: %s; jobs will fail with NOT_READY", engine.setup_error)
     runpod.serverless.start(

@@ -16,8 +16,7 @@ import torch
 from PIL import Image
 
 from diffusers_api.config import Settings
-from diffusers_api.engine import StepBatcher
-from diffusers_api.engine.stepper import Denoiser
+from diffusers_api.denoising import Rendezvous, SharedSteps
 from diffusers_api.errors import InvalidInputs
 from diffusers_api.models.adapters import adapter_path
 from diffusers_api.models.builtin import ensure_builtin
@@ -119,7 +118,7 @@ def test_the_model_itself_is_untouched_and_the_file_is_fetched_once(files: FileS
 
 def test_a_unet_only_lora_copies_the_unet_alone(files: FileServer, sd: Runner) -> None:
     sd.run(ask(lora_weights=f"{files.url}/sd-unet-only.safetensors"))
-    base = sd.store.loaded
+    base = sd.store.most_recent
     assert base is not None
     variant = next(v for v in base.variants.values() if "unet-only" in v.spec.loras[0][0])
     assert variant.pipelines.components["text_encoder"] is base.pipelines.components["text_encoder"]
@@ -149,15 +148,13 @@ def test_lora_requests_batch_together(files: FileServer, sd: Runner) -> None:
     url = f"{files.url}/sd.safetensors"
     requests = [ask(lora_weights=url, seed=seed) for seed in (11, 12)] + [ask(seed=13)]
     alone = [sd.run(request) for request in requests]
-    batcher = StepBatcher(max_wait_s=5.0)
-    sd.batcher, sd.denoiser = batcher, Denoiser(batcher)
+    batcher = Rendezvous(max_wait_s=5.0)
+    batched = Runner(sd.settings, store=sd.store, steps=SharedSteps(batcher))
     try:
         with ThreadPoolExecutor(max_workers=3) as pool:
-            together = list(pool.map(sd.run, requests))
+            together = list(pool.map(batched.run, requests))
     finally:
-        assert sd.denoiser is not None
-        sd.denoiser.stop()
-        sd.batcher, sd.denoiser = None, None
+        batched.steps.stop()  # type: ignore[union-attr]
     assert {result.meta["LOOP"] for result in together} == {"batched"}
     assert max(batcher.stats.rows) >= 4  # the two LoRA requests (two rows each with guidance) in one forward
     for batched, solo in zip(together, alone, strict=True):
@@ -169,7 +166,7 @@ def test_variants_kept_are_bounded(files: FileServer, models_dir: Path) -> None:
     url = f"{files.url}/sd.safetensors"
     runner.run(ask(lora_weights=[{"url": url, "scale": 0.5}]))
     runner.run(ask(lora_weights=[{"url": url, "scale": 0.9}]))
-    base = runner.store.loaded
+    base = runner.store.most_recent
     assert base is not None
     assert [variant.spec.loras for variant in base.variants.values()] == [((url, 0.9),)]
     assert runner.store.resident_bytes() == base.bytes + next(iter(base.variants.values())).bytes
@@ -198,7 +195,7 @@ def test_a_bad_lora_is_a_clear_error_and_nothing_is_kept(
     assert caught.value.status == 422
     assert not adapter_path(f"{files.url}{path}", tmp_path).exists() or path == "/sdxl.safetensors"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial download left
-    base = runner.store.loaded
+    base = runner.store.most_recent
     assert base is not None
     assert not base.variants
     assert runner.run(ask()).images  # the model still serves
@@ -247,7 +244,7 @@ def test_a_textual_inversion_gives_what_diffusers_own_loader_gives(
     expected = diffusers_with_embedding(ensure_builtin(model_id, models_dir), file, token, prompt, tmp_path)
     assert np.array_equal(pixels(result), expected)
     assert not np.array_equal(pixels(result), pixels(plain))  # without it, the token is only characters
-    base = runner.store.loaded
+    base = runner.store.most_recent
     assert base is not None
     variant = next(iter(base.variants.values()))
     assert variant.pipelines.components["unet"] is base.pipelines.components["unet"]  # an embedding copies no UNet

@@ -17,9 +17,10 @@ import torch
 from PIL import Image
 
 from diffusers_api.config import Settings
-from diffusers_api.engine import BatchingEngine, StepBatcher
-from diffusers_api.engine.stepper import Denoiser
+from diffusers_api.denoising import Rendezvous, SharedSteps
+from diffusers_api.engine import BatchingEngine
 from diffusers_api.errors import Cancelled, InvalidInputs
+from diffusers_api.generation import Generation
 from diffusers_api.imaging import encode_image, to_base64
 from diffusers_api.runner import Runner
 from diffusers_api.schema import GenerateRequest, GenerateResult
@@ -58,30 +59,27 @@ LOOPS = ["batched", "diffusers"]
 
 
 @contextmanager
-def batching(runner: Runner, batcher: StepBatcher | None = None, loop: str = "batched") -> Iterator[StepBatcher]:
-    """`runner` as the batching engine sets it up: UNet calls meet in `batcher`; SD/SDXL run in our loop."""
-    batcher = batcher or StepBatcher(max_wait_s=5.0)
-    denoiser = Denoiser(batcher) if loop == "batched" else None
-    runner.batcher, runner.denoiser = batcher, denoiser
+def batching(runner: Runner, batcher: Rendezvous | None = None, loop: str = "batched") -> Iterator[Runner]:
+    """A runner on `runner`'s models as the batching engine builds it: UNet calls meet in `batcher`; SD/SDXL run
+    in our loop (or, with loop="diffusers", in diffusers' own)."""
+    steps = SharedSteps(batcher or Rendezvous(max_wait_s=5.0), own_loop=loop == "batched")
     try:
-        yield batcher
+        yield Runner(runner.settings, store=runner.store, steps=steps)
     finally:
-        runner.batcher, runner.denoiser = None, None
-        if denoiser is not None:
-            denoiser.stop()
+        steps.stop()
 
 
 def run_alone(runner: Runner, requests: list[GenerateRequest]) -> list[GenerateResult]:
     """The reference: each request alone, through the pipeline's own call."""
-    runner.batcher, runner.denoiser = None, None
+    assert runner.steps is None
     return [runner.run(request) for request in requests]
 
 
 def run_together(
-    runner: Runner, requests: list[GenerateRequest], batcher: StepBatcher | None = None, loop: str = "batched"
+    runner: Runner, requests: list[GenerateRequest], batcher: Rendezvous | None = None, loop: str = "batched"
 ) -> list[GenerateResult]:
-    with batching(runner, batcher, loop), ThreadPoolExecutor(max_workers=len(requests)) as pool:
-        results = list(pool.map(runner.run, requests))
+    with batching(runner, batcher, loop) as batched, ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        results = list(pool.map(batched.run, requests))
     assert [result.meta["LOOP"] for result in results] == [loop] * len(requests)
     return results
 
@@ -107,7 +105,7 @@ def varied_requests(count: int, **common: object) -> list[GenerateRequest]:
 def test_batched_requests_match_their_solo_results(runner: Runner, scheduler: str, loop: str) -> None:
     requests = varied_requests(3, scheduler=scheduler)
     alone = run_alone(runner, requests)
-    batcher = StepBatcher(max_wait_s=5.0)
+    batcher = Rendezvous(max_wait_s=5.0)
     together = run_together(runner, requests, batcher, loop)
     assert max(batcher.stats.rows) > 2  # calls were really merged (CFG rows of several requests)
     for batched, solo in zip(together, alone, strict=True):
@@ -163,7 +161,7 @@ def test_sdxl_batched(models_dir: Path) -> None:
     runner = _runner(models_dir, "builtin/tiny-sdxl")
     requests = varied_requests(3)
     alone = run_alone(runner, requests)
-    batcher = StepBatcher(max_wait_s=5.0)
+    batcher = Rendezvous(max_wait_s=5.0)
     together = run_together(runner, requests, batcher)
     assert max(batcher.stats.rows) > 2
     for batched, solo in zip(together, alone, strict=True):
@@ -193,9 +191,9 @@ def test_inpaint_batched(models_dir: Path, model_id: str, padding_mask_crop: int
     extra = {"padding_mask_crop": padding_mask_crop} if padding_mask_crop else {}
     requests = varied_requests(2, image=image, mask_image=to_base64(encode_image(mask)), extra=extra)
     alone = run_alone(runner, requests)
-    batcher = StepBatcher(max_wait_s=5.0)
-    with batching(runner, batcher), ThreadPoolExecutor(max_workers=2) as pool:
-        together = list(pool.map(runner.run, requests))
+    batcher = Rendezvous(max_wait_s=5.0)
+    with batching(runner, batcher) as batched, ThreadPoolExecutor(max_workers=2) as pool:
+        together = list(pool.map(batched.run, requests))
     assert {result.meta["LOOP"] for result in together} == {"diffusers" if padding_mask_crop else "batched"}
     assert max(batcher.stats.rows) > 2
     for batched, solo in zip(together, alone, strict=True):
@@ -204,15 +202,16 @@ def test_inpaint_batched(models_dir: Path, model_id: str, padding_mask_crop: int
 
 def test_both_loops_share_their_forwards(models_dir: Path, runner: Runner) -> None:
     """A request in our loop and one in diffusers' loop (another runner on the same model) meet in one forward."""
-    other = Runner(runner.settings, store=runner.store)
     requests = varied_requests(2, num_inference_steps=8, guidance_scale=7.5)
     alone = run_alone(runner, requests)
-    batcher = StepBatcher(max_wait_s=5.0)
-    with batching(runner, batcher, "batched"):
-        other.batcher = batcher
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            ours, theirs = pool.submit(runner.run, requests[0]), pool.submit(other.run, requests[1])
-            results = [ours.result(), theirs.result()]
+    batcher = Rendezvous(max_wait_s=5.0)
+    with (
+        batching(runner, batcher, "batched") as ours_runner,
+        batching(runner, batcher, "diffusers") as other,
+        ThreadPoolExecutor(max_workers=2) as pool,
+    ):
+        ours, theirs = pool.submit(ours_runner.run, requests[0]), pool.submit(other.run, requests[1])
+        results = [ours.result(), theirs.result()]
     assert [result.meta["LOOP"] for result in results] == ["batched", "diffusers"]
     assert 4 in batcher.stats.rows  # two CFG rows from each loop in one forward
     for batched, solo in zip(results, alone, strict=True):
@@ -225,7 +224,7 @@ def test_different_resolutions_run_as_separate_groups(runner: Runner) -> None:
         GenerateRequest(prompt="b", seed=2, num_inference_steps=5, width=96, height=64),
     ]
     alone = run_alone(runner, requests)
-    batcher = StepBatcher(max_wait_s=5.0)
+    batcher = Rendezvous(max_wait_s=5.0)
     together = run_together(runner, requests, batcher)
     assert max(batcher.stats.rows) == 2  # never mixed in one forward
     for batched, solo in zip(together, alone, strict=True):
@@ -236,15 +235,15 @@ def test_a_new_request_joins_at_the_next_step(runner: Runner) -> None:
     first_steps: list[int] = []
     joined_at: list[int] = []
 
-    with batching(runner) as batcher:
-        denoiser = runner.denoiser
-        assert denoiser is not None
+    with batching(runner) as batched:
+        assert batched.steps is not None
+        denoiser, batcher = batched.steps.denoiser, batched.steps.rendezvous
 
         def first_progress(step: int, total: int) -> None:
             first_steps.append(step)
             if step == 3:  # hold the loop (progress runs on it) until the second request is waiting to join
                 second = pool.submit(
-                    runner.run, GenerateRequest(prompt="b", seed=2, num_inference_steps=4), second_progress
+                    batched.run, GenerateRequest(prompt="b", seed=2, num_inference_steps=4), second_progress
                 )
                 futures.append(second)
                 deadline = time.monotonic() + 60
@@ -257,7 +256,7 @@ def test_a_new_request_joins_at_the_next_step(runner: Runner) -> None:
 
         futures: list = []
         with ThreadPoolExecutor(max_workers=2) as pool:
-            long = pool.submit(runner.run, GenerateRequest(prompt="a", seed=1, num_inference_steps=12), first_progress)
+            long = pool.submit(batched.run, GenerateRequest(prompt="a", seed=1, num_inference_steps=12), first_progress)
             long.result()
             futures[0].result()
     # steps 1-3 ran the first request alone (2 CFG rows); the second joined at the very next step boundary
@@ -277,10 +276,10 @@ def test_cancelled_request_stops_within_a_step_and_the_others_finish(runner: Run
         if step == 2:
             cancel.set()
 
-    with batching(runner, loop=loop), ThreadPoolExecutor(max_workers=3) as pool:
-        first = pool.submit(runner.run, requests[0])
-        victim = pool.submit(runner.run, requests[1], progress, cancel)
-        third = pool.submit(runner.run, requests[2])
+    with batching(runner, loop=loop) as batched, ThreadPoolExecutor(max_workers=3) as pool:
+        first = pool.submit(batched.run, requests[0])
+        victim = pool.submit(batched.run, requests[1], progress, cancel)
+        third = pool.submit(batched.run, requests[2])
         with pytest.raises(Cancelled):
             victim.result()
         results = [first.result(), third.result()]
@@ -293,8 +292,8 @@ def test_a_request_with_bad_inputs_does_not_take_the_batch_down(runner: Runner) 
     good = varied_requests(2)
     bad = GenerateRequest(prompt=["a", "b"], negative_prompt=["x"] * 3, seed=1, num_inference_steps=6)
     alone = run_alone(runner, good)
-    with batching(runner), ThreadPoolExecutor(max_workers=3) as pool:
-        futures = [pool.submit(runner.run, request) for request in (good[0], bad, good[1])]
+    with batching(runner) as batched, ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [pool.submit(batched.run, request) for request in (good[0], bad, good[1])]
         with pytest.raises(InvalidInputs):
             futures[1].result()
         results = [futures[0].result(), futures[2].result()]
@@ -308,10 +307,13 @@ def test_straggler_only_delays_by_the_wait_bound(runner: Runner) -> None:
     def dawdle(step: int, total: int) -> None:
         time.sleep(1.0)
 
-    with batching(runner, StepBatcher(max_wait_s=0.05), "diffusers"), ThreadPoolExecutor(max_workers=2) as pool:
-        slow = pool.submit(runner.run, GenerateRequest(prompt="a", seed=1, num_inference_steps=3), dawdle)
+    with (
+        batching(runner, Rendezvous(max_wait_s=0.05), "diffusers") as batched,
+        ThreadPoolExecutor(max_workers=2) as pool,
+    ):
+        slow = pool.submit(batched.run, GenerateRequest(prompt="a", seed=1, num_inference_steps=3), dawdle)
         started = time.perf_counter()
-        fast = pool.submit(runner.run, GenerateRequest(prompt="b", seed=2, num_inference_steps=3))
+        fast = pool.submit(batched.run, GenerateRequest(prompt="b", seed=2, num_inference_steps=3))
         fast.result()
         fast_s = time.perf_counter() - started
         slow.result()
@@ -322,7 +324,7 @@ def test_straggler_only_delays_by_the_wait_bound(runner: Runner) -> None:
 
 
 def _engine(runner: Runner, max_batch_size: int) -> BatchingEngine:
-    return BatchingEngine(runner, max_batch_size=max_batch_size, max_queue=16, batcher=StepBatcher(max_wait_s=5.0))
+    return BatchingEngine(runner, max_batch_size=max_batch_size, max_queue=16)
 
 
 def _serve(engine: BatchingEngine, requests: list[GenerateRequest], on_done: Callable[[int], None]) -> list:
@@ -331,7 +333,7 @@ def _serve(engine: BatchingEngine, requests: list[GenerateRequest], on_done: Cal
 
         async def one(index: int, request: GenerateRequest) -> GenerateResult:
             await asyncio.sleep(0.01 * index)  # arrive in order
-            result = await engine.submit(request)
+            result = await engine.submit(Generation(request))
             on_done(index)
             return result
 
@@ -354,17 +356,19 @@ class RecordingRunner(Runner):
 
 
 def test_engine_bounds_the_batch_and_admits_in_order(models_dir: Path) -> None:
-    runner = RecordingRunner(Settings(model_id="builtin/tiny-sd", models_dir=models_dir))
+    settings = Settings(model_id="builtin/tiny-sd", models_dir=models_dir)
+    runner = RecordingRunner(settings, steps=SharedSteps(Rendezvous(max_wait_s=5.0)))
     runner.started = []
     engine = _engine(runner, max_batch_size=2)
-    requests = [GenerateRequest(prompt=f"p{i}", seed=i, num_inference_steps=4) for i in range(5)]
+    requests = [GenerateRequest(prompt=f"p{i}", seed=i, num_inference_steps=8) for i in range(5)]
     results = _serve(engine, requests, lambda index: None)
     assert len(results) == 5
-    assert max(engine.batcher.stats.rows) <= 2 * 2  # two images, CFG doubles the rows
+    rows = runner.steps.rendezvous.stats.rows  # type: ignore[union-attr]
+    assert max(rows) == 2 * 2  # two images at a time, CFG doubles the rows: the batch is full, never fuller
     # first come, first served: two at a time, in order of arrival (threads may swap two admitted together)
     started = runner.started
     assert (set(started[:2]), set(started[2:4]), started[4]) == ({"p0", "p1"}, {"p2", "p3"}, "p4")
-    alone = run_alone(runner, requests)
+    alone = run_alone(Runner(settings, store=runner.store), requests)
     for batched, solo in zip(results, alone, strict=True):
         assert_close(pixels(batched), pixels(solo))
 
@@ -377,7 +381,7 @@ def test_eight_concurrent_requests_share_their_forwards(models_dir: Path) -> Non
     runner = Runner(Settings(model_id="builtin/tiny-sd", models_dir=models_dir))
     runner.start()
     requests = [GenerateRequest(prompt=f"p{i}", seed=i, num_inference_steps=10) for i in range(8)]
-    batcher = StepBatcher(max_wait_s=5.0)
+    batcher = Rendezvous(max_wait_s=5.0)
     run_together(runner, requests, batcher)
     assert batcher.stats.forwards <= 2 * 10  # sequentially: 8 x 10
     assert batcher.stats.rows_total == 8 * 10 * 2  # every step of every request ran, CFG rows included

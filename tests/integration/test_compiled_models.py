@@ -21,18 +21,11 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from diffusers_api.config import Settings
-from diffusers_api.engine import StepBatcher
-from diffusers_api.engine.batcher import eager_forward
-from diffusers_api.engine.compiled import (
-    COMPILE_NICENESS,
-    CompiledForward,
-    CompileFailed,
-    CompileJob,
-    CompileState,
-    Inputs,
-    compile_in_subprocess,
-)
-from diffusers_api.engine.graphs import CudaGraphForward
+from diffusers_api.denoising import Rendezvous, SharedSteps
+from diffusers_api.denoising.compile_worker import COMPILE_NICENESS, compile_in_subprocess
+from diffusers_api.denoising.compiled import CompiledForward, CompileFailed, CompileState, CompileTarget, Inputs
+from diffusers_api.denoising.forward import eager_forward
+from diffusers_api.denoising.graphs import CudaGraphForward
 from diffusers_api.models.builtin import ensure_builtin
 from diffusers_api.runner import Runner
 from diffusers_api.schema import GenerateRequest, GenerateResult
@@ -58,22 +51,23 @@ def runner(models_dir: Path) -> Runner:
     return runner
 
 
+def sharing(runner: Runner, rendezvous: Rendezvous) -> Runner:
+    """A runner on `runner`'s models whose UNet calls go through `rendezvous` (diffusers' own loop)."""
+    return Runner(runner.settings, store=runner.store, steps=SharedSteps(rendezvous, own_loop=False))
+
+
 def pixels(result: GenerateResult) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(result.images[0]))).astype(int)
 
 
 def test_requests_run_compiled_once_ready_with_the_eager_result(runner: Runner) -> None:
     request = GenerateRequest(prompt="a red barn", seed=3, num_inference_steps=4)
-    runner.batcher = StepBatcher(max_wait_s=5.0)
-    try:
-        eager = runner.run(request)
-        forward = CompiledForward(CudaGraphForward(), backend="eager")
-        runner.batcher = StepBatcher(forward=forward, max_wait_s=5.0)
-        while_compiling = runner.run(request)
-        assert forward.wait(300)
-        compiled = runner.run(request)
-    finally:
-        runner.batcher = None
+    eager = sharing(runner, Rendezvous(max_wait_s=5.0)).run(request)
+    forward = CompiledForward(CudaGraphForward(), backend="eager")
+    compiling = sharing(runner, Rendezvous(forward=forward, max_wait_s=5.0))
+    while_compiling = compiling.run(request)
+    assert forward.wait(300)
+    compiled = compiling.run(request)
     assert forward.state is CompileState.READY
     # the request's own steps (grad off, CFG rows, the batcher's concatenated inputs) pass dynamo's guards
     assert forward.stats.compiled_steps == 4
@@ -86,7 +80,7 @@ def test_the_compiling_process_builds_the_unet_it_is_told_of(models_dir: Path) -
     """The spec carries class, config, precision and inputs (SDXL's added conditioning too) to a new process,
     which builds the UNet and compiles the step; here with dynamo's eager backend, which needs no cache."""
     unet = UNet2DConditionModel.from_pretrained(ensure_builtin("builtin/tiny-sdxl", models_dir) / "unet").eval()
-    job = CompileJob((), weakref.ref(unet), step_inputs(unet, rows=3), grad=False, inference=False)
+    job = CompileTarget((), weakref.ref(unet), step_inputs(unet, rows=3), grad=False, inference=False)
     report = compile_in_subprocess(unet, job, CompiledForward(backend="eager"))  # raises CompileFailed if it fails
     # at a lower priority than this process (niceness tops out at 19), so the server's steps keep their cores
     assert report["niceness"] == min(19, os.nice(0) + COMPILE_NICENESS)

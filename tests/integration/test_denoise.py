@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 from diffusers_api.config import Settings
-from diffusers_api.engine import StepBatcher, denoise
-from diffusers_api.engine.denoise import Job
-from diffusers_api.engine.stepper import Denoiser
+from diffusers_api.denoising import Denoiser, Rendezvous
+from diffusers_api.denoising import tasks as denoise
+from diffusers_api.denoising.tasks import DenoiseTask
 from diffusers_api.errors import Cancelled, NotReady
 from diffusers_api.models.store import LoadedModel, ModelStore
 from diffusers_api.pipelines import SCHEDULER_ALIASES
@@ -50,7 +50,7 @@ def sdxl(models_dir: Path) -> LoadedModel:
 
 @pytest.fixture
 def denoiser() -> Iterator[Denoiser]:
-    loop = Denoiser(StepBatcher(max_wait_s=5.0))
+    loop = Denoiser(Rendezvous(max_wait_s=5.0))
     yield loop
     loop.stop()
 
@@ -76,12 +76,12 @@ def reference(model: LoadedModel, task: str, scheduler: str | None, kwargs: dict
     return latents
 
 
-def ours(model: LoadedModel, task: str, scheduler: str | None, kwargs: dict[str, Any]) -> Job:
+def ours(model: LoadedModel, task: str, scheduler: str | None, kwargs: dict[str, Any]) -> DenoiseTask:
     job = denoise.prepare(pipe(model, task, scheduler), kwargs)
     return job
 
 
-def run_all(denoiser: Denoiser, jobs: list[Job]) -> None:
+def run_all(denoiser: Denoiser, jobs: list[DenoiseTask]) -> None:
     """Submit every job at once (they share rounds) and wait for all."""
     threads = [threading.Thread(target=denoiser.run, args=(job,)) for job in jobs]
     for thread in threads:
@@ -252,7 +252,7 @@ def test_a_failing_scheduler_step_fails_only_its_request(sd: LoadedModel, denois
     jobs[1].scheduler.step = broken
     errors: list[BaseException] = []
 
-    def run(job: Job) -> None:
+    def run(job: DenoiseTask) -> None:
         try:
             denoiser.run(job)
         except RuntimeError as exc:
@@ -271,14 +271,14 @@ def test_a_failing_scheduler_step_fails_only_its_request(sd: LoadedModel, denois
 
 def test_a_failing_batched_forward_is_retried_request_by_request(sd: LoadedModel) -> None:
     """A batched forward that fails for another reason than memory: each request then runs alone."""
-    from diffusers_api.engine.batcher import eager_forward
+    from diffusers_api.denoising.forward import eager_forward
 
     def small_batches_only(unet: Any, sample: torch.Tensor, *args: Any) -> Any:
         if sample.shape[0] > 2:
             raise RuntimeError("no kernel for this batch (simulated)")
         return eager_forward(unet, sample, *args)
 
-    batcher = StepBatcher(forward=small_batches_only)
+    batcher = Rendezvous(forward=small_batches_only)
     loop = Denoiser(batcher)
     expected = [reference(sd, "txt2img", None, call(s)) for s in (14, 15)]
     jobs = [ours(sd, "txt2img", None, call(s)) for s in (14, 15)]
@@ -293,7 +293,7 @@ def test_a_failing_batched_forward_is_retried_request_by_request(sd: LoadedModel
 
 
 def test_a_batch_too_big_for_memory_is_split_and_capped_until_idle(sd: LoadedModel) -> None:
-    from diffusers_api.engine.batcher import eager_forward
+    from diffusers_api.denoising.forward import eager_forward
 
     attempts: list[int] = []
 
@@ -303,7 +303,7 @@ def test_a_batch_too_big_for_memory_is_split_and_capped_until_idle(sd: LoadedMod
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return eager_forward(unet, sample, *args)
 
-    batcher = StepBatcher(forward=four_rows_fit)
+    batcher = Rendezvous(forward=four_rows_fit)
     loop = Denoiser(batcher)
     seeds = (20, 21, 22, 23)
     expected = [reference(sd, "txt2img", None, call(s, num_inference_steps=6)) for s in seeds]
@@ -326,7 +326,7 @@ def test_a_batch_too_big_for_memory_is_split_and_capped_until_idle(sd: LoadedMod
 def test_the_split_retry_runs_once_the_failed_forward_is_freed(sd: LoadedModel) -> None:
     """Retrying inside the except block would keep the failed forward's tensors (its traceback holds them)
     alive through the retry, which then runs out of memory again."""
-    from diffusers_api.engine.batcher import eager_forward
+    from diffusers_api.denoising.forward import eager_forward
 
     failed: list[weakref.ref[torch.Tensor]] = []
     held_at_retry: list[bool] = []
@@ -340,7 +340,7 @@ def test_the_split_retry_runs_once_the_failed_forward_is_freed(sd: LoadedModel) 
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return eager_forward(unet, sample, *args)
 
-    loop = Denoiser(StepBatcher(forward=forward))
+    loop = Denoiser(Rendezvous(forward=forward))
     jobs = [ours(sd, "txt2img", None, call(s, num_inference_steps=3)) for s in (30, 31)]
     try:
         run_all(loop, jobs)
@@ -379,7 +379,7 @@ def test_cancel_stops_at_the_next_step_boundary(sd: LoadedModel, denoiser: Denoi
 
 
 def test_stop_fails_waiting_requests_instead_of_hanging(sd: LoadedModel) -> None:
-    loop = Denoiser(StepBatcher())
+    loop = Denoiser(Rendezvous())
     loop.stop()
     with pytest.raises(NotReady):
         loop.run(ours(sd, "txt2img", None, call(17)))
@@ -387,7 +387,7 @@ def test_stop_fails_waiting_requests_instead_of_hanging(sd: LoadedModel) -> None
 
 def test_a_failed_round_leaves_the_rendezvous(sd: LoadedModel) -> None:
     """After a round fails outright, the idle loop must not stay a participant that others wait for."""
-    batcher = StepBatcher()
+    batcher = Rendezvous()
     loop = Denoiser(batcher)
     job = ours(sd, "txt2img", None, call(18))
     job.key = lambda: (_ for _ in ()).throw(RuntimeError("grouping exploded"))  # type: ignore[method-assign]

@@ -403,7 +403,7 @@ def test_unknown_models(models_dir: Path, model_id: str) -> None:
 
 
 def test_local_directory_model(runner: Runner, models_dir: Path) -> None:
-    path = runner.store.loaded.source if runner.store.loaded else ""
+    path = runner.store.most_recent.source if runner.store.most_recent else ""
     local = Runner(Settings(model_id=path, models_dir=models_dir))
     local.start()
     assert local.run(ask(seed=77)).images == runner.run(ask(seed=77)).images

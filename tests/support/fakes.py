@@ -4,26 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from PIL import Image
 
+from diffusers_api.denoising import SharedSteps, StepStats
+from diffusers_api.denoising.tasks import ProgressCallback
 from diffusers_api.engine import Health
 from diffusers_api.errors import DiffusersAPIError
-from diffusers_api.runner import ProgressCallback
+from diffusers_api.generation import Generation
 from diffusers_api.schema import GenerateRequest, GenerateResult
 
 
 def png_bytes(color: tuple[int, int, int] = (0, 128, 0), size: int = 8) -> bytes:
+    return image_bytes("PNG", color, size)
+
+
+def image_bytes(image_format: str, color: tuple[int, int, int] = (0, 128, 0), size: int = 8) -> bytes:
     buffer = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    Image.new("RGB", (size, size), color).save(buffer, format=image_format)
     return buffer.getvalue()
 
 
 @dataclass
 class FakeEngine:
-    """Answers every request with solid-colour PNGs, one per image, seeds counting up from the request's."""
+    """Answers every request with solid-colour images in the format it asked for, one per image, seeds counting
+    up from the request's. With `shared`, it reports their (real, idle) counters as the batching engine does."""
 
     health: Health = Health.READY
     setup_error: str | None = None
@@ -34,6 +40,13 @@ class FakeEngine:
     requests: list[GenerateRequest] = field(default_factory=list)
     queue_depth: int = 0
     started: bool = False
+    shared: SharedSteps | None = None  # the batching engine's steps (their counters)
+
+    def stats(self) -> StepStats | None:
+        return self.shared.stats() if self.shared is not None else None
+
+    def models(self) -> dict[str, object]:
+        return {"loaded": [{"model_id": "fake"}], "cached": [], "memory_budget_bytes": None}
 
     async def start(self) -> None:
         self.started = True
@@ -41,12 +54,8 @@ class FakeEngine:
     async def stop(self) -> None:
         pass
 
-    async def submit(
-        self,
-        request: GenerateRequest,
-        progress: ProgressCallback | None = None,
-        on_start: Callable[[], None] | None = None,
-    ) -> GenerateResult:
+    async def submit(self, generation: Generation) -> GenerateResult:
+        request, progress, on_start = generation.request, generation.events.progress, generation.on_start
         self.requests.append(request)
         if self.queued_s:
             await asyncio.sleep(self.queued_s)
@@ -61,11 +70,17 @@ class FakeEngine:
         count = request.image_count
         seed = request.seed if request.seed is not None else 42
         return GenerateResult(
-            images=[png_bytes() for _ in range(count)],
+            images=[image_bytes(request.image_format) for _ in range(count)],
             image_format=request.image_format,
             seeds=[seed + i for i in range(count)],
             nsfw=[False] * count,
-            meta={"MODEL_ID": request.model or "fake", "PIPELINE": "Fake", "SCHEDULER": "Fake", "seed": seed},
+            meta={
+                "MODEL_ID": request.model or "fake",
+                "PIPELINE": "Fake",
+                "SCHEDULER": "Fake",
+                "seed": seed,
+                "image_format": request.image_format,
+            },
             timings={"inference": 1.0},
         )
 

@@ -1,4 +1,4 @@
-"""The StepBatcher rendezvous, over a fake UNet that records what it is asked."""
+"""The Rendezvous rendezvous, over a fake UNet that records what it is asked."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from diffusers_api.engine.batcher import StepBatcher
+from diffusers_api.denoising import Rendezvous
 
 
 @dataclass
@@ -41,7 +41,7 @@ class FakePipe:
     _num_timesteps: int = 3
 
 
-def loop(batcher: StepBatcher, pipe: FakePipe, start: float, steps: int, **extra: Any) -> list[torch.Tensor]:
+def loop(batcher: Rendezvous, pipe: FakePipe, start: float, steps: int, **extra: Any) -> list[torch.Tensor]:
     """A denoising loop in miniature: one UNet call per step, like diffusers' loops."""
     pipe._num_timesteps = steps
     outputs = []
@@ -57,14 +57,14 @@ def expected(start: float, steps: int) -> list[torch.Tensor]:
     return [torch.full((2, 1), (start + step) * 2 + (999 - step) + 12.0) for step in range(steps)]
 
 
-def run_loops(batcher: StepBatcher, unet: FakeUNet, starts: list[float], steps: int, **extra: Any) -> list[Any]:
+def run_loops(batcher: Rendezvous, unet: FakeUNet, starts: list[float], steps: int, **extra: Any) -> list[Any]:
     with ThreadPoolExecutor(max_workers=len(starts)) as pool:
         futures = [pool.submit(loop, batcher, FakePipe(unet), start, steps, **extra) for start in starts]
         return [future.result() for future in futures]
 
 
 def test_concurrent_loops_share_one_forward_per_step() -> None:
-    unet, batcher = FakeUNet(), StepBatcher(max_wait_s=5.0)
+    unet, batcher = FakeUNet(), Rendezvous(max_wait_s=5.0)
     results = run_loops(batcher, unet, [1.0, 10.0, 100.0], steps=8)
     for start, outputs in zip([1.0, 10.0, 100.0], results, strict=True):
         torch.testing.assert_close(outputs, expected(start, 8))
@@ -74,7 +74,7 @@ def test_concurrent_loops_share_one_forward_per_step() -> None:
 
 
 def test_proxy_forwards_attributes_and_is_removed_after_the_session() -> None:
-    unet, batcher = FakeUNet(), StepBatcher()
+    unet, batcher = FakeUNet(), Rendezvous()
     pipe = FakePipe(unet)
     with batcher.session(pipe):
         assert pipe.unet is not unet
@@ -83,7 +83,7 @@ def test_proxy_forwards_attributes_and_is_removed_after_the_session() -> None:
 
 
 def test_unbatchable_calls_run_alone_within_the_round() -> None:
-    unet, batcher = FakeUNet(), StepBatcher(max_wait_s=5.0)
+    unet, batcher = FakeUNet(), Rendezvous(max_wait_s=5.0)
     with ThreadPoolExecutor(max_workers=2) as pool:
         plain = pool.submit(loop, batcher, FakePipe(unet), 1.0, 3)
         special = pool.submit(loop, batcher, FakePipe(unet), 5.0, 3, down_block_additional_residuals=None)
@@ -92,7 +92,7 @@ def test_unbatchable_calls_run_alone_within_the_round() -> None:
     assert max(unet.batches) == 2  # never merged
 
 
-def run_together(batcher: StepBatcher, unet: FakeUNet, starts: tuple[float, ...], steps: int) -> list[Any]:
+def run_together(batcher: Rendezvous, unet: FakeUNet, starts: tuple[float, ...], steps: int) -> list[Any]:
     """Loops that start at the same moment; each future's result or exception."""
     barrier = threading.Barrier(len(starts))
 
@@ -107,7 +107,7 @@ def run_together(batcher: StepBatcher, unet: FakeUNet, starts: tuple[float, ...]
 
 def test_a_failed_merged_forward_is_retried_call_by_call() -> None:
     """E.g. a merged step too big for the device's memory: each call alone fits, and every loop completes."""
-    unet, batcher = FakeUNet(fail_on_rows=4), StepBatcher(max_wait_s=5.0)
+    unet, batcher = FakeUNet(fail_on_rows=4), Rendezvous(max_wait_s=5.0)
     results = run_together(batcher, unet, (1.0, 2.0), 6)
     for start, outputs in zip((1.0, 2.0), results, strict=True):
         torch.testing.assert_close(outputs, expected(start, 6))
@@ -116,7 +116,7 @@ def test_a_failed_merged_forward_is_retried_call_by_call() -> None:
 
 
 def test_a_forward_that_fails_alone_fails_its_caller_and_the_batcher_goes_on() -> None:
-    unet, batcher = FakeUNet(broken=True), StepBatcher(max_wait_s=5.0)
+    unet, batcher = FakeUNet(broken=True), Rendezvous(max_wait_s=5.0)
     results = run_together(batcher, unet, (1.0, 2.0), 6)
     assert all(isinstance(result, RuntimeError) for result in results)
     assert batcher.participants == 0
@@ -125,7 +125,7 @@ def test_a_forward_that_fails_alone_fails_its_caller_and_the_batcher_goes_on() -
 
 
 def test_a_straggler_delays_the_others_by_at_most_max_wait() -> None:
-    unet, batcher = FakeUNet(), StepBatcher(max_wait_s=0.05)
+    unet, batcher = FakeUNet(), Rendezvous(max_wait_s=0.05)
     stuck = FakePipe(unet)
     release = threading.Event()
 
@@ -148,7 +148,7 @@ def test_a_straggler_delays_the_others_by_at_most_max_wait() -> None:
 
 @pytest.mark.parametrize("return_dict", [True, False], ids=["output-object", "tuple"])
 def test_output_shape_follows_return_dict(return_dict: bool) -> None:
-    batcher = StepBatcher()
+    batcher = Rendezvous()
     pipe = FakePipe(FakeUNet(), _num_timesteps=1)
     with batcher.session(pipe):
         out = pipe.unet(torch.zeros(2, 1), 5, encoder_hidden_states=torch.ones(2, 3, 4), return_dict=return_dict)

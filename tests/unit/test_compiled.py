@@ -19,18 +19,19 @@ import torch
 from fastapi.testclient import TestClient
 
 from diffusers_api.config import Settings
-from diffusers_api.engine import StepBatcher, make_engine
-from diffusers_api.engine.batcher import eager_forward
-from diffusers_api.engine.compiled import (
+from diffusers_api.denoising import Rendezvous, SharedSteps
+from diffusers_api.denoising.compiled import (
     ColdCache,
     CompiledForward,
     CompileFailed,
-    CompileJob,
     CompileState,
+    CompileTarget,
     _module_rows,
     _no_tracing_here,
 )
-from diffusers_api.engine.graphs import CudaGraphForward
+from diffusers_api.denoising.forward import eager_forward
+from diffusers_api.denoising.graphs import CudaGraphForward
+from diffusers_api.engine import make_engine
 from diffusers_api.http.app import create_app
 from support.fakes import FakeEngine
 
@@ -119,7 +120,7 @@ class ColdCacheBackend:
             torch.fx.symbolic_trace(graph)
         return graph.forward
 
-    def fill(self, unet: Any, job: CompileJob, forward: CompiledForward) -> None:
+    def fill(self, unet: Any, job: CompileTarget, forward: CompiledForward) -> None:
         self.fills += 1
         self.filled = self.fills_cache
 
@@ -183,7 +184,7 @@ def test_one_compile_serves_every_batch_size(unet: ToyUNet, added: bool) -> None
 def test_a_failed_compile_warns_and_stays_eager_for_good(unet: ToyUNet, caplog: pytest.LogCaptureFixture) -> None:
     backend = FailingBackend()
     forward = CompiledForward(backend=backend)
-    with caplog.at_level(logging.WARNING, logger="diffusers_api.engine.compiled"):
+    with caplog.at_level(logging.WARNING, logger="diffusers_api.denoising.compiled"):
         step(forward, unet, inputs(2))
         assert forward.wait(30)
     assert "torch.compile failed (RuntimeError: no working C++ compiler)" in caplog.text
@@ -202,7 +203,7 @@ def test_a_shape_dynamo_will_not_compile_stays_eager(unet: ToyUNet, caplog: pyte
     forward = CompiledForward(backend="eager", recompile_limit=1)
     step(forward, unet, inputs(2, size=8))
     assert forward.wait(30)
-    with caplog.at_level(logging.WARNING, logger="diffusers_api.engine.compiled"):
+    with caplog.at_level(logging.WARNING, logger="diffusers_api.denoising.compiled"):
         step(forward, unet, inputs(2, size=12))  # another resolution needs a recompile: over the limit
         assert forward.wait(30)
     assert "left UNet steps of 2 rows of (4, 12, 12)" in caplog.text
@@ -221,7 +222,7 @@ def test_a_compiled_step_that_raises_is_rerun_eagerly(unet: ToyUNet, caplog: pyt
     assert forward.wait(30)
     backend.error = RuntimeError("illegal memory access")
     args = inputs(2)
-    with caplog.at_level(logging.WARNING, logger="diffusers_api.engine.compiled"):
+    with caplog.at_level(logging.WARNING, logger="diffusers_api.denoising.compiled"):
         torch.testing.assert_close(step(forward, unet, args), step(eager_forward, unet, args), rtol=0, atol=0)
     assert "a compiled UNet step failed (RuntimeError: illegal memory access); running it eagerly" in caplog.text
     step(forward, unet, args)  # that shape is eager from now on
@@ -259,7 +260,7 @@ def test_a_cache_the_compiling_process_did_not_fill_leaves_the_shape_eager(
 ) -> None:
     backend = ColdCacheBackend(fills_cache=False)  # e.g. the process built a UNet that traces differently
     forward = CompiledForward(backend=backend, fill_cache=backend.fill)
-    with caplog.at_level(logging.WARNING, logger="diffusers_api.engine.compiled"):
+    with caplog.at_level(logging.WARNING, logger="diffusers_api.denoising.compiled"):
         step(forward, unet, inputs(2))
         assert forward.wait(30)
     assert "the compiling process left no cache entry for 2 rows of (4, 8, 8)" in caplog.text
@@ -268,7 +269,7 @@ def test_a_cache_the_compiling_process_did_not_fill_leaves_the_shape_eager(
 
 
 def test_a_failed_compiling_process_stops_compiling(unet: ToyUNet) -> None:
-    def fail(unet: Any, job: CompileJob, forward: CompiledForward) -> None:
+    def fail(unet: Any, job: CompileTarget, forward: CompiledForward) -> None:
         raise CompileFailed("the compiling process failed: RuntimeError: no working C++ compiler")
 
     forward = CompiledForward(backend=ColdCacheBackend(), fill_cache=fail)
@@ -346,10 +347,10 @@ def test_compile_is_off_by_default_and_caches_default_under_models_dir(
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/tmp/untouched")  # restored after the test
     monkeypatch.delenv("COMPILE", raising=False)
     plain = make_engine(Settings(models_dir=tmp_path, compile_cache_dir=None))
-    assert isinstance(plain.batcher.forward, CudaGraphForward)  # type: ignore[attr-defined]
+    assert isinstance(plain.runner.steps.rendezvous.forward, CudaGraphForward)  # type: ignore[attr-defined]
 
     engine = make_engine(Settings(models_dir=tmp_path, compile=True, compile_cache_dir=None))
-    forward = engine.batcher.forward  # type: ignore[attr-defined]
+    forward = engine.runner.steps.rendezvous.forward  # type: ignore[attr-defined]
     assert isinstance(forward, CompiledForward)
     assert isinstance(forward.base, CudaGraphForward)
     assert forward.mode == "default"
@@ -371,9 +372,8 @@ def test_compile_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_health_reports_compile_progress(unet: ToyUNet) -> None:
-    engine = FakeEngine()
     forward = CompiledForward(backend="eager")
-    engine.batcher = StepBatcher(forward=forward)  # type: ignore[attr-defined]
+    engine = FakeEngine(shared=SharedSteps(Rendezvous(forward=forward)))
     with TestClient(create_app(Settings(), engine)) as client:
         assert client.get("/health").json()["compile"]["state"] == "waiting"
         step(forward, unet, inputs(2))
@@ -381,5 +381,5 @@ def test_health_reports_compile_progress(unet: ToyUNet) -> None:
         report = client.get("/health").json()["compile"]
         assert report["state"] == "ready"
         assert report["shapes"]["ready"] == 1
-        engine.batcher = StepBatcher()  # type: ignore[attr-defined]
+        engine.shared = SharedSteps(Rendezvous())
         assert client.get("/health").json()["compile"] == {"state": "off"}

@@ -23,10 +23,10 @@ from diffusers_api.events import (
     RequestEvents,
     WebhookSender,
     _Delivery,
-    generate,
     ndjson_stream,
     signed_headers,
 )
+from diffusers_api.generation import Generation, generate
 from diffusers_api.schema import GenerateRequest
 from support.fakes import FakeEngine
 from support.receiver import receiver
@@ -120,7 +120,7 @@ def test_a_failing_sink_does_not_fail_the_request() -> None:
 def test_generate_reports_start_progress_and_done() -> None:
     seen: list[Event] = []
     events = RequestEvents([seen.append], "c", throttle=ProgressThrottle(every_steps=1))
-    result = asyncio.run(generate(FakeEngine(steps=4), GenerateRequest(prompt="p", seed=3), events))
+    result = asyncio.run(generate(FakeEngine(steps=4), Generation(GenerateRequest(prompt="p", seed=3), events)))
     statuses = [(event["type"], event["status"]) for event in seen]
     assert statuses == [("inference", "start")] + [("inference", "progress")] * 4 + [("inference", "done")]
     assert [event["payload"]["step"] for event in seen[1:5]] == [1, 2, 3, 4]
@@ -144,7 +144,7 @@ def test_generate_reports_an_error_and_raises_it() -> None:
     seen: list[Event] = []
     engine = FakeEngine(fail_with=PipelineError("boom"))
     with pytest.raises(PipelineError):
-        asyncio.run(generate(engine, GenerateRequest(prompt="p"), RequestEvents([seen.append], "c")))
+        asyncio.run(generate(engine, Generation(GenerateRequest(prompt="p"), RequestEvents([seen.append], "c"))))
     assert seen[-1]["status"] == "error"
     assert seen[-1]["payload"]["error"]["code"] == "PIPELINE_ERROR"
 
@@ -155,7 +155,7 @@ def test_a_cancelled_request_reports_cancelled_to_the_webhook() -> None:
 
     async def main() -> None:
         task = asyncio.create_task(
-            generate(FakeEngine(delay_s=5), GenerateRequest(prompt="p"), RequestEvents([seen.append], "c"))
+            generate(FakeEngine(delay_s=5), Generation(GenerateRequest(prompt="p"), RequestEvents([seen.append], "c")))
         )
         await asyncio.sleep(0.05)
         task.cancel()
@@ -304,7 +304,7 @@ def test_ndjson_stream_yields_events_then_the_result_last() -> None:
         events = RequestEvents([stream], "c", throttle=ProgressThrottle(every_steps=1))
 
         async def work() -> dict:
-            result = await generate(FakeEngine(steps=3), GenerateRequest(prompt="p"), events)
+            result = await generate(FakeEngine(steps=3), Generation(GenerateRequest(prompt="p"), events))
             return {"result": result.seeds}
 
         return [json.loads(line) async for line in ndjson_stream(work(), stream, lambda e: {"$error": e.code})]
@@ -318,7 +318,7 @@ def test_ndjson_stream_ends_with_the_error() -> None:
     async def scenario() -> list[dict]:
         stream = EventQueue()
         events = RequestEvents([stream], "c")
-        work = generate(FakeEngine(fail_with=PipelineError("boom")), GenerateRequest(prompt="p"), events)
+        work = generate(FakeEngine(fail_with=PipelineError("boom")), Generation(GenerateRequest(prompt="p"), events))
         return [json.loads(line) async for line in ndjson_stream(work, stream, lambda e: {"$error": e.to_wire()})]
 
     lines = asyncio.run(scenario())

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusers_api.engine.batcher import eager_forward
-from diffusers_api.engine.graphs import CudaGraphForward, _padded
+from diffusers_api.denoising.forward import eager_forward
+from diffusers_api.denoising.graphs import CudaGraphForward, _padded
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import sys
 import types
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from diffusers_api.engine import Health
 from diffusers_api.errors import Busy, ModelMismatch, NoSuchPipeline, PipelineError
@@ -103,6 +105,16 @@ def test_native_generate_image_bytes(client: TestClient, engine: FakeEngine, acc
     assert response.headers["content-type"] == media_type
     assert response.headers["x-seed"] == "3"
     assert engine.requests[-1].image_format == media_type.split("/")[1].upper()
+    # the body is the image itself, in the format asked for
+    assert Image.open(io.BytesIO(response.content)).format == media_type.split("/")[1].upper()
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG", "WEBP"])
+def test_legacy_image_format_reaches_the_body(client: TestClient, image_format: str) -> None:
+    envelope = {"modelInputs": {"prompt": "x"}, "callInputs": {"image_format": image_format}}
+    body = client.post("/", json=envelope).json()
+    assert body["$meta"]["image_format"] == image_format
+    assert Image.open(io.BytesIO(base64.b64decode(body["image_base64"]))).format == image_format
 
 
 def test_image_accept_with_several_images_is_refused(client: TestClient) -> None:

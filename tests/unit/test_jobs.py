@@ -191,7 +191,7 @@ def test_too_many_unfinished_jobs_is_busy(engine: FakeEngine) -> None:
 
 def test_finished_jobs_are_forgotten_after_the_ttl_and_beyond_the_count(engine: FakeEngine) -> None:
     with make_client(engine, jobs_kept=2) as client:
-        store = client.app.state.jobs  # type: ignore[attr-defined]
+        store = client.app.state.services.jobs  # type: ignore[attr-defined]
         now = [0.0]
         store.clock = lambda: now[0]
         ids = []

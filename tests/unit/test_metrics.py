@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,14 +12,14 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from diffusers_api import runner as runner_module
 from diffusers_api.config import Settings
-from diffusers_api.engine import Health, StepBatcher
-from diffusers_api.engine.stepper import Denoiser
+from diffusers_api.denoising import SharedSteps
+from diffusers_api.engine import Health
+from diffusers_api.engine import base as engine_base
 from diffusers_api.errors import Busy, PipelineError
-from diffusers_api.events import EventHub, generate
+from diffusers_api.events import EventHub
+from diffusers_api.generation import Generation, generate
 from diffusers_api.metrics import Metrics
-from diffusers_api.runner import ProgressCallback
 from diffusers_api.schema import GenerateRequest, GenerateResult
 from support.apps import make_client
 from support.envelopes import GRASS
@@ -72,27 +71,22 @@ class SlowEngine(FakeEngine):
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
 
-    async def submit(
-        self,
-        request: GenerateRequest,
-        progress: ProgressCallback | None = None,
-        on_start: Callable[[], None] | None = None,
-    ) -> GenerateResult:
-        result = await super().submit(request, progress, on_start)
+    async def submit(self, generation: Generation) -> GenerateResult:
+        result = await super().submit(generation)
         self.clock.now += self.seconds
         result.timings = dict(self.timings)
         return result
 
 
 def run_requests(engine: FakeEngine, metrics: Metrics, count: int = 1) -> list[object]:
-    """`count` requests through events.generate, with the metrics' sink on each, as every transport does."""
+    """`count` requests through generation.generate, with the metrics' sink on each, as every transport does."""
     hub = EventHub(Settings())
     hub.request_sinks.append(metrics.request_sink)
 
     async def one() -> object:
         request = GenerateRequest(prompt="x")
         try:
-            return await generate(engine, request, await hub.for_request(request))
+            return await generate(engine, Generation(request, await hub.for_request(request)))
         except Exception as exc:  # the caller checks what was counted, not what was raised
             return exc
 
@@ -163,7 +157,7 @@ def test_a_cancelled_request_is_counted_as_cancelled() -> None:
 
     async def cancel_one() -> None:
         events = await hub.for_request(GenerateRequest())
-        task = asyncio.ensure_future(generate(engine, GenerateRequest(), events))
+        task = asyncio.ensure_future(generate(engine, Generation(GenerateRequest(), events)))
         await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -196,20 +190,14 @@ def test_each_metrics_has_its_own_registry() -> None:
 # --- the engine, at scrape time --------------------------------------------------------------------------------
 
 
-@dataclass
-class BatchingFake(FakeEngine):
-    """A FakeEngine with the batching engine's real (idle) batcher and denoising loop, for their counters."""
-
-    batcher: StepBatcher = field(default_factory=StepBatcher)
-    denoiser: Denoiser = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.denoiser = Denoiser(self.batcher)
+def batching_fake() -> FakeEngine:
+    """A FakeEngine with the batching engine's real (idle) rendezvous and denoising loop, for their counters."""
+    return FakeEngine(shared=SharedSteps())
 
 
 def test_batch_sizes_are_a_histogram_of_rows_per_forward() -> None:
-    engine = BatchingFake()
-    stats = engine.batcher.stats
+    engine = batching_fake()
+    stats = engine.shared.rendezvous.stats  # type: ignore[union-attr]
     for rows in (2, 2, 16):
         stats.record(rows)
     stats.rounds, stats.timeouts = 3, 1
@@ -234,17 +222,17 @@ def test_batch_sizes_are_a_histogram_of_rows_per_forward() -> None:
 
 
 def test_batch_rows_histogram_counts_since_the_start_not_the_recent_window() -> None:
-    engine = BatchingFake()
+    engine = batching_fake()
     for _ in range(1500):  # BatchStats.rows keeps the last 1000 only
-        engine.batcher.stats.record(4)
+        engine.shared.rendezvous.stats.record(4)  # type: ignore[union-attr]
     parsed = scrape(Metrics(engine))
     assert parsed["diffusers_api_unet_forward_rows_count"] == {(): 1500.0}
     assert buckets(parsed, "diffusers_api_unet_forward_rows")["4.0"] == 1500
 
 
 def test_denoising_loop_counters() -> None:
-    engine = BatchingFake()
-    loop = engine.denoiser.stats
+    engine = batching_fake()
+    loop = engine.shared.denoiser.stats  # type: ignore[union-attr]
     loop.rounds, loop.jobs, loop.job_steps, loop.max_jobs, loop.out_of_memory = 20, 3, 45, 3, 1
     parsed = scrape(Metrics(engine))
     assert parsed["diffusers_api_loop_out_of_memory_total"] == {(): 1.0}
@@ -275,7 +263,7 @@ def test_gpu_memory_is_read_only_once_the_engine_has_started(monkeypatch: pytest
         reads.append(1)
         return {"allocated_gb": 1.5, "peak_allocated_gb": 2.25, "reserved_gb": 3.0}
 
-    monkeypatch.setattr(runner_module, "device_memory", device_memory)
+    monkeypatch.setattr(engine_base, "device_memory", device_memory)
     engine = FakeEngine(health=Health.STARTING)
     metrics = Metrics(engine)
     assert "diffusers_api_gpu_memory_bytes" not in scrape(metrics)

@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 
 from diffusers_api.config import Settings
-from diffusers_api.errors import InvalidInputs, PipelineError
+from diffusers_api.devices import is_fatal_device_error
+from diffusers_api.engine import Health
+from diffusers_api.errors import InvalidInputs, NotReady, PipelineError
 from diffusers_api.events import EventHub
-from diffusers_api.runpod_worker import concurrency, is_fatal_device_error, make_handler, runpod_error
+from diffusers_api.runpod_worker import concurrency, make_handler, runpod_error
 from support.fakes import FakeEngine
 
 LEGACY = {"modelInputs": {"prompt": "grass", "seed": 5}, "callInputs": {}}
@@ -81,6 +83,14 @@ def test_a_fatal_device_error_asks_runpod_to_refresh_the_worker() -> None:
     output = run_job(FakeEngine(fail_with=error), LEGACY)
     assert output["refresh_worker"] is True
     assert output["error"].startswith("PIPELINE_ERROR: RuntimeError: CUDA error")
+
+
+def test_a_defunct_engine_asks_runpod_to_refresh_the_worker() -> None:
+    """After a fatal device error the engine refuses every job: each asks RunPod for a new worker."""
+    engine = FakeEngine(health=Health.DEFUNCT, fail_with=NotReady("the server is defunct", state="DEFUNCT"))
+    output = run_job(engine, LEGACY)
+    assert output["refresh_worker"] is True
+    assert output["$error"]["code"] == "NOT_READY"
 
 
 def test_fatal_errors_are_found_in_the_cause_chain() -> None:

@@ -1,22 +1,24 @@
-"""What every engine offers the transports: start, submit, health. The batching engine replaces the serial one
-behind this same seam."""
+"""What every engine offers the transports: start, submit, health, stats. The batching engine replaces the serial
+one behind this same seam. Engines sit above the runner: they decide when a request runs (admission) and own the
+lifecycle; the runner runs it."""
 
 from __future__ import annotations
 
 import asyncio
 import enum
 import logging
-import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import DiffusersAPIError, NotReady
+from ..devices import device_memory, is_fatal_device_error
+from ..errors import Cancelled, DiffusersAPIError, NotReady
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
 
-    from ..runner import ProgressCallback, Runner
-    from ..schema import GenerateRequest, GenerateResult
+    from ..denoising import StepStats
+    from ..generation import Generation
+    from ..runner import Runner
+    from ..schema import GenerateResult
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,7 @@ class Health(enum.StrEnum):
     READY = "READY"
     BUSY = "BUSY"
     SETUP_FAILED = "SETUP_FAILED"
-    DEFUNCT = "DEFUNCT"
+    DEFUNCT = "DEFUNCT"  # a fatal device error: no request can run until the process is replaced
 
     @property
     def serving(self) -> bool:
@@ -35,12 +37,10 @@ class Health(enum.StrEnum):
 
 
 def probe_device_memory(health: Health) -> dict[str, float] | None:
-    """`runner.device_memory()` for a probe (/health, /metrics): None while the model loads, when the engine's
+    """`devices.device_memory()` for a probe (/health, /metrics): None while the model loads, when the engine's
     thread may be half-way through importing torch and a probe must leave it alone."""
     if health is Health.STARTING:
         return None
-    from ..runner import device_memory
-
     return device_memory()
 
 
@@ -61,19 +61,22 @@ class Engine(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def submit(
-        self,
-        request: GenerateRequest,
-        progress: ProgressCallback | None = None,
-        on_start: Callable[[], None] | None = None,
-    ) -> GenerateResult:
-        """Queue a request and wait for its result. Cancelling the awaiting task cancels the request.
-        `on_start` is called, on the engine's thread, when the request leaves the queue and starts running."""
+    async def submit(self, generation: Generation) -> GenerateResult:
+        """Queue a request and wait for its result. Cancelling the awaiting task cancels the request (its
+        `cancel` is set). `generation.on_start` is called, on the engine's thread, when the request leaves the
+        queue and starts running."""
+        ...
+
+    def stats(self) -> StepStats | None:
+        """The shared steps' counters (batching, loop, compile); None when requests run alone."""
+
+    def models(self) -> dict[str, Any]:
+        """Resident and cached models, and the memory budget (GET /v1/models)."""
         ...
 
 
-class EngineLifecycle:
-    """What the engines share: loading the model on their own threads, health, and stopping."""
+class BaseEngine:
+    """What the engines share: loading the model on their own threads, health, stats, and stopping."""
 
     def __init__(self, runner: Runner, executor: ThreadPoolExecutor) -> None:
         self.runner = runner
@@ -107,19 +110,37 @@ class EngineLifecycle:
         self._health = Health.READY
 
     async def stop(self) -> None:
+        if self.runner.steps is not None:
+            self.runner.steps.stop()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def _execute(
-        self,
-        request: GenerateRequest,
-        progress: ProgressCallback | None,
-        cancel: threading.Event,
-        on_start: Callable[[], None] | None,
-    ) -> GenerateResult:
+    def stats(self) -> StepStats | None:
+        return self.runner.steps.stats() if self.runner.steps is not None else None
+
+    def models(self) -> dict[str, Any]:
+        return self.runner.store.describe()
+
+    async def _run(self, generation: Generation) -> GenerateResult:
+        """Run `generation` on one of the engine's threads; leaving (a cancelled await) cancels it."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._execute, generation)
+        except asyncio.CancelledError:
+            generation.cancel.set()  # the client left: stop at the next step (a queued request never starts)
+            raise
+
+    def _execute(self, generation: Generation) -> GenerateResult:
         """What an engine's thread runs for one request."""
-        if on_start is not None:
-            on_start()
-        return self.runner.run(request, progress, cancel)
+        if generation.cancel.is_set():
+            raise Cancelled("request cancelled before it started")
+        if generation.on_start is not None:
+            generation.on_start()
+        try:
+            return self.runner.run(generation.request, generation.events.progress, generation.cancel)
+        except DiffusersAPIError as exc:
+            if is_fatal_device_error(exc):
+                log.error("fatal device error: the engine is DEFUNCT and takes no more requests (%s)", exc.message)
+                self._health = Health.DEFUNCT
+            raise
 
     def _check_ready(self) -> None:
         if self._health is not Health.READY:

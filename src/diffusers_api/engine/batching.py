@@ -1,74 +1,54 @@
-"""The batching engine: many requests in flight at once, their UNet steps merged by a StepBatcher.
+"""The batching engine: many requests in flight at once, their UNet steps shared (denoising.SharedSteps).
 
 Admission is first come, first served and bounded by images in flight (MAX_BATCH_SIZE), so the batch never
 grows past what the device was sized for and no request starves: a waiting request is admitted as soon as
 enough images have finished, before any request that came after it. Admitted requests run on a pool of threads
-(one per request) through the same Runner as the serial engine. SD and SDXL requests are prepared on their
-thread, denoised in the shared batched loop (`Denoiser`) and decoded on their thread again; other pipelines run
-diffusers' own loop, whose UNet calls meet the loop's in the batcher.
+(one per request) through the same Runner as the serial engine, built with shared steps: SD and SDXL requests
+are prepared on their thread, denoised in the shared batched loop and decoded on their thread again; other
+pipelines run diffusers' own loop, whose UNet calls meet the loop's at the rendezvous.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from ..errors import Busy
-from .base import EngineLifecycle
-from .batcher import StepBatcher
-from .stepper import Denoiser
+from .base import BaseEngine
 
 if TYPE_CHECKING:
-    from ..runner import ProgressCallback, Runner
-    from ..schema import GenerateRequest, GenerateResult
+    from ..generation import Generation
+    from ..runner import Runner
+    from ..schema import GenerateResult
 
 
-class BatchingEngine(EngineLifecycle):
-    def __init__(self, runner: Runner, max_batch_size: int, max_queue: int, batcher: StepBatcher | None = None):
+class BatchingEngine(BaseEngine):
+    def __init__(self, runner: Runner, max_batch_size: int, max_queue: int):
+        """`runner` should share steps (`Runner(..., steps=SharedSteps())`): without, requests still run
+        concurrently, each in diffusers' own loop."""
         super().__init__(runner, ThreadPoolExecutor(max_workers=max_batch_size, thread_name_prefix="request"))
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.batcher = batcher or StepBatcher()
-        self.denoiser = Denoiser(self.batcher)
-        runner.batcher = self.batcher
-        runner.denoiser = self.denoiser
         self._in_flight = 0  # images admitted and not finished
         self._running = 0
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    async def stop(self) -> None:
-        self.denoiser.stop()
-        if self.runner.denoiser is self.denoiser:  # the runner goes back to running requests on its own
-            self.runner.batcher, self.runner.denoiser = None, None
-        await super().stop()
 
     @property
     def queue_depth(self) -> int:
         return self._running + len(self._waiting)
 
-    async def submit(
-        self,
-        request: GenerateRequest,
-        progress: ProgressCallback | None = None,
-        on_start: Callable[[], None] | None = None,
-    ) -> GenerateResult:
+    async def submit(self, generation: Generation) -> GenerateResult:
         self._check_ready()
         if len(self._waiting) >= self.max_queue:
             raise Busy(f"{len(self._waiting)} requests are waiting; try again shortly", queue_depth=len(self._waiting))
-        images = min(request.image_count, self.max_batch_size)  # an oversized request runs when the device is free
+        # an oversized request runs when the device is free
+        images = min(generation.request.image_count, self.max_batch_size)
         await self._admit(images)
-        cancel = threading.Event()
         self._running += 1
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._execute, request, progress, cancel, on_start)
-        except asyncio.CancelledError:
-            cancel.set()  # the client left: its loop stops at the next step boundary and frees its rows
-            raise
+            return await self._run(generation)  # a client that leaves stops at the next step and frees its rows
         finally:
             self._running -= 1
             self._release(images)

@@ -1,276 +1,66 @@
-"""Jobs (`/v1/jobs`): queue a request, then poll its status and progress, stream its events, or cancel it.
-
-A job is the same request as `POST /v1/generate`, run by the same path (`events.generate`, so webhooks and
-the batching engine behave the same), in a task of the server's event loop instead of inside an HTTP request:
+"""`/v1/jobs`: thin routes over the job store (diffusers_api.jobs), and each job's events as server-sent events.
 
     POST   /v1/jobs              -> 202 {"id", "status": "IN_QUEUE", ...}, Location: /v1/jobs/{id}
-    GET    /v1/jobs/{id}         -> status (IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELLED), progress
-                                    (stage, step, steps, eta_s) and, once COMPLETED, the images
-    DELETE /v1/jobs/{id}         -> cancels: a queued job never starts, a running one stops at the next
-                                    denoising step and frees its rows of the batch
+    GET    /v1/jobs/{id}         -> status, progress and, once COMPLETED, the images
+    DELETE /v1/jobs/{id}         -> cancels
     GET    /v1/jobs/{id}/events  -> server-sent events: the status, each event of the job, the final status
 
 With API_KEY set every route needs `Authorization: Bearer <API_KEY>`, except that the events of a job may also
-be read with the token in its `events_url` (`?token=`): a browser's EventSource cannot send headers. The token is
-an HMAC of the job's id under API_KEY, so it opens that one job's stream and nothing else, and needs no storage.
-
-Jobs live in this process's memory: a restart forgets them. A finished job stays readable for JOBS_TTL_S, and
-at most JOBS_KEPT finished jobs are kept (the oldest go first); after that its id answers NO_SUCH_JOB.
+be read with the token in its `events_url` (`?token=`): a browser's EventSource cannot send headers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import secrets
-import time
-import uuid
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .. import events
-from ..errors import (
-    Busy,
-    Cancelled,
-    DiffusersAPIError,
-    InvalidInputs,
-    NoSuchJob,
-    NotReady,
-    Unauthorized,
-    from_exception,
-)
-from ..schema import (
-    ErrorResponse,
-    GenerateRequest,
-    GenerateResponse,
-    GenerateResult,
-    JobProgress,
-    JobState,
-    JobStatus,
-)
-from .app import require_api_key
-
-if TYPE_CHECKING:
-    from ..config import Settings
-    from ..engine import Engine
-    from ..events import Event, EventHub, EventQueue, RequestEvents
+from ..errors import Unauthorized
+from ..events import EventQueue
+from ..jobs import END_OF_JOB, Job, events_token
+from ..schema import ErrorResponse, GenerateRequest, JobStatus
+from .deps import EngineDep, EventsDep, JobsDep, SettingsDep, check_api_key, require_api_key
 
 KEEP_ALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
-_TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
-_END = {"type": "job", "status": "end"}  # handed to watchers once the job has ended
-
-
-@dataclass(eq=False)
-class Job:
-    id: str
-    request: GenerateRequest | None  # dropped once the job ends: input images can be large
-    events: RequestEvents
-    events_url: str
-    status: JobState = "IN_QUEUE"
-    created_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-    result: GenerateResult | None = None
-    error: DiffusersAPIError | None = None
-    task: asyncio.Task[None] | None = None
-    watchers: list[EventQueue] = field(default_factory=list)
-    clock: Callable[[], float] = time.monotonic
-    ended: float | None = None  # clock() at the end, for expiry
-
-    @property
-    def finished(self) -> bool:
-        return self.status in _TERMINAL
-
-    def publish(self, event: Event) -> None:
-        """A sink of the job's events (any thread): every watcher of /events gets it."""
-        for watcher in list(self.watchers):
-            watcher(event)
-
-    def start(self) -> None:
-        """On the event loop: the engine took the request off its queue."""
-        if self.status == "IN_QUEUE":
-            self.status, self.started_at = "IN_PROGRESS", time.time()
-
-    def end(
-        self, status: JobState, result: GenerateResult | None = None, error: DiffusersAPIError | None = None
-    ) -> None:
-        """On the event loop. The first end wins: a job cancelled while its result was on the way stays
-        CANCELLED."""
-        if self.finished:
-            return
-        self.status, self.result, self.error, self.request = status, result, error, None
-        self.finished_at, self.ended = time.time(), self.clock()
-        self.publish(_END)
-
-    def cancelled(self) -> None:
-        """End as CANCELLED, with the step it had reached."""
-        step = int((self.events.latest or {}).get("step", 0))
-        self.end("CANCELLED", error=Cancelled(f"job {self.id} was cancelled", step=step))
-
-    def describe(self, with_result: bool = True) -> dict[str, Any]:
-        body = JobStatus(
-            id=self.id,
-            status=self.status,
-            events_url=self.events_url,
-            created_at=self.created_at,
-            started_at=self.started_at,
-            finished_at=self.finished_at,
-            progress=JobProgress(**self._progress()),
-            result=GenerateResponse.from_result(self.result) if with_result and self.result else None,
-            error=self.error.to_wire() if self.error else None,
-        )
-        return body.model_dump(exclude_none=True)
-
-    def _progress(self) -> dict[str, Any]:
-        latest = dict(self.events.latest or {})
-        if self.status == "COMPLETED":
-            stage = "done"
-        elif self.status == "IN_QUEUE" or self.started_at is None:
-            stage = "queued"
-        elif not latest:
-            stage = "starting"
-        else:
-            stage = "finishing" if latest["step"] >= latest["steps"] else "inference"
-        latest["stage"] = stage
-        if self.finished:
-            latest.pop("eta_s", None)
-        return latest
-
-
-class JobStore:
-    """The jobs of this process, oldest first."""
-
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
-        self.ttl_s = settings.jobs_ttl_s
-        self.kept = settings.jobs_kept
-        self.api_key = settings.api_key.get_secret_value() if settings.api_key else None
-        self.capacity = settings.max_queue + settings.max_batch_size  # unfinished jobs, like the engine's bound
-        self.clock = clock
-        self._jobs: OrderedDict[str, Job] = OrderedDict()
-
-    async def submit(self, engine: Engine, hub: EventHub, request: GenerateRequest) -> Job:
-        if request.stream_events:
-            raise InvalidInputs("stream_events does not apply to jobs: read GET /v1/jobs/{id}/events instead")
-        if not engine.health.serving:
-            raise NotReady(f"the server is {engine.health.value.lower()}", state=engine.health.value)
-        job_id = uuid.uuid4().hex
-        if request.request_id is None:  # events and meta carry the job's id
-            request = request.model_copy(update={"request_id": job_id})
-        emitter = await hub.for_request(request)  # may wait on DNS (the request's SEND_URL): count after it
-        self._forget_old()
-        unfinished = sum(not job.finished for job in self._jobs.values())
-        if unfinished >= self.capacity:
-            raise Busy(f"{unfinished} jobs are queued or running; try again shortly", queue_depth=unfinished)
-        job = Job(job_id, request, emitter, events_url(job_id, self.api_key), clock=self.clock)
-        job.events.sinks.append(job.publish)
-        job.task = asyncio.create_task(self._run(job, engine, request), name=f"job-{job_id}")
-        self._jobs[job_id] = job
-        return job
-
-    def get(self, job_id: str) -> Job:
-        self._forget_old()
-        job = self._jobs.get(job_id)
-        if job is None:
-            raise NoSuchJob(f"no job {job_id!r}: unknown, or finished more than JOBS_TTL_S ago", job_id=job_id)
-        return job
-
-    def cancel(self, job_id: str) -> Job:
-        """Cancel a queued or running job; a finished one is left as it is."""
-        job = self.get(job_id)
-        if not job.finished and job.task is not None:
-            job.task.cancel()  # the engine sets the request's cancel flag: it stops at the next step
-            job.cancelled()
-        return job
-
-    def cancel_all(self) -> None:
-        for job in self._jobs.values():
-            if job.task is not None and not job.finished:
-                job.task.cancel()
-
-    async def _run(self, job: Job, engine: Engine, request: GenerateRequest) -> None:
-        loop = asyncio.get_running_loop()
-
-        def on_start() -> None:  # on the engine's thread
-            loop.call_soon_threadsafe(job.start)
-
-        try:
-            result = await events.generate(engine, request, job.events, on_start)
-        except asyncio.CancelledError:
-            job.cancelled()
-        except Exception as exc:
-            job.end("FAILED", error=from_exception(exc))
-        else:
-            job.start()  # the start may still be on its way from the engine's thread
-            job.end("COMPLETED", result=result)
-
-    def _forget_old(self) -> None:
-        now = self.clock()
-        finished = [job for job in self._jobs.values() if job.ended is not None]
-        excess = len(finished) - self.kept
-        for job in finished:  # oldest first
-            if excess > 0 or now - job.ended > self.ttl_s:  # type: ignore[operator]
-                del self._jobs[job.id]
-                excess -= 1
-
-
-# --- routes --------------------------------------------------------------------------------------------------
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
 _ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (401, 404, 422, 503)}
 
 
-def _store(request: Request) -> JobStore:
-    store: JobStore = request.app.state.jobs
-    return store
-
-
 @router.post("", status_code=202, response_model=JobStatus, responses=_ERRORS, summary="Queue a request as a job")
-async def create_job(body: GenerateRequest, request: Request) -> JSONResponse:
+async def create_job(body: GenerateRequest, jobs: JobsDep, engine: EngineDep, events: EventsDep) -> JSONResponse:
     """Queues the same request as POST /v1/generate and answers at once with the job's id (also in
     `Location`). Input errors the request's fields show are refused here (422); those found when it runs
     (an unknown model or pipeline, a bad image) end the job FAILED with the same error body."""
-    state = request.app.state
-    job = await _store(request).submit(state.engine, state.events, body)
+    job = await jobs.submit(engine, events, body)
     return JSONResponse(job.describe(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 @router.get("/{job_id}", response_model=JobStatus, responses=_ERRORS, summary="A job's status and result")
-async def get_job(job_id: str, request: Request) -> JSONResponse:
-    return JSONResponse(_store(request).get(job_id).describe())
+async def get_job(job_id: str, jobs: JobsDep) -> JSONResponse:
+    return JSONResponse(jobs.get(job_id).describe())
 
 
 @router.delete("/{job_id}", response_model=JobStatus, responses=_ERRORS, summary="Cancel a job")
-async def cancel_job(job_id: str, request: Request) -> JSONResponse:
+async def cancel_job(job_id: str, jobs: JobsDep) -> JSONResponse:
     """A queued job never starts; a running one stops at the next denoising step, and the others in its
     batch go on. Cancelling a finished job changes nothing. Answers the job's status."""
-    return JSONResponse(_store(request).cancel(job_id).describe())
+    return JSONResponse(jobs.cancel(job_id).describe())
 
 
-def events_token(api_key: str, job_id: str) -> str:
-    """The token that opens job `job_id`'s event stream alone."""
-    return hmac.new(api_key.encode(), f"job-events:{job_id}".encode(), hashlib.sha256).hexdigest()
-
-
-def events_url(job_id: str, api_key: str | None) -> str:
-    url = f"/v1/jobs/{job_id}/events"
-    return f"{url}?token={events_token(api_key, job_id)}" if api_key else url
-
-
-def _may_read_events(job_id: str, request: Request, token: str | None = None) -> None:
+def _may_read_events(job_id: str, request: Request, settings: SettingsDep, token: str | None = None) -> None:
     """FastAPI dependency: API_KEY in the Authorization header, or this job's events token in `?token=`."""
-    api_key = _store(request).api_key
+    api_key = settings.api_key.get_secret_value() if settings.api_key else None
     if api_key is not None and token is not None:
         if secrets.compare_digest(token, events_token(api_key, job_id)):
             return
         raise Unauthorized("wrong events token: use the events_url of the job, or send 'Authorization: Bearer'")
-    require_api_key(request)
+    check_api_key(request, settings)
 
 
 # Not behind the router's API key alone: the events token of the job opens its stream too.
@@ -283,18 +73,16 @@ events_router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
     summary="Server-sent events of a job",
     dependencies=[Depends(_may_read_events)],
 )
-async def job_events(job_id: str, request: Request) -> StreamingResponse:
+async def job_events(job_id: str, jobs: JobsDep) -> StreamingResponse:
     """`event: status` with the job's status first, then `event: event` for each event of the job (the
     webhook events: start, throttled progress, done or error), and `event: status` with the final status
     (and the result) once it ends; then the stream closes. Closing the stream does not cancel the job.
     With API_KEY set, `?token=` (the token in the job's `events_url`) opens the stream without a header."""
-    job = _store(request).get(job_id)
+    job = jobs.get(job_id)
     return StreamingResponse(_sse(job), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def _sse(job: Job) -> AsyncIterator[bytes]:
-    from ..events import EventQueue
-
     # Watching starts with the stream, so that a client gone before its first byte leaves no watcher behind.
     watcher = EventQueue()
     job.watchers.append(watcher)
@@ -308,7 +96,7 @@ async def _sse(job: Job) -> AsyncIterator[bytes]:
             except TimeoutError:
                 yield b": keep-alive\n\n"
                 continue
-            if event is _END:
+            if event is END_OF_JOB:
                 break
             yield _sse_message("event", event)
         yield _sse_message("status", job.describe())

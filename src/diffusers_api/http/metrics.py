@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Response
 
-from .app import require_api_key
+from .deps import MetricsDep, require_api_key
 
 router = APIRouter(tags=["operations"], dependencies=[Depends(require_api_key)])
 
@@ -14,8 +14,8 @@ router = APIRouter(tags=["operations"], dependencies=[Depends(require_api_key)])
     summary="Prometheus metrics: requests, latency per stage, queue depth, batch sizes, GPU memory",
     responses={200: {"content": {"text/plain": {}}}},
 )
-def metrics(request: Request) -> Response:
-    """The exposition of `app.state.metrics` (see diffusers_api.metrics). A plain function: FastAPI runs it on
+def metrics(metrics: MetricsDep) -> Response:
+    """The exposition of the app's metrics (see diffusers_api.metrics). A plain function: FastAPI runs it on
     its thread pool, so the first scrape's import of prometheus_client never holds up the event loop."""
-    body, content_type = request.app.state.metrics.exposition()
+    body, content_type = metrics.exposition()
     return Response(body, media_type=content_type)

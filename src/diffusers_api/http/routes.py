@@ -7,14 +7,14 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from .. import events
-from ..engine import Engine, Health
+from .. import generation
+from ..engine import Health
 from ..engine.base import probe_device_memory
-from ..engine.compiled import CompiledForward
-from ..errors import DiffusersAPIError, InvalidInputs, NotReady
+from ..errors import DiffusersAPIError, InvalidInputs
 from ..imaging import mime_type
 from ..schema import ErrorResponse, GenerateRequest, GenerateResponse, GenerateResult
-from .app import require_api_key, run_request
+from .deps import EngineDep, EventsDep, require_api_key
+from .responses import run_request
 
 router = APIRouter(prefix="/v1", tags=["native"], dependencies=[Depends(require_api_key)])
 health_router = APIRouter(tags=["health"])
@@ -25,18 +25,13 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
 
 
-def _engine(request: Request) -> Engine:
-    engine: Engine = request.app.state.engine
-    return engine
-
-
 @router.post(
     "/generate",
     response_model=GenerateResponse,
     responses={**_ERRORS, 200: {"content": {mime: {} for mime in _IMAGE_TYPES}}},
     summary="Generate images and wait for them",
 )
-async def generate(body: GenerateRequest, request: Request) -> Response:
+async def generate(body: GenerateRequest, request: Request, engine: EngineDep, hub: EventsDep) -> Response:
     """Runs the request and returns its images as base64 JSON, or, when `Accept` names an image type
     (image/png, image/jpeg, image/webp), the bytes of the single image it made."""
     wanted = _image_accept(request.headers.get("accept", ""))
@@ -46,11 +41,10 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
         body = body.model_copy(update={"image_format": wanted})
         if body.stream_events:
             raise InvalidInputs("stream_events answers NDJSON; it cannot be combined with Accept: image/*")
-        emitter = await request.app.state.events.for_request(body)
-        result = await events.generate(_engine(request), body, emitter)
+        result = await generation.generate(engine, generation.Generation(body, await hub.for_request(body)))
         headers = {"X-Seed": str(result.seeds[0]), "X-Model": str(result.meta.get("MODEL_ID", ""))}
         return Response(result.images[0], media_type=mime_type(result.image_format), headers=headers)
-    return await run_request(request, body, _native_body, _native_error)
+    return await run_request(engine, hub, body, _native_body, _native_error)
 
 
 def _native_body(result: GenerateResult) -> dict[str, Any]:
@@ -73,47 +67,33 @@ def _image_accept(accept: str) -> str | None:
 
 
 @router.get("/models", responses=_ERRORS, summary="Loaded and cached models")
-async def models(request: Request) -> JSONResponse:
+async def models(engine: EngineDep) -> JSONResponse:
     """Resident models (most recently used first, with their weight bytes), models on disk in MODELS_DIR,
     and the memory budget that bounds the resident ones."""
-    store = getattr(getattr(_engine(request), "runner", None), "store", None)
-    if store is None:
-        raise NotReady("this engine has no model store")
-    return JSONResponse(store.describe())
+    return JSONResponse(engine.models())
 
 
 # --- health ------------------------------------------------------------------------------------------------
 
 
 @health_router.get("/health", summary="Lifecycle state; 503 until the model is ready")
-async def health(request: Request) -> JSONResponse:
-    engine = _engine(request)
+async def health(engine: EngineDep) -> JSONResponse:
     state = engine.health
     body: dict[str, Any] = {"status": state.value, "queue_depth": engine.queue_depth}
     if engine.setup_error:
         body["error"] = engine.setup_error
-    batcher = getattr(engine, "batcher", None)
-    if batcher is not None:
-        body["batching"] = batcher.stats.summary()
-        body["compile"] = _compile_summary(batcher)
-    denoiser = getattr(engine, "denoiser", None)
-    if denoiser is not None:
-        body["batching"]["loop"] = denoiser.stats.summary()
+    stats = engine.stats()
+    if stats is not None:
+        body |= stats.summary()
     memory = probe_device_memory(state)
     if memory is not None:
         body["device_memory"] = memory
     return JSONResponse(body, status_code=200 if state.serving else 503)
 
 
-def _compile_summary(batcher: Any) -> dict[str, Any]:
-    """torch.compile's progress (COMPILE=1): waiting, compiling, ready or failed; off otherwise."""
-    forward = getattr(batcher, "forward", None)
-    return forward.summary() if isinstance(forward, CompiledForward) else {"state": "off"}
-
-
 @health_router.get("/healthcheck", summary="docker-diffusers-api health check")
-async def healthcheck(request: Request) -> JSONResponse:
-    state = _engine(request).health
+async def healthcheck(engine: EngineDep) -> JSONResponse:
+    state = engine.health
     serving = state.serving
     body = {"state": "healthy" if serving else state.value.lower(), "gpu": _gpu(state)}
     return JSONResponse(body, status_code=200 if serving else 503)
@@ -131,8 +111,8 @@ def _gpu(state: Health) -> bool | None:
 
 
 @health_router.get("/ping", summary="RunPod load-balancer probe: 200 ready, 204 initializing")
-async def ping(request: Request) -> Response:
-    state = _engine(request).health
+async def ping(engine: EngineDep) -> Response:
+    state = engine.health
     if state.serving:
         return JSONResponse({"status": "healthy"})
     if state is Health.STARTING:

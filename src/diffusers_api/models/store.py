@@ -128,7 +128,7 @@ class ModelStore:
         return resolve_device(self.settings.device)
 
     @property
-    def loaded(self) -> LoadedModel | None:
+    def most_recent(self) -> LoadedModel | None:
         """The most recently used resident model."""
         models = list(self._resident.values())
         return models[-1] if models else None
@@ -225,7 +225,7 @@ class ModelStore:
         return variant
 
     def _mismatch(self, spec: ModelSpec) -> ModelMismatch:
-        served = self.loaded.spec.describe() if self.loaded else "no model"
+        served = self.most_recent.spec.describe() if self.most_recent else "no model"
         return ModelMismatch(
             f"this server serves {served}; set RUNTIME_DOWNLOADS=1 to allow requests for {spec.describe()}",
             requested=spec.model_id,
@@ -233,7 +233,7 @@ class ModelStore:
         )
 
     def _spec_for(self, request: GenerateRequest) -> ModelSpec:
-        base = self.loaded.spec if self.loaded else self.default_spec
+        base = self.most_recent.spec if self.most_recent else self.default_spec
         if base is None:
             if not request.model:
                 raise NoModelId("no model requested and no MODEL_ID configured")
@@ -271,12 +271,6 @@ class ModelStore:
         log.info("evicting %s (%d bytes) to make room", spec.describe(), model.bytes)
         del model
         free_device_memory()
-
-    def unload(self) -> None:
-        """Drop every resident model and give their memory back to the device."""
-        with self._lock:
-            self._resident.clear()
-            free_device_memory()
 
     # --- loading ---------------------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ installed as a submodule", pytorch#112775). Hence:
   eagerly until it is compiled.
 - The background thread compiles from inductor's on-disk caches only: while it runs `torch.compile`, FX
   tracing is refused (`_no_tracing_here`), so a cache miss raises instead of tracing. On a miss the UNet is
-  compiled in a separate process (`python -m diffusers_api.engine.compiled`, a UNet of the same class, config,
+  compiled in a separate process (compile_worker.py, a UNet of the same class, config,
   precision and memory format with placeholder weights, the same inputs' shapes), which fills the caches; then
   the background thread loads from them. The heavy work (tracing, code generation, C++/Triton builds) never
   runs in the server's process; what does is dynamo's tracing of the step and the cache lookups.
@@ -40,13 +40,9 @@ from __future__ import annotations
 
 import enum
 import functools
-import importlib
-import json
 import logging
 import os
 import queue
-import subprocess
-import sys
 import threading
 import time
 import weakref
@@ -56,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from .batcher import UNetForward, eager_forward
+from .forward import ForwardKey, UNetForward, eager_forward
 from .graphs import CudaGraphForward
 
 log = logging.getLogger(__name__)
@@ -67,8 +63,10 @@ Backend = Callable[[Any, list[Any]], Callable[..., Any]]
 Inputs = tuple[Any, Any, Any, dict[str, Any] | None]
 """A UNet step's inputs: sample, timesteps (one per row), encoder hidden states, added conditioning."""
 
+ShapeKey = tuple[int, ForwardKey]
+"""A compiled shape: the rows the UNet runs at, and what else its inputs' shapes are."""
+
 MODES = ("default", "max-autotune-no-cudagraphs")
-SUBPROCESS_TIMEOUT_S = 3600.0
 
 
 class CompileState(enum.StrEnum):
@@ -104,16 +102,22 @@ class CompileStats:
 
 
 @dataclass
-class CompileJob:
-    key: tuple[Any, ...]
+class CompileTarget:
+    """A shape the background thread compiles the UNet for."""
+
+    key: ShapeKey
     unet: weakref.ref[Any]
     inputs: Inputs  # copies, at the batch the base forward runs the UNet at
     grad: bool  # the request thread's modes, which are per thread and which dynamo guards on
     inference: bool
 
+    def describe(self) -> str:
+        rows, key = self.key
+        return key.describe(rows)
 
-CacheFiller = Callable[[Any, CompileJob, "CompiledForward"], object]
-"""Fills the compile caches for (unet, job); raises CompileFailed. The default runs a subprocess."""
+
+CacheFiller = Callable[[Any, CompileTarget, "CompiledForward"], object]
+"""Fills the compile caches for (unet, target); raises CompileFailed. The default runs a subprocess."""
 
 
 # --- what compiles, in the server and in the compiling process --------------------------------------------------
@@ -163,13 +167,13 @@ def _backend(backend: str | Backend, mode: str) -> Backend:
     return cast(Backend, functools.partial(compile_fx, config_patches=list_mode_options(mode)))
 
 
-def compile_step(compiler: Callable[..., Any], unet: Any, job: CompileJob, recompile_limit: int) -> bool:
-    """Run `compiler` (torch.compile of `_unet_step`) once on the job's inputs, which compiles them if no
+def compile_step(compiler: Callable[..., Any], unet: Any, target: CompileTarget, recompile_limit: int) -> bool:
+    """Run `compiler` (torch.compile of `_unet_step`) once on the target's inputs, which compiles them if no
     earlier graph's guards cover them; True if the compiled code ran. The same call in both processes, so that
     both trace the same graph and share its cache entries."""
     import torch
 
-    sample, timesteps, hidden, added = job.inputs
+    sample, timesteps, hidden, added = target.inputs
     if sample.shape[0] > 1:  # a batch of one is always specialised; marking it dynamic changes nothing
         for tensor in (sample, timesteps, hidden, *(added or {}).values()):
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
@@ -180,8 +184,8 @@ def compile_step(compiler: Callable[..., Any], unet: Any, job: CompileJob, recom
         dynamo["automatic_dynamic_local_pgo"] = False
     before = _graphs_run()
     with (
-        torch.inference_mode(job.inference),
-        torch.set_grad_enabled(job.grad),
+        torch.inference_mode(target.inference),
+        torch.set_grad_enabled(target.grad),
         torch._dynamo.config.patch(dynamo),
     ):
         compiler(unet, sample, timesteps, hidden, added)
@@ -211,7 +215,7 @@ class CompiledForward:
         self.base = base or eager_forward
         self.backend = backend
         self.mode = mode
-        self.fill_cache = fill_cache or compile_in_subprocess
+        self.fill_cache = fill_cache or _compile_in_subprocess
         self.recompile_limit = recompile_limit
         self.stats = CompileStats()
         self._run_only = torch._dynamo.run(_unet_step)
@@ -222,7 +226,7 @@ class CompiledForward:
         self._idle = threading.Condition(self._lock)
         self._pending = 0  # shapes queued or compiling
         self._failed = False
-        self._jobs: queue.Queue[CompileJob] = queue.Queue()
+        self._targets: queue.Queue[CompileTarget] = queue.Queue()
         self._worker: threading.Thread | None = None
 
     # --- the request path --------------------------------------------------------------------------------------
@@ -247,7 +251,7 @@ class CompiledForward:
     ) -> tuple[tuple[Any, ...], _Shape]:
         """This call's shape and its state; a shape met for the first time is queued for compiling."""
         rows = _module_rows(self.base, sample)
-        key = _key(unet, rows, sample, hidden, added)
+        key = (rows, ForwardKey.of(unet, sample, hidden, added))
         with self._lock:
             state = self._shapes.get(key)
             if state is not None:
@@ -268,12 +272,12 @@ class CompiledForward:
         before another object can reuse its id."""
         with self._lock:
             self._unets.pop(unet_id, None)
-            for key in [key for key in self._shapes if key[0] == unet_id]:
+            for key in [key for key in self._shapes if key[1].module == unet_id]:
                 del self._shapes[key]
 
     # --- the background thread -------------------------------------------------------------------------------
 
-    def _queue(self, key: tuple[Any, ...], unet: Any, rows: int, inputs: Inputs) -> None:
+    def _queue(self, key: ShapeKey, unet: Any, rows: int, inputs: Inputs) -> None:
         import torch
 
         sample, timesteps, hidden, added = inputs
@@ -284,7 +288,7 @@ class CompiledForward:
             {name: _rows(value, rows) for name, value in added.items()} if added else None,
         )
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-        self._jobs.put(CompileJob(key, weakref.ref(unet), example, grad, inference))
+        self._targets.put(CompileTarget(key, weakref.ref(unet), example, grad, inference))
         with self._lock:
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="torch-compile", daemon=True)
@@ -292,57 +296,57 @@ class CompiledForward:
 
     def _work(self) -> None:
         while True:
-            job = self._jobs.get()
+            target = self._targets.get()
             started = time.perf_counter()
-            state = self._compile(job)
+            state = self._compile(target)
             with self._lock:
                 self.stats.compile_s += time.perf_counter() - started
-                if job.key in self._shapes:
-                    self._shapes[job.key] = state
+                if target.key in self._shapes:
+                    self._shapes[target.key] = state
                 self._pending -= 1
                 self._idle.notify_all()
 
-    def _compile(self, job: CompileJob) -> _Shape:
+    def _compile(self, target: CompileTarget) -> _Shape:
         import torch
 
-        unet = job.unet()
+        unet = target.unet()
         if unet is None or self._failed:
             return _Shape.EAGER
         try:
-            return self._compile_unet(unet, job)
+            return self._compile_unet(unet, target)
         except torch.cuda.OutOfMemoryError:
             # the example step runs beside the requests' steps: a big batch may not fit twice
-            log.warning("out of memory compiling for %s; that shape stays eager", _describe(job.key))
+            log.warning("out of memory compiling for %s; that shape stays eager", target.describe())
         except Exception as exc:
             self._failed, self.stats.last_error = True, _reason(exc)
             log.warning("torch.compile failed (%s); shapes met from now on run eagerly", self.stats.last_error)
             log.debug("compile failure", exc_info=True)
         return _Shape.EAGER
 
-    def _compile_unet(self, unet: Any, job: CompileJob) -> _Shape:
+    def _compile_unet(self, unet: Any, target: CompileTarget) -> _Shape:
         started = time.perf_counter()
         try:
-            ran = self._load(unet, job)
+            ran = self._load(unet, target)
         except ColdCache:
-            log.info("compiling the UNet for %s in a process of its own", _describe(job.key))
+            log.info("compiling the UNet for %s in a process of its own", target.describe())
             self.stats.subprocesses += 1
-            self.fill_cache(unet, job, self)
+            self.fill_cache(unet, target, self)
             try:
-                ran = self._load(unet, job)
+                ran = self._load(unet, target)
             except ColdCache:
-                log.warning("the compiling process left no cache entry for %s; it stays eager", _describe(job.key))
+                log.warning("the compiling process left no cache entry for %s; it stays eager", target.describe())
                 return _Shape.EAGER
         if not ran:
-            log.warning("torch.compile left UNet steps of %s eager (see dynamo's log)", _describe(job.key))
+            log.warning("torch.compile left UNet steps of %s eager (see dynamo's log)", target.describe())
             return _Shape.EAGER
-        log.info("UNet compiled for %s in %.1f s", _describe(job.key), time.perf_counter() - started)
+        log.info("UNet compiled for %s in %.1f s", target.describe(), time.perf_counter() - started)
         return _Shape.READY
 
-    def _load(self, unet: Any, job: CompileJob) -> bool:
+    def _load(self, unet: Any, target: CompileTarget) -> bool:
         """Compile in this process from the caches only: raises ColdCache where it would have to trace."""
         try:
             with _no_tracing_here():
-                return compile_step(self.compiler(), unet, job, self.recompile_limit)
+                return compile_step(self.compiler(), unet, target, self.recompile_limit)
         except Exception as exc:
             if _caused_by(exc, ColdCache):
                 raise ColdCache(str(exc)) from None
@@ -456,108 +460,6 @@ def _no_tracing_here() -> Iterator[None]:
             patcher.patch_method = allowed  # type: ignore[method-assign]
 
 
-COMPILE_NICENESS = 10
-"""How much lower the compiling process's CPU priority is than the server's (`os.nice`; its compile workers
-inherit it), so that compiling takes the cores the server leaves idle. The server's steps need a core at once (on
-a GPU, one thread launches each step's kernels). On an H200 host, before this, the first request beside a cold
-compile took 13.5 s against 1.3 s (bench/results/gpu-h200-2026-11-26-run3.jsonl); whether CPU contention was all
-of that is not measured yet."""
-
-
-def compile_in_subprocess(unet: Any, job: CompileJob, forward: CompiledForward) -> dict[str, Any]:
-    """Compile the step for the job's shape in a new Python process, which fills the on-disk caches that the
-    server then loads from. The process builds a UNet of the same class and config with placeholder weights (the
-    weights are inputs of the compiled graph, so their values do not matter) on the same device, at a lower CPU
-    priority (COMPILE_NICENESS). Returns what the process reports of itself (its niceness)."""
-    if not isinstance(forward.backend, str):
-        raise CompileFailed("a compiling process needs a backend by name")
-    spec = _spec(unet, job, forward)
-    command = [sys.executable, "-m", "diffusers_api.engine.compiled"]
-    spec_json = json.dumps(spec, default=str)  # the config's paths (_name_or_path) as text
-    try:
-        done = subprocess.run(
-            command, input=spec_json, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise CompileFailed(f"the compiling process took over {SUBPROCESS_TIMEOUT_S:.0f} s") from exc
-    if done.returncode != 0:
-        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
-        log.debug("compiling process output:\n%s", done.stderr[-20000:])
-        raise CompileFailed(f"the compiling process failed: {lines[-1]}")
-    return _report(done.stdout)
-
-
-def _report(stdout: str) -> dict[str, Any]:
-    """The compiling process's last line of JSON (libraries may print before it); {} without one."""
-    for line in reversed(stdout.strip().splitlines()):
-        try:
-            report = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(report, dict):
-            return report
-    return {}
-
-
-def _spec(unet: Any, job: CompileJob, forward: CompiledForward) -> dict[str, Any]:
-    import torch
-
-    params = list(unet.parameters())
-    kernels = [param for param in params if param.dim() == 4]
-    channels_last = any(
-        kernel.is_contiguous(memory_format=torch.channels_last) and not kernel.is_contiguous() for kernel in kernels
-    )
-    sample, timesteps, hidden, added = job.inputs
-
-    def tensor(value: Any) -> dict[str, Any]:
-        return {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
-
-    return {
-        "unet": f"{type(unet).__module__}:{type(unet).__qualname__}",
-        "config": dict(unet.config),
-        "dtype": str(params[0].dtype).removeprefix("torch."),
-        "device": str(params[0].device),
-        "channels_last": channels_last,
-        "requires_grad": any(param.requires_grad for param in params),
-        "inputs": [tensor(sample), tensor(timesteps), tensor(hidden)],
-        "added": {name: tensor(value) for name, value in (added or {}).items()},
-        "grad": job.grad,
-        "inference": job.inference,
-        "backend": forward.backend,
-        "mode": forward.mode,
-        "recompile_limit": forward.recompile_limit,
-        "threads": torch.get_num_threads(),  # CPU kernels are generated for a thread count
-    }
-
-
-def _compile_from_spec(spec: dict[str, Any]) -> None:
-    """The compiling process: build the UNet the spec describes and compile the step for its inputs."""
-    import torch
-
-    torch.set_num_threads(spec["threads"])
-    module, _, name = spec["unet"].partition(":")
-    unet_class = getattr(importlib.import_module(module), name)
-    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
-    # built without memory, then given uninitialised memory on the device in its precision: the values do not
-    # matter to the compile, and the server's device holds no more than one more copy of the weights
-    with torch.device("meta"):
-        unet = unet_class.from_config(spec["config"]).to(dtype).eval()
-    unet.to_empty(device=device)
-    if spec["channels_last"]:
-        unet.to(memory_format=torch.channels_last)
-    unet.requires_grad_(spec["requires_grad"])
-
-    def tensor(described: dict[str, Any]) -> Any:
-        return torch.randn(described["shape"], device=device).to(getattr(torch, described["dtype"]))
-
-    sample, timesteps, hidden = (tensor(described) for described in spec["inputs"])
-    added = {name: tensor(described) for name, described in spec["added"].items()} or None
-    job = CompileJob((), weakref.ref(unet), (sample, timesteps, hidden, added), spec["grad"], spec["inference"])
-    forward = CompiledForward(backend=spec["backend"], mode=spec["mode"], recompile_limit=spec["recompile_limit"])
-    if not compile_step(forward.compiler(), unet, job, forward.recompile_limit):
-        raise SystemExit("dynamo left the step uncompiled (see its log)")
-
-
 # --- helpers -------------------------------------------------------------------------------------------------
 
 
@@ -605,24 +507,6 @@ def _module_rows(base: UNetForward, sample: Any) -> int:
     return rows
 
 
-def _key(unet: Any, rows: int, sample: Any, hidden: Any, added: dict[str, Any] | None) -> tuple[Any, ...]:
-    shapes = tuple(sorted((name, tuple(value.shape[1:]), value.dtype) for name, value in (added or {}).items()))
-    return (
-        id(unet),
-        rows,
-        tuple(sample.shape[1:]),
-        sample.dtype,
-        str(sample.device),
-        tuple(hidden.shape[1:]),
-        hidden.dtype,
-        shapes,
-    )
-
-
-def _describe(key: tuple[Any, ...]) -> str:
-    return f"{key[1]} rows of {key[2]} {key[3]} on {key[4]}"
-
-
 def _rows(tensor: Any, rows: int) -> Any:
     """A contiguous copy of `tensor` with `rows` rows (its first row repeated), as the base forward passes it."""
     import torch
@@ -633,13 +517,7 @@ def _rows(tensor: Any, rows: int) -> Any:
     return copy
 
 
-def main() -> None:
-    """`python -m diffusers_api.engine.compiled` with a spec (JSON) on stdin: the compiling process."""
-    logging.basicConfig(level=logging.WARNING)
-    os.nice(COMPILE_NICENESS)
-    _compile_from_spec(json.loads(sys.stdin.read()))
-    print(json.dumps({"niceness": os.nice(0)}), flush=True)
+def _compile_in_subprocess(unet: Any, target: CompileTarget, forward: CompiledForward) -> dict[str, Any]:
+    from .compile_worker import compile_in_subprocess
 
-
-if __name__ == "__main__":
-    main()
+    return compile_in_subprocess(unet, target, forward)

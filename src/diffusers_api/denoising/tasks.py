@@ -6,10 +6,10 @@ requests at once:
 
 - `prepare` (on the request's thread): check the inputs, encode the prompts, set the scheduler's timesteps,
   draw the initial latents (or encode the init image), exactly as the pipeline does, with its own methods.
-  The result is a `Job`: everything the loop needs, as an object.
-- the loop (`engine/stepper.py`, one thread for all requests): each step, the jobs of one model and shape run
-  as one UNet forward; guidance is one tensor operation for all of them; then each job's own scheduler steps
-  its own latents (schedulers keep per-request history, so this stays per job).
+  The result is a `DenoiseTask`: everything the loop needs, as an object.
+- the loop (`denoising/loop.py`, one thread for all requests): each step, the tasks of one model and shape run
+  as one UNet forward; guidance is one tensor operation for all of them; then each task's own scheduler steps
+  its own latents (schedulers keep per-request history, so this stays per task).
 - `finish` (on the request's thread again): VAE decode, safety checker, post-processing, as the pipeline does.
 
 Supported here: `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`, `StableDiffusionInpaintPipeline`,
@@ -17,25 +17,44 @@ Supported here: `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`, `St
 inpainting pipelines: inpainting UNets with 9 input channels, and plain 4-channel ones that the pipeline blends
 with the init image), with the arguments in `_SUPPORTED`.
 Anything else (other pipelines, cross_attention_kwargs, IP-Adapters, guidance-embedding models, denoising_start/end,
-callbacks) keeps the generic diffusers path, which still batches its UNet calls through the StepBatcher.
+callbacks) keeps the generic diffusers path, which still batches its UNet calls through the rendezvous.
 """
 
 from __future__ import annotations
 
+import enum
 import inspect
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..pipelines import call_parameters
+from .forward import ForwardKey
 
 if TYPE_CHECKING:
     import torch
 
-    from ..runner import ProgressCallback
+ProgressCallback = Callable[[int, int], None]
+"""Called after each denoising step with (step, steps)."""
+
+
+class Family(enum.Enum):
+    """Which preparation and decoding a pipeline needs."""
+
+    SD = "sd"  # Stable Diffusion 1.x / 2.x
+    SDXL = "sdxl"
+
+
+class Mode(enum.Enum):
+    """What a pipeline starts from: noise, an image, or an image and a mask."""
+
+    TXT2IMG = "txt2img"
+    IMG2IMG = "img2img"
+    INPAINT = "inpaint"
+
 
 _SD_ARGS = {
     "prompt",
@@ -65,19 +84,35 @@ _IMG2IMG_ARGS = {"image", "strength"}
 _SDXL_IMG2IMG_ARGS = {"aesthetic_score", "negative_aesthetic_score"}
 _INPAINT_ARGS = {"image", "mask_image", "strength"}
 
-# Pipeline class name -> (family, task, the __call__ arguments this loop reproduces).
-_SUPPORTED: dict[str, tuple[str, str, set[str]]] = {
-    "StableDiffusionPipeline": ("sd", "txt2img", _SD_ARGS),
-    "StableDiffusionImg2ImgPipeline": ("sd", "img2img", _SD_ARGS | _IMG2IMG_ARGS),
-    "StableDiffusionInpaintPipeline": ("sd", "inpaint", _SD_ARGS | _INPAINT_ARGS),
-    "StableDiffusionXLPipeline": ("sdxl", "txt2img", _SD_ARGS | _SDXL_ARGS),
-    "StableDiffusionXLImg2ImgPipeline": ("sdxl", "img2img", _SD_ARGS | _SDXL_ARGS | _IMG2IMG_ARGS | _SDXL_IMG2IMG_ARGS),
-    "StableDiffusionXLInpaintPipeline": ("sdxl", "inpaint", _SD_ARGS | _SDXL_ARGS | _INPAINT_ARGS | _SDXL_IMG2IMG_ARGS),
+
+@dataclass(frozen=True)
+class _Supported:
+    family: Family
+    mode: Mode
+    arguments: frozenset[str]  # the __call__ arguments this loop reproduces
+
+
+def _supported(family: Family, mode: Mode, *arguments: set[str]) -> _Supported:
+    return _Supported(family, mode, frozenset().union(*arguments))
+
+
+# Pipeline class name -> what this loop does for it.
+_SUPPORTED: dict[str, _Supported] = {
+    "StableDiffusionPipeline": _supported(Family.SD, Mode.TXT2IMG, _SD_ARGS),
+    "StableDiffusionImg2ImgPipeline": _supported(Family.SD, Mode.IMG2IMG, _SD_ARGS, _IMG2IMG_ARGS),
+    "StableDiffusionInpaintPipeline": _supported(Family.SD, Mode.INPAINT, _SD_ARGS, _INPAINT_ARGS),
+    "StableDiffusionXLPipeline": _supported(Family.SDXL, Mode.TXT2IMG, _SD_ARGS, _SDXL_ARGS),
+    "StableDiffusionXLImg2ImgPipeline": _supported(
+        Family.SDXL, Mode.IMG2IMG, _SD_ARGS, _SDXL_ARGS, _IMG2IMG_ARGS, _SDXL_IMG2IMG_ARGS
+    ),
+    "StableDiffusionXLInpaintPipeline": _supported(
+        Family.SDXL, Mode.INPAINT, _SD_ARGS, _SDXL_ARGS, _INPAINT_ARGS, _SDXL_IMG2IMG_ARGS
+    ),
 }
 
 
 @dataclass(eq=False)
-class Job:
+class DenoiseTask:
     """One request inside the loop: what diffusers' `__call__` keeps in local variables during its loop.
 
     Rows of `hidden` and `added` are in the pipeline's order: with guidance the first `images` rows are the
@@ -109,7 +144,7 @@ class Job:
 
     @property
     def rows(self) -> int:
-        """Rows of this job in a UNet forward: two per image with classifier-free guidance."""
+        """Rows of this task in a UNet forward: two per image with classifier-free guidance."""
         return self.images * (2 if self.guided else 1)
 
     @property
@@ -124,11 +159,9 @@ class Job:
     def timestep(self) -> torch.Tensor:
         return self.timesteps[self.step]
 
-    def key(self) -> tuple[Any, ...]:
-        """Jobs with equal keys can share a UNet forward."""
-        added = tuple(sorted((k, tuple(v.shape[1:]), v.dtype) for k, v in (self.added or {}).items()))
-        latents, hidden = self.latents, self.hidden
-        return (id(self.unet), tuple(latents.shape[1:]), latents.dtype, tuple(hidden.shape[1:]), hidden.dtype, added)
+    def key(self) -> ForwardKey:
+        """Tasks with equal keys can share a UNet forward."""
+        return ForwardKey.of(self.unet, self.latents, self.hidden, self.added)
 
     def model_input(self) -> torch.Tensor:
         """This step's UNet input for one copy of the latents (guided jobs use it for both of their halves)."""
@@ -156,13 +189,13 @@ class Blend:
     noise: torch.Tensor
     mask: torch.Tensor  # the mask of one copy of the images (the unconditional half with guidance)
 
-    def apply(self, job: Job) -> torch.Tensor:
+    def apply(self, task: DenoiseTask) -> torch.Tensor:
         import torch
 
         proper = self.image_latents
-        if job.step < job.steps - 1:
-            proper = job.scheduler.add_noise(proper, self.noise, torch.tensor([job.timesteps[job.step + 1]]))
-        return (1 - self.mask) * proper + self.mask * job.latents
+        if task.step < task.steps - 1:
+            proper = task.scheduler.add_noise(proper, self.noise, torch.tensor([task.timesteps[task.step + 1]]))
+        return (1 - self.mask) * proper + self.mask * task.latents
 
 
 # ---------------------------------------------------------------------------------------------- eligibility
@@ -171,7 +204,7 @@ class Blend:
 def supports(pipe: Any, kwargs: dict[str, Any]) -> bool:
     """Whether this loop reproduces `pipe(**kwargs)`; otherwise the generic diffusers path runs it."""
     entry = _SUPPORTED.get(type(pipe).__name__)
-    if entry is None or not set(kwargs) <= entry[2]:
+    if entry is None or not set(kwargs) <= entry.arguments:
         return False
     if type(pipe.vae).__name__ == "AsymmetricAutoencoderKL":
         return False  # its decoder also takes the init image and mask
@@ -206,16 +239,16 @@ def execution_device(pipe: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- prepare
 
 
-def prepare(pipe: Any, kwargs: dict[str, Any]) -> Job:
+def prepare(pipe: Any, kwargs: dict[str, Any]) -> DenoiseTask:
     """Everything `pipe(**kwargs)` does before its first step. Raises ValueError/TypeError as the pipeline does."""
     import torch
 
-    family, task, _ = _SUPPORTED[type(pipe).__name__]
+    entry = _SUPPORTED[type(pipe).__name__]
     args = _arguments(pipe, kwargs)
     with torch.inference_mode():
-        if family == "sd":
-            return _prepare_sd(pipe, args, task)
-        return _prepare_sdxl(pipe, args, task)
+        if entry.family is Family.SD:
+            return _prepare_sd(pipe, args, entry.mode)
+        return _prepare_sdxl(pipe, args, entry.mode)
 
 
 def _start(pipe: Any, args: dict[str, Any]) -> None:
@@ -233,15 +266,15 @@ def _batch_size(prompt: Any) -> int:
     return 1 if isinstance(prompt, str) else len(prompt)
 
 
-def _prepare_sd(pipe: Any, args: dict[str, Any], task: str) -> Job:
+def _prepare_sd(pipe: Any, args: dict[str, Any], mode: Mode) -> DenoiseTask:
     import torch
 
-    if task in ("txt2img", "inpaint"):
+    if mode in (Mode.TXT2IMG, Mode.INPAINT):
         args["height"] = args["height"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
         args["width"] = args["width"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    if task == "txt2img":
+    if mode is Mode.TXT2IMG:
         pipe.check_inputs(args["prompt"], args["height"], args["width"], None, args["negative_prompt"])
-    elif task == "inpaint":
+    elif mode is Mode.INPAINT:
         pipe.check_inputs(
             args["prompt"], args["image"], args["mask_image"], args["height"], args["width"], args["strength"], None,
             args["output_type"], args["negative_prompt"],
@@ -259,7 +292,7 @@ def _prepare_sd(pipe: Any, args: dict[str, Any], task: str) -> Job:
         clip_skip=pipe.clip_skip,
     )
     hidden = torch.cat([negative, positive]) if pipe.do_classifier_free_guidance else positive
-    return _initial_latents(pipe, args, task, images, hidden.dtype, device).job(pipe, args, hidden, added=None)
+    return _initial_latents(pipe, args, mode, images, hidden.dtype, device).task(pipe, args, hidden, added=None)
 
 
 @dataclass
@@ -271,10 +304,10 @@ class _Latents:
     conditioning: Any = None  # 9-channel inpainting UNets: mask and masked-image latents, rows like `hidden`
     blend: Blend | None = None  # 4-channel UNets inpainting: the init image the unmasked area is reset to
 
-    def job(self, pipe: Any, args: dict[str, Any], hidden: Any, added: Any) -> Job:
+    def task(self, pipe: Any, args: dict[str, Any], hidden: Any, added: Any) -> DenoiseTask:
         pipe._num_timesteps = len(self.timesteps)
         _find_first_step(pipe.scheduler, self.timesteps)
-        return Job(
+        return DenoiseTask(
             unet=pipe.unet,
             scheduler=pipe.scheduler,
             timesteps=self.timesteps,
@@ -295,7 +328,7 @@ def _inpaint_latents(pipe: Any, args: dict[str, Any], images: int, dtype: Any, d
     import torch
 
     height, width, generator = args["height"], args["width"], args["generator"]
-    timesteps, steps = _timesteps(pipe, args, "inpaint", device)
+    timesteps, steps = _timesteps(pipe, args, Mode.INPAINT, device)
     if steps < 1:
         raise ValueError(f"strength {args['strength']} leaves {steps} denoising steps; at least one is needed")
     init_image = pipe.image_processor.preprocess(args["image"], height=height, width=width).to(dtype=torch.float32)
@@ -318,17 +351,17 @@ def _inpaint_latents(pipe: Any, args: dict[str, Any], images: int, dtype: Any, d
     return _Latents(timesteps, latents, blend=Blend(image_latents=outputs[2], noise=noise, mask=mask[:images]))
 
 
-def _prepare_sdxl(pipe: Any, args: dict[str, Any], task: str) -> Job:
+def _prepare_sdxl(pipe: Any, args: dict[str, Any], mode: Mode) -> DenoiseTask:
     import torch
 
-    if task == "txt2img":
+    if mode is Mode.TXT2IMG:
         args["height"] = args["height"] or pipe.default_sample_size * pipe.vae_scale_factor
         args["width"] = args["width"] or pipe.default_sample_size * pipe.vae_scale_factor
         pipe.check_inputs(
             args["prompt"], args["prompt_2"], args["height"], args["width"], args["negative_prompt"],
             args["negative_prompt_2"],
         )  # fmt: skip
-    elif task == "inpaint":
+    elif mode is Mode.INPAINT:
         args["height"] = args["height"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
         args["width"] = args["width"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
         pipe.check_inputs(
@@ -353,25 +386,25 @@ def _prepare_sdxl(pipe: Any, args: dict[str, Any], task: str) -> Job:
         clip_skip=pipe.clip_skip,
     )
     with _vae_for_encoding(pipe):
-        prepared = _initial_latents(pipe, args, task, images, positive.dtype, device)
-    if task == "txt2img" and hasattr(pipe.scheduler, "set_begin_index"):
+        prepared = _initial_latents(pipe, args, mode, images, positive.dtype, device)
+    if mode is Mode.TXT2IMG and hasattr(pipe.scheduler, "set_begin_index"):
         pipe.scheduler.set_begin_index(0)
     height, width = (size * pipe.vae_scale_factor for size in prepared.latents.shape[-2:])
-    time_ids, negative_time_ids = _sdxl_time_ids(pipe, args, task, (height, width), positive.dtype, pooled)
+    time_ids, negative_time_ids = _sdxl_time_ids(pipe, args, mode, (height, width), positive.dtype, pooled)
     if pipe.do_classifier_free_guidance:
         positive = torch.cat([negative, positive])
         pooled = torch.cat([negative_pooled, pooled])
         time_ids = torch.cat([negative_time_ids, time_ids])
     # The pipelines repeat the time ids per image after (txt2img) or before (img2img) pairing them with the
     # negative ones; the row order decides which UNet row gets which ids, so it is kept as theirs.
-    if task == "txt2img":
+    if mode is Mode.TXT2IMG:
         time_ids = time_ids.repeat(images, 1)
     added = {"text_embeds": pooled.to(device), "time_ids": time_ids.to(device)}
-    return prepared.job(pipe, args, positive.to(device), added)
+    return prepared.task(pipe, args, positive.to(device), added)
 
 
 def _sdxl_time_ids(
-    pipe: Any, args: dict[str, Any], task: str, size: tuple[int, int], dtype: Any, pooled: Any
+    pipe: Any, args: dict[str, Any], mode: Mode, size: tuple[int, int], dtype: Any, pooled: Any
 ) -> tuple[Any, Any]:
     """(time ids, negative time ids) of SDXL's micro-conditioning, as each pipeline computes them."""
     original_size = args["original_size"] or size
@@ -379,7 +412,7 @@ def _sdxl_time_ids(
     encoder_2 = pipe.text_encoder_2
     projection_dim = int(pooled.shape[-1]) if encoder_2 is None else encoder_2.config.projection_dim
     crops = args["crops_coords_top_left"]
-    if task == "txt2img":
+    if mode is Mode.TXT2IMG:
         time_ids = pipe._get_add_time_ids(
             original_size, crops, target_size, dtype=dtype, text_encoder_projection_dim=projection_dim
         )
@@ -399,25 +432,25 @@ def _sdxl_time_ids(
     return time_ids.repeat(images, 1), negative.repeat(images, 1)
 
 
-def _timesteps(pipe: Any, args: dict[str, Any], task: str, device: Any) -> tuple[Any, int]:
+def _timesteps(pipe: Any, args: dict[str, Any], mode: Mode, device: Any) -> tuple[Any, int]:
     """(timesteps, steps) as the pipeline sets them: the whole schedule for txt2img; with a strength (img2img,
     inpainting), the tail of it that is denoised, the scheduler's begin index set to match."""
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
     timesteps, steps = retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device)
-    if task == "txt2img":
+    if mode is Mode.TXT2IMG:
         return timesteps, steps
     tail: tuple[Any, int] = pipe.get_timesteps(steps, args["strength"], device)
     return tail
 
 
-def _initial_latents(pipe: Any, args: dict[str, Any], task: str, images: int, dtype: Any, device: Any) -> _Latents:
+def _initial_latents(pipe: Any, args: dict[str, Any], mode: Mode, images: int, dtype: Any, device: Any) -> _Latents:
     """Pure noise for txt2img; the noised init image for img2img; that and the mask for inpainting."""
-    if task == "inpaint":
+    if mode is Mode.INPAINT:
         return _inpaint_latents(pipe, args, images, dtype, device)
-    timesteps, _ = _timesteps(pipe, args, task, device)
+    timesteps, _ = _timesteps(pipe, args, mode, device)
     generator = args["generator"]
-    if task == "txt2img":
+    if mode is Mode.TXT2IMG:
         channels = pipe.unet.config.in_channels
         height, width = args["height"], args["width"]
         return _Latents(timesteps, pipe.prepare_latents(images, channels, height, width, dtype, device, generator))
@@ -451,27 +484,27 @@ class Output:
     nsfw_content_detected: list[bool] | None = None
 
 
-def finish(pipe: Any, job: Job, kwargs: dict[str, Any]) -> Output:
+def finish(pipe: Any, task: DenoiseTask, kwargs: dict[str, Any]) -> Output:
     """Everything `pipe(**kwargs)` does after its last step: decode, safety check, post-process."""
     import torch
 
-    family, _, _ = _SUPPORTED[type(pipe).__name__]
+    family = _SUPPORTED[type(pipe).__name__].family
     with torch.inference_mode():
-        if family == "sd":
-            return _finish_sd(pipe, job, kwargs.get("generator"))
-        return _finish_sdxl(pipe, job)
+        if family is Family.SD:
+            return _finish_sd(pipe, task, kwargs.get("generator"))
+        return _finish_sdxl(pipe, task)
 
 
-def _finish_sd(pipe: Any, job: Job, generator: Any) -> Output:
-    latents = job.latents / pipe.vae.config.scaling_factor
+def _finish_sd(pipe: Any, task: DenoiseTask, generator: Any) -> Output:
+    latents = task.latents / pipe.vae.config.scaling_factor
     image = pipe.vae.decode(latents, return_dict=False, generator=generator)[0]
-    image, nsfw = pipe.run_safety_checker(image, execution_device(pipe), job.hidden.dtype)
+    image, nsfw = pipe.run_safety_checker(image, execution_device(pipe), task.hidden.dtype)
     denormalize = [True] * image.shape[0] if nsfw is None else [not flag for flag in nsfw]
     return Output(pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=denormalize), nsfw)
 
 
-def _finish_sdxl(pipe: Any, job: Job) -> Output:
-    latents, vae = job.latents, pipe.vae
+def _finish_sdxl(pipe: Any, task: DenoiseTask) -> Output:
+    latents, vae = task.latents, pipe.vae
     if _needs_upcast(vae):
         vae = float32_vae(vae)
         latents = latents.float()

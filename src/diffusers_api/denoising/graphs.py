@@ -17,7 +17,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from .batcher import eager_forward
+from .forward import ForwardKey, eager_forward
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class CudaGraphForward:
         bucket = self._bucket(sample)
         if bucket is None:
             return eager_forward(unet, sample, timesteps, hidden, added)
-        key = _key(bucket, sample, hidden, added)
+        key = (bucket, ForwardKey.of(unet, sample, hidden, added))
         with self._lock:
             graphs = self._graphs_of(unet)
             if key not in graphs:
@@ -127,8 +127,3 @@ def _padded(tensor: Any, rows: int) -> Any:
     buffer[: tensor.shape[0]].copy_(tensor)
     buffer[tensor.shape[0] :].copy_(tensor[:1].expand(rows - tensor.shape[0], *tensor.shape[1:]))
     return buffer
-
-
-def _key(bucket: int, sample: Any, hidden: Any, added: dict[str, Any] | None) -> tuple[Any, ...]:
-    shapes = tuple(sorted((name, tuple(value.shape[1:])) for name, value in (added or {}).items()))
-    return (bucket, tuple(sample.shape[1:]), sample.dtype, tuple(hidden.shape[1:]), hidden.dtype, shapes)

@@ -2,7 +2,7 @@
 
 Each request runs diffusers' own denoising loop on its own thread, with its own pipeline object, scheduler,
 generators, prompt embeddings and guidance scale. Only its UNet is swapped for a `BatchedUNet` proxy. When the
-loop calls the UNet, the call is parked at a rendezvous (`StepBatcher`); once every request that is inside
+loop calls the UNet, the call is parked at a rendezvous (`Rendezvous`); once every request that is inside
 its loop has parked its call for this step, the calls are concatenated along the batch axis, the real UNet
 runs once per compatible group, and each caller gets back its own rows. So:
 
@@ -20,13 +20,14 @@ others by at most that much per step, never block them.
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+from .forward import ForwardKey, StepBatch, StepRows, UNetForward, eager_forward
 
 # The UNet arguments a batched call may carry; anything else (ControlNet residuals, timestep_cond, attention
 # kwargs) runs the call on its own within the round.
@@ -35,16 +36,13 @@ _ALWAYS_NONE_OK = {"timestep_cond", "cross_attention_kwargs"}
 
 log = logging.getLogger(__name__)
 
-UNetForward = Callable[[Any, Any, Any, Any, dict[str, Any] | None], Any]
-"""(unet, sample, timesteps[batch], encoder_hidden_states, added_cond_kwargs) -> noise prediction."""
-
 
 @dataclass(eq=False)
 class _Call:
     unet: Any
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-    key: Any = None
+    key: ForwardKey | None = None  # None: the call cannot be merged and runs alone
     result: Any = None
     error: BaseException | None = None
     done: bool = False
@@ -57,10 +55,15 @@ class _Call:
     def rows(self) -> int:
         return int(self.sample.shape[0])
 
+    def step_rows(self) -> StepRows:
+        return StepRows(
+            self.sample, _timesteps(self), self.kwargs["encoder_hidden_states"], self.kwargs.get("added_cond_kwargs")
+        )
+
 
 @dataclass
 class BatchStats:
-    """What the batcher did: rounds run, UNet forwards, and the rows of each forward."""
+    """What the rendezvous did: rounds run, UNet forwards, and the rows of each forward."""
 
     rounds: int = 0
     forwards: int = 0
@@ -89,7 +92,7 @@ class BatchStats:
         }
 
 
-class StepBatcher:
+class Rendezvous:
     """The rendezvous of UNet calls from concurrent denoising loops."""
 
     def __init__(self, forward: UNetForward | None = None, max_wait_s: float = 0.25) -> None:
@@ -98,7 +101,6 @@ class StepBatcher:
         self._cond = threading.Condition()
         self._participants = 0
         self._pending: list[_Call] = []
-        self._unique = itertools.count()
         self.stats = BatchStats()
 
     @property
@@ -107,7 +109,7 @@ class StepBatcher:
 
     @contextmanager
     def session(self, pipe: Any) -> Iterator[None]:
-        """Route `pipe`'s UNet calls through the batcher for the duration of one pipeline call."""
+        """Route `pipe`'s UNet calls through the rendezvous for the duration of one pipeline call."""
         proxy = BatchedUNet(self, pipe.unet, pipe)
         # object.__setattr__: DiffusionPipeline.__setattr__ would record the proxy in the pipeline's config
         object.__setattr__(pipe, "unet", proxy)
@@ -135,7 +137,7 @@ class StepBatcher:
     # --- the rendezvous --------------------------------------------------------------------------------------
 
     def call(self, unet: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        call = _Call(unet, args, kwargs, key=self._key(unet, args, kwargs))
+        call = _Call(unet, args, kwargs, key=_key(unet, args, kwargs))
         batch: list[_Call] | None = None
         with self._cond:
             self._pending.append(call)
@@ -178,7 +180,7 @@ class StepBatcher:
 
     def _run_group(self, group: list[_Call]) -> None:
         try:
-            if group[0].key[0] == "alone":
+            if group[0].key is None:
                 call = group[0]
                 call.result = call.unet(*call.args, **call.kwargs)
                 self.stats.record(call.rows)
@@ -199,32 +201,17 @@ class StepBatcher:
             self._run_group([call])
 
     def _batched_forward(self, group: list[_Call]) -> list[Any]:
-        import torch
-
-        first = group[0]
-        sample = torch.cat([call.sample for call in group])
-        timesteps = torch.cat([_timesteps(call) for call in group])
-        hidden = torch.cat([call.kwargs["encoder_hidden_states"] for call in group])
-        added = _cat_added([call.kwargs.get("added_cond_kwargs") for call in group])
-        output = self.forward(first.unet, sample, timesteps, hidden, added)
-        self.stats.record(int(sample.shape[0]))
-        return list(torch.split(output, [call.rows for call in group]))
-
-    def _key(self, unet: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-        if not _batchable(args, kwargs):
-            return ("alone", next(self._unique))
-        hidden = kwargs["encoder_hidden_states"]
-        added = kwargs.get("added_cond_kwargs") or {}
-        shapes = tuple(sorted((name, tuple(value.shape[1:])) for name, value in added.items()))
-        sample = args[0]
-        return ("batch", id(unet), tuple(sample.shape[1:]), sample.dtype, tuple(hidden.shape[1:]), shapes)
+        batch = StepBatch.of([call.step_rows() for call in group])
+        outputs = batch.run(self.forward, group[0].unet)
+        self.stats.record(batch.rows)
+        return outputs
 
 
 class BatchedUNet:
-    """Stands in for a pipeline's UNet during one call: attributes go to the real UNet, calls to the batcher."""
+    """Stands in for a pipeline's UNet during one call: attributes go to the real UNet, calls to the rendezvous."""
 
-    def __init__(self, batcher: StepBatcher, unet: Any, pipe: Any) -> None:
-        self.__dict__.update(_batcher=batcher, unet=unet, _pipe=pipe, _joined=False, _calls=0)
+    def __init__(self, rendezvous: Rendezvous, unet: Any, pipe: Any) -> None:
+        self.__dict__.update(_rendezvous=rendezvous, unet=unet, _pipe=pipe, _joined=False, _calls=0)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.unet, name)
@@ -232,9 +219,9 @@ class BatchedUNet:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self._joined:
             self.__dict__["_joined"] = True
-            self._batcher.join()
+            self._rendezvous.join()
         try:
-            return self._batcher.call(self.unet, args, kwargs)
+            return self._rendezvous.call(self.unet, args, kwargs)
         finally:
             self.__dict__["_calls"] = self._calls + 1
             # The loop makes one UNet call per timestep: after the last one the request leaves at once, so the
@@ -245,11 +232,7 @@ class BatchedUNet:
     def leave(self) -> None:
         if self._joined:
             self.__dict__["_joined"] = False
-            self._batcher.leave()
-
-
-def eager_forward(unet: Any, sample: Any, timesteps: Any, hidden: Any, added: dict[str, Any] | None) -> Any:
-    return unet(sample, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
+            self._rendezvous.leave()
 
 
 def _batchable(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -268,18 +251,17 @@ def _timesteps(call: _Call) -> Any:
     return t.reshape(-1).to(device=call.sample.device, dtype=torch.float32).expand(call.rows)
 
 
-def _cat_added(added: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-    import torch
-
-    if added[0] is None:
+def _key(unet: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ForwardKey | None:
+    if not _batchable(args, kwargs):
         return None
-    return {name: torch.cat([item[name] for item in added if item is not None]) for name in added[0]}
+    return ForwardKey.of(unet, args[0], kwargs["encoder_hidden_states"], kwargs.get("added_cond_kwargs"))
 
 
 def _groups(batch: list[_Call]) -> list[list[_Call]]:
-    groups: dict[Any, list[_Call]] = {}
+    """Calls that can share a forward, in order of arrival; a call that cannot be merged is a group alone."""
+    groups: dict[ForwardKey | int, list[_Call]] = {}
     for call in batch:
-        groups.setdefault(call.key, []).append(call)
+        groups.setdefault(call.key if call.key is not None else id(call), []).append(call)
     return list(groups.values())
 
 

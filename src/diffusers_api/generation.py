@@ -1,0 +1,66 @@
+"""The path every transport takes: one request (`Generation`) run on the engine, with its events.
+
+HTTP (`POST /`, `/v1/generate`), jobs (`/v1/jobs`) and the RunPod worker all build a `Generation` and await
+`generate`; the model is loaded through `boot` at start. So webhooks, progress, cancellation and the batching
+engine behave the same whichever way a request came in:
+
+    transport -> Generation(request, events) -> generate() -> engine.submit() -> runner.run() -> images
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .errors import Cancelled, from_exception
+from .events import RequestEvents
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .schema import GenerateRequest, GenerateResult
+
+
+@dataclass(eq=False)
+class Generation:
+    """One request on its way through the engine: what to make, where its events go, how to stop it."""
+
+    request: GenerateRequest
+    # progress comes back through `events.progress`, on the engine's thread; by default nobody listens
+    events: RequestEvents = field(default_factory=lambda: RequestEvents(sinks=[], container_id=""))
+    cancel: threading.Event = field(default_factory=threading.Event)  # set: stop at the next step
+    # called on the engine's thread when the request leaves the queue and starts running
+    on_start: Callable[[], None] | None = None
+
+
+async def boot(engine: Engine, events: RequestEvents) -> None:
+    """Load the model, reporting `init` start/done (or error) to SEND_URL."""
+    events.emit("init", "start")
+    started = time.perf_counter()
+    await engine.start()
+    elapsed = round((time.perf_counter() - started) * 1000, 2)
+    if engine.setup_error:
+        events.emit("init", "error", error=engine.setup_error, timings={"init": elapsed})
+    else:
+        events.emit("init", "done", timings={"init": elapsed})
+
+
+async def generate(engine: Engine, generation: Generation) -> GenerateResult:
+    """Run one request on the engine, reporting `inference` start, throttled progress, and done or error.
+    Cancelling the awaiting task cancels the request: it stops at the next denoising step."""
+    events = generation.events
+    events.emit("inference", "start")
+    try:
+        result = await engine.submit(generation)
+    except asyncio.CancelledError:  # the client left, or the job was cancelled: the request stops too
+        generation.cancel.set()
+        events.emit("inference", "error", error=Cancelled("request cancelled").to_wire())
+        raise
+    except Exception as exc:
+        events.emit("inference", "error", error=from_exception(exc).to_wire())
+        raise
+    events.emit("inference", "done", timings=result.timings, seeds=result.seeds)
+    return result
