@@ -1,4 +1,4 @@
-"""The Rendezvous rendezvous, over a fake UNet that records what it is asked."""
+"""The rendezvous of UNet calls (denoising/rendezvous.py): rounds, merging, waits, failures."""
 
 from __future__ import annotations
 
