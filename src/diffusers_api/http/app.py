@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi_offline import FastAPIOffline  # /docs and /redoc with Swagger UI's and ReDoc's files from the package
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
@@ -57,7 +58,8 @@ def create_app(settings: Settings, engine: Engine | None = None, events: EventHu
         jobs.cancel_all()
         await engine.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(
+        redoc_url=None,  # ui.py serves /redoc, over the same files
         title="diffusers-api",
         version=__version__,
         summary="Image generation with Hugging Face diffusers, wire-compatible with docker-diffusers-api",
@@ -81,6 +83,11 @@ def create_app(settings: Settings, engine: Engine | None = None, events: EventHu
     app.include_router(jobs_api.router)
     app.include_router(jobs_api.events_router)
     app.include_router(legacy.router)
+    from . import ui
+    from .schedulers import router as schedulers_router
+
+    app.include_router(schedulers_router)
+    ui.install(app)  # GET / and /ui: the playground (POST / above stays the legacy API)
     return app
 
 
