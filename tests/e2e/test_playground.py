@@ -164,6 +164,16 @@ def test_txt2img_shows_live_progress_then_the_image_and_its_seed(page: Any, serv
     assert done["result"]["images"][0]["seed"] == 5
 
 
+def test_a_refused_request_shows_the_servers_error(page: Any) -> None:
+    page.fill("#width", "60")  # not a multiple of 8: the server, not the browser, says what is wrong
+    page.click("#generate")
+    page.wait_for_selector("#error:not([hidden])")
+    assert page.inner_text("#error code") == "INVALID_INPUTS"
+    assert "width" in page.inner_text("#error")
+    assert page.is_enabled("#generate")
+    assert page.is_disabled("#cancel")
+
+
 def test_inpaint_with_a_mask_drawn_on_the_image(page: Any, server: Process) -> None:
     page.set_input_files("#init-file", files=[png_file("blue.png", Image.new("RGB", (96, 64), (40, 120, 200)))])
     page.wait_for_selector("#mask-canvas", state="visible")

@@ -27,6 +27,7 @@ const state = {
   maskPainted: false,
   history: [], // finished results of this page's session, newest first
   catalogLoaded: false,
+  keyRefused: false, // the lists wait for a (new) key instead of asking again with the refused one
 };
 
 // --- API ---------------------------------------------------------------------------------------------------
@@ -65,7 +66,7 @@ async function watchHealth() {
   } catch {
     showServerState("unreachable");
   }
-  if (serving && !state.catalogLoaded) await loadCatalog();
+  if (serving && !state.catalogLoaded && !state.keyRefused) await loadCatalog();
   setTimeout(watchHealth, serving ? 5000 : 1000);
 }
 
@@ -92,6 +93,7 @@ async function loadCatalog() {
 }
 
 function askForKey() {
+  state.keyRefused = true;
   ui.key.classList.add("wanted");
   showNotice(ui.key.value
     ? "The server refused this API key. Check it, then press Enter."
@@ -117,6 +119,7 @@ function useKey() {
   if (key) localStorage.setItem(KEY_STORAGE, key);
   else localStorage.removeItem(KEY_STORAGE);
   state.catalogLoaded = false;
+  state.keyRefused = false;
   loadCatalog();
 }
 
