@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import threading
 from collections.abc import Mapping
 from functools import cache, lru_cache
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 
     from diffusers import DiffusionPipeline
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+log = logging.getLogger(__name__)
 
 SHORT_NAMES = {
     "txt2img": "AutoPipelineForText2Image",
@@ -98,6 +101,7 @@ class ModelPipelines:
         self._options = {k: base.config[k] for k in _PIPELINE_OPTIONS if k in base.config}
         self._classes: dict[str, type] = {}
         self._schedulers: dict[tuple[type, tuple[tuple[str, Any], ...]], SchedulerMixin] = {}  # pristine, copied
+        self._usable_schedulers: list[str] | None = None
         _tune_for_device(self.components)
         self._tokenizers = {
             name: LockedTokenizer(module)
@@ -229,6 +233,22 @@ class ModelPipelines:
     def scheduler_names(self) -> list[str]:
         compatible = sorted(c.__name__ for c in self.components["scheduler"].compatibles)
         return [*SCHEDULER_ALIASES, *compatible]
+
+    def usable_scheduler_names(self) -> list[str]:
+        """The names of `scheduler_names()` this model can build, in that order: an alias of an incompatible class
+        (`LCM` on an SD model) or a scheduler whose optional library is missing (`DPMSolverSDEScheduler` without
+        torchsde) is left out. Each is tried once per model (some milliseconds each): call it off the event loop."""
+        if self._usable_schedulers is None:
+            self._usable_schedulers = [name for name in self.scheduler_names() if self._builds(name)]
+        return self._usable_schedulers
+
+    def _builds(self, name: str) -> bool:
+        try:
+            self.scheduler(name)
+        except Exception as exc:  # incompatible, or an optional library missing: either way unusable here
+            log.debug("scheduler %s is not usable with this model: %s", name, exc)
+            return False
+        return True
 
     def _scheduler_class(self, name: str) -> tuple[Any, dict[str, Any]]:
         alias = _ALIAS_LOOKUP.get(name.strip().lower())

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from . import imaging
 from .denoising.tasks import ProgressCallback
 from .devices import memory_usage
-from .errors import Cancelled, DiffusersAPIError, InvalidInputs, PipelineError
+from .errors import Cancelled, DiffusersAPIError, InvalidInputs, NotReady, PipelineError
 from .models.store import LoadedModel, ModelStore
 from .pipelines import call_parameters
 from .schema import RESERVED_CALL_ARGS, GenerateRequest, GenerateResult, is_http_url
@@ -172,13 +172,23 @@ class Runner:
         return cls
 
     def _scheduler_name(self, model: LoadedModel, request: GenerateRequest) -> str:
-        if request.scheduler:
-            return request.scheduler
-        # The configured default applies where the model can use it; otherwise the model's own scheduler.
+        return request.scheduler or self._default_scheduler(model)
+
+    def _default_scheduler(self, model: LoadedModel) -> str:
+        """The configured SCHEDULER where the model can use it; otherwise the model's own scheduler."""
         default = self.settings.scheduler
         if default in model.pipelines.scheduler_names():
             return default
         return type(model.pipelines.components["scheduler"]).__name__
+
+    def schedulers(self) -> dict[str, Any]:
+        """The schedulers the served (most recently used) model can run, and the one a request naming none gets.
+        Blocking (the first call per model builds each scheduler once)."""
+        model = self.store.most_recent
+        if model is None:
+            raise NotReady("no model is loaded yet")
+        usable = model.pipelines.usable_scheduler_names()
+        return {"model": model.spec.model_id, "default": self._default_scheduler(model), "schedulers": usable}
 
     def _call_kwargs(
         self, pipe_cls: Any, request: GenerateRequest, inputs: dict[str, Any], seeds: list[int]

@@ -120,7 +120,27 @@ class TextualInversion(_AdapterURL):
 class GenerateRequest(BaseModel):
     """One image-generation request. Names follow diffusers' `__call__` arguments where one exists."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+    # The examples name no model, so that they run as they are on whatever model the server serves (/docs shows
+    # the first; tests/integration/test_openapi_examples.py runs them all).
+    model_config = ConfigDict(
+        extra="forbid",
+        str_strip_whitespace=False,
+        json_schema_extra={
+            "examples": [
+                {"prompt": "a lighthouse at dusk, oil painting", "num_inference_steps": 20, "seed": 42},
+                {
+                    "prompt": "a red fox in the snow",
+                    "negative_prompt": "blurry, low quality",
+                    "num_inference_steps": 25,
+                    "guidance_scale": 7.5,
+                    "scheduler": "DPM++ 2M Karras",
+                    "num_images_per_prompt": 2,
+                    "image_format": "JPEG",
+                    "image_quality": 90,
+                },
+            ]
+        },
+    )
 
     # --- what runs it ----------------------------------------------------------------------------------------
     model: str | None = Field(None, description="Model id (MODEL_ID); defaults to the served model")

@@ -11,7 +11,7 @@ from PIL import Image
 from diffusers_api.denoising import SharedSteps, StepStats
 from diffusers_api.denoising.tasks import ProgressCallback
 from diffusers_api.engine import Health
-from diffusers_api.errors import DiffusersAPIError
+from diffusers_api.errors import DiffusersAPIError, NotReady
 from diffusers_api.generation import Generation
 from diffusers_api.schema import GenerateRequest, GenerateResult
 
@@ -44,6 +44,9 @@ class FakeEngine:
 
     def stats(self) -> StepStats | None:
         return self.shared.stats() if self.shared is not None else None
+
+    def schedulers(self) -> dict[str, object]:
+        raise NotReady("no model is loaded yet")  # a fake has no model to list the schedulers of
 
     def models(self) -> dict[str, object]:
         return {"loaded": [{"model_id": "fake"}], "cached": [], "memory_budget_bytes": None}

@@ -74,6 +74,11 @@ class Engine(Protocol):
         """Resident and cached models, and the memory budget (GET /v1/models)."""
         ...
 
+    def schedulers(self) -> dict[str, Any]:
+        """The served model's usable schedulers and its default (GET /v1/schedulers). Blocking: call it on a
+        thread. NotReady until a model is loaded."""
+        ...
+
 
 class BaseEngine:
     """What the engines share: loading the model on their own threads, health, stats, and stopping."""
@@ -119,6 +124,9 @@ class BaseEngine:
 
     def models(self) -> dict[str, Any]:
         return self.runner.store.describe()
+
+    def schedulers(self) -> dict[str, Any]:
+        return self.runner.schedulers()
 
     async def _run(self, generation: Generation) -> GenerateResult:
         """Run `generation` on one of the engine's threads; leaving (a cancelled await) cancels it."""

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline  # /docs and /redoc with Swagger UI's and ReDoc's files from the package
 
 from .. import __version__
 from ..errors import DiffusersAPIError, InvalidInputs, from_exception
@@ -59,7 +60,8 @@ def create_app(settings: Settings, engine: Engine | None = None, events: EventHu
         services.jobs.cancel_all()
         await services.engine.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(
+        redoc_url=None,  # ui.py serves /redoc, over the same files
         title="diffusers-api",
         version=__version__,
         summary="Image generation with Hugging Face diffusers, wire-compatible with docker-diffusers-api",
@@ -82,6 +84,11 @@ def _add_routes(app: FastAPI) -> None:
     app.include_router(jobs.router)
     app.include_router(jobs.events_router)
     app.include_router(legacy.router)
+    from . import ui
+    from .schedulers import router as schedulers_router
+
+    app.include_router(schedulers_router)
+    ui.install(app)  # GET / and /ui: the playground (POST / above stays the legacy API)
 
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:

@@ -27,9 +27,10 @@ _ENVELOPE_SCHEMA: dict[str, Any] = {
                         "callInputs": {"type": "object", "description": "MODEL_ID, PIPELINE, SCHEDULER, ..."},
                     },
                 },
+                # No MODEL_ID: the example runs as it is on whatever model the server serves.
                 "example": {
-                    "modelInputs": {"prompt": "realistic field of grass", "num_inference_steps": 20},
-                    "callInputs": {"MODEL_ID": "builtin/tiny-sd", "SCHEDULER": "DPMSolverMultistepScheduler"},
+                    "modelInputs": {"prompt": "realistic field of grass", "num_inference_steps": 20, "seed": 42},
+                    "callInputs": {"SCHEDULER": "DPMSolverMultistepScheduler"},
                 },
             }
         },
