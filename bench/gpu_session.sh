@@ -56,7 +56,7 @@ fi
 # The GPU image's library versions differ from CI's (its starlette warns at import): their warnings are not this
 # run's concern, so pytest's warnings plugin (which makes them errors) is off.
 if [ -z "${SKIP_PYTEST_GPU:-}" ]; then
-  timeout 100 $PY -m pytest -q -p no:cacheprovider -p no:warnings -m gpu \
+  timeout 200 $PY -m pytest -q -p no:cacheprovider -p no:warnings -m gpu \
     ${PYTEST_GPU_FILES:-tests/unit/test_graphs.py tests/integration/test_compiled_models.py} >"$OUT/pytest-gpu.log" 2>&1
   echo "pytest -m gpu: exit $?"
 fi
