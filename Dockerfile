@@ -78,8 +78,13 @@ RUN --mount=type=secret,id=hf_token \
 # --- the image ---------------------------------------------------------------------------------------------------
 FROM deps
 # A user of its own: the code and the packages stay root's, read-only to the server; the model store is its.
+# RunPod's network volumes belong to root: an image that keeps its models on one (built without MODEL_ID, or
+# with RUNTIME_DOWNLOADS) needs --build-arg APP_UID=0, which runs it as root.
 ARG APP_UID=1000
-RUN useradd --no-log-init --create-home --uid "${APP_UID}" --user-group app
+RUN if [ "${APP_UID}" != 0 ]; then \
+        groupadd --gid "${APP_UID}" app \
+        && useradd --no-log-init --create-home --uid "${APP_UID}" --gid "${APP_UID}" app; \
+    fi
 
 # The model, before the code. The build args become the runtime defaults too, so the server serves what was
 # baked in, and a baked image runs OFFLINE (no network call at start; -e OFFLINE=0 with RUNTIME_DOWNLOADS=1).
@@ -93,7 +98,7 @@ ARG MODEL_PRECISION=""
 ARG MODEL_URL=""
 ARG CHECKPOINT_URL=""
 ARG MODELS_DIR=/models
-COPY --from=model --chown=app:app /baked ${MODELS_DIR:-/models}
+COPY --from=model --chown=${APP_UID}:${APP_UID} /baked ${MODELS_DIR:-/models}
 ENV MODEL_ID=${MODEL_ID} \
     HF_MODEL_ID=${HF_MODEL_ID} \
     MODEL_REVISION=${MODEL_REVISION} \

@@ -73,7 +73,7 @@ lock: | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "uv>=0.5"
 	$(BIN)/uv pip compile pyproject.toml --extra runpod --constraint docker/lock-constraints.txt \
 		--python-platform x86_64-manylinux_2_28 --python-version 3.11 --only-binary :all: --generate-hashes \
-		--custom-compile-command "make lock" --output-file requirements.lock $(LOCK_ARGS)
+		--custom-compile-command "make lock" --output-file requirements.lock --quiet $(LOCK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

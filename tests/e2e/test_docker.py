@@ -336,6 +336,7 @@ def test_the_image_runs_as_a_user_under_an_init_with_a_health_check() -> None:
     uid = next(value for kind, value in image if kind == "ARG" and value.startswith("APP_UID="))
     assert int(uid.removeprefix("APP_UID=")) > 0  # not root
     assert position(image, "RUN", r"useradd .*--uid \"\$\{APP_UID\}\"") < position(image, "USER", ".")
+    assert position(image, "COPY", r"^--from=model --chown=\$\{APP_UID\}:\$\{APP_UID\} ") < position(image, "USER", ".")
     healthcheck = next(value for kind, value in image if kind == "HEALTHCHECK")
     assert healthcheck.endswith('CMD ["/app/docker/healthcheck.sh"]')
     entrypoint = next(value for kind, value in image if kind == "ENTRYPOINT")
