@@ -69,10 +69,11 @@ ENV MODEL_ID=${MODEL_ID} \
     MODEL_URL=${MODEL_URL} \
     CHECKPOINT_URL=${CHECKPOINT_URL} \
     MODELS_DIR=${MODELS_DIR}
+# The cache is locked while in use: two builds of one model at once would write the same entry.
 RUN --mount=type=secret,id=hf_token \
     --mount=type=secret,id=aws_access_key_id \
     --mount=type=secret,id=aws_secret_access_key \
-    --mount=type=cache,id=diffusers-api-models,target=/cache \
+    --mount=type=cache,id=diffusers-api-models,target=/cache,sharing=locked \
     BAKE_CACHE=/cache /app/docker/bake-model.sh /baked
 
 # --- the image ---------------------------------------------------------------------------------------------------
