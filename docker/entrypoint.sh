@@ -3,14 +3,10 @@
 #   MODE=runpod  the RunPod serverless worker (diffusers-api runpod): queue endpoints
 #   MODE=http    the HTTP server (diffusers-api serve): pods, load-balancing endpoints, any Docker host
 #   MODE=auto    (default) runpod where RunPod's serverless job queue is present (RUNPOD_WEBHOOK_GET_JOB is
-#                set), http everywhere else
+#                set), http everywhere else (docker/mode.sh)
 set -eu
 
-mode="${MODE:-auto}"
-if [ "$mode" = auto ]; then
-  if [ -n "${RUNPOD_WEBHOOK_GET_JOB:-}" ]; then mode=runpod; else mode=http; fi
-fi
-
+mode="$("$(dirname "$0")/mode.sh")"
 case "$mode" in
   runpod) exec diffusers-api runpod "$@" ;;
   http | serve) exec diffusers-api serve "$@" ;;

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve = commands.add_parser(
+    serve = _add_command(
+        commands,
         "serve",
         help="run the HTTP server",
         description="Run the HTTP server: POST / (docker-diffusers-api envelope), POST /v1/generate, "
@@ -54,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, help="waiting requests before BUSY (MAX_QUEUE, default 64)")
     serve.add_argument("--debug", action="store_true", default=None, help="include stack traces in errors")
     serve.add_argument("--log-level", help="debug, info, warning, error (LOG_LEVEL, default info)")
-    download = commands.add_parser(
+    download = _add_command(
+        commands,
         "download",
         help="fetch the configured model into MODELS_DIR (at image build time)",
         description="Fetch the configured model into MODELS_DIR with the same code the server loads it with: "
@@ -63,23 +65,30 @@ def build_parser() -> argparse.ArgumentParser:
         "OFFLINE=1 and no network at all.",
     )
     _add_model_flags(download)
-    download.add_argument("--hf-model-id", help="hub repo when --model is only an alias (HF_MODEL_ID)")
-    download.add_argument("--model-url", help="cloud-cache archive: s3://..., http(s)://... (MODEL_URL)")
-    download.add_argument("--checkpoint-url", help="single-file .safetensors checkpoint (CHECKPOINT_URL)")
     download.add_argument("--log-level", help="debug, info, warning, error (LOG_LEVEL, default info)")
     _add_runpod_parser(commands)
     _add_client_parser(commands)
     return parser
 
 
+def _add_command(commands: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand's parser, which its namespace carries, so that a flag it does not know is reported with its
+    own usage rather than the top level's."""
+    command: argparse.ArgumentParser = commands.add_parser(name, **kwargs)
+    command.set_defaults(command_parser=command)
+    return command
+
+
 def _add_runpod_parser(commands: Any) -> None:
-    runpod = commands.add_parser(
+    runpod = _add_command(
+        commands,
         "runpod",
-        help="run the RunPod serverless worker",
+        help="run the RunPod serverless worker (needs the runpod extra: pip install 'diffusers-api[runpod]')",
         description="Load the model, then serve RunPod serverless jobs (legacy envelope or native request as the "
         "job input). The runpod SDK's own flags pass through untouched: --test_input JSON runs one job and exits; "
         "--rp_serve_api --rp_api_host H --rp_api_port P serves RunPod's local test API (/run, /runsync, "
-        "/status/{id}); --rp_log_level DEBUG.",
+        "/status/{id}); --rp_log_level DEBUG (default: --log-level). A flag that is neither this command's nor "
+        "the SDK's is an error.",
     )
     _add_model_flags(runpod)
     runpod.add_argument(
@@ -91,18 +100,25 @@ def _add_runpod_parser(commands: Any) -> None:
 
 
 def _add_client_parser(commands: Any) -> None:
-    client = commands.add_parser(
+    client = _add_command(
+        commands,
         "client",
         help="send named test requests to a server or a RunPod endpoint",
         description="Send named test requests (legacy envelopes, input images drawn in code) and save the images. "
         "Plain mode posts to TEST_URL; --jobs queues them at TEST_URL/v1/jobs and follows their progress; "
-        "--runpod submits to RUNPOD_BASE_URL/RUNPOD_ENDPOINT_ID/run with "
-        "RUNPOD_API_KEY and polls /status/{id} until the job ends.",
+        "--runpod submits to the endpoint's /run (RUNPOD_BASE_URL/<--endpoint>) with RUNPOD_API_KEY and polls "
+        "/status/{id} until the job ends.",
     )
     client.add_argument("tests", nargs="*", metavar="TEST", help="test names (default txt2img; --list lists them)")
     client.add_argument("--list", action="store_true", help="list the named tests and exit")
     client.add_argument("--url", help="server URL (TEST_URL, default http://localhost:8000/)")
     client.add_argument("--runpod", action="store_true", help="send as RunPod jobs (/run, then poll /status)")
+    client.add_argument(
+        "--endpoint",
+        metavar="ID|URL",
+        help="with --runpod: the endpoint's id (RUNPOD_ENDPOINT_ID), or its URL, e.g. http://localhost:8000 for "
+        "`diffusers-api runpod --rp_serve_api`",
+    )
     client.add_argument(
         "--jobs", action="store_true", help="send as server jobs (POST /v1/jobs), printing each step's progress"
     )
@@ -123,6 +139,12 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", help="auto, cuda, cuda:N, mps, cpu (DEVICE, default auto)")
     group.add_argument("--pipeline", help="default pipeline: class name, txt2img, img2img, inpaint (PIPELINE)")
     group.add_argument("--scheduler", help="default scheduler class or alias (SCHEDULER)")
+    group.add_argument("--hf-model-id", help="hub repo when --model is only an alias (HF_MODEL_ID)")
+    group.add_argument("--model-url", help="cloud-cache archive: s3://..., http(s)://... (MODEL_URL)")
+    group.add_argument("--checkpoint-url", help="single-file .safetensors checkpoint (CHECKPOINT_URL)")
+
+
+_NOT_SETTINGS = {"command", "command_parser", "version"}
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -132,9 +154,11 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     from .config import Settings
     from .schema import describe_validation_error
 
-    flags = {_MODEL_FLAGS.get(name, name): value for name, value in vars(args).items() if value is not None}
-    flags.pop("command", None)
-    flags.pop("version", None)
+    flags = {
+        _MODEL_FLAGS.get(name, name): value
+        for name, value in vars(args).items()
+        if value is not None and name not in _NOT_SETTINGS
+    }
     try:
         return Settings(**flags)
     except ValidationError as exc:
@@ -172,24 +196,59 @@ def download(args: argparse.Namespace) -> int:
         return 2
     from .errors import DiffusersAPIError
     from .logs import configure_logging
+    from .models.prefetch import model_directory
     from .models.sources import fetch
     from .models.spec import ModelSpec
 
     configure_logging(settings.log_level)
     spec = ModelSpec.from_settings(settings)
     assert spec is not None
+    on_disk = model_directory(spec, settings) is not None
     timings: dict[str, float] = {}
     try:
         directory = fetch(spec, settings, timings)
     except DiffusersAPIError as exc:
         print(f"diffusers-api: download failed ({exc.code}): {exc.message}", file=sys.stderr)
         return 1
-    print(f"{spec.describe()}: {directory} {timings}")
+    print(f"{spec.describe()}: {what_download_did(timings, on_disk)}: {directory}")
     return 0
 
 
-def runpod(args: argparse.Namespace) -> int:
+def what_download_did(timings: dict[str, float], on_disk: bool) -> str:
+    """`download`'s report in words, from the phases `fetch` timed (milliseconds). With an upload, the download
+    phase is the cloud cache's miss and the source's download: both are the building of the archive."""
+    seconds = sum(timings.values()) / 1000
+    if "upload" in timings:
+        return f"added to the cloud cache (MODEL_URL): fetched from its source, packed and uploaded in {seconds:.1f} s"
+    if "download" in timings:
+        return f"downloaded in {seconds:.1f} s"
+    if on_disk:
+        return "already on disk, nothing to download"
+    return "generated here (a built-in model), nothing to download"
+
+
+def runpod(args: argparse.Namespace, sdk_args: list[str]) -> int:
+    try:
+        return _run_worker(args, sdk_args)
+    except ModuleNotFoundError as exc:
+        if exc.name != "runpod":
+            raise
+        print(
+            "diffusers-api: the RunPod worker needs the runpod SDK, an optional extra: "
+            "pip install 'diffusers-api[runpod]'",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _run_worker(args: argparse.Namespace, sdk_args: list[str]) -> int:
     settings = settings_from_args(args)
+    if sdk_args:  # ours are parsed already: the rest must be the SDK's, checked before anything loads
+        from .runpod_worker import unknown_sdk_flags
+
+        strangers = " ".join(unknown_sdk_flags(sdk_args, settings.log_level))
+        if strangers:
+            args.command_parser.error(f"unrecognized arguments (neither ours nor the runpod SDK's): {strangers}")
     if not settings.model_id and not settings.runtime_downloads:
         print("diffusers-api: no model for the worker: pass --model or set MODEL_ID", file=sys.stderr)
         return 2
@@ -215,6 +274,7 @@ def client(args: argparse.Namespace) -> int:
             args.tests or ["txt2img"],
             url=args.url,
             runpod=args.runpod,
+            endpoint=args.endpoint,
             jobs=args.jobs,
             call_args=args.call_arg,
             model_args=args.model_arg,
@@ -232,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `runpod` leaves the flags it does not know to the runpod SDK, which reads them from sys.argv itself.
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command != "runpod":
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        (args.command_parser if args.command else parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.version:
         from . import __version__
 
@@ -243,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "download":
         return download(args)
     if args.command == "runpod":
-        return runpod(args)
+        return runpod(args, unknown)
     if args.command == "client":
         return client(args)
     parser.print_help()

@@ -391,6 +391,7 @@ def run_tests(
     *,
     url: str | None = None,
     runpod: bool = False,
+    endpoint: str | None = None,
     jobs: bool = False,
     call_args: list[str] | None = None,
     model_args: list[str] | None = None,
@@ -407,7 +408,13 @@ def run_tests(
     model, call = parse_pairs(model_args), parse_pairs(call_args)
     if jobs and runpod:
         raise ClientError("--jobs and --runpod exclude each other: RunPod has jobs of its own")
-    sender = _sender(ClientSettings(), url, runpod, jobs, timeout_s, api_key)
+    if endpoint and not runpod:
+        raise ClientError("--endpoint names a RunPod endpoint: it goes with --runpod")
+    settings = ClientSettings()
+    if runpod:
+        sender: Client | JobsClient | RunPodClient = _runpod_sender(settings, url, endpoint, timeout_s, api_key)
+    else:
+        sender = _sender(settings, url, jobs, timeout_s, api_key)
     for name in names:
         if isinstance(sender, JobsClient):
             sender.on_progress = _progress_printer(name, out)
@@ -435,11 +442,24 @@ def _progress_printer(name: str, out: Callable[[str], None]) -> Callable[[dict[s
 
 
 def _sender(
-    settings: ClientSettings, url: str | None, runpod: bool, jobs: bool, timeout_s: float, api_key: str | None
-) -> Client | JobsClient | RunPodClient:
+    settings: ClientSettings, url: str | None, jobs: bool, timeout_s: float, api_key: str | None
+) -> Client | JobsClient:
     if jobs:
         return JobsClient(url or settings.test_url, api_key=api_key, timeout_s=timeout_s)
-    if not runpod:
-        return Client(url or settings.test_url, api_key=api_key, timeout_s=timeout_s)
+    return Client(url or settings.test_url, api_key=api_key, timeout_s=timeout_s)
+
+
+def _runpod_sender(
+    settings: ClientSettings, url: str | None, endpoint: str | None, timeout_s: float, api_key: str | None
+) -> RunPodClient:
+    """`endpoint` (else RUNPOD_ENDPOINT_ID) is an id under `url` (else RUNPOD_BASE_URL), or a URL of its own."""
     key = api_key or (settings.runpod_api_key.get_secret_value() if settings.runpod_api_key else None)
-    return RunPodClient(url or settings.runpod_base_url, settings.runpod_endpoint_id, key, timeout_s=timeout_s)
+    endpoint = endpoint or settings.runpod_endpoint_id
+    if not endpoint:  # RunPod's bare API URL is no endpoint: a job posted there goes nowhere
+        raise ClientError(
+            "--runpod needs an endpoint: --endpoint ID (or RUNPOD_ENDPOINT_ID), or --endpoint URL for a local "
+            "one (diffusers-api runpod --rp_serve_api)"
+        )
+    if endpoint.startswith(("http://", "https://")):
+        return RunPodClient(endpoint, None, key, timeout_s=timeout_s)
+    return RunPodClient(url or settings.runpod_base_url, endpoint, key, timeout_s=timeout_s)

@@ -1,8 +1,9 @@
 """The RunPod serverless worker: a thin adapter from RunPod jobs onto the same engine as the HTTP server.
 
-This is the only module that imports `runpod`. `diffusers-api runpod` builds the engine, loads the model
-before taking the first job, then hands `handle` to `runpod.serverless.start`, which parses its own
-command-line flags (`--rp_serve_api`, `--rp_api_port`, `--test_input`, ...) from `sys.argv`.
+This is the only module that imports `runpod` (the `runpod` extra: `pip install 'diffusers-api[runpod]'`).
+`diffusers-api runpod` builds the engine, loads the model before taking the first job, then hands `handle` to
+`runpod.serverless.start`, which parses its own command-line flags (`--rp_serve_api`, `--rp_api_port`,
+`--test_input`, ...) from `sys.argv`; `unknown_sdk_flags` lets the CLI refuse the flags it would ignore.
 
 A job's `input` is the legacy envelope (`{"modelInputs", "callInputs"}`, answered like `POST /`) or a native
 request (answered like `/v1/generate`). Errors come back as a string `error` (so RunPod marks the job FAILED)
@@ -16,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
-from collections.abc import Awaitable, Callable
+import os
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from .devices import is_fatal_device_error
@@ -115,10 +118,33 @@ def concurrency(settings: Settings) -> Callable[[int], int]:
     return modifier
 
 
+# LOG_LEVEL -> the SDK's own level names (RunPodLogger: DEBUG, INFO, WARN, ERROR)
+_SDK_LOG_LEVELS = {"debug": "DEBUG", "info": "INFO", "warning": "WARN", "error": "ERROR", "critical": "ERROR"}
+
+
+def import_sdk(log_level: str) -> ModuleType:
+    """The runpod SDK, its log at our `log_level` unless RUNPOD_LOG_LEVEL (or the older RUNPOD_DEBUG_LEVEL)
+    chooses: at DEBUG, the SDK's default, it logs every job's output (images included) three times. It reads
+    the variable once, when it is first imported. ModuleNotFoundError when the runpod extra is not installed."""
+    if "RUNPOD_LOG_LEVEL" not in os.environ and "RUNPOD_DEBUG_LEVEL" not in os.environ:
+        os.environ["RUNPOD_LOG_LEVEL"] = _SDK_LOG_LEVELS.get(log_level.lower(), "INFO")
+    import runpod.serverless
+
+    return runpod
+
+
+def unknown_sdk_flags(args: Sequence[str], log_level: str) -> list[str]:
+    """Those of `args` (what our own parser left) that the SDK does not know either: it would ignore them."""
+    parser = getattr(import_sdk(log_level).serverless, "parser", None)
+    if parser is None:  # an SDK that no longer parses flags this way: it has the last word
+        return []
+    unknown: list[str] = parser.parse_known_args(list(args))[1]
+    return unknown
+
+
 def run(settings: Settings) -> None:
     """Load the model, then serve RunPod jobs (or the SDK's local test modes) until the process ends."""
-    import runpod
-
+    runpod = import_sdk(settings.log_level)
     from .engine import make_engine
 
     engine = make_engine(settings)

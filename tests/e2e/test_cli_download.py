@@ -43,11 +43,14 @@ def download(models_dir: Path, endpoint: str, *args: str) -> subprocess.Complete
 def test_download_at_build_time_then_serve_offline(s3_endpoint: str, tmp_path: Path) -> None:
     built = download(tmp_path / "builder", s3_endpoint, "--model", "builtin/tiny-sd", "--model-url", "s3://")
     assert built.returncode == 0, built.stderr
-    assert "upload" in built.stdout
+    assert "builtin/tiny-sd: added to the cloud cache (MODEL_URL): fetched from its source, packed and " in built.stdout
     image_dir = tmp_path / "image"
     fetched = download(image_dir, s3_endpoint, "--model", "builtin/tiny-sd", "--model-url", "s3://")
     assert fetched.returncode == 0, fetched.stderr
-    assert "download" in fetched.stdout
+    assert "builtin/tiny-sd: downloaded in " in fetched.stdout
+    again = download(image_dir, s3_endpoint, "--model", "builtin/tiny-sd", "--model-url", "s3://")
+    stored = image_dir / "models--builtin--tiny-sd"
+    assert again.stdout == f"builtin/tiny-sd: already on disk, nothing to download: {stored}\n"
     # The image starts with no network at all: OFFLINE, and an S3 endpoint that does not answer.
     settings = Settings(
         models_dir=image_dir,

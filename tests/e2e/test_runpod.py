@@ -49,6 +49,7 @@ def png_size(b64: str) -> tuple[int, int]:
 def run_test_input(models_dir: Path, hook: Receiver, job: dict) -> subprocess.CompletedProcess[str]:
     command = cli("runpod", "--model", "builtin/tiny-sd", "--test_input", json.dumps({"input": job}))
     env = runpod_env(models_dir, hook)
+    del env["RUNPOD_LOG_LEVEL"]  # as a user runs it: the SDK's log follows --log-level (info)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
 
 
@@ -62,6 +63,7 @@ def test_test_input_runs_a_legacy_job_with_progress(models_dir: Path) -> None:
     # The SDK's logger cuts long lines in the middle, so the image is checked by its PNG signature here and
     # decoded whole in the API-server test below.
     assert "Job result: {'output': {'image_base64': 'iVBORw0KGgo" in log  # base64 of b"\x89PNG\r\n\x1a\n"
+    assert log.count("iVBORw0KGgo") == 1  # the SDK's default (DEBUG) logs the output three times
     assert "'PIPELINE': 'StableDiffusionPipeline'" in log
     updates = progress_posts(posts)
     assert [(update["stage"], update["step"], update["steps"]) for update in updates] == [
@@ -122,8 +124,8 @@ def test_api_server_fails_a_bad_job_with_a_string_error(api: Process) -> None:
 
 
 def client(api: Process, *args: str) -> subprocess.CompletedProcess[str]:
-    env = offline_env(Path("unused"), RUNPOD_BASE_URL=api.url)
-    return subprocess.run(cli("client", "--runpod", *args), env=env, capture_output=True, text=True, timeout=240)
+    command = cli("client", "--runpod", "--endpoint", api.url, *args)  # the SDK's local API is the endpoint
+    return subprocess.run(command, env=offline_env(Path("unused")), capture_output=True, text=True, timeout=240)
 
 
 def test_client_runpod_mode_completes_a_job_and_saves_the_image(api: Process, tmp_path: Path) -> None:

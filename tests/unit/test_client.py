@@ -77,6 +77,7 @@ class FakeRunPod:
     url: str = ""
     submitted: list[dict[str, Any]] = field(default_factory=list)
     auth: list[str | None] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
     polls: int = 0
 
 
@@ -89,6 +90,7 @@ def fake_runpod(states: list[dict[str, Any]]) -> Iterator[FakeRunPod]:
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
             fake.submitted.append(body)
             fake.auth.append(self.headers.get("authorization"))
+            fake.paths.append(self.path)
             self._answer({"id": "job-7", "status": "IN_QUEUE"})
 
         def do_GET(self) -> None:
@@ -135,6 +137,7 @@ def test_runpod_mode_polls_until_completed_and_saves_the_image(
     assert code == 0
     assert (tmp_path / "txt2img.png").read_bytes() == png_bytes()
     assert fake.submitted[0]["input"]["modelInputs"]["num_inference_steps"] == 2
+    assert fake.paths == ["/v2/ep-1/run"]
     assert fake.auth == ["Bearer rp-key"]
     assert fake.polls == 3
     out = capsys.readouterr().out
@@ -147,13 +150,41 @@ def test_runpod_mode_stops_with_the_error_on_failed(
 ) -> None:
     failed = {"status": "FAILED", "error": "INVALID_INPUTS: width: Input should be a multiple of 8"}
     with fake_runpod([{"status": "IN_PROGRESS"}, failed]) as fake:
-        monkeypatch.setenv("RUNPOD_BASE_URL", fake.url)
-        code = main(["client", "--runpod", "--output-dir", str(tmp_path)])
+        code = main(["client", "--runpod", "--endpoint", f"{fake.url}/ep-2", "--output-dir", str(tmp_path)])
     assert code == 1
+    assert fake.paths == ["/v2/ep-2/run"]  # an endpoint given as a URL is used as it is
     assert fake.polls == 2
     err = capsys.readouterr().err
     assert "job job-7 ended FAILED: INVALID_INPUTS: width: Input should be a multiple of 8" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_the_endpoint_flag_names_an_endpoint_under_the_base_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with fake_runpod([DONE]) as fake:
+        monkeypatch.setenv("RUNPOD_BASE_URL", fake.url)
+        monkeypatch.setenv("RUNPOD_ENDPOINT_ID", "from-the-environment")
+        code = main(["client", "--runpod", "--endpoint", "ep-9", "--output-dir", str(tmp_path)])
+    assert code == 0
+    assert fake.paths == ["/v2/ep-9/run"]
+
+
+def test_runpod_mode_without_an_endpoint_is_an_error_not_a_post(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with fake_runpod([DONE]) as fake:
+        monkeypatch.setenv("RUNPOD_BASE_URL", fake.url)
+        monkeypatch.delenv("RUNPOD_ENDPOINT_ID", raising=False)
+        code = main(["client", "--runpod"])
+    assert code == 1
+    assert "--runpod needs an endpoint: --endpoint ID (or RUNPOD_ENDPOINT_ID)" in capsys.readouterr().err
+    assert fake.paths == []
+
+
+def test_the_endpoint_flag_goes_with_runpod(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["client", "--endpoint", "ep-9"]) == 1
+    assert "--endpoint names a RunPod endpoint: it goes with --runpod" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("state", ["CANCELLED", "TIMED_OUT"])
