@@ -41,10 +41,11 @@ _FATAL_DEVICE_ERRORS = re.compile(
 )
 
 
-def runpod_error(error: BaseException) -> dict[str, Any]:
-    """The one place an error becomes RunPod's `{"error": "<string>"}`, with the code and details beside it."""
+def runpod_error(error: BaseException, debug: bool = False) -> dict[str, Any]:
+    """The one place an error becomes RunPod's `{"error": "<string>"}`, with the code and details beside it
+    (and, with DEBUG, the stack)."""
     wrapped = from_exception(error)
-    body: dict[str, Any] = {"error": f"{wrapped.code}: {wrapped.message}", "$error": wrapped.to_wire()}
+    body: dict[str, Any] = {"error": f"{wrapped.code}: {wrapped.message}", "$error": wrapped.to_wire(debug)}
     if is_fatal_device_error(error):
         body["refresh_worker"] = True
     return body
@@ -106,7 +107,7 @@ def make_handler(
         except Exception as exc:
             if not isinstance(exc, DiffusersAPIError):
                 log.exception("job %s failed", job.get("id"))
-            return runpod_error(exc)
+            return runpod_error(exc, hub.settings.debug)
         return to_legacy(result) if parsed.legacy else GenerateResponse.from_result(result).model_dump()
 
     return handle
