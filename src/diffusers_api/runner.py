@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from . import imaging
 from .errors import Cancelled, DiffusersAPIError, InvalidInputs, PipelineError
 from .models.store import LoadedModel, ModelStore
-from .pipelines import call_parameters
+from .pipelines import call_arguments, call_parameters
 from .schema import RESERVED_CALL_ARGS, GenerateRequest, GenerateResult, is_http_url
 
 if TYPE_CHECKING:
@@ -111,6 +111,7 @@ class Runner:
         timings = Timings()
         if self._init_ms is not None:
             timings["init"], self._init_ms = self._init_ms, None
+        self._check_before_fetching(request, timings)
         # The store reports its own phases: loadModel, and download / upload when it had to fetch the model.
         model = self.store.get(request, timings)
         inputs = self._decode_inputs(request, timings)
@@ -138,6 +139,25 @@ class Runner:
         )
 
     # --- inputs ----------------------------------------------------------------------------------------------
+
+    def _check_before_fetching(self, request: GenerateRequest, timings: Timings) -> None:
+        """What needs no network, checked against the model before the request's LoRAs, embeddings or image URLs
+        are fetched: its pipeline, its scheduler and the names of its inputs. A request that cannot run downloads
+        nothing. (Adapters change neither the pipeline classes nor the schedulers a model takes.)"""
+        model = self.store.get(request.model_copy(update={"lora_weights": None, "textual_inversions": None}), timings)
+        pipe_cls = self._pipeline_class(model, request)
+        model.pipelines.scheduler(self._scheduler_name(model, request))
+        self._check_input_names(pipe_cls, _input_names(request))
+
+    def _check_input_names(self, pipe_cls: Any, names: set[str]) -> None:
+        accepted = call_arguments(pipe_cls) - RESERVED_CALL_ARGS
+        unknown = sorted(names - accepted)
+        if unknown:
+            raise InvalidInputs(
+                f"not inputs of {pipe_cls.__name__}: {', '.join(unknown)}",
+                unknown=unknown,
+                accepted=sorted(accepted),
+            )
 
     def _decode_inputs(self, request: GenerateRequest, timings: Timings) -> dict[str, Image.Image]:
         limits = {"max_bytes": self.settings.max_body_bytes, "max_pixels": self.settings.max_image_pixels}
@@ -189,16 +209,9 @@ class Runner:
     ) -> dict[str, Any]:
         import torch
 
-        accepted = set(call_parameters(pipe_cls)) - RESERVED_CALL_ARGS - {"self"}
         kwargs = {name: getattr(request, name) for name in CALL_FIELDS if getattr(request, name) is not None}
         kwargs |= inputs | request.extra
-        unknown = sorted(set(kwargs) - accepted)
-        if unknown:
-            raise InvalidInputs(
-                f"not inputs of {pipe_cls.__name__}: {', '.join(unknown)}",
-                unknown=unknown,
-                accepted=sorted(accepted),
-            )
+        self._check_input_names(pipe_cls, set(kwargs))
         self._check_size(request)
         # One CPU generator per image: image i is reproducible alone from seeds[i], on any device.
         kwargs["generator"] = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -292,6 +305,12 @@ class Runner:
         if request.request_id:
             meta["startRequestId"] = request.request_id
         return meta
+
+
+def _input_names(request: GenerateRequest) -> set[str]:
+    """The pipeline arguments a request gives (as `Runner._call_kwargs` will pass them)."""
+    given = {name for name in (*CALL_FIELDS, "image", "mask_image") if getattr(request, name) is not None}
+    return given | set(request.extra)
 
 
 def _step_callback(progress: ProgressCallback | None, cancel: threading.Event | None) -> Callable[..., Any]:
