@@ -290,7 +290,7 @@ class Runner:
             "MODEL_ID": model.spec.model_id,
             "PIPELINE": pipe_cls.__name__,
             "SCHEDULER": type(scheduler).__name__,
-            "PRECISION": model.spec.precision or model.dtype,
+            "PRECISION": model.precision,
             "seed": seeds[0],
             "seeds": seeds,
             "image_format": request.image_format,

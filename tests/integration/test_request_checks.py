@@ -76,3 +76,30 @@ def test_a_request_that_cannot_run_downloads_nothing(runner: Runner, fields: dic
         with pytest.raises(error):
             runner.run(ask(**(urls | fields)))
         assert files.requests == []
+
+
+# --- which model and precision a request gets -------------------------------------------------------------------
+
+
+def test_a_request_without_a_model_gets_the_configured_one_not_the_last_used(models_dir: Path) -> None:
+    runner = Runner(Settings(model_id="builtin/tiny-sd", models_dir=models_dir, runtime_downloads=True))
+    runner.start()
+    assert runner.run(ask(model="builtin/tiny-sdxl")).meta["MODEL_ID"] == "builtin/tiny-sdxl"
+    assert runner.run(ask()).meta["MODEL_ID"] == "builtin/tiny-sd"
+
+
+def test_a_request_without_a_precision_gets_the_configured_one(models_dir: Path) -> None:
+    runner = Runner(Settings(model_id="builtin/tiny-sd", models_dir=models_dir, runtime_downloads=True))
+    runner.start()
+    assert runner.run(ask(precision="bf16")).meta["PRECISION"] == "bf16"
+    assert runner.run(ask()).meta["PRECISION"] == "fp32"  # the model's own float32, spelled as the setting is
+    assert runner.run(ask(model="builtin/tiny-sdxl")).meta["PRECISION"] == "fp32"
+
+
+def test_another_model_is_loaded_in_the_configured_precision(models_dir: Path) -> None:
+    settings = Settings(model_id="builtin/tiny-sd", model_precision="bf16", models_dir=models_dir, runtime_downloads=True)
+    runner = Runner(settings)
+    runner.start()
+    assert runner.run(ask(model="builtin/tiny-sdxl")).meta["PRECISION"] == "bf16"
+    assert runner.run(ask(model="builtin/tiny-sdxl", precision="fp32")).meta["PRECISION"] == "fp32"
+    assert runner.run(ask()).meta["PRECISION"] == "bf16"

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+PRECISIONS = {dtype: precision for precision, dtype in DTYPES.items()}
 DOWNLOAD_HINT = "run `diffusers-api download` with the same model settings (at image build time) to fetch it"
 
 
