@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest accepted request body")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Largest input or output image")
+    max_prompt_chars: int = Field(
+        10_000, ge=1, description="Longest prompt or negative prompt in characters (CLIP reads 77 tokens of it)"
+    )
     max_queue: int = Field(64, ge=1, description="Requests waiting beyond this get BUSY (503)")
     jobs_ttl_s: float = Field(600.0, gt=0, description="How long a finished /v1/jobs job stays readable")
     jobs_kept: int = Field(100, ge=1, le=100_000, description="Finished jobs kept at most; the oldest go first")

@@ -16,7 +16,7 @@ from functools import cache
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from . import imaging
+from . import imaging, limits
 from .errors import Cancelled, DiffusersAPIError, InvalidInputs, PipelineError
 from .models.store import LoadedModel, ModelStore
 from .pipelines import call_arguments, call_parameters
@@ -115,6 +115,7 @@ class Runner:
         # The store reports its own phases: loadModel, and download / upload when it had to fetch the model.
         model = self.store.get(request, timings)
         inputs = self._decode_inputs(request, timings)
+        limits.check_input_images(inputs, model.pipelines, model.spec.model_id)
         pipe_cls = self._pipeline_class(model, request)
         scheduler = model.pipelines.scheduler(self._scheduler_name(model, request))
         pipe = model.pipelines.build(pipe_cls, scheduler, safety_checker=request.safety_checker)
@@ -142,9 +143,12 @@ class Runner:
 
     def _check_before_fetching(self, request: GenerateRequest, timings: Timings) -> None:
         """What needs no network, checked against the model before the request's LoRAs, embeddings or image URLs
-        are fetched: its pipeline, its scheduler and the names of its inputs. A request that cannot run downloads
-        nothing. (Adapters change neither the pipeline classes nor the schedulers a model takes.)"""
+        are fetched: its prompts' lengths, its size, its pipeline, its scheduler and the names of its inputs. A
+        request that cannot run downloads nothing. (Adapters change neither the pipeline classes nor the
+        schedulers a model takes.)"""
+        limits.check_prompts(request, self.settings.max_prompt_chars)
         model = self.store.get(request.model_copy(update={"lora_weights": None, "textual_inversions": None}), timings)
+        limits.check_size(request, model.pipelines, model.spec.model_id)
         pipe_cls = self._pipeline_class(model, request)
         model.pipelines.scheduler(self._scheduler_name(model, request))
         self._check_input_names(pipe_cls, _input_names(request))

@@ -103,3 +103,63 @@ def test_another_model_is_loaded_in_the_configured_precision(models_dir: Path) -
     assert runner.run(ask(model="builtin/tiny-sdxl")).meta["PRECISION"] == "bf16"
     assert runner.run(ask(model="builtin/tiny-sdxl", precision="fp32")).meta["PRECISION"] == "fp32"
     assert runner.run(ask()).meta["PRECISION"] == "bf16"
+
+
+# --- sizes and prompts ------------------------------------------------------------------------------------------
+
+
+def test_a_size_below_the_models_smallest_is_refused_naming_the_field_and_the_minimum(runner: Runner) -> None:
+    with pytest.raises(InvalidInputs) as caught:
+        runner.run(ask(width=8, height=64, guidance_scale=1))
+    assert caught.value.message.startswith("width: 8 is less than 16, the smallest size builtin/tiny-sd makes")
+    assert "VAE scale factor 4 x UNet downsampling 2 x 2" in caught.value.message
+    assert caught.value.extra == {"field": "width", "minimum": 16}
+    with pytest.raises(InvalidInputs, match="height: 8 is less than 16"):
+        runner.run(ask(height=8, guidance_scale=1))
+
+
+@pytest.mark.parametrize("model_id", ["builtin/tiny-sd", "builtin/tiny-sdxl"])
+def test_the_smallest_size_makes_an_image_even_alone_without_guidance(models_dir: Path, model_id: str) -> None:
+    """A batch of one (guidance_scale 1: no unconditional half) is where a 1x1 deepest layer failed."""
+    runner = Runner(Settings(model_id=model_id, models_dir=models_dir))
+    runner.start()
+    assert runner.run(ask(width=16, height=16, guidance_scale=1)).images
+
+
+def test_an_input_image_below_the_smallest_size_is_refused(runner: Runner) -> None:
+    from PIL import Image
+
+    from diffusers_api.imaging import encode_image, to_base64
+
+    tiny = to_base64(encode_image(Image.new("RGB", (8, 8), (200, 30, 30))))
+    with pytest.raises(InvalidInputs, match="image: its width 8 is less than 16") as caught:
+        runner.run(ask(image=tiny, strength=0.5, guidance_scale=1))
+    assert caught.value.extra == {"field": "image", "minimum": 16}
+
+
+@pytest.mark.parametrize(
+    ("fields", "where"),
+    [
+        ({"prompt": "a" * 10_001}, "prompt"),
+        ({"negative_prompt": "a" * 10_001}, "negative_prompt"),
+        ({"prompt": ["short", "a" * 10_001]}, "prompt[1]"),
+        ({"extra": {"prompt_2": "a" * 10_001}}, "prompt_2"),
+    ],
+    ids=["prompt", "negative", "list", "extra"],
+)
+def test_a_prompt_over_the_limit_is_refused_naming_the_field_and_the_limit(
+    runner: Runner, fields: dict, where: str
+) -> None:
+    with pytest.raises(InvalidInputs) as caught:
+        runner.run(ask(**fields))
+    message = f"{where}: 10001 characters, more than the 10000 allowed (MAX_PROMPT_CHARS)"
+    assert caught.value.message == message
+    assert caught.value.extra == {"field": where.split("[")[0], "limit": 10_000, "setting": "MAX_PROMPT_CHARS"}
+
+
+def test_the_prompt_limit_is_a_setting(models_dir: Path) -> None:
+    runner = Runner(Settings(model_id="builtin/tiny-sd", models_dir=models_dir, max_prompt_chars=20))
+    runner.start()
+    assert runner.run(ask(prompt="a" * 20)).images
+    with pytest.raises(InvalidInputs, match="more than the 20 allowed"):
+        runner.run(ask(prompt="a" * 21))
