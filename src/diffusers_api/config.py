@@ -86,6 +86,11 @@ class Settings(BaseSettings):
         default_factory=default_models_dir,
         description="Where models are stored (default /runpod-volume/diffusers-api when that volume exists)",
     )
+    local_model_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated directories, besides MODELS_DIR, whose model directories, configurations and"
+        " checkpoints a request may name (RUNTIME_DOWNLOADS=1)",
+    )
     device: str = Field("auto", description="auto, cuda, cuda:N, mps or cpu")
 
     # --- cloud cache ---------------------------------------------------------------------------------------
@@ -159,6 +164,13 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_models_dir(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("local_model_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [Path(root.strip()).expanduser() for root in value.split(",") if root.strip()]
+        return value
 
     @field_validator("model_memory_budget", "lora_max_bytes", mode="before")
     @classmethod

@@ -163,3 +163,76 @@ def test_the_prompt_limit_is_a_setting(models_dir: Path) -> None:
     assert runner.run(ask(prompt="a" * 20)).images
     with pytest.raises(InvalidInputs, match="more than the 20 allowed"):
         runner.run(ask(prompt="a" * 21))
+
+
+# --- model directories a request may name ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def switching(models_dir: Path) -> Runner:
+    runner = Runner(Settings(model_id="builtin/tiny-sd", models_dir=models_dir, runtime_downloads=True))
+    runner.start()
+    return runner
+
+
+def looks_like_a_model(directory: Path) -> Path:
+    """A directory with a model_index.json and a .safetensors file that is no such thing: reading either fails."""
+    (directory / "unet").mkdir(parents=True)
+    (directory / "model_index.json").write_text("not json")
+    (directory / "unet" / "weights.safetensors").write_bytes(b"\xff" * 64)
+    return directory
+
+
+@pytest.mark.parametrize("name", ["..", "/etc", "~", "./", "outside"], ids=["parent", "etc", "home", "cwd", "tmp"])
+def test_a_request_may_not_name_a_directory_outside_the_model_roots(
+    switching: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    monkeypatch.chdir(looks_like_a_model(tmp_path / "work"))  # `..` and `./` would read a model-like tree
+    model = str(looks_like_a_model(tmp_path / "elsewhere")) if name == "outside" else name
+    with pytest.raises(InvalidInputs) as caught:
+        switching.run(ask(model=model))
+    assert caught.value.status == 422
+    assert caught.value.extra == {"field": "model", "setting": "LOCAL_MODEL_ROOTS"}
+    assert "outside MODELS_DIR and LOCAL_MODEL_ROOTS" in caught.value.message
+
+
+def test_a_link_inside_the_models_dir_to_elsewhere_is_outside(switching: Runner, tmp_path: Path) -> None:
+    link = switching.settings.models_dir / "models--linked--elsewhere"
+    link.symlink_to(looks_like_a_model(tmp_path / "elsewhere"), target_is_directory=True)
+    try:
+        with pytest.raises(InvalidInputs, match="outside MODELS_DIR and LOCAL_MODEL_ROOTS"):
+            switching.run(ask(model=str(link)))
+    finally:
+        link.unlink()
+
+
+@pytest.mark.parametrize("field", ["checkpoint_url", "hf_model_id"])
+def test_other_paths_a_request_names_are_held_to_the_roots_too(switching: Runner, tmp_path: Path, field: str) -> None:
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"\xff" * 64)
+    given = {"checkpoint_url": str(checkpoint)} if field == "checkpoint_url" else {"hf_model_id": str(tmp_path)}
+    with pytest.raises(InvalidInputs) as caught:
+        switching.run(ask(model="some/model", **given))
+    assert caught.value.extra == {"field": field, "setting": "LOCAL_MODEL_ROOTS"}
+
+
+def test_a_directory_in_the_roots_that_is_no_model_is_not_found(switching: Runner) -> None:
+    from diffusers_api.errors import ModelNotFound
+
+    stray = switching.settings.models_dir / "not-a-model"
+    stray.mkdir(exist_ok=True)
+    with pytest.raises(ModelNotFound, match="no model_index.json"):
+        switching.run(ask(model=str(stray)))
+
+
+def test_a_model_directory_in_an_allowed_root_loads(models_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "team-models"
+    shutil.copytree(models_dir / "models--builtin--tiny-sd", root / "sd")
+    settings = Settings(model_id="builtin/tiny-sd", models_dir=models_dir, runtime_downloads=True)
+    runner = Runner(settings.model_copy(update={"local_model_roots": [root]}))
+    runner.start()
+    assert runner.run(ask(model=str(root / "sd"))).meta["MODEL_ID"] == str(root / "sd")
+    with pytest.raises(InvalidInputs, match="LOCAL_MODEL_ROOTS"):
+        Runner(settings).run(ask(model=str(root / "sd")))

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ModelLoadError, ModelMismatch, ModelNotFound, NoModelId, PipelineError
 from . import archive, disk
 from .adapters import fetch_adapter
+from .locations import check_request_paths
 from .sources import PRECISIONS, caused_by, fetch, not_found_errors, torch_dtype
 from .spec import ModelSpec
 
@@ -159,6 +160,7 @@ class ModelStore:
         transfers = _transfer_ms(timings)
         try:
             spec = self._spec_for(request)
+            check_request_paths(spec, self.default_spec, self.settings)
             base = self._get(spec.without_adapters, timings)
             if not spec.has_adapters:
                 return base
