@@ -148,7 +148,9 @@ class ModelStore:
         return sum(model.total_bytes for model in self.resident)
 
     def load_default(self, timings: dict[str, float] | None = None) -> LoadedModel | None:
-        """Load the configured model (at startup). Returns None when no model is configured."""
+        """Load the configured model (at startup). Returns None when no model is configured. First clears what
+        builds killed half-way left in MODELS_DIR (disk.remove_stale)."""
+        disk.remove_stale(self.settings.models_dir)
         if self.default_spec is None:
             return None
         with self._lock:
