@@ -97,8 +97,9 @@ def test_a_request_without_a_precision_gets_the_configured_one(models_dir: Path)
 
 
 def test_another_model_is_loaded_in_the_configured_precision(models_dir: Path) -> None:
-    settings = Settings(model_id="builtin/tiny-sd", model_precision="bf16", models_dir=models_dir, runtime_downloads=True)
-    runner = Runner(settings)
+    runner = Runner(
+        Settings(model_id="builtin/tiny-sd", model_precision="bf16", models_dir=models_dir, runtime_downloads=True)
+    )
     runner.start()
     assert runner.run(ask(model="builtin/tiny-sdxl")).meta["PRECISION"] == "bf16"
     assert runner.run(ask(model="builtin/tiny-sdxl", precision="fp32")).meta["PRECISION"] == "fp32"
@@ -221,7 +222,7 @@ def test_a_directory_in_the_roots_that_is_no_model_is_not_found(switching: Runne
 
     stray = switching.settings.models_dir / "not-a-model"
     stray.mkdir(exist_ok=True)
-    with pytest.raises(ModelNotFound, match="no model_index.json"):
+    with pytest.raises(ModelNotFound, match=r"no model_index\.json"):
         switching.run(ask(model=str(stray)))
 
 

@@ -49,7 +49,8 @@ def test_a_prompt_over_the_limit_is_a_422_naming_the_field_and_the_limit(client:
     native = client.post("/v1/generate", json={"prompt": "a" * 10_001})
     legacy = client.post("/", json={"modelInputs": {"negative_prompt": "a" * 10_001}, "callInputs": {}})
     assert native.status_code == legacy.status_code == 422
-    assert native.json()["error"]["message"] == "prompt: 10001 characters, more than the 10000 allowed (MAX_PROMPT_CHARS)"
+    message = "prompt: 10001 characters, more than the 10000 allowed (MAX_PROMPT_CHARS)"
+    assert native.json()["error"]["message"] == message
     assert legacy.json()["$error"]["field"] == "negative_prompt"
     assert legacy.json()["$error"]["limit"] == 10_000
 

@@ -265,7 +265,9 @@ def test_a_textual_inversion_token_from_the_url_is_bounded_too() -> None:
         GenerateRequest(textual_inversions=f"https://x/e#token={'t' * 101}")
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "NaN"], ids=["nan", "inf", "-inf", "text"])
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), float("-inf"), "NaN"], ids=["nan", "inf", "-inf", "text"]
+)
 @pytest.mark.parametrize("field", ["guidance_scale", "strength", "eta"])
 def test_a_number_that_is_not_finite_is_named_as_such(field: str, value: object) -> None:
     with pytest.raises(InvalidInputs) as caught:
@@ -283,7 +285,8 @@ def test_not_finite_numbers_in_a_raw_body_and_in_lora_scales() -> None:
 def test_strength_needs_an_image_and_the_schema_says_so() -> None:
     with pytest.raises(InvalidInputs) as caught:
         from_legacy({"modelInputs": {"prompt": "x", "strength": 0.5}, "callInputs": {}})
-    assert caught.value.message == "strength: applies to an input image (img2img, inpainting), and this request has none"
+    message = "strength: applies to an input image (img2img, inpainting), and this request has none"
+    assert caught.value.message == message
     assert GenerateRequest(strength=0.5, image="aGk=").strength == 0.5
     schema = GenerateRequest.model_json_schema()
     assert schema["dependentRequired"] == {"strength": ["image"], "mask_image": ["image"]}
