@@ -231,9 +231,9 @@ def test_a_model_directory_in_an_allowed_root_loads(models_dir: Path, tmp_path: 
 
     root = tmp_path / "team-models"
     shutil.copytree(models_dir / "models--builtin--tiny-sd", root / "sd")
-    settings = Settings(model_id="builtin/tiny-sd", models_dir=models_dir, runtime_downloads=True)
-    runner = Runner(settings.model_copy(update={"local_model_roots": [root]}))
+    served = {"model_id": "builtin/tiny-sd", "models_dir": models_dir, "runtime_downloads": True}
+    runner = Runner(Settings(**served, local_model_roots=[root]))
     runner.start()
     assert runner.run(ask(model=str(root / "sd"))).meta["MODEL_ID"] == str(root / "sd")
     with pytest.raises(InvalidInputs, match="LOCAL_MODEL_ROOTS"):
-        Runner(settings).run(ask(model=str(root / "sd")))
+        Runner(Settings(**served)).run(ask(model=str(root / "sd")))
