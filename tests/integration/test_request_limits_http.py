@@ -56,8 +56,8 @@ def test_a_prompt_over_the_limit_is_a_422_naming_the_field_and_the_limit(client:
 
 
 def test_a_prompt_at_the_limit_does_not_hold_up_health_probes(client: TestClient) -> None:
-    """Its tokenization runs on the engine's threads, and at the limit it holds the GIL for milliseconds (two
-    million characters held it for over a second at a time: hence the limit)."""
+    """Its tokenization runs on the engine's threads, and at the limit it holds the GIL for milliseconds (with
+    two million characters other threads stalled for over a second at a time: hence the limit)."""
     long = ("a lighthouse at dusk, " * 500)[:10_000]
     body = {"prompt": long, "negative_prompt": long, "num_inference_steps": 25, "width": 128, "height": 128}
     answers: list[httpx.Response] = []
