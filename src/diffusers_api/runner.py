@@ -16,8 +16,9 @@ from functools import cache
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from . import imaging, limits
+from . import imaging
 from .errors import Cancelled, DiffusersAPIError, InvalidInputs, PipelineError
+from .limits import check_input_images, check_prompts, check_size
 from .models.store import LoadedModel, ModelStore
 from .pipelines import call_arguments, call_parameters
 from .schema import RESERVED_CALL_ARGS, GenerateRequest, GenerateResult, is_http_url
@@ -115,7 +116,7 @@ class Runner:
         # The store reports its own phases: loadModel, and download / upload when it had to fetch the model.
         model = self.store.get(request, timings)
         inputs = self._decode_inputs(request, timings)
-        limits.check_input_images(inputs, model.pipelines, model.spec.model_id)
+        check_input_images(inputs, model.pipelines, model.spec.model_id)
         pipe_cls = self._pipeline_class(model, request)
         scheduler = model.pipelines.scheduler(self._scheduler_name(model, request))
         pipe = model.pipelines.build(pipe_cls, scheduler, safety_checker=request.safety_checker)
@@ -146,9 +147,9 @@ class Runner:
         are fetched: its prompts' lengths, its size, its pipeline, its scheduler and the names of its inputs. A
         request that cannot run downloads nothing. (Adapters change neither the pipeline classes nor the
         schedulers a model takes.)"""
-        limits.check_prompts(request, self.settings.max_prompt_chars)
+        check_prompts(request, self.settings.max_prompt_chars)
         model = self.store.get(request.model_copy(update={"lora_weights": None, "textual_inversions": None}), timings)
-        limits.check_size(request, model.pipelines, model.spec.model_id)
+        check_size(request, model.pipelines, model.spec.model_id)
         pipe_cls = self._pipeline_class(model, request)
         model.pipelines.scheduler(self._scheduler_name(model, request))
         self._check_input_names(pipe_cls, _input_names(request))
