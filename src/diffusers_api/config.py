@@ -86,6 +86,11 @@ class Settings(BaseSettings):
         default_factory=default_models_dir,
         description="Where models are stored (default /runpod-volume/diffusers-api when that volume exists)",
     )
+    local_model_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated directories, besides MODELS_DIR, whose model directories, configurations and"
+        " checkpoints a request may name (RUNTIME_DOWNLOADS=1)",
+    )
     device: str = Field("auto", description="auto, cuda, cuda:N, mps or cpu")
 
     # --- cloud cache ---------------------------------------------------------------------------------------
@@ -120,6 +125,9 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest accepted request body")
     max_image_pixels: int = Field(4096 * 4096, ge=64 * 64, description="Largest input or output image")
+    max_prompt_chars: int = Field(
+        10_000, ge=1, description="Longest prompt or negative prompt in characters (CLIP reads 77 tokens of it)"
+    )
     max_queue: int = Field(64, ge=1, description="Requests waiting beyond this get BUSY (503)")
     jobs_ttl_s: float = Field(600.0, gt=0, description="How long a finished /v1/jobs job stays readable")
     jobs_kept: int = Field(100, ge=1, le=100_000, description="Finished jobs kept at most; the oldest go first")
@@ -156,6 +164,13 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_models_dir(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("local_model_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [Path(root.strip()).expanduser() for root in value.split(",") if root.strip()]
+        return value
 
     @field_validator("model_memory_budget", "lora_max_bytes", mode="before")
     @classmethod

@@ -20,7 +20,8 @@
 
 The codes of docker-diffusers-api are kept (INVALID_INPUTS, NO_MODEL_ID, MODEL_MISMATCH, NO_SUCH_PIPELINE,
 INVALID_SCHEDULER, PIPELINE_ERROR, APP_INFERENCE_ERROR) with their extra fields; unlike the original, the HTTP
-status is meaningful. `to_wire` is the one place an error becomes JSON; the transports only wrap it.
+status is meaningful. `to_wire` is the one place an error becomes JSON; the transports only wrap it. As in the
+original, the JSON has `name`, the Python exception behind the error (with DEBUG, also its `stack`).
 """
 
 from __future__ import annotations
@@ -40,8 +41,17 @@ class DiffusersAPIError(Exception):
         self.message = message
         self.extra = extra
 
+    @property
+    def name(self) -> str:
+        """What failed, as the original server named it (`type(err).__name__`): the exception this error was
+        raised from when that is not one of ours (a pipeline's RuntimeError, ...), else this error's class."""
+        cause = self.__cause__
+        if cause is not None and not isinstance(cause, DiffusersAPIError):
+            return type(cause).__name__
+        return type(self).__name__
+
     def to_wire(self, debug: bool = False) -> dict[str, Any]:
-        body: dict[str, Any] = {"code": self.code, "message": self.message, **self.extra}
+        body: dict[str, Any] = {"code": self.code, "name": self.name, "message": self.message, **self.extra}
         if debug and self.__traceback__ is not None:
             body["stack"] = "".join(traceback.format_exception(self))
         return body
@@ -136,5 +146,5 @@ def from_exception(exc: BaseException) -> DiffusersAPIError:
     if isinstance(exc, DiffusersAPIError):
         return exc
     wrapped = DiffusersAPIError(f"{type(exc).__name__}: {exc}")
-    wrapped.__traceback__ = exc.__traceback__
+    wrapped.__cause__, wrapped.__traceback__ = exc, exc.__traceback__
     return wrapped

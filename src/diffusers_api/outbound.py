@@ -55,8 +55,28 @@ def _refuse_non_public(addresses: list[str], what: str) -> None:
             raise InvalidInputs(message, setting="ALLOW_PRIVATE_URLS")
 
 
+# The well-known NAT64 prefix (RFC 6052): 64:ff9b::a.b.c.d is a.b.c.d reached through a translator.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 def is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_unspecified)
+    """A globally reachable unicast address. `is_global` follows IANA's special-purpose registries, so it also
+    refuses carrier-grade NAT (100.64.0.0/10, where some clouds keep their metadata service), documentation and
+    benchmarking ranges besides the private, loopback, link-local and reserved ones; multicast is refused apart.
+    An IPv6 address that carries an IPv4 one (IPv4-mapped, 6to4, NAT64) is judged by the IPv4 address, the one
+    a connection ends up at."""
+    embedded = _embedded_ipv4(ip)
+    if embedded is not None:
+        return is_public(embedded)
+    return ip.is_global and not ip.is_multicast
+
+
+def _embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return ip.ipv4_mapped or ip.sixtofour
 
 
 class _PublicOnlyBackend(httpcore.SyncBackend):

@@ -13,6 +13,9 @@ import copy
 import inspect
 import logging
 import threading
+import types
+import typing
+import warnings
 from collections.abc import Mapping
 from functools import cache, lru_cache
 from typing import TYPE_CHECKING, Any
@@ -92,6 +95,10 @@ def _auto_task_class(auto_name: str, base_class_name: str) -> type | None:
     return task_class
 
 
+class _Unfit(Exception):
+    """Why a pipeline name does not fit a model; `resolve` makes it a NoSuchPipeline that lists what does."""
+
+
 class ModelPipelines:
     """The pipelines of one loaded model: resolves names to classes and builds per-request instances."""
 
@@ -102,6 +109,7 @@ class ModelPipelines:
         self._classes: dict[str, type] = {}
         self._schedulers: dict[tuple[type, tuple[tuple[str, Any], ...]], SchedulerMixin] = {}  # pristine, copied
         self._usable_schedulers: list[str] | None = None
+        self._available: list[str] | None = None
         _tune_for_device(self.components)
         self._tokenizers = {
             name: LockedTokenizer(module)
@@ -112,13 +120,24 @@ class ModelPipelines:
     # --- pipelines -------------------------------------------------------------------------------------------
 
     def available(self) -> list[str]:
-        """Names a request may use with this model (short names, Auto* names and the classes they map to)."""
-        names: list[str] = [*SHORT_NAMES, *SHORT_NAMES.values(), type(self.base).__name__]
-        for auto_name in SHORT_NAMES.values():
-            task_class = _auto_task_class(auto_name, type(self.base).__name__)
-            if task_class is not None and self._missing_components(task_class) == []:
-                names.append(task_class.__name__)
-        return list(dict.fromkeys(names))
+        """Names a request may use with this model: the short and Auto* names, then every diffusers pipeline class
+        that `resolve` takes (the same check), so that the list a refusal carries names all a request may ask for.
+
+        Made on the first refusal and kept: it imports every pipeline module of diffusers (about a second)."""
+        if self._available is None:
+            names = [*SHORT_NAMES, *SHORT_NAMES.values(), type(self.base).__name__]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # deprecation warnings of modules only imported to be listed
+                names += [name for name in _pipeline_class_names() if self._fits(name)]
+            self._available = list(dict.fromkeys(names))
+        return self._available
+
+    def _fits(self, name: str) -> bool:
+        try:
+            self._resolve_uncached(name)
+        except _Unfit:
+            return False
+        return True
 
     def warm(self) -> None:
         """Resolve the task names (txt2img, img2img, inpaint) and the model's own class now, while the model
@@ -127,8 +146,8 @@ class ModelPipelines:
         unresolved, and is refused when a request asks for it."""
         for name in (*SHORT_NAMES, type(self.base).__name__):
             try:
-                self.resolve(name)
-            except NoSuchPipeline:
+                self._classes[name] = self._resolve_uncached(name)
+            except _Unfit:
                 continue
 
     def default_name(self, *, has_image: bool, has_mask: bool) -> str:
@@ -140,7 +159,10 @@ class ModelPipelines:
     def resolve(self, name: str) -> type:
         """Pipeline class for `name`, checked against this model's components; cached per name."""
         if name not in self._classes:
-            self._classes[name] = self._resolve_uncached(name)
+            try:
+                self._classes[name] = self._resolve_uncached(name)
+            except _Unfit as unfit:
+                raise NoSuchPipeline(str(unfit), requested=name, available=self.available()) from None
         return self._classes[name]
 
     def _resolve_uncached(self, name: str) -> type:
@@ -148,29 +170,41 @@ class ModelPipelines:
         if class_name in SHORT_NAMES.values():
             task_class = _auto_task_class(class_name, type(self.base).__name__)
             if task_class is None:
-                raise self._no_such(name, f"{class_name} has no pipeline for {type(self.base).__name__}")
-            return self._checked(name, task_class)
+                raise _Unfit(f"{class_name} has no pipeline for {type(self.base).__name__}")
+            return self._checked(task_class)
         candidate: type | None = getattr(_diffusers(), class_name, None)
         if candidate is None or not _is_pipeline_class(candidate):
-            raise self._no_such(name, f"'{name}' is not a diffusers pipeline")
-        return self._checked(name, candidate)
+            raise _Unfit(f"'{name}' is not a diffusers pipeline")
+        return self._checked(candidate)
 
-    def _checked(self, name: str, cls: type) -> type:
+    def _checked(self, cls: type) -> type:
         family, base_family = _family(cls.__name__), _family(type(self.base).__name__)
         if family and base_family and family != base_family:
-            raise self._no_such(name, f"{cls.__name__} is a {family} pipeline; this model is {base_family}")
+            raise _Unfit(f"{cls.__name__} is a {family} pipeline; this model is {base_family}")
         missing = self._missing_components(cls)
         if missing:
-            raise self._no_such(name, f"{cls.__name__} needs components this model lacks: {', '.join(missing)}")
+            raise _Unfit(f"{cls.__name__} needs components this model lacks: {', '.join(missing)}")
+        self._check_denoiser(cls)
         return cls
+
+    def _check_denoiser(self, cls: type) -> None:
+        """The class must take this model's UNet (or transformer) as what it is: DDIMPipeline has a `unet` too,
+        an unconditional one, and would fail half-way through a call with a text-to-image model's."""
+        params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
+        for role in ("unet", "transformer"):
+            module = self.components.get(role)
+            if module is None:
+                continue
+            if role not in params:
+                raise _Unfit(f"{cls.__name__} takes no {role}, and this model denoises with its {role}")
+            if not _annotation_accepts(params[role].annotation, module):
+                wanted = _annotation_name(params[role].annotation)
+                raise _Unfit(f"{cls.__name__} takes {wanted} as its {role}; this model's is a {type(module).__name__}")
 
     def _missing_components(self, cls: Any) -> list[str]:
         expected, _ = _signature_keys(cls)
         optional = set(cls._optional_components) | _defaulted_params(cls)
         return [name for name in expected if self.components.get(name) is None and name not in optional]
-
-    def _no_such(self, name: str, reason: str) -> NoSuchPipeline:
-        return NoSuchPipeline(f"{reason}", requested=name, available=self.available())
 
     def build(self, cls: Any, scheduler: SchedulerMixin, *, safety_checker: bool) -> DiffusionPipeline:
         """A fresh pipeline of `cls` over the shared components, with its own scheduler."""
@@ -316,6 +350,24 @@ def _family(class_name: str) -> str | None:
     return family
 
 
+def _pipeline_class_names() -> list[str]:
+    """The names diffusers exports that may be pipeline classes (`resolve` checks each)."""
+    return sorted(name for name in dir(_diffusers()) if "Pipeline" in name and not name.startswith("_"))
+
+
+def _annotation_accepts(annotation: Any, module: Any) -> bool:
+    """Whether `module` fits a parameter's annotation; an annotation that names no class accepts anything."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_annotation_accepts(arg, module) for arg in typing.get_args(annotation) if arg is not type(None))
+    return isinstance(module, annotation) if inspect.isclass(annotation) else True
+
+
+def _annotation_name(annotation: Any) -> str:
+    if inspect.isclass(annotation):
+        return f"a {annotation.__name__}"
+    return str(annotation)
+
+
 # Signatures are read per class, once: inspect.signature takes about 0.2 ms a call, and every request needs a few.
 
 
@@ -327,6 +379,15 @@ def call_parameters(cls: Any) -> Mapping[str, inspect.Parameter]:
 @cache
 def _call_parameters(cls: Any) -> Mapping[str, inspect.Parameter]:
     return inspect.signature(cls.__call__).parameters
+
+
+@cache
+def call_arguments(cls: Any) -> frozenset[str]:
+    """The arguments a request may name for `cls.__call__`: its named parameters, without `self` and without a
+    catch-all `*args` / `**kwargs` (a request naming `kwargs` would otherwise slip anything through it)."""
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    params = _call_parameters(cls).values()
+    return frozenset(p.name for p in params if p.kind not in variadic and p.name != "self")
 
 
 @cache

@@ -19,8 +19,9 @@ from . import imaging
 from .denoising.tasks import ProgressCallback
 from .devices import memory_usage
 from .errors import Cancelled, DiffusersAPIError, InvalidInputs, NotReady, PipelineError
+from .limits import check_input_images, check_prompts, check_size
 from .models.store import LoadedModel, ModelStore
-from .pipelines import call_parameters
+from .pipelines import call_arguments, call_parameters
 from .schema import RESERVED_CALL_ARGS, GenerateRequest, GenerateResult, is_http_url
 
 if TYPE_CHECKING:
@@ -107,9 +108,11 @@ class Runner:
         timings = Timings()
         if self._init_ms is not None:
             timings["init"], self._init_ms = self._init_ms, None
+        self._check_before_fetching(request, timings)
         # The store reports its own phases: loadModel, and download / upload when it had to fetch the model.
         model = self.store.get(request, timings)
         inputs = self._decode_inputs(request, timings)
+        check_input_images(inputs, model.pipelines, model.spec.model_id)
         pipe_cls = self._pipeline_class(model, request)
         scheduler = model.pipelines.scheduler(self._scheduler_name(model, request))
         pipe = model.pipelines.build(pipe_cls, scheduler, safety_checker=request.safety_checker)
@@ -134,6 +137,28 @@ class Runner:
         )
 
     # --- inputs ----------------------------------------------------------------------------------------------
+
+    def _check_before_fetching(self, request: GenerateRequest, timings: Timings) -> None:
+        """What needs no network, checked against the model before the request's LoRAs, embeddings or image URLs
+        are fetched: its prompts' lengths, its size, its pipeline, its scheduler and the names of its inputs. A
+        request that cannot run downloads nothing. (Adapters change neither the pipeline classes nor the
+        schedulers a model takes.)"""
+        check_prompts(request, self.settings.max_prompt_chars)
+        model = self.store.get(request.model_copy(update={"lora_weights": None, "textual_inversions": None}), timings)
+        check_size(request, model.pipelines, model.spec.model_id)
+        pipe_cls = self._pipeline_class(model, request)
+        model.pipelines.scheduler(self._scheduler_name(model, request))
+        self._check_input_names(pipe_cls, _input_names(request))
+
+    def _check_input_names(self, pipe_cls: Any, names: set[str]) -> None:
+        accepted = call_arguments(pipe_cls) - RESERVED_CALL_ARGS
+        unknown = sorted(names - accepted)
+        if unknown:
+            raise InvalidInputs(
+                f"not inputs of {pipe_cls.__name__}: {', '.join(unknown)}",
+                unknown=unknown,
+                accepted=sorted(accepted),
+            )
 
     def _decode_inputs(self, request: GenerateRequest, timings: Timings) -> dict[str, Image.Image]:
         limits = {"max_bytes": self.settings.max_body_bytes, "max_pixels": self.settings.max_image_pixels}
@@ -195,16 +220,9 @@ class Runner:
     ) -> dict[str, Any]:
         import torch
 
-        accepted = set(call_parameters(pipe_cls)) - RESERVED_CALL_ARGS - {"self"}
         kwargs = {name: getattr(request, name) for name in CALL_FIELDS if getattr(request, name) is not None}
         kwargs |= inputs | request.extra
-        unknown = sorted(set(kwargs) - accepted)
-        if unknown:
-            raise InvalidInputs(
-                f"not inputs of {pipe_cls.__name__}: {', '.join(unknown)}",
-                unknown=unknown,
-                accepted=sorted(accepted),
-            )
+        self._check_input_names(pipe_cls, set(kwargs))
         self._check_size(request)
         # One CPU generator per image: image i is reproducible alone from seeds[i], on any device.
         kwargs["generator"] = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
@@ -267,7 +285,7 @@ class Runner:
             "MODEL_ID": model.spec.model_id,
             "PIPELINE": pipe_cls.__name__,
             "SCHEDULER": type(scheduler).__name__,
-            "PRECISION": model.spec.precision or model.dtype,
+            "PRECISION": model.precision,
             "seed": seeds[0],
             "seeds": seeds,
             "image_format": request.image_format,
@@ -282,6 +300,12 @@ class Runner:
         if request.request_id:
             meta["startRequestId"] = request.request_id
         return meta
+
+
+def _input_names(request: GenerateRequest) -> set[str]:
+    """The pipeline arguments a request gives (as `Runner._call_kwargs` will pass them)."""
+    given = {name for name in (*CALL_FIELDS, "image", "mask_image") if getattr(request, name) is not None}
+    return given | set(request.extra)
 
 
 def _step_callback(progress: ProgressCallback | None, cancel: threading.Event | None) -> Callable[..., Any]:

@@ -40,11 +40,12 @@ RunPodJob = dict[str, Any]  # a job as RunPod hands it over: {"id", "input", ...
 ProgressUpdate = Callable[[RunPodJob, Any], None]
 
 
-def runpod_error(error: BaseException, defunct: bool = False) -> dict[str, Any]:
-    """The one place an error becomes RunPod's `{"error": "<string>"}`, with the code and details beside it.
-    `refresh_worker` asks RunPod for a new worker after a fatal device error (the engine is then DEFUNCT)."""
+def runpod_error(error: BaseException, debug: bool = False, defunct: bool = False) -> dict[str, Any]:
+    """The one place an error becomes RunPod's `{"error": "<string>"}`, with the code and details beside it
+    (and, with DEBUG, the stack). `refresh_worker` asks RunPod for a new worker after a fatal device error (the
+    engine is then DEFUNCT)."""
     wrapped = from_exception(error)
-    body: dict[str, Any] = {"error": f"{wrapped.code}: {wrapped.message}", "$error": wrapped.to_wire()}
+    body: dict[str, Any] = {"error": f"{wrapped.code}: {wrapped.message}", "$error": wrapped.to_wire(debug)}
     if defunct or is_fatal_device_error(error):
         body["refresh_worker"] = True
     return body
@@ -96,7 +97,7 @@ def make_handler(
         except Exception as exc:
             if not isinstance(exc, DiffusersAPIError):
                 log.exception("job %s failed", job.get("id"))
-            return runpod_error(exc, defunct=engine.health is Health.DEFUNCT)
+            return runpod_error(exc, hub.settings.debug, defunct=engine.health is Health.DEFUNCT)
         return to_legacy(result) if parsed.legacy else GenerateResponse.from_result(result).model_dump()
 
     return handle

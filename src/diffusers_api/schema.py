@@ -22,6 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from .errors import InvalidInputs
 
@@ -63,7 +64,7 @@ class _AdapterURL(BaseModel):
     """An adapter file's URL. The original server read options after it (`#fname=x.safetensors&scale=0.7`,
     `&token=...`): they are split off here (`_options`), leaving the URL that is downloaded and names the file."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     url: str
     _options: dict[str, str] = PrivateAttr(default_factory=dict)
@@ -117,15 +118,31 @@ class TextualInversion(_AdapterURL):
         return self
 
 
+# Inputs that only mean something with an input image (the JSON schema says so with dependentRequired).
+_NEEDS_IMAGE = {
+    "strength": "applies to an input image (img2img, inpainting)",
+    "mask_image": "marks what to repaint in an input image",
+}
+_SIZE = (
+    "Image {side} in pixels: a multiple of 8 from 8 to 8192 (MAX_IMAGE_PIXELS bounds width x height), and at least"
+    " the model's minimum (its VAE scale factor x its UNet's downsampling x 2: 16 for builtin/tiny-sd, 128 for"
+    " SD 1.x/2.x); default: the model's own size"
+)
+
+
 class GenerateRequest(BaseModel):
     """One image-generation request. Names follow diffusers' `__call__` arguments where one exists."""
 
     # The examples name no model, so that they run as they are on whatever model the server serves (/docs shows
     # the first; tests/integration/test_openapi_examples.py runs them all).
+    # allow_inf_nan=False: NaN compares false with every bound, so without it `guidance_scale: NaN` would be
+    # refused as "less than or equal to 100"; this way the message says what is wrong with it.
     model_config = ConfigDict(
         extra="forbid",
         str_strip_whitespace=False,
+        allow_inf_nan=False,
         json_schema_extra={
+            "dependentRequired": {field: ["image"] for field in _NEEDS_IMAGE},
             "examples": [
                 {"prompt": "a lighthouse at dusk, oil painting", "num_inference_steps": 20, "seed": 42},
                 {
@@ -138,7 +155,7 @@ class GenerateRequest(BaseModel):
                     "image_format": "JPEG",
                     "image_quality": 90,
                 },
-            ]
+            ],
         },
     )
 
@@ -171,10 +188,10 @@ class GenerateRequest(BaseModel):
     negative_prompt: str | list[str] | None = None
     num_inference_steps: int | None = Field(None, ge=1, le=1000)
     guidance_scale: float | None = Field(None, ge=0, le=100)
-    width: int | None = Field(None, ge=8, le=8192, multiple_of=8)
-    height: int | None = Field(None, ge=8, le=8192, multiple_of=8)
+    width: int | None = Field(None, ge=8, le=8192, multiple_of=8, description=_SIZE.format(side="width"))
+    height: int | None = Field(None, ge=8, le=8192, multiple_of=8, description=_SIZE.format(side="height"))
     num_images_per_prompt: int = Field(1, ge=1, le=16)
-    strength: float | None = Field(None, ge=0, le=1)
+    strength: float | None = Field(None, ge=0, le=1, description="How much of `image` is repainted (img2img, inpaint)")
     eta: float | None = Field(None, ge=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**63, description="Seed of the first image; drawn when absent")
     image: str | None = Field(None, description="Input image (base64, data URI or http(s) URL) for img2img / inpaint")
@@ -230,6 +247,14 @@ class GenerateRequest(BaseModel):
             if not -8 <= lora.scale <= 8:
                 raise ValueError(f"the scale of LoRA {lora.url} is {lora.scale}; it must be between -8 and 8")
         self.cross_attention_kwargs = kwargs or None
+        return self
+
+    @model_validator(mode="after")
+    def _image_inputs_need_an_image(self) -> GenerateRequest:
+        missing = [field for field in _NEEDS_IMAGE if getattr(self, field) is not None] if self.image is None else []
+        if missing:  # a custom error: a ValueError's message would start with "Value error, "
+            message = f"{missing[0]}: {_NEEDS_IMAGE[missing[0]]}, and this request has none"
+            raise PydanticCustomError("needs_image", message)
         return self
 
     @field_validator("image_format", mode="before")

@@ -382,7 +382,7 @@ def test_runtime_downloads_switch_models(models_dir: Path) -> None:
     runner = Runner(Settings(model_id="builtin/tiny-sd", models_dir=models_dir, runtime_downloads=True))
     runner.start()
     assert runner.run(ask(model="builtin/tiny-sdxl")).meta["PIPELINE"] == "StableDiffusionXLPipeline"
-    assert runner.run(ask()).meta["PIPELINE"] == "StableDiffusionXLPipeline"  # the resident model now
+    assert runner.run(ask()).meta["PIPELINE"] == "StableDiffusionPipeline"  # the configured model, as the original
     assert runner.run(ask(model="builtin/tiny-sd")).meta["PIPELINE"] == "StableDiffusionPipeline"
 
 

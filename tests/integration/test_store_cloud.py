@@ -234,7 +234,9 @@ def test_single_file_checkpoint_over_http_loads(
     files: FileServer, tiny_checkpoint: bytes, models_dir: Path, tmp_path: Path
 ) -> None:
     files.files["/tiny.safetensors"] = tiny_checkpoint
-    runner = Runner(Settings(models_dir=tmp_path, runtime_downloads=True, allow_private_urls=True))
+    # the configuration lies outside this runner's MODELS_DIR: a request may name it once its root is allowed
+    allowed = {"runtime_downloads": True, "allow_private_urls": True, "local_model_roots": [models_dir]}
+    runner = Runner(Settings(models_dir=tmp_path, **allowed))
     converted = runner.run(
         ask(
             model="acme/tiny-single",

@@ -25,6 +25,14 @@ def test_environment_names_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.model_precision == "fp16"
 
 
+def test_new_limits_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCAL_MODEL_ROOTS", "/data/models, ~/more")
+    monkeypatch.setenv("MAX_PROMPT_CHARS", "500")
+    settings = Settings()
+    assert settings.local_model_roots == [Path("/data/models"), Path("~/more").expanduser()]
+    assert settings.max_prompt_chars == 500
+
+
 def test_init_arguments_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PORT", "9000")
     assert Settings(port=1234).port == 1234

@@ -322,5 +322,5 @@ def test_ndjson_stream_ends_with_the_error() -> None:
         return [json.loads(line) async for line in ndjson_stream(work, stream, lambda e: {"$error": e.to_wire()})]
 
     lines = asyncio.run(scenario())
-    assert lines[-1] == {"$error": {"code": "PIPELINE_ERROR", "message": "boom"}}
+    assert lines[-1] == {"$error": {"code": "PIPELINE_ERROR", "name": "PipelineError", "message": "boom"}}
     assert lines[-2]["status"] == "error"

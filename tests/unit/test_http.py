@@ -86,6 +86,32 @@ def test_debug_adds_the_stack(engine: FakeEngine) -> None:
         assert "stack" in debug_client.post("/", json=GRASS).json()["$error"]
 
 
+def raised_from(cause: Exception) -> PipelineError:
+    """A PipelineError as the runner raises it over an exception of the pipeline: with a traceback and a cause."""
+    try:
+        try:
+            raise cause
+        except Exception as exc:
+            raise PipelineError(f"{type(exc).__name__}: {exc}") from exc
+    except PipelineError as error:
+        return error
+
+
+def test_errors_name_what_failed_and_debug_adds_its_stack(engine: FakeEngine, client: TestClient) -> None:
+    engine.fail_with = raised_from(RuntimeError("the pipeline broke"))
+    legacy = client.post("/", json=GRASS).json()["$error"]
+    native = client.post("/v1/generate", json={"prompt": "x"}).json()["error"]
+    assert legacy["name"] == native["name"] == "RuntimeError"  # as the original server named it: type(err)
+    assert list(legacy)[:3] == ["code", "name", "message"]
+    assert "stack" not in legacy
+    engine.fail_with = NoSuchPipeline("nope", requested="X", available=["txt2img"])
+    assert client.post("/", json=GRASS).json()["$error"]["name"] == "NoSuchPipeline"
+    engine.fail_with = raised_from(RuntimeError("the pipeline broke"))
+    with make_client(engine, debug=True) as debug_client:
+        stack = debug_client.post("/", json=GRASS).json()["$error"]["stack"]
+    assert "RuntimeError: the pipeline broke" in stack
+
+
 def test_native_generate_json(client: TestClient) -> None:
     response = client.post("/v1/generate", json={"prompt": "x", "seed": 5, "num_images_per_prompt": 2})
     assert response.status_code == 200

@@ -79,6 +79,7 @@ def test_a_failed_job_carries_the_error_code(client: TestClient, engine: FakeEng
     assert failed["status"] == "FAILED"
     assert failed["error"] == {
         "code": "MODEL_MISMATCH",
+        "name": "ModelMismatch",
         "message": "this server serves a",
         "requested": "b",
         "available": ["a"],

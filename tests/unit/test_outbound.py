@@ -8,6 +8,7 @@ server's address to the next, as a rebinding DNS server does.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import socket
 from collections.abc import Callable
@@ -154,3 +155,52 @@ def test_check_public_url_names_what_is_wrong(names: Answers) -> None:
     with pytest.raises(StorageError, match="cannot resolve"):
         check_public_url("http://no-such-host.invalid/", False, "SEND_URL")
     check_public_url("http://inside.test/", True, "SEND_URL")  # the opt-in
+
+
+# Addresses a URL named by a request must never reach, with why (the refusal list, kept as a table).
+REFUSED = {
+    "127.0.0.1": "loopback",
+    "10.1.2.3": "private (RFC 1918)",
+    "172.16.0.1": "private (RFC 1918)",
+    "192.168.1.1": "private (RFC 1918)",
+    "169.254.169.254": "link-local: AWS, GCP and Azure metadata",
+    "100.64.0.1": "carrier-grade NAT (RFC 6598)",
+    "100.100.100.200": "carrier-grade NAT: Alibaba Cloud metadata",
+    "0.0.0.0": "unspecified",
+    "192.0.0.1": "IETF protocol assignments",
+    "192.0.2.1": "documentation (TEST-NET-1)",
+    "198.18.0.1": "benchmarking",
+    "224.0.0.1": "multicast",
+    "239.255.255.250": "multicast (SSDP)",
+    "240.0.0.1": "reserved",
+    "255.255.255.255": "broadcast",
+    "::1": "loopback",
+    "::": "unspecified",
+    "fe80::1": "link-local",
+    "fc00::1": "unique local",
+    "fd00:ec2::254": "unique local: AWS metadata over IPv6",
+    "ff02::1": "multicast",
+    "2001:db8::1": "documentation",
+    "::ffff:127.0.0.1": "IPv4-mapped loopback",
+    "::ffff:169.254.169.254": "IPv4-mapped metadata",
+    "64:ff9b::a9fe:a9fe": "NAT64 of the metadata address",
+    "2002:a9fe:a9fe::1": "6to4 of the metadata address",
+    "2002:a00:1::1": "6to4 of a private address",
+}
+PUBLIC_ADDRESSES = ["8.8.8.8", "1.1.1.1", "100.128.0.1", "2606:4700:4700::1111", "64:ff9b::808:808"]
+
+
+@pytest.mark.parametrize("address", list(REFUSED), ids=[f"{a} {why}" for a, why in REFUSED.items()])
+def test_non_public_addresses_are_refused(address: str) -> None:
+    assert not outbound.is_public(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("address", PUBLIC_ADDRESSES)
+def test_public_addresses_pass(address: str) -> None:
+    assert outbound.is_public(ipaddress.ip_address(address))
+
+
+def test_a_name_in_carrier_grade_nat_is_refused(names: Answers) -> None:
+    names["metadata.test"] = lambda: "100.100.100.200"
+    with pytest.raises(InvalidInputs, match=r"non-public address 100\.100\.100\.200"):
+        check_public_url("http://metadata.test/latest/meta-data", False, "image")

@@ -103,6 +103,19 @@ def test_fatal_errors_are_found_in_the_cause_chain() -> None:
 def test_an_unexpected_exception_becomes_app_inference_error() -> None:
     body = runpod_error(KeyError("x"))
     assert body["error"] == "APP_INFERENCE_ERROR: KeyError: 'x'"
+    assert body["$error"]["name"] == "KeyError"
+    assert "stack" not in body["$error"]
+
+
+def test_with_debug_a_failed_job_carries_the_stack() -> None:
+    try:
+        raise PipelineError("boom")
+    except PipelineError as error:
+        failing = FakeEngine(fail_with=error)
+    handler = make_handler(failing, EventHub(Settings(debug=True)), ProgressLog())
+    output = asyncio.run(handler({"id": "job-1", "input": LEGACY}))
+    assert output["$error"]["name"] == "PipelineError"
+    assert "PipelineError: boom" in output["$error"]["stack"]
 
 
 def test_jobs_fail_clearly_when_the_model_did_not_load() -> None:

@@ -263,3 +263,38 @@ def test_a_lora_scale_without_loras_is_refused() -> None:
 def test_a_textual_inversion_token_from_the_url_is_bounded_too() -> None:
     with pytest.raises(ValueError, match="longer than 100 characters"):
         GenerateRequest(textual_inversions=f"https://x/e#token={'t' * 101}")
+
+
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), float("-inf"), "NaN"], ids=["nan", "inf", "-inf", "text"]
+)
+@pytest.mark.parametrize("field", ["guidance_scale", "strength", "eta"])
+def test_a_number_that_is_not_finite_is_named_as_such(field: str, value: object) -> None:
+    with pytest.raises(InvalidInputs) as caught:
+        parse_request({field: value, "image": "aGk="})
+    assert caught.value.message == f"{field}: Input should be a finite number"
+
+
+def test_not_finite_numbers_in_a_raw_body_and_in_lora_scales() -> None:
+    with pytest.raises(InvalidInputs, match="guidance_scale: Input should be a finite number"):
+        parse_request(json.loads('{"guidance_scale": NaN}'))
+    with pytest.raises(ValueError, match="finite number"):
+        GenerateRequest(lora_weights=[{"url": "https://x/a", "scale": float("nan")}])
+
+
+def test_strength_needs_an_image_and_the_schema_says_so() -> None:
+    with pytest.raises(InvalidInputs) as caught:
+        from_legacy({"modelInputs": {"prompt": "x", "strength": 0.5}, "callInputs": {}})
+    message = "strength: applies to an input image (img2img, inpainting), and this request has none"
+    assert caught.value.message == message
+    assert GenerateRequest(strength=0.5, image="aGk=").strength == 0.5
+    schema = GenerateRequest.model_json_schema()
+    assert schema["dependentRequired"] == {"strength": ["image"], "mask_image": ["image"]}
+
+
+@pytest.mark.parametrize("field", ["width", "height"])
+def test_the_schema_says_what_sizes_are_accepted(field: str) -> None:
+    prop = GenerateRequest.model_json_schema()["properties"][field]
+    assert prop["anyOf"][0] | {"type": "integer"} == {"minimum": 8, "maximum": 8192, "multipleOf": 8, "type": "integer"}
+    assert "multiple of 8" in prop["description"]
+    assert "the model's minimum" in prop["description"]

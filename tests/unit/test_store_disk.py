@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -80,3 +82,55 @@ def test_memory_estimate_reads_safetensors_headers_in_the_target_precision(tmp_p
     (tmp_path / "unet" / "config.json").write_text("{}" * 1000)  # not weights
     assert estimate_bytes(tmp_path) == 10 * 4 + 2 * 8
     assert estimate_bytes(tmp_path, "fp16") == 10 * 2 + 2 * 8  # floats cast, integers kept
+
+
+def make_old(path: Path) -> None:
+    old = time.time() - disk.STALE_AFTER_S - 60
+    os.utime(path, (old, old))
+
+
+def test_a_start_removes_stale_staging_of_a_killed_build(tmp_path: Path) -> None:
+    from diffusers_api.config import Settings
+    from diffusers_api.runner import Runner
+
+    orphan = tmp_path / f"{disk.STAGING_PREFIX}models--org--name-0123456789abcdef"
+    (orphan / "unet").mkdir(parents=True)
+    recent = tmp_path / f"{disk.STAGING_PREFIX}models--org--other-fedcba9876543210"
+    recent.mkdir()
+    not_ours = tmp_path / ".cache-of-something-else"
+    not_ours.mkdir()
+    make_old(orphan)
+    make_old(not_ours)
+    Runner(Settings(models_dir=tmp_path, runtime_downloads=True)).start()  # no model to load: only the clean-up
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([recent.name, not_ours.name])
+
+
+def test_staging_a_live_process_holds_stays_however_old(tmp_path: Path) -> None:
+    with disk.staged_directory(tmp_path / "models--org--name") as staging:
+        make_old(staging)
+        disk.remove_stale(tmp_path)
+        assert staging.is_dir()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_staging_of_a_process_that_was_killed_is_removed(tmp_path: Path) -> None:
+    """The lock goes with the process, whatever killed it (SIGKILL here, as an OOM kill or `docker kill`)."""
+    build = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from diffusers_api.models import disk\n"
+        "with disk.staged_directory(Path(sys.argv[1]) / 'models--org--name') as staging:\n"
+        "    print(staging, flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", build, str(tmp_path)], stdout=subprocess.PIPE, text=True) as process:
+        try:
+            assert process.stdout is not None
+            staging = Path(process.stdout.readline().strip())
+            make_old(staging)
+            disk.remove_stale(tmp_path)
+            assert staging.is_dir(), "removed while its process was alive"
+        finally:
+            process.kill()
+    disk.remove_stale(tmp_path)
+    assert not staging.exists()

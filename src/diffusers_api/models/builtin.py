@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import threading
 import uuid
 from collections import Counter
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from diffusers_api.errors import ModelLoadError, ModelNotFound
 
-from .disk import DISCARD_PREFIX, STAGING_PREFIX, remove, remove_stale
+from .disk import DISCARD_PREFIX, remove, remove_stale, staged_directory
 
 if TYPE_CHECKING:
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
@@ -135,16 +134,11 @@ def ensure_builtin(model_id: str, models_dir: Path) -> Path:
 
 
 def _build_and_publish(model_id: str, target: Path) -> None:
-    # Same directory as the target, so that the final rename stays on one filesystem (and is atomic).
-    # Not tempfile.mkdtemp: its 0700 mode would be published with the model.
-    staging = target.with_name(f"{STAGING_PREFIX}{target.name}-{uuid.uuid4().hex}")
-    staging.mkdir()
-    try:
+    # Beside the target, so that the final rename stays on one filesystem (and is atomic); held while it is built.
+    with staged_directory(target) as staging:
         build_builtin(model_id).save_pretrained(staging, safe_serialization=True)
         _write_marker(staging, model_id)
         _publish(staging, target, model_id)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_marker(directory: Path, model_id: str) -> None:

@@ -2,11 +2,15 @@
 
 Everything that becomes a model directory is written under a dot-prefixed staging name beside its final name
 (same filesystem), then published with one `rename`. A directory under a final name is therefore complete; a
-killed download or unpack leaves only dot-prefixed leftovers, which nothing loads and `remove_stale` clears.
+killed download or unpack leaves only dot-prefixed leftovers, which nothing loads and `remove_stale` clears (at
+every start, and before each download): those older than STALE_AFTER_S that no live process holds. A process
+holds its staging directory with a lock (`flock`), which the kernel drops when the process ends, however it
+ends; where the filesystem has no such locks, the age alone tells.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -35,9 +39,40 @@ def staged_directory(target: Path) -> Iterator[Path]:
     staging = target.with_name(f"{STAGING_PREFIX}{target.name}-{uuid.uuid4().hex}")
     staging.mkdir()
     try:
-        yield staging
+        with held(staging):
+            yield staging
     finally:
         remove(staging)
+
+
+@contextmanager
+def held(directory: Path) -> Iterator[None]:
+    """A shared lock on `directory` while the block runs, so that `remove_stale` in another process leaves it
+    alone however long the build takes (a checkpoint's conversion can outlast STALE_AFTER_S)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        with suppress(OSError):  # a filesystem without locks: the age alone tells
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # drops the lock; after a publish the lock was on the published directory, which is fine
+
+
+def in_use(path: Path) -> bool:
+    """Whether a live process holds `path` (see `held`). False when nothing holds it or locks cannot tell."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # also drops the lock just taken
+    return False
 
 
 def publish(staging: Path, target: Path) -> None:
@@ -66,7 +101,8 @@ def temporary_file(directory: Path, name: str) -> Iterator[Path]:
 
 
 def remove_stale(models_dir: Path) -> None:
-    """Remove what killed processes left behind: old staging directories, discards and partial downloads."""
+    """Remove what killed processes left behind: staging directories, discards and partial downloads older than
+    STALE_AFTER_S that no live process holds. Only names of these prefixes, which only this server makes."""
     if not models_dir.is_dir():
         return
     now = time.time()
@@ -74,7 +110,7 @@ def remove_stale(models_dir: Path) -> None:
         if not path.name.startswith((STAGING_PREFIX, DISCARD_PREFIX, DOWNLOAD_PREFIX)):
             continue
         with suppress(OSError):
-            if now - path.stat().st_mtime > STALE_AFTER_S:
+            if now - path.stat().st_mtime > STALE_AFTER_S and not in_use(path):
                 remove(path)
 
 

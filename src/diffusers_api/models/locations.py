@@ -18,19 +18,26 @@ The host part of `s3://` is an *endpoint* when it looks like one: it has a port,
 therefore written with three slashes: `s3:///my.bucket/key`. The default endpoint is AWS_S3_ENDPOINT_URL
 (or AWS), the default bucket AWS_S3_DEFAULT_BUCKET, and a key that is empty or ends with `/` gets
 `<normalized-id>.tar.zst` appended.
+
+A request (with RUNTIME_DOWNLOADS=1) may also name places on this machine: a model directory, a configuration
+directory (HF_MODEL_ID), a checkpoint file. Only inside MODELS_DIR and LOCAL_MODEL_ROOTS (`check_request_paths`).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from ..errors import InvalidInputs
+from .builtin import is_builtin
 
 if TYPE_CHECKING:
     from ..config import Settings
+    from .spec import ModelSpec
 
 ARCHIVE_SUFFIX = ".tar.zst"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -102,3 +109,44 @@ def _s3(endpoint: str | None, path: str, model_key: str, settings: Settings, url
     if not key or key.endswith("/"):
         key += model_key
     return S3Location(endpoint_url=endpoint, bucket=bucket, key=key)
+
+
+# --------------------------------------------------------------------------------------------- local paths
+
+# (request field, ModelSpec attribute) of what may name a place on this machine
+_PATH_FIELDS = (("model", "model_id"), ("hf_model_id", "hf_model_id"), ("checkpoint_url", "checkpoint_url"))
+
+
+def check_request_paths(spec: ModelSpec, configured: ModelSpec | None, settings: Settings) -> None:
+    """A request may name a place on this machine (a model or configuration directory, a checkpoint file) only
+    inside MODELS_DIR and LOCAL_MODEL_ROOTS, links resolved, and this is checked before anything there is read:
+    `..` or `/etc` would otherwise have the server walk a tree reading weight-file headers. What the
+    configuration names is trusted, and so is a request naming the same."""
+    roots = [Path(os.path.realpath(root)) for root in (settings.models_dir, *settings.local_model_roots)]
+    for field, attribute in _PATH_FIELDS:
+        value = getattr(spec, attribute)
+        if value is None or (configured is not None and value == getattr(configured, attribute)):
+            continue
+        path = local_path(value, file=field == "checkpoint_url")
+        if path is not None and not any(Path(os.path.realpath(path)).is_relative_to(root) for root in roots):
+            raise InvalidInputs(
+                f"{field} {value!r} is a path outside MODELS_DIR and LOCAL_MODEL_ROOTS, the directories a request "
+                "may load from",
+                field=field,
+                setting="LOCAL_MODEL_ROOTS",
+            )
+
+
+def local_path(name: str, file: bool = False) -> Path | None:
+    """The place on this machine `name` means, or None for a hub repo id, a builtin model or a URL. A `file`
+    (a checkpoint) is a path unless it is a URL; a directory is one when it is absolute, starts with `~` or `.`,
+    has a `..` part, or exists relative to the working directory (where loading would look for it)."""
+    scheme = urlsplit(name).scheme
+    if scheme == "file":
+        return Path(urlsplit(name).path)
+    if scheme or is_builtin(name):
+        return None
+    path = Path(name).expanduser()
+    if file or path.is_absolute() or name.startswith((".", "~")) or ".." in path.parts or path.is_dir():
+        return path
+    return None

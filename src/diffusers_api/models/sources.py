@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+PRECISIONS = {dtype: precision for precision, dtype in DTYPES.items()}
 DOWNLOAD_HINT = "run `diffusers-api download` with the same model settings (at image build time) to fetch it"
 
 
@@ -82,6 +83,11 @@ def _from_source(spec: ModelSpec, settings: Settings, timings: dict[str, float] 
         return ensure_builtin(spec.model_id, settings.models_dir)
     local = Path(spec.model_id).expanduser()
     if local.is_dir():
+        if not disk.is_published(local):  # before anything in it is read: it may be any directory
+            raise ModelNotFound(
+                f"model directory {spec.model_id} holds no model_index.json: it is no diffusers model",
+                requested=spec.model_id,
+            )
         return local
     if spec.model_id.startswith(("/", "./", "../", "~")):
         raise ModelNotFound(f"model directory {spec.model_id} does not exist", requested=spec.model_id)

@@ -43,9 +43,11 @@ class ModelSpec:
         )
 
     def for_request(self, request: GenerateRequest) -> ModelSpec:
-        """This spec with the request's choices laid over it. A new model id starts from a clean slate; adapters
-        (LoRAs, textual inversions) are the request's own, never inherited."""
-        base = self if request.model in (None, self.model_id) else ModelSpec(model_id=request.model or "")
+        """This spec with the request's choices laid over it. A new model id starts from a clean slate but for the
+        precision, the server's choice for every model; adapters (LoRAs, textual inversions) are the request's own,
+        never inherited."""
+        same = request.model in (None, self.model_id)
+        base = self if same else ModelSpec(model_id=request.model or "", precision=self.precision)
         asked = {
             "hf_model_id": request.hf_model_id,
             "revision": request.revision,

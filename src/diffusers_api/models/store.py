@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import ModelLoadError, ModelMismatch, ModelNotFound, NoModelId, PipelineError
 from . import archive, disk
 from .adapters import fetch_adapter
-from .sources import caused_by, fetch, not_found_errors, torch_dtype
+from .locations import check_request_paths
+from .sources import PRECISIONS, caused_by, fetch, not_found_errors, torch_dtype
 from .spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -57,6 +58,11 @@ class LoadedModel:
     variants: OrderedDict[ModelSpec, LoadedModel] = field(default_factory=OrderedDict)
 
     @property
+    def precision(self) -> str:
+        """fp16, bf16 or fp32: the one spelling of MODEL_PRECISION, also where the model loaded in its own dtype."""
+        return self.spec.precision or PRECISIONS.get(self.dtype, self.dtype)
+
+    @property
     def total_bytes(self) -> int:
         return self.bytes + sum(variant.bytes for variant in self.variants.values())
 
@@ -65,7 +71,7 @@ class LoadedModel:
         return {
             "model_id": self.spec.model_id,
             "id": self.spec.normalized_id,
-            "precision": self.spec.precision or self.dtype,
+            "precision": self.precision,
             "device": self.device,
             "bytes": self.bytes,
             "source": self.source,
@@ -142,7 +148,9 @@ class ModelStore:
         return sum(model.total_bytes for model in self.resident)
 
     def load_default(self, timings: dict[str, float] | None = None) -> LoadedModel | None:
-        """Load the configured model (at startup). Returns None when no model is configured."""
+        """Load the configured model (at startup). Returns None when no model is configured. First clears what
+        builds killed half-way left in MODELS_DIR (disk.remove_stale)."""
+        disk.remove_stale(self.settings.models_dir)
         if self.default_spec is None:
             return None
         with self._lock:
@@ -154,6 +162,7 @@ class ModelStore:
         transfers = _transfer_ms(timings)
         try:
             spec = self._spec_for(request)
+            check_request_paths(spec, self.default_spec, self.settings)
             base = self._get(spec.without_adapters, timings)
             if not spec.has_adapters:
                 return base
@@ -233,11 +242,13 @@ class ModelStore:
         )
 
     def _spec_for(self, request: GenerateRequest) -> ModelSpec:
-        base = self.most_recent.spec if self.most_recent else self.default_spec
+        """The configured model with the request's choices laid over it (never the last one used: as in
+        docker-diffusers-api, what a request leaves out comes from the configuration, not from another request)."""
+        base = self.default_spec
         if base is None:
             if not request.model:
                 raise NoModelId("no model requested and no MODEL_ID configured")
-            base = ModelSpec(model_id=request.model)
+            base = ModelSpec(model_id=request.model, precision=self.settings.model_precision)
         return base.for_request(request)
 
     # --- residency -------------------------------------------------------------------------------------------

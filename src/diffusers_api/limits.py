@@ -1,0 +1,85 @@
+"""Limits a request is held to before anything runs for it: prompt lengths, and the smallest image a model makes.
+
+The schema (schema.py) checks what is the same for every server; these checks need a setting (MAX_PROMPT_CHARS)
+or the loaded model, so the runner makes them, before it fetches anything for the request.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import InvalidInputs
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .pipelines import ModelPipelines
+    from .schema import GenerateRequest
+
+
+def check_prompts(request: GenerateRequest, max_chars: int) -> None:
+    """Every prompt and negative prompt (a list's each, SDXL's `prompt_2` ... among `extra` too) is at most
+    `max_chars` long. diffusers tokenizes a prompt in full (only to warn about what CLIP's 77 tokens drop), on
+    the engine's threads but holding the GIL: with two million characters, other threads stalled for over a
+    second at a time and a concurrent request took 3.6 s instead of 0.1 s. The bound keeps that to milliseconds."""
+    given = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
+    given |= {name: value for name, value in request.extra.items() if "prompt" in name}
+    for field, value in given.items():
+        for where, text in _texts(field, value):
+            if len(text) > max_chars:
+                raise InvalidInputs(
+                    f"{where}: {len(text)} characters, more than the {max_chars} allowed (MAX_PROMPT_CHARS)",
+                    field=field,
+                    limit=max_chars,
+                    setting="MAX_PROMPT_CHARS",
+                )
+
+
+def _texts(field: str, value: Any) -> list[tuple[str, str]]:
+    if isinstance(value, str):
+        return [(field, value)]
+    if isinstance(value, list):
+        return [(f"{field}[{index}]", text) for index, text in enumerate(value) if isinstance(text, str)]
+    return []
+
+
+def min_image_size(pipelines: ModelPipelines) -> tuple[int, str] | None:
+    """The smallest width and height the model makes an image at, and how it follows from the model; None for a
+    model without a UNet (a transformer's patches have other rules, which its pipeline checks itself).
+
+    The VAE shrinks an image by its scale factor, and the UNet halves the latents at every down block that has
+    a downsampler. Its deepest layer must still see 2x2 latent pixels: at 1x1, a group normalisation over a batch
+    of one can see a single value per group, which PyTorch refuses ("Expected more than 1 value per channel
+    when training"), and nothing of an image is left anyway."""
+    unet, scale = pipelines.components.get("unet"), getattr(pipelines.base, "vae_scale_factor", None)
+    if unet is None or not hasattr(unet, "down_blocks") or not isinstance(scale, int):
+        return None
+    downsampling = 2 ** sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
+    why = f"VAE scale factor {scale} x UNet downsampling {downsampling} x 2, for 2x2 latent pixels at its deepest"
+    return scale * downsampling * 2, why
+
+
+def check_size(request: GenerateRequest, pipelines: ModelPipelines, model_id: str) -> None:
+    """The request's width and height are at least the model's smallest size."""
+    for field in ("width", "height"):
+        _check_side(field, "", getattr(request, field), pipelines, model_id)
+
+
+def check_input_images(images: dict[str, Image.Image], pipelines: ModelPipelines, model_id: str) -> None:
+    """An input image (img2img, inpainting) is at least the model's smallest size: it is denoised at its own."""
+    image = images.get("image")
+    if image is not None:
+        _check_side("image", "its width ", image.width, pipelines, model_id)
+        _check_side("image", "its height ", image.height, pipelines, model_id)
+
+
+def _check_side(field: str, side: str, value: int | None, pipelines: ModelPipelines, model_id: str) -> None:
+    smallest = min_image_size(pipelines)
+    if value is None or smallest is None or value >= smallest[0]:
+        return
+    minimum, why = smallest
+    raise InvalidInputs(
+        f"{field}: {side}{value} is less than {minimum}, the smallest size {model_id} makes ({why})",
+        field=field,
+        minimum=minimum,
+    )
