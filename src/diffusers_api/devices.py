@@ -6,6 +6,7 @@ model has not, and must not wait on an import the engine's thread is in the midd
 
 from __future__ import annotations
 
+import gc
 import re
 import sys
 
@@ -55,3 +56,25 @@ def is_fatal_device_error(error: BaseException) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+def resolve_device(name: str) -> str:
+    """DEVICE (`auto`: CUDA, else Apple's MPS, else the CPU) as torch names it."""
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def free_device_memory() -> None:
+    """Collect what the dropped references held, and hand cached CUDA blocks back to the driver."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

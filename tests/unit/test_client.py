@@ -207,7 +207,7 @@ def test_an_unreachable_server_is_a_clear_error(capsys: pytest.CaptureFixture[st
 
 
 def test_a_job_carries_the_native_request_with_its_secrets() -> None:
-    from diffusers_api.client import _native_body
+    from diffusers_api.client.transports import _native_body
 
     envelope = {
         "modelInputs": {"prompt": "a barn", "num_inference_steps": 4, "init_image": "aGk="},

@@ -12,7 +12,8 @@ import pytest
 
 from diffusers_api.errors import StorageError
 from diffusers_api.models import disk
-from diffusers_api.models.store import cached_models, estimate_bytes
+from diffusers_api.models.sizes import estimate_bytes
+from diffusers_api.models.store import cached_models
 
 
 def test_a_staged_directory_is_published_whole(tmp_path: Path) -> None:

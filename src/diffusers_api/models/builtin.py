@@ -11,21 +11,19 @@ Top-level imports stay light (no torch, no diffusers): the CLI imports this modu
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import threading
-import uuid
 from collections import Counter
 from collections.abc import Callable
-from contextlib import suppress
 from functools import cache
 from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from diffusers_api.errors import ModelLoadError, ModelNotFound
+from diffusers_api.errors import ModelNotFound
 
-from .disk import DISCARD_PREFIX, remove, remove_stale, staged_directory
+from .disk import publish, remove_stale, staged_directory
 
 if TYPE_CHECKING:
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
@@ -138,7 +136,8 @@ def _build_and_publish(model_id: str, target: Path) -> None:
     with staged_directory(target) as staging:
         build_builtin(model_id).save_pretrained(staging, safe_serialization=True)
         _write_marker(staging, model_id)
-        _publish(staging, target, model_id)
+        # a target without this recipe's marker is half-written or outdated: it is replaced
+        publish(staging, target, complete=functools.partial(_is_complete, model_id=model_id), replace_others=True)
 
 
 def _write_marker(directory: Path, model_id: str) -> None:
@@ -152,34 +151,6 @@ def _is_complete(directory: Path, model_id: str) -> bool:
     except (OSError, ValueError):
         return False
     return marker == {"model_id": model_id, "recipe_version": RECIPE_VERSION}
-
-
-def _publish(staging: Path, target: Path, model_id: str) -> None:
-    """Rename `staging` onto `target`. If a complete one is already there (another process won), keep it."""
-    for _ in range(3):
-        try:
-            os.rename(staging, target)  # atomic on one filesystem; replaces only an empty directory
-            return
-        except OSError:
-            if _is_complete(target, model_id):
-                return
-            _discard_incomplete(target, model_id)
-    raise ModelLoadError(f"could not publish builtin model {model_id} to {target}")
-
-
-def _discard_incomplete(target: Path, model_id: str) -> None:
-    """Move a half-written or outdated `target` out of the way, without ever deleting a complete one."""
-    aside = target.with_name(f"{DISCARD_PREFIX}{target.name}-{uuid.uuid4().hex}")
-    try:
-        os.rename(target, aside)
-    except FileNotFoundError:
-        return
-    # Another process may have published between our check and the rename: put its work back.
-    if _is_complete(aside, model_id):
-        with suppress(OSError):
-            os.rename(aside, target)
-            return
-    remove(aside)
 
 
 # ---------------------------------------------------------------------------------------------- recipes

@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
@@ -75,13 +75,39 @@ def in_use(path: Path) -> bool:
     return False
 
 
-def publish(staging: Path, target: Path) -> None:
-    """Rename `staging` onto `target`, atomically. If another process published first, its copy is kept."""
+def publish(
+    staging: Path, target: Path, complete: Callable[[Path], bool] | None = None, replace_others: bool = False
+) -> None:
+    """Rename `staging` onto `target`, atomically. If another process published a complete copy first (`complete`,
+    by default `is_published`), its copy is kept. Whatever else stands at `target` is an error, unless
+    `replace_others`: then it is moved aside and removed (never a complete copy, even one published meanwhile)."""
+    complete = complete or is_published
+    for _ in range(3):
+        try:
+            os.rename(staging, target)  # replaces only an empty directory
+            return
+        except OSError as exc:
+            if complete(target):
+                return
+            if not replace_others:
+                raise StorageError(f"cannot publish the model at {target}: {exc}; is something else there?") from exc
+            _move_aside(target, complete)
+    raise StorageError(f"cannot publish the model at {target}: other processes keep writing there")
+
+
+def _move_aside(target: Path, complete: Callable[[Path], bool]) -> None:
+    """Move an incomplete or outdated `target` out of the way and remove it, without ever deleting a complete one."""
+    aside = target.with_name(f"{DISCARD_PREFIX}{target.name}-{uuid.uuid4().hex}")
     try:
-        os.rename(staging, target)  # replaces only an empty directory
-    except OSError as exc:
-        if not is_published(target):
-            raise StorageError(f"cannot publish the model at {target}: {exc}; is something else there?") from exc
+        os.rename(target, aside)
+    except FileNotFoundError:
+        return
+    # Another process may have published between our check and the rename: put its work back.
+    if complete(aside):
+        with suppress(OSError):
+            os.rename(aside, target)
+            return
+    remove(aside)
 
 
 def is_published(directory: Path) -> bool:

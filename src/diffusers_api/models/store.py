@@ -11,24 +11,23 @@ inversions.
 
 from __future__ import annotations
 
-import gc
-import json
 import logging
-import math
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..devices import free_device_memory, resolve_device
 from ..errors import ModelLoadError, ModelMismatch, ModelNotFound, NoModelId, PipelineError
 from . import archive, disk
 from .adapters import fetch_adapter
+from .loaded import LoadedModel
 from .locations import check_request_paths
-from .sources import PRECISIONS, caused_by, fetch, not_found_errors, torch_dtype
+from .sizes import estimate_bytes, module_bytes, pipeline_bytes
+from .sources import caused_by, fetch, not_found_errors, torch_dtype
 from .spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -36,83 +35,12 @@ if TYPE_CHECKING:
     from ..pipelines import ModelPipelines
     from ..schema import GenerateRequest
 
-__all__ = ["LoadedModel", "ModelSpec", "ModelStore", "pipeline_bytes", "resolve_device"]
+__all__ = ["LoadedModel", "ModelSpec", "ModelStore", "cached_models"]
 
 log = logging.getLogger(__name__)
 
 # $timings phases that the store reports apart from loadModel.
 TRANSFER_PHASES = ("download", "upload")
-
-
-@dataclass
-class LoadedModel:
-    spec: ModelSpec
-    pipelines: ModelPipelines
-    device: str
-    dtype: str
-    source: str
-    load_ms: float
-    bytes: int = 0  # of its own weights (a variant: the modules it copied)
-    # variants of this model with adapters (LoRAs, textual inversions), least recently used first; they share its
-    # other components and go with it
-    variants: OrderedDict[ModelSpec, LoadedModel] = field(default_factory=OrderedDict)
-
-    @property
-    def precision(self) -> str:
-        """fp16, bf16 or fp32: the one spelling of MODEL_PRECISION, also where the model loaded in its own dtype."""
-        return self.spec.precision or PRECISIONS.get(self.dtype, self.dtype)
-
-    @property
-    def total_bytes(self) -> int:
-        return self.bytes + sum(variant.bytes for variant in self.variants.values())
-
-    def describe(self) -> dict[str, Any]:
-        loras, embeddings = self.spec.adapters_json()
-        return {
-            "model_id": self.spec.model_id,
-            "id": self.spec.normalized_id,
-            "precision": self.precision,
-            "device": self.device,
-            "bytes": self.bytes,
-            "source": self.source,
-            "load_ms": round(self.load_ms, 2),
-            **({"loras": loras} if loras else {}),
-            **({"textual_inversions": embeddings} if embeddings else {}),
-            **({"variants": [variant.describe() for variant in self.variants.values()]} if self.variants else {}),
-        }
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def pipeline_bytes(pipe: Any) -> int:
-    """Bytes of the parameters and buffers of a pipeline's torch modules (each tensor counted once)."""
-    return module_bytes(*pipe.components.values())
-
-
-def module_bytes(*modules: Any) -> int:
-    """Bytes of the parameters and buffers of the torch modules among `modules` (each tensor counted once)."""
-    import torch
-
-    seen: set[int] = set()
-    total = 0
-    for component in modules:
-        if not isinstance(component, torch.nn.Module):
-            continue
-        for tensor in [*component.parameters(), *component.buffers()]:
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                total += tensor.numel() * tensor.element_size()
-    return total
 
 
 class ModelStore:
@@ -350,38 +278,6 @@ def cached_models(models_dir: Path) -> list[dict[str, Any]]:
     return found
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_FLOATS = ("F64", "F32", "F16", "BF16")
-
-
-def estimate_bytes(directory: Path, precision: str = "") -> int:
-    """What loading `directory` in `precision` will take, from its weight files, before loading anything.
-
-    safetensors headers give every tensor's dtype and shape (floats are counted in the target precision);
-    other weight files count by size. Files of every variant present are counted (an overestimate)."""
-    target = {"fp16": 2, "bf16": 2, "fp32": 4}.get(precision)
-    total = 0
-    for path in directory.rglob("*"):
-        if path.suffix == ".safetensors" and path.is_file():
-            total += _safetensors_bytes(path, target)
-        elif path.suffix in WEIGHT_SUFFIXES and path.is_file():
-            total += path.stat().st_size
-    return total
-
-
-def _safetensors_bytes(path: Path, float_bytes: int | None) -> int:
-    with path.open("rb") as source:
-        header = json.loads(source.read(int.from_bytes(source.read(8), "little")))
-    total = 0
-    for name, tensor in header.items():
-        if name == "__metadata__":
-            continue
-        size = float_bytes if float_bytes and tensor["dtype"] in _FLOATS else _DTYPE_BYTES.get(tensor["dtype"], 4)
-        total += math.prod(tensor["shape"]) * size
-    return total
-
-
 def _make_variant(
     base: LoadedModel, loras: list[tuple[Path, float, str]], embeddings: list[tuple[Path, str | None, str]]
 ) -> tuple[ModelPipelines, dict[str, Any], float]:
@@ -402,12 +298,3 @@ def _make_variant(
 
 def _transfer_ms(timings: dict[str, float] | None) -> float:
     return sum(timings.get(name, 0.0) for name in TRANSFER_PHASES) if timings else 0.0
-
-
-def free_device_memory() -> None:
-    """Collect what the dropped references held, and hand cached CUDA blocks back to the driver."""
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

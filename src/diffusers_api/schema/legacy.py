@@ -1,0 +1,135 @@
+"""The docker-diffusers-api envelope `{"modelInputs": {...}, "callInputs": {...}}`: translated onto the native
+request by `from_legacy`, and results back out by `to_legacy`, as the original's clients expect them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import (
+    ValidationError,
+)
+
+from ..errors import InvalidInputs
+from .request import GenerateRequest, invalid_inputs, is_http_url
+from .response import GenerateResult
+
+# callInputs key -> GenerateRequest field
+_LEGACY_CALL_INPUTS = {
+    "MODEL_ID": "model",
+    "HF_MODEL_ID": "hf_model_id",
+    "MODEL_REVISION": "revision",
+    "MODEL_VARIANT": "variant",
+    "MODEL_PRECISION": "precision",
+    "MODEL_URL": "model_url",
+    "CHECKPOINT_URL": "checkpoint_url",
+    "PIPELINE": "pipeline",
+    "SCHEDULER": "scheduler",
+    "safety_checker": "safety_checker",
+    "image_format": "image_format",
+    "image_quality": "image_quality",
+    "startRequestId": "request_id",
+    "SEND_URL": "send_url",
+    "SIGN_KEY": "sign_key",
+    "streamEvents": "stream_events",
+    "lora_weights": "lora_weights",
+    "textual_inversions": "textual_inversions",
+}
+# callInputs the server knows but this build does not act on: refused with a clear message rather than ignored,
+# so that nobody believes such an option was applied when it was not.
+_LEGACY_UNSUPPORTED = (
+    "train",
+    "use_extra",
+    "attn_procs",
+    "compel_prompts",
+    "custom_pipeline_method",
+)
+# callInputs that were speed hints in the original; PyTorch's SDPA attention makes them moot.
+_LEGACY_IGNORED = ("xformers_memory_efficient_attention",)
+# modelInputs keys with a typed field (plus the legacy alias init_image -> image)
+_TYPED_MODEL_INPUTS = set(GenerateRequest.model_fields) - set(_LEGACY_CALL_INPUTS.values()) - {"extra"}
+
+
+def decode_envelope(body: bytes | str | Any) -> dict[str, Any]:
+    """Parse a legacy body: a JSON object, or a JSON string holding one (old Banana clients double-encode)."""
+    data = body
+    for _ in range(2):
+        if isinstance(data, bytes | bytearray | str):
+            try:
+                data = json.loads(data)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise InvalidInputs(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidInputs("request body must be a JSON object with 'modelInputs' and 'callInputs'")
+    return data
+
+
+def from_legacy(envelope: dict[str, Any]) -> GenerateRequest:
+    """Translate `{"modelInputs", "callInputs"}` onto a GenerateRequest, or raise INVALID_INPUTS."""
+    missing = [key for key in ("modelInputs", "callInputs") if key not in envelope]
+    if missing:
+        raise InvalidInputs(f"missing required key(s): {', '.join(missing)}", missing=missing)
+    model_inputs, call_inputs = envelope["modelInputs"], envelope["callInputs"]
+    for key, value in (("modelInputs", model_inputs), ("callInputs", call_inputs)):
+        if not isinstance(value, dict):
+            raise InvalidInputs(f"{key} must be an object, got {type(value).__name__}")
+    data = _legacy_call_inputs(call_inputs) | _legacy_model_inputs(model_inputs)
+    if call_inputs.get("is_url"):
+        for field in ("image", "mask_image"):
+            value = data.get(field)
+            if value is not None and not is_http_url(value):
+                raise InvalidInputs(f"callInputs.is_url is true, so modelInputs.{field} must be an http(s) URL")
+    try:
+        return GenerateRequest.model_validate(data)
+    except ValidationError as exc:
+        raise invalid_inputs(exc) from None
+
+
+def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in call_inputs.items():
+        if key in _LEGACY_CALL_INPUTS:
+            data[_LEGACY_CALL_INPUTS[key]] = value
+        elif key == "is_url":
+            continue  # read by from_legacy: the image inputs are URLs
+        elif key in _LEGACY_IGNORED:
+            continue
+        elif key in _LEGACY_UNSUPPORTED:
+            if value not in (None, "", False):
+                raise InvalidInputs(f"callInputs.{key} is not supported by this server yet")
+        else:
+            known = sorted([*_LEGACY_CALL_INPUTS, "is_url", *_LEGACY_UNSUPPORTED, *_LEGACY_IGNORED])
+            raise InvalidInputs(f"callInputs.{key} is not a known call input", known=known)
+    return data
+
+
+def _legacy_model_inputs(model_inputs: dict[str, Any]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in model_inputs.items():
+        if key == "init_image":
+            if "image" in model_inputs:
+                raise InvalidInputs("modelInputs: give 'image' or 'init_image', not both")
+            data["image"] = value
+        elif key in _TYPED_MODEL_INPUTS:
+            data[key] = value
+        else:
+            extra[key] = value
+    if extra:
+        data["extra"] = extra
+    return data
+
+
+def to_legacy(result: GenerateResult) -> dict[str, Any]:
+    """The docker-diffusers-api response: image_base64 (one) or images_base64 (several) plus $meta etc."""
+    from ..imaging import to_base64
+
+    encoded = [to_base64(data) for data in result.images]
+    body: dict[str, Any] = {"image_base64": encoded[0]} if len(encoded) == 1 else {"images_base64": encoded}
+    if result.nsfw is not None:
+        body["nsfw_content_detected"] = result.nsfw
+    body["$meta"] = result.meta
+    body["$timings"] = result.timings
+    body["$mem_usage"] = result.mem_usage
+    return body

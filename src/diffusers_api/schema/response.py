@@ -1,0 +1,60 @@
+"""What a request returns: `GenerateResult` (the runner's, in process) and its native wire form
+(`GenerateResponse`), and the native error body.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import (
+    BaseModel,
+    Field,
+)
+
+
+@dataclass
+class GenerateResult:
+    """What the runner returns: encoded images and their seeds, plus meta, timings and memory use."""
+
+    images: list[bytes]
+    image_format: str
+    seeds: list[int]
+    nsfw: list[bool] | None
+    meta: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    mem_usage: float = 0.0
+
+
+class ImageOut(BaseModel):
+    data: str = Field(description="base64 of the encoded image")
+    format: str
+    seed: int
+    nsfw: bool | None = None
+
+
+class GenerateResponse(BaseModel):
+    images: list[ImageOut]
+    meta: dict[str, Any]
+    timings: dict[str, float]
+    mem_usage: float
+
+    @classmethod
+    def from_result(cls, result: GenerateResult) -> GenerateResponse:
+        from ..imaging import to_base64
+
+        nsfw: list[bool | None] = list(result.nsfw) if result.nsfw else [None] * len(result.images)
+        images = [
+            ImageOut(data=to_base64(data), format=result.image_format.lower(), seed=seed, nsfw=flag)
+            for data, seed, flag in zip(result.images, result.seeds, nsfw, strict=True)
+        ]
+        return cls(images=images, meta=result.meta, timings=result.timings, mem_usage=result.mem_usage)
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
