@@ -118,3 +118,20 @@ def test_broken_links_and_anchors_are_reported(tmp_path: Path) -> None:
         "#nowhere: no heading #nowhere in README.md",
         "../elsewhere.md: no such file",
     ]
+
+
+def _table_after(heading: str, text: str) -> list[list[str]]:
+    """The cells of the first table under `heading` (a `## ` heading of the page)."""
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[2:]]
+
+
+def test_the_request_inputs_table_names_every_field_and_legacy_key() -> None:
+    from diffusers_api.schema import _LEGACY_CALL_INPUTS, GenerateRequest
+
+    rows = _table_after("Request inputs", (ROOT / "README.md").read_text())
+    native = {name for row in rows for name in re.findall(r"`(\w+)`", row[0])}
+    legacy = {name for row in rows for name in re.findall(r"`(?:callInputs\.)?(\w+)`", row[1])}
+    assert native == set(GenerateRequest.model_fields)
+    assert {*_LEGACY_CALL_INPUTS, "is_url"} <= legacy
