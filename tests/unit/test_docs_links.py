@@ -128,10 +128,27 @@ def _table_after(heading: str, text: str) -> list[list[str]]:
 
 
 def test_the_request_inputs_table_names_every_field_and_legacy_key() -> None:
-    from diffusers_api.schema import _LEGACY_CALL_INPUTS, GenerateRequest
+    from diffusers_api.errors import InvalidInputs
+    from diffusers_api.schema import GenerateRequest, from_legacy
 
-    rows = _table_after("Request inputs", (ROOT / "README.md").read_text())
+    readme = (ROOT / "README.md").read_text()
+    rows = _table_after("Request inputs", readme)
     native = {name for row in rows for name in re.findall(r"`(\w+)`", row[0])}
     legacy = {name for row in rows for name in re.findall(r"`(?:callInputs\.)?(\w+)`", row[1])}
     assert native == set(GenerateRequest.model_fields)
-    assert {*_LEGACY_CALL_INPUTS, "is_url"} <= legacy
+    with pytest.raises(InvalidInputs) as refused:  # its error lists every call input the server knows
+        from_legacy({"modelInputs": {}, "callInputs": {"NOT_A_CALL_INPUT": 1}})
+    not_inputs = {name for name in refused.value.extra["known"] if name not in legacy}
+    assert not_inputs == set(_REFUSED_OR_IGNORED)
+    assert all(f"`{name}`" in readme for name in _REFUSED_OR_IGNORED)
+
+
+# call inputs of the original server that this one refuses or ignores (the README's legacy API says which)
+_REFUSED_OR_IGNORED = (
+    "train",
+    "use_extra",
+    "attn_procs",
+    "compel_prompts",
+    "custom_pipeline_method",
+    "xformers_memory_efficient_attention",
+)
