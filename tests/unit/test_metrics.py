@@ -338,7 +338,8 @@ def test_each_app_counts_its_own_requests() -> None:
 
 
 def test_building_the_app_does_not_import_prometheus_client(tmp_path: Path) -> None:
-    """The server must listen within about a second (README, Cold start): the first scrape pays the import."""
+    """The server must listen within about a second (docs/performance.md, Cold start): the first scrape pays the
+    import."""
     code = (
         "import sys\nfrom diffusers_api.config import Settings\nfrom diffusers_api.http.app import create_app\n"
         "create_app(Settings(model_id='builtin/tiny-sd'))\nprint('prometheus_client' in sys.modules)"
