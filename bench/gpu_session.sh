@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement issue #5 asks for, in one device call (289 s and 342 s on an H100):
+# Every GPU measurement of the engine (W and SDXL beside plain diffusers, the loop, CUDA graphs and compile tests, cold
+# start, kernel variants) in one run on a GPU machine (289 s and 342 s on an H100):
 #
 #   device run: command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=540
 #   here, first: TINY=1 bash bench/gpu_session.sh      # the same steps on the tiny models, on a CPU

@@ -267,7 +267,7 @@ class EventHub:
         return RequestEvents(sinks, self.settings.container_id, request.request_id, throttle)
 
     def _check_request_url(self, url: str) -> None:
-        """A request's own SEND_URL must not reach into the server's network (SPEC 8): no private, loopback or
+        """A request's own SEND_URL must not reach into the server's network: no private, loopback or
         link-local targets unless ALLOW_PRIVATE_URLS is on. The operator's SEND_URL setting is trusted."""
         from .errors import InvalidInputs, StorageError
         from .outbound import check_public_url

@@ -1,6 +1,6 @@
 """Outbound HTTP to URLs that requests name, and the check that keeps it out of the server's own network.
 
-SPEC 8: a URL that comes with a request (a model archive, a checkpoint, a request's own SEND_URL) must not
+A URL that comes with a request (a model archive, a checkpoint, a request's own SEND_URL) must not
 reach private, loopback or link-local addresses unless ALLOW_PRIVATE_URLS is on. Checking a host name and then
 letting the HTTP library resolve it again leaves a gap: a DNS server that answers a public address to the check
 and a private one to the connection (DNS rebinding) gets through. So the check is made where the connection
