@@ -82,10 +82,17 @@ def ours(model: LoadedModel, task: str, scheduler: str | None, kwargs: dict[str,
 
 
 def run_all(denoiser: Denoiser, jobs: list[DenoiseTask]) -> None:
-    """Submit every job at once (they share rounds) and wait for all."""
+    """Submit every job at once (they share rounds) and wait for all. Until every job is in, the loop is held at
+    the rendezvous (it takes the rendezvous' lock to join a round), so that on a busy machine the first job cannot
+    finish all its steps before the last thread gets to submit."""
     threads = [threading.Thread(target=denoiser.run, args=(job,)) for job in jobs]
-    for thread in threads:
-        thread.start()
+    submitted = denoiser.stats.jobs
+    with denoiser.rendezvous._cond:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while denoiser.stats.jobs < submitted + len(jobs) and time.monotonic() < deadline:
+            time.sleep(0.005)
     for thread in threads:
         thread.join(120)
 

@@ -111,7 +111,7 @@ def test_cancelling_a_finished_job_changes_nothing(client: TestClient) -> None:
 
 
 def test_events_stream_status_events_then_the_final_status(client: TestClient, engine: FakeEngine) -> None:
-    engine.queued_s, engine.steps = 0.2, 3
+    engine.queued_s, engine.steps = 1.0, 3  # long enough that the stream opens while the job is queued
     job = client.post("/v1/jobs", json={"prompt": "a barn", "callback_steps": 1}).json()
     with client.stream("GET", f"/v1/jobs/{job['id']}/events") as response:
         assert response.headers["content-type"].startswith("text/event-stream")
