@@ -24,6 +24,7 @@ from diffusers_api.runner import Runner
 from diffusers_api.schema import GenerateRequest, GenerateResult, from_legacy
 from support.adapters import make_embedding, make_lora
 from support.servers import FileServer, file_server
+from support.together import in_one_batch
 
 SD, SDXL = "builtin/tiny-sd", "builtin/tiny-sdxl"
 STEPS = 4
@@ -152,7 +153,12 @@ def test_lora_requests_batch_together(files: FileServer, sd: Runner) -> None:
     batched = Runner(sd.settings, store=sd.store, steps=SharedSteps(batcher))
     try:
         with ThreadPoolExecutor(max_workers=3) as pool:
-            together = list(pool.map(batched.run, requests))
+            futures = in_one_batch(
+                batched.steps,  # type: ignore[arg-type]
+                len(requests),
+                lambda: [pool.submit(batched.run, request) for request in requests],
+            )
+            together = [future.result() for future in futures]
     finally:
         batched.steps.stop()  # type: ignore[union-attr]
     assert {result.meta["LOOP"] for result in together} == {"batched"}

@@ -7,7 +7,7 @@ import io
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from diffusers_api.generation import Generation
 from diffusers_api.imaging import encode_image, to_base64
 from diffusers_api.runner import Runner
 from diffusers_api.schema import GenerateRequest, GenerateResult
+from support.together import in_one_batch
 
 # Batched and unbatched kernels may round differently in the last float bits; after 8-bit quantisation that
 # shows as at most one level on a small share of pixels. These bounds are what the tests assert.
@@ -79,7 +80,13 @@ def run_together(
     runner: Runner, requests: list[GenerateRequest], batcher: Rendezvous | None = None, loop: str = "batched"
 ) -> list[GenerateResult]:
     with batching(runner, batcher, loop) as batched, ThreadPoolExecutor(max_workers=len(requests)) as pool:
-        results = list(pool.map(batched.run, requests))
+
+        def submit() -> list[Future[GenerateResult]]:
+            return [pool.submit(batched.run, request) for request in requests]
+
+        # diffusers' own loop has no such hold: its calls meet at the rendezvous as they come
+        futures = in_one_batch(batched.steps, len(requests), submit) if loop == "batched" else submit()  # type: ignore[arg-type]
+        results = [future.result() for future in futures]
     assert [result.meta["LOOP"] for result in results] == [loop] * len(requests)
     return results
 
