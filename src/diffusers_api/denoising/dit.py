@@ -165,13 +165,13 @@ def _prepare_flux(pipe: Any, args: dict[str, Any], mode: Mode) -> DenoiseTask:
 def _flux_timesteps(
     pipe: Any, args: dict[str, Any], tokens: int, device: Any, sigmas_config: bool = False
 ) -> tuple[Any, int]:
-    """(timesteps, steps): Flux's schedule: sigmas from 1 to 1/steps, shifted for the image's tokens. (The txt2img pipeline leaves
-    the sigmas to a scheduler configured with `use_flow_sigmas`; img2img does not look: `sigmas_config`.)"""
+    """(timesteps, steps): Flux's schedule, sigmas from 1 to 1/steps shifted for the image's tokens. (The txt2img
+    pipeline leaves the sigmas to a scheduler configured with `use_flow_sigmas`; img2img does not look.)"""
     import numpy as np
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
     steps, config = args["num_inference_steps"], pipe.scheduler.config
-    sigmas = np.linspace(1.0, 1 / steps, steps)
+    sigmas: Any = np.linspace(1.0, 1 / steps, steps)
     if sigmas_config and getattr(config, "use_flow_sigmas", False):
         sigmas = None
     mu = calculate_shift(

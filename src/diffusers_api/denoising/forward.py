@@ -33,17 +33,20 @@ def eager_forward(
     """The model's step, called as its pipeline calls it: a UNet by position and `added_cond_kwargs`, a diffusion
     transformer (SD3, Flux) by name."""
     if is_transformer(model):
-        inputs = (added or {}) | (shared or {})
-        return model(hidden_states=sample, timestep=timesteps, encoder_hidden_states=hidden, **inputs, return_dict=False)[0]
+        named = (added or {}) | (shared or {})
+        return model(
+            hidden_states=sample, timestep=timesteps, encoder_hidden_states=hidden, **named, return_dict=False
+        )[0]
     return model(sample, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
 
 
 def is_transformer(model: Any) -> bool:
-    return _takes_hidden_states(type(model))
+    model_class: Any = type(model)  # a class is hashable (typeshed's type[Any] is not seen as such)
+    return _takes_hidden_states(model_class)
 
 
 @functools.cache
-def _takes_hidden_states(model_class: type) -> bool:
+def _takes_hidden_states(model_class: Any) -> bool:
     """Diffusion transformers take their latents as `hidden_states`; UNets take them as `sample`."""
     forward = getattr(model_class, "forward", None)
     if forward is None:

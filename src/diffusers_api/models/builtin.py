@@ -267,10 +267,12 @@ def _sdxl_components(unet_in_channels: int) -> dict[str, Any]:
 def _build_tiny_sd3() -> DiffusionPipeline:
     """SD3's layout: two CLIP encoders with projection (their pooled outputs concatenated) and a T5 encoder, whose
     hidden states the CLIP ones are padded to; a 16-channel VAE with a shift factor; patches of 2x2 latents."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
     from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import StableDiffusion3Pipeline
 
-    tokenizer, tokenizer_2, tokenizer_3 = build_clip_tokenizer(), build_clip_tokenizer(pad_token="!"), build_t5_tokenizer()
+    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_clip_tokenizer(pad_token="!")
+    tokenizer_3 = build_t5_tokenizer()
     _seed(SEED_UNET)
     transformer = SD3Transformer2DModel(
         sample_size=LATENT_SIZE,
@@ -301,7 +303,8 @@ def _build_tiny_sd3() -> DiffusionPipeline:
 def _build_tiny_flux() -> DiffusionPipeline:
     """FLUX.1-dev's layout: CLIP (its pooled output) and T5 (its hidden states), a 16-channel VAE with a shift
     factor, latents packed in 2x2 patches, and guidance given to the transformer as an input (distilled)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
     from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 
     tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer()
@@ -503,7 +506,6 @@ def _t5_encoder(tokenizer: T5Tokenizer, seed: int) -> Any:
         relative_attention_num_buckets=8,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
     )
     _seed(seed)
     return T5EncoderModel(config).eval()
