@@ -47,7 +47,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     steps = args.steps
 
-    def device_step(unet: Any, sample: Any, timesteps: Any, hidden: Any, added: Any) -> Any:
+    def device_step(unet: Any, sample: Any, timesteps: Any, hidden: Any, added: Any, shared: Any = None) -> Any:
         time.sleep(args.device_ms / 1000)
         return torch.zeros_like(sample)
 

@@ -413,3 +413,25 @@ def test_shared_tokenizer_is_safe_across_threads(runner: Runner) -> None:
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         assert all(pool.map(tokenize, range(2000)))
+
+
+@pytest.mark.parametrize("model_id", ["builtin/tiny-sd3", "builtin/tiny-flux"])
+def test_transformers_batched(models_dir: Path, model_id: str) -> None:
+    """SD3 and Flux run in our loop through the runner (txt2img and img2img in one batch), as they do alone."""
+    runner = _runner(models_dir, model_id)
+    image = to_base64(encode_image(Image.new("RGB", (64, 64), (40, 120, 200))))
+    requests = [
+        *varied_requests(2, width=64, height=64),
+        # Flux's pipelines default to 128 latents a side, whatever the model: sizes given
+        GenerateRequest(prompt="a cat", seed=7, num_inference_steps=6, image=image, strength=0.7, width=64, height=64),
+    ]
+    alone = run_alone(runner, requests)
+    batcher = Rendezvous(max_wait_s=5.0)
+    together = run_together(runner, requests, batcher)  # asserts LOOP == "batched" for each
+    assert together[2].meta["PIPELINE"].endswith("Img2ImgPipeline")
+    alone_forwards = 4 + 6 + 5  # one per step; img2img denoises 5 of its 6 steps at strength 0.7
+    # every step of every request ran: SD3 guides with two rows per image, Flux takes guidance as an input
+    assert batcher.stats.rows_total == alone_forwards * (2 if model_id.endswith("sd3") else 1)
+    assert batcher.stats.forwards < alone_forwards  # several requests' rows in one forward
+    for batched, solo in zip(together, alone, strict=True):
+        assert_close(pixels(batched), pixels(solo))

@@ -21,6 +21,7 @@ from diffusers import (
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
@@ -41,6 +42,7 @@ from diffusers_api.models.builtin import (
 
 SD, INPAINT, SDXL = "builtin/tiny-sd", "builtin/tiny-sd-inpaint", "builtin/tiny-sdxl"
 SDXL_INPAINT = "builtin/tiny-sdxl-inpaint"
+SD3, FLUX = "builtin/tiny-sd3", "builtin/tiny-flux"
 PIPELINE_CLASSES = {
     SD: StableDiffusionPipeline,
     INPAINT: StableDiffusionInpaintPipeline,
@@ -83,14 +85,14 @@ def file_digests(directory: Path) -> dict[str, str]:
 
 
 def test_names_and_directories(tmp_path: Path) -> None:
-    assert builtin_names() == [SD, INPAINT, SDXL, SDXL_INPAINT]
+    assert builtin_names() == [SD, INPAINT, SDXL, SDXL_INPAINT, SD3, FLUX]
     assert all(is_builtin(name) for name in builtin_names())
     assert not is_builtin("runwayml/stable-diffusion-v1-5")
     assert builtin_dir(SD, tmp_path) == tmp_path / "models--builtin--tiny-sd"
     assert builtin_dir(SDXL, tmp_path) == tmp_path / "models--builtin--tiny-sdxl"
 
 
-@pytest.mark.parametrize("model_id", ["builtin/tiny-flux", "builtin/", "runwayml/stable-diffusion-v1-5"])
+@pytest.mark.parametrize("model_id", ["builtin/tiny-kandinsky", "builtin/", "runwayml/stable-diffusion-v1-5"])
 def test_unknown_builtin_is_model_not_found(tmp_path: Path, model_id: str) -> None:
     with pytest.raises(ModelNotFound) as caught:
         ensure_builtin(model_id, tmp_path / "models")
@@ -141,7 +143,27 @@ def test_sdxl_parts(pipes: dict[str, Any], model_id: str) -> None:
     assert not hasattr(pipe, "safety_checker")
 
 
-@pytest.mark.parametrize("model_id", [SD, INPAINT, SDXL, SDXL_INPAINT])
+@pytest.mark.parametrize("model_id", [SD3, FLUX])
+def test_transformer_parts(pipes: dict[str, Any], model_id: str) -> None:
+    """SD3 and Flux as their checkpoints lay them out: a flow-matching scheduler, a 16-channel VAE with a shift
+    factor, and a T5 encoder with its Unigram tokenizer beside the CLIP ones."""
+    pipe = pipes[model_id]
+    assert type(pipe).__name__ == {SD3: "StableDiffusion3Pipeline", FLUX: "FluxPipeline"}[model_id]
+    assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert pipe.vae.config.latent_channels == 16
+    assert pipe.vae.config.shift_factor is not None
+    t5 = pipe.tokenizer_3 if model_id == SD3 else pipe.tokenizer_2
+    assert type(t5).__name__ == "T5Tokenizer"
+    words = t5.convert_tokens_to_ids(["\u2581a", "\u2581red", "\u2581cat"])
+    assert t5("a red cat").input_ids == [*words, t5.eos_token_id]
+    if model_id == FLUX:
+        assert pipe.transformer.config.guidance_embeds  # FLUX.1-dev: guidance-distilled
+    images = txt2img(pipe, width=64, height=64).images
+    assert images.shape == (1, 64, 64, 3)
+    assert np.isfinite(images).all()
+
+
+@pytest.mark.parametrize("model_id", [SD, INPAINT, SDXL, SDXL_INPAINT, SD3, FLUX])
 def test_weights_are_small_safetensors(built: Path, model_id: str) -> None:
     directory = builtin_dir(model_id, built)
     weights = list(directory.rglob("*.safetensors"))
@@ -236,7 +258,7 @@ def test_tokenizer_pads_and_truncates_to_77(pipes: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------- determinism
 
 
-@pytest.mark.parametrize("model_id", [SD, INPAINT, SDXL, SDXL_INPAINT])
+@pytest.mark.parametrize("model_id", [SD, INPAINT, SDXL, SDXL_INPAINT, SD3, FLUX])
 def test_builds_are_byte_identical(built: Path, tmp_path: Path, model_id: str) -> None:
     first = ensure_builtin(model_id, tmp_path / "a")
     second = ensure_builtin(model_id, tmp_path / "b")

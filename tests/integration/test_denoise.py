@@ -454,3 +454,93 @@ def test_the_loop_never_looks_up_a_first_step_index(
     assert job.error is None
     assert threads == [threading.current_thread().name]  # once, while preparing
     assert torch.equal(job.latents, reference(sd, "txt2img", scheduler, call(7)))  # and the same steps
+
+
+# --- diffusion transformers: SD3 and Flux -------------------------------------------------------------------------
+
+DIT_MODELS = ["builtin/tiny-sd3", "builtin/tiny-flux", "flux-schnell"]
+
+
+@pytest.fixture(scope="module")
+def dit_models(models_dir: Path) -> dict[str, LoadedModel]:
+    """The tiny SD3 and Flux (dev: guidance-distilled), and a schnell-like Flux: no guidance input."""
+    models = {model_id: _model(models_dir, model_id) for model_id in DIT_MODELS[:2]}
+    schnell = _model(models_dir, "builtin/tiny-flux")  # a model of its own: its transformer is replaced
+    config = dict(schnell.pipelines.base.transformer.config) | {"guidance_embeds": False}
+    transformer = type(schnell.pipelines.base.transformer).from_config(config).eval()
+    schnell.pipelines.components["transformer"] = transformer
+    return models | {"flux-schnell": schnell}
+
+
+def dit_calls() -> list[tuple[str, dict[str, Any]]]:
+    """txt2img with the default guidance, txt2img with its own (unguided for SD3), img2img: sizes given, since
+    Flux's pipeline defaults to 128 latents a side whatever the model."""
+    size = {"height": 64, "width": 64}
+    return [
+        ("txt2img", call(40, **size)),
+        ("txt2img", call(41, guidance_scale=1.0, negative_prompt="blurry", **size)),
+        ("img2img", call(42, image=red_image(), strength=0.7, **size)),
+    ]
+
+
+@pytest.mark.parametrize("model_id", DIT_MODELS)
+def test_transformers_equal_diffusers_alone_and_batched(
+    dit_models: dict[str, LoadedModel], denoiser: Denoiser, model_id: str
+) -> None:
+    model = dit_models[model_id]
+    expected = [reference(model, task, None, kwargs) for task, kwargs in dit_calls()]
+    for (task, kwargs), want in zip(dit_calls(), expected, strict=True):
+        assert denoise.supports(pipe(model, task), kwargs)
+        alone = ours(model, task, None, kwargs)
+        denoiser.run(alone)
+        assert torch.equal(alone.latents, want)
+    together = [ours(model, task, None, kwargs) for task, kwargs in dit_calls()]
+    run_all(denoiser, together)
+    assert denoiser.stats.max_jobs == 3
+    # one forward for all three: SD3 guides the first and the last (two rows each); Flux takes one row per image
+    assert max(denoiser.rendezvous.stats.rows) == (5 if model_id == "builtin/tiny-sd3" else 3)
+    for job, want in zip(together, expected, strict=True):
+        assert job.error is None
+        assert_batched_close(job.latents, want)
+
+
+def test_flux_rows_of_other_grids_never_share_a_forward(dit_models: dict[str, LoadedModel], denoiser: Denoiser) -> None:
+    """64x128 and 128x64 pack into as many tokens of the same shape, but their position ids differ."""
+    model = dit_models["builtin/tiny-flux"]
+
+    def kwargs() -> list[dict[str, Any]]:
+        return [call(50, height=64, width=128), call(51, height=128, width=64)]
+
+    expected = [reference(model, "txt2img", None, k) for k in kwargs()]
+    jobs = [ours(model, "txt2img", None, k) for k in kwargs()]
+    assert jobs[0].latents.shape == jobs[1].latents.shape
+    run_all(denoiser, jobs)
+    assert denoiser.stats.max_jobs == 2
+    assert max(denoiser.rendezvous.stats.rows) == 1
+    for job, want in zip(jobs, expected, strict=True):
+        assert torch.equal(job.latents, want)
+
+
+@pytest.mark.parametrize("model_id", DIT_MODELS[:2])
+def test_transformers_finish_gives_the_pipelines_images(
+    dit_models: dict[str, LoadedModel], denoiser: Denoiser, model_id: str
+) -> None:
+    import numpy as np
+
+    model = dit_models[model_id]
+    expected = pipe(model)(**call(52, height=64, width=96), output_type="pil").images[0]
+    job = ours(model, "txt2img", None, call(52, height=64, width=96))
+    denoiser.run(job)
+    image = denoise.finish(pipe(model), job, {}).images[0]
+    assert np.array_equal(np.asarray(image), np.asarray(expected))
+
+
+def test_transformers_support_only_what_the_loop_reproduces(dit_models: dict[str, LoadedModel]) -> None:
+    sd3, flux = (pipe(dit_models[model_id]) for model_id in DIT_MODELS[:2])
+    assert denoise.supports(sd3, call(1, prompt_3="a barn", negative_prompt_3="fog", max_sequence_length=64))
+    assert not denoise.supports(sd3, call(1, skip_guidance_layers=[1]))  # a third forward per step
+    assert not denoise.supports(sd3, call(1, output_type="latent"))
+    assert denoise.supports(flux, call(1, negative_prompt="fog"))  # without true CFG Flux ignores it
+    assert denoise.supports(flux, call(1, true_cfg_scale=4.0))  # and without a negative prompt, true CFG is off
+    assert not denoise.supports(flux, call(1, negative_prompt="fog", true_cfg_scale=4.0))
+    assert not denoise.supports(flux, call(1, sigmas=[1.0, 0.5]))

@@ -74,3 +74,15 @@ def test_import_stays_light(heavy: str) -> None:
     src = str(Path(builtin.__file__).parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     assert subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode == 0
+
+
+def test_t5_tokenizer_is_laid_out_like_t5s_and_spells_out_unknown_words() -> None:
+    from diffusers_api.models.builtin import build_t5_tokenizer
+
+    tokenizer = build_t5_tokenizer()
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("a red Zebra").input_ids)
+    assert tokens == ["\u2581a", "\u2581red", "\u2581Z", "e", "b", "r", "a", "</s>"]
+    padded = tokenizer("a cat", padding="max_length", max_length=6, truncation=True).input_ids
+    assert padded[2:] == [1, 0, 0, 0]  # two words, the end, padding
+    assert tokenizer.decode(tokenizer("a red Zebra, 42!").input_ids, skip_special_tokens=True) == "a red Zebra, 42!"

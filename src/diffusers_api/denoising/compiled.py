@@ -27,6 +27,8 @@ installed as a submodule", pytorch#112775). Hence:
   (Inductor's own CUDA graphs, mode="reduce-overhead", are not used: they record one graph per distinct batch
   and belong to the thread that recorded them, while our steps run on the denoising loop's thread or on
   whichever thread completes a rendezvous round.)
+- UNets only: a diffusion transformer's steps (SD3, Flux) always run through the base forward (eagerly, or as
+  CUDA graphs), never queued for compiling.
 - Compiling can only make a step faster, never fail it: a compile that fails logs a warning and no new shape
   is compiled after it; a shape dynamo will not compile, or that runs out of memory, stays eager; a compiled
   step that raises is rerun eagerly.
@@ -52,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from .forward import ForwardKey, UNetForward, eager_forward
+from .forward import ForwardKey, UNetForward, eager_forward, is_transformer
 from .graphs import CudaGraphForward
 
 log = logging.getLogger(__name__)
@@ -231,7 +233,20 @@ class CompiledForward:
 
     # --- the request path --------------------------------------------------------------------------------------
 
-    def __call__(self, unet: Any, sample: Any, timesteps: Any, hidden: Any, added: dict[str, Any] | None) -> Any:
+    def __call__(
+        self,
+        unet: Any,
+        sample: Any,
+        timesteps: Any,
+        hidden: Any,
+        added: dict[str, Any] | None,
+        shared: dict[str, Any] | None = None,
+    ) -> Any:
+        if is_transformer(unet):
+            # Compiling covers UNets only (the compiling process and the compiled step call a UNet): a diffusion
+            # transformer's steps run through the base forward, as CUDA graphs where those are on.
+            self.stats.eager_steps += 1
+            return self.base(unet, sample, timesteps, hidden, added, shared)
         key, state = self._shape(unet, sample, timesteps, hidden, added)
         if state is _Shape.READY:
             try:

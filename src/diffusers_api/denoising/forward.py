@@ -1,25 +1,58 @@
-"""One batched UNet forward: which rows may share it (`ForwardKey`), the rows themselves (`StepBatch`), and how
-it runs (`UNetForward`: eagerly, as a CUDA graph, or compiled).
+"""One batched forward of a denoising model (a UNet or a diffusion transformer): which rows may share it
+(`ForwardKey`), the rows themselves (`StepBatch`), and how it runs (`UNetForward`: eagerly, as a CUDA graph, or
+compiled).
 
 Every part of the loop that groups or caches forwards (the rendezvous, the loop's groups, the CUDA graph and
 compile caches) keys them by the same `ForwardKey`, so two rows that may share a batch also share its graph.
+
+The inputs are named as the models name them, in four parts: the latents (`sample`), one timestep per row, the
+text embeddings (`hidden`), the model's other inputs with one row per latent row (`added`: a UNet's
+`added_cond_kwargs`, a transformer's `pooled_projections` or `guidance`), and inputs without a batch axis that
+every row takes as they are (`shared`: Flux's position ids).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+import inspect
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-UNetForward = Callable[[Any, Any, Any, Any, dict[str, Any] | None], Any]
-"""(unet, sample, timesteps[batch], encoder_hidden_states, added_cond_kwargs) -> noise prediction."""
+UNetForward = Callable[..., Any]
+"""(model, sample, timesteps[batch], encoder_hidden_states, added, shared) -> noise prediction: the model's step,
+however it runs (`eager_forward`, `CudaGraphForward`, `CompiledForward`)."""
 
 
-def eager_forward(unet: Any, sample: Any, timesteps: Any, hidden: Any, added: dict[str, Any] | None) -> Any:
-    return unet(sample, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
+def eager_forward(
+    model: Any, sample: Any, timesteps: Any, hidden: Any, added: dict[str, Any] | None, shared: Any = None
+) -> Any:
+    """The model's step, called as its pipeline calls it: a UNet by position and `added_cond_kwargs`, a diffusion
+    transformer (SD3, Flux) by name."""
+    if is_transformer(model):
+        named = (added or {}) | (shared or {})
+        return model(
+            hidden_states=sample, timestep=timesteps, encoder_hidden_states=hidden, **named, return_dict=False
+        )[0]
+    return model(sample, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
+
+
+def is_transformer(model: Any) -> bool:
+    model_class: Any = type(model)  # a class is hashable (typeshed's type[Any] is not seen as such)
+    return _takes_hidden_states(model_class)
+
+
+@functools.cache
+def _takes_hidden_states(model_class: Any) -> bool:
+    """Diffusion transformers take their latents as `hidden_states`; UNets take them as `sample`."""
+    forward = getattr(model_class, "forward", None)
+    if forward is None:
+        return False
+    parameters = list(inspect.signature(forward).parameters)
+    return len(parameters) > 1 and parameters[1] == "hidden_states"
 
 
 def _row_shape(tensor: Any) -> tuple[tuple[int, ...], str]:
@@ -28,20 +61,34 @@ def _row_shape(tensor: Any) -> tuple[tuple[int, ...], str]:
 
 
 @dataclass(frozen=True)
+class SharedInputs:
+    """Inputs without a batch axis that every row of a forward takes as they are (Flux's position ids). `key`
+    names what decides their values (Flux: the latent grid), so that only rows with equal ones share a forward."""
+
+    key: tuple[Hashable, ...]
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
 class ForwardKey:
     """Forwards with equal keys can run as one batch: the same module, on rows of the same shapes, dtypes and
-    device. The number of rows is not part of it (the CUDA graph and compile caches add their own)."""
+    device, with the same shared inputs. The number of rows is not part of it (the CUDA graph and compile caches
+    add their own)."""
 
-    module: int  # id() of the UNet
+    module: int  # id() of the UNet or transformer
     device: str
     sample: tuple[tuple[int, ...], str]
     hidden: tuple[tuple[int, ...], str]
     added: tuple[tuple[str, tuple[int, ...], str], ...] = ()
+    shared: tuple[Hashable, ...] = ()  # SharedInputs.key
 
     @classmethod
-    def of(cls, unet: Any, sample: Any, hidden: Any, added: dict[str, Any] | None) -> ForwardKey:
+    def of(
+        cls, unet: Any, sample: Any, hidden: Any, added: dict[str, Any] | None, shared: SharedInputs | None = None
+    ) -> ForwardKey:
         extra = tuple(sorted((name, *_row_shape(value)) for name, value in (added or {}).items()))
-        return cls(id(unet), str(sample.device), _row_shape(sample), _row_shape(hidden), extra)
+        shared_key = shared.key if shared is not None else ()
+        return cls(id(unet), str(sample.device), _row_shape(sample), _row_shape(hidden), extra, shared_key)
 
     def describe(self, rows: int) -> str:
         shape, dtype = self.sample
@@ -50,42 +97,60 @@ class ForwardKey:
 
 @dataclass(frozen=True)
 class StepRows:
-    """One part of a batched step: the UNet inputs of one caller (or one half of a guided request)."""
+    """One part of a batched step: the model inputs of one caller (or one half of a guided request)."""
 
     sample: torch.Tensor
-    timesteps: torch.Tensor  # one float per row
+    timesteps: torch.Tensor  # one per row
     hidden: torch.Tensor
     added: dict[str, torch.Tensor] | None = None
+    shared: SharedInputs | None = None
 
     @property
     def rows(self) -> int:
         return int(self.sample.shape[0])
 
-
-@dataclass(frozen=True)
-class StepBatch:
-    """The rows of one UNet forward, made of parts that all have one `ForwardKey`; `split` hands each part its
-    rows of the output."""
-
-    sample: torch.Tensor
-    timesteps: torch.Tensor
-    hidden: torch.Tensor
-    added: dict[str, torch.Tensor] | None
-    sizes: tuple[int, ...]
+    def key(self, model: Any) -> ForwardKey:
+        return ForwardKey.of(model, self.sample, self.hidden, self.added, self.shared)
 
     @classmethod
-    def of(cls, parts: Sequence[StepRows]) -> StepBatch:
+    def cat(cls, parts: Sequence[StepRows]) -> StepRows:
+        """The parts' rows as one (parts of one key: the same added inputs, equal shared ones)."""
         import torch
 
         added = None
-        if parts[0].added is not None:  # parts of one key all have the same added conditioning
+        if parts[0].added is not None:
             added = {name: torch.cat([_added(part)[name] for part in parts]) for name in parts[0].added}
         return cls(
             sample=torch.cat([part.sample for part in parts]),
             timesteps=torch.cat([part.timesteps for part in parts]),
             hidden=torch.cat([part.hidden for part in parts]),
             added=added,
+            shared=parts[0].shared,  # equal keys: equal shared inputs, so the first part's serve all
+        )
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """The rows of one forward, made of parts that all have one `ForwardKey`; `run` hands each part its rows of
+    the output."""
+
+    sample: torch.Tensor
+    timesteps: torch.Tensor
+    hidden: torch.Tensor
+    added: dict[str, torch.Tensor] | None
+    sizes: tuple[int, ...]
+    shared: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def of(cls, parts: Sequence[StepRows]) -> StepBatch:
+        whole = StepRows.cat(parts)
+        return cls(
+            sample=whole.sample,
+            timesteps=whole.timesteps,
+            hidden=whole.hidden,
+            added=whole.added,
             sizes=tuple(part.rows for part in parts),
+            shared=whole.shared.tensors if whole.shared is not None else None,
         )
 
     @property
@@ -94,7 +159,7 @@ class StepBatch:
 
     def run(self, forward: UNetForward, unet: Any) -> list[torch.Tensor]:
         """The forward of all rows at once, split back into each part's rows."""
-        output = forward(unet, self.sample, self.timesteps, self.hidden, self.added)
+        output = forward(unet, self.sample, self.timesteps, self.hidden, self.added, self.shared)
         return list(output.split(list(self.sizes)))
 
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from ..devices import is_out_of_memory
 from ..errors import Cancelled, NotReady
-from .forward import ForwardKey, StepBatch, StepRows
+from .forward import ForwardKey, StepRows
 
 if TYPE_CHECKING:
     import torch
@@ -220,7 +220,7 @@ class Denoiser:
             torch.cuda.empty_cache()  # give back what the failed forward left cached
 
     def _forward(self, tasks: list[DenoiseTask]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """One UNet forward for `tasks`, guidance applied: per task (noise prediction, its conditional half)."""
+        """One model forward for `tasks`, guidance applied: per task (noise prediction, its conditional half)."""
         import torch
 
         guided = [task for task in tasks if task.guided]
@@ -229,9 +229,8 @@ class Denoiser:
         # [uncond rows of guided tasks | cond rows of guided tasks | rows of unguided tasks]
         order = [(task, Half.UNCOND) for task in guided] + [(task, Half.COND) for task in guided]
         order += [(task, Half.ALL) for task in plain]
-        batch = StepBatch.of([_rows(task, inputs[id(task)], half) for task, half in order])
-        kwargs = {"encoder_hidden_states": batch.hidden, "added_cond_kwargs": batch.added, "return_dict": False}
-        noise = self.rendezvous.call(tasks[0].unet, (batch.sample, batch.timesteps), kwargs)[0]
+        rows = StepRows.cat([_rows(task, inputs[id(task)], half) for task, half in order])
+        noise = self.rendezvous.forward_rows(tasks[0].model, rows)
 
         results: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         images = sum(task.images for task in guided)
@@ -294,14 +293,14 @@ def _half(task: DenoiseTask, rows: torch.Tensor, half: Half) -> torch.Tensor:
 
 
 def _rows(task: DenoiseTask, latents: torch.Tensor, half: Half) -> StepRows:
-    """One half's UNet inputs: the scaled latents (plus the mask channels of an inpainting UNet), the text
-    embeddings and added conditioning of those rows, and the timestep once per row."""
+    """One half's model inputs: the scaled latents (plus the mask channels of an inpainting UNet), the text
+    embeddings and added inputs of those rows, the timestep once per row, and the inputs all rows share."""
     import torch
 
     sample = latents if task.conditioning is None else torch.cat([latents, _half(task, task.conditioning, half)], dim=1)
     added = {name: _half(task, value, half) for name, value in task.added.items()} if task.added is not None else None
-    t = task.timestep.reshape(1).to(device=task.latents.device, dtype=torch.float32)
-    return StepRows(sample, t.expand(task.images), _half(task, task.hidden, half), added)
+    t = task.model_timestep()
+    return StepRows(sample, t.expand(task.images), _half(task, task.hidden, half), added, task.shared)
 
 
 def _row_scales(task: DenoiseTask, like: torch.Tensor) -> torch.Tensor:

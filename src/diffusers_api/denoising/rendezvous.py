@@ -39,26 +39,37 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class _Call:
+    """A model call at the rendezvous: rows that may merge with others' (our loop's steps; diffusers' UNet calls
+    that carry nothing a batched forward would drop), or a call that runs alone, as it was made."""
+
     unet: Any
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    key: ForwardKey | None = None  # None: the call cannot be merged and runs alone
+    rows: StepRows | None  # None: the call cannot be merged and runs alone
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    wrapped: bool = True  # the caller takes the module's output form (diffusers' loop), not the bare tensor
+    key: ForwardKey | None = None
     result: Any = None
     error: BaseException | None = None
     done: bool = False
 
-    @property
-    def sample(self) -> Any:
-        return self.args[0]
+    def __post_init__(self) -> None:
+        self.key = self.rows.key(self.unet) if self.rows is not None else None
+
+    @classmethod
+    def of_unet_call(cls, unet: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Call:
+        """A UNet call of diffusers' loop, mergeable when it carries only what a batched forward passes on."""
+        rows = None
+        if _batchable(args, kwargs):
+            sample = args[0]
+            rows = StepRows(
+                sample, _timesteps(sample, args[1]), kwargs["encoder_hidden_states"], kwargs.get("added_cond_kwargs")
+            )
+        return cls(unet, rows, args, kwargs)
 
     @property
-    def rows(self) -> int:
-        return int(self.sample.shape[0])
-
-    def step_rows(self) -> StepRows:
-        return StepRows(
-            self.sample, _timesteps(self), self.kwargs["encoder_hidden_states"], self.kwargs.get("added_cond_kwargs")
-        )
+    def row_count(self) -> int:
+        sample = self.rows.sample if self.rows is not None else self.args[0]
+        return int(sample.shape[0])
 
 
 @dataclass
@@ -137,7 +148,14 @@ class Rendezvous:
     # --- the rendezvous --------------------------------------------------------------------------------------
 
     def call(self, unet: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        call = _Call(unet, args, kwargs, key=_key(unet, args, kwargs))
+        """A UNet call of diffusers' loop: merged with the others' of this round where it can be."""
+        return self._meet(_Call.of_unet_call(unet, args, kwargs))
+
+    def forward_rows(self, model: Any, rows: StepRows) -> Any:
+        """A step of our loop (its tasks' rows, for a UNet or a diffusion transformer): the output's rows."""
+        return self._meet(_Call(model, rows, wrapped=False))
+
+    def _meet(self, call: _Call) -> Any:
         batch: list[_Call] | None = None
         with self._cond:
             self._pending.append(call)
@@ -183,11 +201,11 @@ class Rendezvous:
             if group[0].key is None:
                 call = group[0]
                 call.result = call.unet(*call.args, **call.kwargs)
-                self.stats.record(call.rows)
+                self.stats.record(call.row_count)
                 return
             outputs = self._batched_forward(group)
             for call, output in zip(group, outputs, strict=True):
-                call.result = _wrap_output(output, call.kwargs.get("return_dict", True))
+                call.result = _wrap_output(output, call.kwargs.get("return_dict", True)) if call.wrapped else output
             return
         except Exception as exc:
             if len(group) == 1:
@@ -201,7 +219,7 @@ class Rendezvous:
             self._run_group([call])
 
     def _batched_forward(self, group: list[_Call]) -> list[Any]:
-        batch = StepBatch.of([call.step_rows() for call in group])
+        batch = StepBatch.of([_rows(call) for call in group])
         outputs = batch.run(self.forward, group[0].unet)
         self.stats.record(batch.rows)
         return outputs
@@ -242,19 +260,17 @@ def _batchable(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return all(name in _ALWAYS_NONE_OK and kwargs[name] is None for name in extra)
 
 
-def _timesteps(call: _Call) -> Any:
-    """The call's timestep as a float vector with one entry per row (the UNet embeds timesteps as floats)."""
+def _timesteps(sample: Any, t: Any) -> Any:
+    """A UNet call's timestep as a float vector with one entry per row (the UNet embeds timesteps as floats)."""
     import torch
 
-    t = call.args[1]
     t = t if torch.is_tensor(t) else torch.tensor(t)
-    return t.reshape(-1).to(device=call.sample.device, dtype=torch.float32).expand(call.rows)
+    return t.reshape(-1).to(device=sample.device, dtype=torch.float32).expand(sample.shape[0])
 
 
-def _key(unet: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ForwardKey | None:
-    if not _batchable(args, kwargs):
-        return None
-    return ForwardKey.of(unet, args[0], kwargs["encoder_hidden_states"], kwargs.get("added_cond_kwargs"))
+def _rows(call: _Call) -> StepRows:
+    assert call.rows is not None  # only mergeable calls are batched
+    return call.rows
 
 
 def _groups(batch: list[_Call]) -> list[list[_Call]]:

@@ -15,9 +15,12 @@ requests at once:
 Supported here: `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`, `StableDiffusionInpaintPipeline`,
 `StableDiffusionXLPipeline`, `StableDiffusionXLImg2ImgPipeline` and `StableDiffusionXLInpaintPipeline` (for both
 inpainting pipelines: inpainting UNets with 9 input channels, and plain 4-channel ones that the pipeline blends
-with the init image), with the arguments in `_SUPPORTED`.
-Anything else (other pipelines, cross_attention_kwargs, IP-Adapters, guidance-embedding models, denoising_start/end,
-callbacks) keeps the generic diffusers path, which still batches its UNet calls through the rendezvous.
+with the init image), and the diffusion transformers' `StableDiffusion3Pipeline`,
+`StableDiffusion3Img2ImgPipeline`, `FluxPipeline` and `FluxImg2ImgPipeline` (denoising/dit.py), with the
+arguments in `_SUPPORTED`.
+Anything else (other pipelines, cross_attention_kwargs, IP-Adapters, guidance-embedding UNets, denoising_start/end,
+Flux's true CFG, SD3's skip-layer guidance, callbacks) keeps the generic diffusers path, which still batches its
+UNet calls (not a transformer's) through the rendezvous.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..pipelines import call_parameters
-from .forward import ForwardKey
+from .forward import ForwardKey, SharedInputs
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +49,8 @@ class Family(enum.Enum):
 
     SD = "sd"  # Stable Diffusion 1.x / 2.x
     SDXL = "sdxl"
+    SD3 = "sd3"  # Stable Diffusion 3 and 3.5
+    FLUX = "flux"  # FLUX.1 dev and schnell
 
 
 class Mode(enum.Enum):
@@ -83,6 +88,39 @@ _SDXL_ARGS = {
 _IMG2IMG_ARGS = {"image", "strength"}
 _SDXL_IMG2IMG_ARGS = {"aesthetic_score", "negative_aesthetic_score"}
 _INPAINT_ARGS = {"image", "mask_image", "strength"}
+_SD3_ARGS = {
+    "prompt",
+    "prompt_2",
+    "prompt_3",
+    "negative_prompt",
+    "negative_prompt_2",
+    "negative_prompt_3",
+    "num_inference_steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "num_images_per_prompt",
+    "clip_skip",
+    "max_sequence_length",
+    "generator",
+    "output_type",
+}
+# Flux's negative prompts only count with true CFG (true_cfg_scale > 1), which `supports` leaves to diffusers.
+_FLUX_ARGS = {
+    "prompt",
+    "prompt_2",
+    "negative_prompt",
+    "negative_prompt_2",
+    "true_cfg_scale",
+    "num_inference_steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "num_images_per_prompt",
+    "max_sequence_length",
+    "generator",
+    "output_type",
+}
 
 
 @dataclass(frozen=True)
@@ -108,7 +146,12 @@ _SUPPORTED: dict[str, _Supported] = {
     "StableDiffusionXLInpaintPipeline": _supported(
         Family.SDXL, Mode.INPAINT, _SD_ARGS, _SDXL_ARGS, _INPAINT_ARGS, _SDXL_IMG2IMG_ARGS
     ),
+    "StableDiffusion3Pipeline": _supported(Family.SD3, Mode.TXT2IMG, _SD3_ARGS),
+    "StableDiffusion3Img2ImgPipeline": _supported(Family.SD3, Mode.IMG2IMG, _SD3_ARGS, _IMG2IMG_ARGS),
+    "FluxPipeline": _supported(Family.FLUX, Mode.TXT2IMG, _FLUX_ARGS),
+    "FluxImg2ImgPipeline": _supported(Family.FLUX, Mode.IMG2IMG, _FLUX_ARGS, _IMG2IMG_ARGS),
 }
+_TRANSFORMERS = (Family.SD3, Family.FLUX)
 
 
 @dataclass(eq=False)
@@ -118,14 +161,19 @@ class DenoiseTask:
     Rows of `hidden` and `added` are in the pipeline's order: with guidance the first `images` rows are the
     unconditional ones and the next `images` the conditional ones, as in `torch.cat([latents] * 2)`."""
 
-    unet: Any
+    model: Any  # the UNet or the diffusion transformer
+    family: Family
     scheduler: Any
     timesteps: torch.Tensor
-    latents: torch.Tensor  # (images, channels, height, width)
+    latents: torch.Tensor  # (images, channels, height, width); Flux: packed, (images, tokens, channels)
     hidden: torch.Tensor  # encoder hidden states, (rows, tokens, dim)
     guidance_scale: float
-    guided: bool  # classifier-free guidance: two UNet rows per image
-    added: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds and time_ids, rows like `hidden`
+    guided: bool  # classifier-free guidance: two model rows per image
+    # The model's other inputs, rows like `hidden`: SDXL's text_embeds and time_ids; SD3's pooled_projections;
+    # Flux's pooled_projections and guidance (guidance-distilled models take the scale as an input)
+    added: dict[str, torch.Tensor] | None = None
+    shared: SharedInputs | None = None  # Flux: the position ids of the image and text tokens
+    size: tuple[int, int] | None = None  # (height, width) of the image, where decoding needs it (Flux unpacks)
     guidance_rescale: float = 0.0
     # Inpainting UNets (9 channels) also take the mask and the masked image's latents, rows like `hidden`.
     conditioning: torch.Tensor | None = None
@@ -144,7 +192,7 @@ class DenoiseTask:
 
     @property
     def rows(self) -> int:
-        """Rows of this task in a UNet forward: two per image with classifier-free guidance."""
+        """Rows of this task in a model forward: two per image with classifier-free guidance."""
         return self.images * (2 if self.guided else 1)
 
     @property
@@ -160,13 +208,27 @@ class DenoiseTask:
         return self.timesteps[self.step]
 
     def key(self) -> ForwardKey:
-        """Tasks with equal keys can share a UNet forward."""
-        return ForwardKey.of(self.unet, self.latents, self.hidden, self.added)
+        """Tasks with equal keys can share a forward."""
+        return ForwardKey.of(self.model, self.latents, self.hidden, self.added, self.shared)
 
     def model_input(self) -> torch.Tensor:
-        """This step's UNet input for one copy of the latents (guided jobs use it for both of their halves)."""
+        """This step's model input for one copy of the latents (guided jobs use it for both of their halves). The
+        transformer pipelines give the latents as they are (flow matching scales nothing)."""
+        if self.family in _TRANSFORMERS:
+            return self.latents
         scaled: torch.Tensor = self.scheduler.scale_model_input(self.latents, self.timestep)
         return scaled
+
+    def model_timestep(self) -> torch.Tensor:
+        """This step's timestep once, as the model takes it (the loop repeats it per row): UNets embed it as a
+        float32; SD3 takes the scheduler's as is (float32); Flux takes it divided by 1000 in the latents' dtype."""
+        import torch
+
+        t = self.timestep.reshape(1)
+        if self.family is Family.FLUX:
+            scaled: torch.Tensor = t.to(self.latents.dtype) / 1000
+            return scaled
+        return t.to(device=self.latents.device, dtype=torch.float32)
 
     def advance(self, noise: torch.Tensor, text_noise: torch.Tensor | None) -> None:
         """Apply the scheduler step to the guided noise prediction and move to the next timestep."""
@@ -206,6 +268,10 @@ def supports(pipe: Any, kwargs: dict[str, Any]) -> bool:
     entry = _SUPPORTED.get(type(pipe).__name__)
     if entry is None or not set(kwargs) <= entry.arguments:
         return False
+    if entry.family in _TRANSFORMERS:
+        from .dit import supports_transformer
+
+        return supports_transformer(pipe, entry.family, kwargs)
     if type(pipe.vae).__name__ == "AsymmetricAutoencoderKL":
         return False  # its decoder also takes the init image and mask
     unet = pipe.unet
@@ -223,17 +289,24 @@ def _arguments(pipe: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 # diffusers' `_execution_device` walks every submodule of every component, looking for offloading hooks, a few
 # times per call: 8.4 ms for SD2.1-base (1,235 modules) on a CI core, with the GIL held, and each request read it
-# twice. A loaded model's components do not move, so the device is read once per model (its UNet).
+# twice. A loaded model's components do not move, so the device is read once per model (its UNet or transformer).
 _EXECUTION_DEVICES: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 _EXECUTION_DEVICES_LOCK = threading.Lock()
 
 
 def execution_device(pipe: Any) -> Any:
     """`pipe._execution_device`, read once per model."""
+    model = denoising_model(pipe)
     with _EXECUTION_DEVICES_LOCK:
-        if pipe.unet not in _EXECUTION_DEVICES:
-            _EXECUTION_DEVICES[pipe.unet] = pipe._execution_device
-        return _EXECUTION_DEVICES[pipe.unet]
+        if model not in _EXECUTION_DEVICES:
+            _EXECUTION_DEVICES[model] = pipe._execution_device
+        return _EXECUTION_DEVICES[model]
+
+
+def denoising_model(pipe: Any) -> Any:
+    """The pipeline's UNet, or its diffusion transformer."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
 
 
 # ---------------------------------------------------------------------------------------------- prepare
@@ -248,7 +321,11 @@ def prepare(pipe: Any, kwargs: dict[str, Any]) -> DenoiseTask:
     with torch.inference_mode():
         if entry.family is Family.SD:
             return _prepare_sd(pipe, args, entry.mode)
-        return _prepare_sdxl(pipe, args, entry.mode)
+        if entry.family is Family.SDXL:
+            return _prepare_sdxl(pipe, args, entry.mode)
+        from . import dit
+
+        return dit.prepare(pipe, args, entry.family, entry.mode)
 
 
 def _start(pipe: Any, args: dict[str, Any]) -> None:
@@ -262,7 +339,7 @@ def _start(pipe: Any, args: dict[str, Any]) -> None:
     pipe._denoising_start = None
 
 
-def _batch_size(prompt: Any) -> int:
+def batch_size(prompt: Any) -> int:
     return 1 if isinstance(prompt, str) else len(prompt)
 
 
@@ -282,7 +359,7 @@ def _prepare_sd(pipe: Any, args: dict[str, Any], mode: Mode) -> DenoiseTask:
     else:
         pipe.check_inputs(args["prompt"], args["strength"], None, args["negative_prompt"])
     _start(pipe, args)
-    device, images = execution_device(pipe), _batch_size(args["prompt"]) * args["num_images_per_prompt"]
+    device, images = execution_device(pipe), batch_size(args["prompt"]) * args["num_images_per_prompt"]
     positive, negative = pipe.encode_prompt(
         args["prompt"],
         device,
@@ -306,9 +383,10 @@ class _Latents:
 
     def task(self, pipe: Any, args: dict[str, Any], hidden: Any, added: Any) -> DenoiseTask:
         pipe._num_timesteps = len(self.timesteps)
-        _find_first_step(pipe.scheduler, self.timesteps)
+        find_first_step(pipe.scheduler, self.timesteps)
         return DenoiseTask(
-            unet=pipe.unet,
+            model=pipe.unet,
+            family=_SUPPORTED[type(pipe).__name__].family,
             scheduler=pipe.scheduler,
             timesteps=self.timesteps,
             latents=self.latents,
@@ -374,7 +452,7 @@ def _prepare_sdxl(pipe: Any, args: dict[str, Any], mode: Mode) -> DenoiseTask:
             args["negative_prompt"], args["negative_prompt_2"],
         )  # fmt: skip
     _start(pipe, args)
-    device, images = execution_device(pipe), _batch_size(args["prompt"]) * args["num_images_per_prompt"]
+    device, images = execution_device(pipe), batch_size(args["prompt"]) * args["num_images_per_prompt"]
     positive, negative, pooled, negative_pooled = pipe.encode_prompt(
         prompt=args["prompt"],
         prompt_2=args["prompt_2"],
@@ -423,7 +501,7 @@ def _sdxl_time_ids(
                 dtype=dtype, text_encoder_projection_dim=projection_dim,
             )  # fmt: skip
         return time_ids, negative
-    images = _batch_size(args["prompt"]) * args["num_images_per_prompt"]
+    images = batch_size(args["prompt"]) * args["num_images_per_prompt"]
     time_ids, negative = pipe._get_add_time_ids(
         original_size, crops, target_size, args["aesthetic_score"], args["negative_aesthetic_score"],
         args["negative_original_size"] or original_size, args["negative_crops_coords_top_left"],
@@ -456,12 +534,12 @@ def _initial_latents(pipe: Any, args: dict[str, Any], mode: Mode, images: int, d
         return _Latents(timesteps, pipe.prepare_latents(images, channels, height, width, dtype, device, generator))
     image = pipe.image_processor.preprocess(args["image"])
     start = timesteps[:1].repeat(images)
-    batch = _batch_size(args["prompt"])
+    batch = batch_size(args["prompt"])
     latents = pipe.prepare_latents(image, start, batch, args["num_images_per_prompt"], dtype, device, generator)
     return _Latents(timesteps, latents)
 
 
-def _find_first_step(scheduler: Any, timesteps: Any) -> None:
+def find_first_step(scheduler: Any, timesteps: Any) -> None:
     """The step index a scheduler would look up at its first step, looked up here on the request's thread.
 
     Schedulers without a begin index (the SD txt2img pipeline sets none) find their first index by searching their
@@ -492,7 +570,11 @@ def finish(pipe: Any, task: DenoiseTask, kwargs: dict[str, Any]) -> Output:
     with torch.inference_mode():
         if family is Family.SD:
             return _finish_sd(pipe, task, kwargs.get("generator"))
-        return _finish_sdxl(pipe, task)
+        if family is Family.SDXL:
+            return _finish_sdxl(pipe, task)
+        from . import dit
+
+        return Output(dit.decode(pipe, task))
 
 
 def _finish_sd(pipe: Any, task: DenoiseTask, generator: Any) -> Output:

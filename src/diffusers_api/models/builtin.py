@@ -27,7 +27,7 @@ from .disk import publish, remove_stale, staged_directory
 
 if TYPE_CHECKING:
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTokenizer, T5Tokenizer
 
 BUILTIN_PREFIX = "builtin/"
 
@@ -74,12 +74,25 @@ SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
     "use_karras_sigmas": False,
 }
 
+# SD3 (medium and 3.5) and FLUX.1-dev ship FlowMatchEulerDiscreteScheduler with these settings.
+SD3_SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
+FLUX_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
 # One seed per component, so that every component is reproducible on its own.
-SEED_UNET = 0
+SEED_UNET = 0  # the UNet, or the diffusion transformer
 SEED_VAE = 1
 SEED_TEXT_ENCODER = 2
 SEED_TEXT_ENCODER_2 = 3
 SEED_SAFETY_CHECKER = 4
+SEED_TEXT_ENCODER_3 = 5
 
 # torch's default RNG is global: builds in two threads at once would interleave their draws.
 _BUILD_LOCK = threading.Lock()
@@ -222,11 +235,81 @@ def _sdxl_components(unet_in_channels: int) -> dict[str, Any]:
     }
 
 
+def _build_tiny_sd3() -> DiffusionPipeline:
+    """SD3's layout: two CLIP encoders with projection (their pooled outputs concatenated) and a T5 encoder, whose
+    hidden states the CLIP ones are padded to; a 16-channel VAE with a shift factor; patches of 2x2 latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import StableDiffusion3Pipeline
+
+    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_clip_tokenizer(pad_token="!")
+    tokenizer_3 = build_t5_tokenizer()
+    _seed(SEED_UNET)
+    transformer = SD3Transformer2DModel(
+        sample_size=LATENT_SIZE,
+        patch_size=2,
+        in_channels=DIT_LATENT_CHANNELS,
+        out_channels=DIT_LATENT_CHANNELS,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=T5_HIDDEN_SIZE,
+        caption_projection_dim=32,
+        pooled_projection_dim=2 * TEXT_HIDDEN_SIZE,  # both CLIP encoders' pooled outputs, concatenated
+        pos_embed_max_size=LATENT_SIZE,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG),
+        vae=_dit_vae(),
+        text_encoder=_text_encoder(_text_config(tokenizer), SEED_TEXT_ENCODER, with_projection=True),
+        tokenizer=tokenizer,
+        text_encoder_2=_text_encoder(_text_config(tokenizer_2), SEED_TEXT_ENCODER_2, with_projection=True),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=_t5_encoder(tokenizer_3, SEED_TEXT_ENCODER_3),
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def _build_tiny_flux() -> DiffusionPipeline:
+    """FLUX.1-dev's layout: CLIP (its pooled output) and T5 (its hidden states), a 16-channel VAE with a shift
+    factor, latents packed in 2x2 patches, and guidance given to the transformer as an input (distilled)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
+    from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer()
+    _seed(SEED_UNET)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * DIT_LATENT_CHANNELS,  # 2x2 latents packed into one token
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=T5_HIDDEN_SIZE,
+        pooled_projection_dim=TEXT_HIDDEN_SIZE,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),  # sums to attention_head_dim
+    )
+    return FluxPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(FLUX_SCHEDULER_CONFIG),
+        vae=_dit_vae(),
+        text_encoder=_text_encoder(_text_config(tokenizer), SEED_TEXT_ENCODER),
+        tokenizer=tokenizer,
+        text_encoder_2=_t5_encoder(tokenizer_2, SEED_TEXT_ENCODER_2),
+        tokenizer_2=tokenizer_2,
+    )
+
+
 _RECIPES: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny-sd": _build_tiny_sd,
     "tiny-sd-inpaint": _build_tiny_sd_inpaint,
     "tiny-sdxl": _build_tiny_sdxl,
     "tiny-sdxl-inpaint": _build_tiny_sdxl_inpaint,
+    "tiny-sd3": _build_tiny_sd3,
+    "tiny-flux": _build_tiny_flux,
 }
 
 
@@ -242,6 +325,10 @@ VAE_CHANNELS = (16, 32, 32)
 VAE_NORM_GROUPS = 8
 VAE_SCALE_FACTOR = 2 ** (len(VAE_CHANNELS) - 1)
 TEXT_HIDDEN_SIZE = 32
+# The diffusion transformers' VAE has 16 latent channels, as SD3's and Flux's do.
+DIT_LATENT_CHANNELS = 16
+# T5's hidden size: at least both CLIP encoders' together, which SD3 pads to it.
+T5_HIDDEN_SIZE = 2 * TEXT_HIDDEN_SIZE
 # The safety checker looks at the image resized and cropped to this size: small, so that the check is cheap.
 FEATURE_SIZE = 32
 
@@ -315,6 +402,28 @@ def _vae(scaling_factor: float = 0.18215) -> Any:
     )
 
 
+def _dit_vae() -> Any:
+    """SD3's and Flux's VAE: 16 latent channels, a shift factor, no quant convolutions."""
+    from diffusers import AutoencoderKL
+
+    _seed(SEED_VAE)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS),
+        block_out_channels=VAE_CHANNELS,
+        layers_per_block=1,
+        norm_num_groups=VAE_NORM_GROUPS,
+        latent_channels=DIT_LATENT_CHANNELS,
+        sample_size=VAE_SCALE_FACTOR * LATENT_SIZE,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
 def _sd_scheduler() -> Any:
     from diffusers import DPMSolverMultistepScheduler
 
@@ -353,6 +462,24 @@ def _text_encoder(config: CLIPTextConfig, seed: int, with_projection: bool = Fal
     _seed(seed)
     model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     return model_class(config).eval()
+
+
+def _t5_encoder(tokenizer: T5Tokenizer, seed: int) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=T5_HIDDEN_SIZE,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    _seed(seed)
+    return T5EncoderModel(config).eval()
 
 
 def _safety_checker() -> Any:
@@ -426,6 +553,30 @@ def build_clip_tokenizer(pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
         pad_token=pad_token,
         model_max_length=TOKENIZER_MAX_LENGTH,
     )
+
+
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
+WORD_START = "▁"  # SentencePiece's mark of a word's start ("▁")
+T5_CHARACTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"()-_/&%+=*#@ "
+
+
+def build_t5_tokenizer() -> T5Tokenizer:
+    """A real Unigram T5Tokenizer laid out like T5's: pad, end and unknown first, then the pieces. Every word of
+    MERGE_CORPUS is one piece; other text falls back to single characters, each its own piece."""
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer(vocab=t5_vocab(), extra_ids=0, eos_token=T5_EOS, unk_token=T5_UNK, pad_token=T5_PAD)
+
+
+def t5_vocab() -> list[tuple[str, float]]:
+    """(piece, log-probability) pairs. The Unigram model picks the segmentation of highest total score, so a
+    whole word (-1) beats spelling it out (-4 per character)."""
+    words = dict.fromkeys(MERGE_CORPUS.split())
+    characters = dict.fromkeys(T5_CHARACTERS.replace(" ", ""))
+    vocab = [(T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0), (WORD_START, -2.0)]
+    vocab += [(WORD_START + word, -1.0) for word in words]
+    vocab += [(char, -4.0) for char in characters] + [(WORD_START + char, -4.0) for char in characters]
+    return vocab
 
 
 @cache

@@ -1,0 +1,212 @@
+"""The diffusion transformers (DiT) in our loop: SD3/SD3.5 and Flux, prepared and decoded as their pipelines do.
+
+As for SD and SDXL (tasks.py), `prepare` runs what `__call__` does before its first step, with the pipeline's own
+methods, and `decode` what it does after its last; the loop steps the task in between. What differs from a UNet:
+
+- the model is a transformer, called with its inputs by name (forward.py's `eager_forward`);
+- flow matching: the scheduler scales no model input, and its timesteps may be shifted by the image's size (`mu`);
+- SD3 guides as SD does (unconditional and conditional rows), with pooled text embeddings as an added input;
+- Flux is guidance-distilled: one row per image, the guidance scale an input of the model (dev; schnell takes
+  none); its latents are packed 2x2 into tokens, with position ids for the image and text tokens that all rows
+  of a forward share (`SharedInputs`), and its timestep goes to the model divided by 1000.
+
+Left to diffusers' own call (`supports_transformer` says no): Flux's true CFG (true_cfg_scale > 1 with a negative
+prompt: two forwards per step), and every argument outside tasks.py's `_SD3_ARGS` / `_FLUX_ARGS` (precomputed
+embeddings, sigmas, mu, skip-layer guidance, joint_attention_kwargs, IP-Adapters).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .forward import SharedInputs
+from .tasks import DenoiseTask, Family, Mode, batch_size, execution_device, find_first_step
+
+
+def supports_transformer(pipe: Any, family: Family, kwargs: dict[str, Any]) -> bool:
+    """Whether our loop reproduces `pipe(**kwargs)` (its arguments are already known to be ones it takes)."""
+    if kwargs.get("output_type", "pil") != "pil":
+        return False
+    if family is Family.FLUX:
+        true_cfg = (kwargs.get("true_cfg_scale") or 1.0) > 1
+        return not (true_cfg and (kwargs.get("negative_prompt") is not None))
+    return True
+
+
+def prepare(pipe: Any, args: dict[str, Any], family: Family, mode: Mode) -> DenoiseTask:
+    """Everything `pipe(**args)` does before its first step (`args` has the pipeline's defaults filled in)."""
+    args["height"] = args["height"] or pipe.default_sample_size * pipe.vae_scale_factor
+    args["width"] = args["width"] or pipe.default_sample_size * pipe.vae_scale_factor
+    if family is Family.SD3:
+        return _prepare_sd3(pipe, args, mode)
+    return _prepare_flux(pipe, args, mode)
+
+
+def decode(pipe: Any, task: DenoiseTask) -> list[Any]:
+    """What the pipeline does after its last step: unpack (Flux), undo the VAE's scaling and shift, decode."""
+    latents, vae = task.latents, pipe.vae
+    if task.family is Family.FLUX:
+        assert task.size is not None
+        height, width = task.size
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+    image = vae.decode(latents, return_dict=False)[0]
+    images: list[Any] = pipe.image_processor.postprocess(image, output_type="pil")
+    return images
+
+
+# ---------------------------------------------------------------------------------------------- SD3
+
+
+def _prepare_sd3(pipe: Any, args: dict[str, Any], mode: Mode) -> DenoiseTask:
+    import torch
+
+    prompts = [args[name] for name in ("prompt", "prompt_2", "prompt_3")]
+    negatives = {name: args[name] for name in ("negative_prompt", "negative_prompt_2", "negative_prompt_3")}
+    size = (args["height"], args["width"])
+    strength = [args["strength"]] if mode is Mode.IMG2IMG else []
+    pipe.check_inputs(*prompts, *size, *strength, **negatives, max_sequence_length=args["max_sequence_length"])
+    pipe._guidance_scale, pipe._clip_skip = args["guidance_scale"], args["clip_skip"]
+    pipe._joint_attention_kwargs, pipe._interrupt = None, False
+    device, images = execution_device(pipe), batch_size(args["prompt"]) * args["num_images_per_prompt"]
+    positive, negative, pooled, negative_pooled = pipe.encode_prompt(
+        *prompts, **negatives, device=device, num_images_per_prompt=args["num_images_per_prompt"],
+        do_classifier_free_guidance=pipe.do_classifier_free_guidance, clip_skip=pipe.clip_skip,
+        max_sequence_length=args["max_sequence_length"],
+    )  # fmt: skip
+    if pipe.do_classifier_free_guidance:
+        positive, pooled = torch.cat([negative, positive]), torch.cat([negative_pooled, pooled])
+    if mode is Mode.TXT2IMG:
+        channels = pipe.transformer.config.in_channels
+        latents = pipe.prepare_latents(images, channels, *size, positive.dtype, device, args["generator"])
+        timesteps, _ = _sd3_timesteps(pipe, args, latents.shape[-2:], device)
+    else:
+        latent_size = (size[0] // pipe.vae_scale_factor, size[1] // pipe.vae_scale_factor)
+        timesteps = _strength_tail(pipe, args, _sd3_timesteps(pipe, args, latent_size, device), device)
+        image = pipe.image_processor.preprocess(args["image"], height=size[0], width=size[1])
+        latents = pipe.prepare_latents(
+            image, timesteps[:1].repeat(images), batch_size(args["prompt"]), args["num_images_per_prompt"],
+            positive.dtype, device, args["generator"],
+        )  # fmt: skip
+    return _task(pipe, Family.SD3, timesteps, latents, positive, {"pooled_projections": pooled}, args)
+
+
+def _sd3_timesteps(pipe: Any, args: dict[str, Any], latent_size: Any, device: Any) -> tuple[Any, int]:
+    """(timesteps, steps): the schedule, shifted for the image's size where the scheduler asks for it
+    (`use_dynamic_shifting`)."""
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+
+    config, patch = pipe.scheduler.config, pipe.transformer.config.patch_size
+    shift = {}
+    if config.get("use_dynamic_shifting", None):
+        tokens = (int(latent_size[0]) // patch) * (int(latent_size[1]) // patch)
+        shift["mu"] = calculate_shift(
+            tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5), config.get("max_shift", 1.16),
+        )  # fmt: skip
+    schedule: tuple[Any, int] = retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], device, **shift)
+    return schedule
+
+
+def _strength_tail(pipe: Any, args: dict[str, Any], schedule: tuple[Any, int], device: Any) -> Any:
+    """img2img: the tail of the schedule that `strength` denoises (the scheduler's begin index set to match)."""
+    tail, steps = pipe.get_timesteps(schedule[1], args["strength"], device)
+    if steps < 1:
+        raise ValueError(f"strength {args['strength']} leaves {steps} denoising steps; at least one is needed")
+    return tail
+
+
+# ---------------------------------------------------------------------------------------------- Flux
+
+
+def _prepare_flux(pipe: Any, args: dict[str, Any], mode: Mode) -> DenoiseTask:
+    import torch
+
+    prompts = (args["prompt"], args["prompt_2"])
+    negatives = {name: args[name] for name in ("negative_prompt", "negative_prompt_2")}
+    size = (args["height"], args["width"])
+    strength = [args["strength"]] if mode is Mode.IMG2IMG else []
+    pipe.check_inputs(*prompts, *strength, *size, **negatives, max_sequence_length=args["max_sequence_length"])
+    pipe._guidance_scale, pipe._joint_attention_kwargs = args["guidance_scale"], None
+    pipe._current_timestep, pipe._interrupt = None, False
+    init_image = None
+    if mode is Mode.IMG2IMG:
+        init_image = pipe.image_processor.preprocess(args["image"], height=size[0], width=size[1])
+        init_image = init_image.to(dtype=torch.float32)
+    device, images = execution_device(pipe), batch_size(args["prompt"]) * args["num_images_per_prompt"]
+    hidden, pooled, text_ids = pipe.encode_prompt(
+        *prompts, device=device, num_images_per_prompt=args["num_images_per_prompt"],
+        max_sequence_length=args["max_sequence_length"],
+    )  # fmt: skip
+    channels = pipe.transformer.config.in_channels // 4
+    if init_image is None:
+        latents, image_ids = pipe.prepare_latents(images, channels, *size, hidden.dtype, device, args["generator"])
+        timesteps, _ = _flux_timesteps(pipe, args, int(latents.shape[1]), device, sigmas_config=True)
+        pipe.scheduler.set_begin_index(0)
+    else:
+        tokens = (int(size[0]) // pipe.vae_scale_factor // 2) * (int(size[1]) // pipe.vae_scale_factor // 2)
+        timesteps = _strength_tail(pipe, args, _flux_timesteps(pipe, args, tokens, device), device)
+        latents, image_ids = pipe.prepare_latents(
+            init_image, timesteps[:1].repeat(images), images, channels, *size, hidden.dtype, device, args["generator"]
+        )
+    added = {"pooled_projections": pooled}
+    if pipe.transformer.config.guidance_embeds:
+        guidance = torch.full([1], args["guidance_scale"], device=device, dtype=torch.float32)
+        added["guidance"] = guidance.expand(images)
+    # The position ids follow from the latent grid (image tokens) and the text's length (zeros): rows with the
+    # same grid and text shape have the same ids.
+    grid = (2 * (int(size[0]) // (pipe.vae_scale_factor * 2)), 2 * (int(size[1]) // (pipe.vae_scale_factor * 2)))
+    shared = SharedInputs(key=("latent grid", *grid), tensors={"img_ids": image_ids, "txt_ids": text_ids})
+    task = _task(pipe, Family.FLUX, timesteps, latents, hidden, added, args, shared)
+    task.size = size
+    return task
+
+
+def _flux_timesteps(
+    pipe: Any, args: dict[str, Any], tokens: int, device: Any, sigmas_config: bool = False
+) -> tuple[Any, int]:
+    """(timesteps, steps): Flux's schedule, sigmas from 1 to 1/steps shifted for the image's tokens. (The txt2img
+    pipeline leaves the sigmas to a scheduler configured with `use_flow_sigmas`; img2img does not look.)"""
+    import numpy as np
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    steps, config = args["num_inference_steps"], pipe.scheduler.config
+    sigmas: Any = np.linspace(1.0, 1 / steps, steps)
+    if sigmas_config and getattr(config, "use_flow_sigmas", False):
+        sigmas = None
+    mu = calculate_shift(
+        tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5), config.get("max_shift", 1.15),
+    )  # fmt: skip
+    schedule: tuple[Any, int] = retrieve_timesteps(pipe.scheduler, steps, device, sigmas=sigmas, mu=mu)
+    return schedule
+
+
+# ---------------------------------------------------------------------------------------------- the task
+
+
+def _task(
+    pipe: Any,
+    family: Family,
+    timesteps: Any,
+    latents: Any,
+    hidden: Any,
+    added: dict[str, Any],
+    args: dict[str, Any],
+    shared: SharedInputs | None = None,
+) -> DenoiseTask:
+    pipe._num_timesteps = len(timesteps)
+    find_first_step(pipe.scheduler, timesteps)
+    guided = family is Family.SD3 and bool(pipe.do_classifier_free_guidance)
+    return DenoiseTask(
+        model=pipe.transformer,
+        family=family,
+        scheduler=pipe.scheduler,
+        timesteps=timesteps,
+        latents=latents,
+        hidden=hidden,
+        guidance_scale=float(args["guidance_scale"]),
+        guided=guided,
+        added=added,
+        shared=shared,
+    )
