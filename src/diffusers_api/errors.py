@@ -11,6 +11,8 @@
     ├── ModelMismatch                 MODEL_MISMATCH       404  (+ requested, available)
     ├── NoSuchPipeline                NO_SUCH_PIPELINE     404  (+ requested, available)
     ├── NoSuchJob                     NO_SUCH_JOB          404  (unknown, or finished and forgotten)
+    ├── NotFound                      NOT_FOUND            404  (no such route)
+    ├── MethodNotAllowed              METHOD_NOT_ALLOWED   405  (+ allowed)
     ├── NotReady                      NOT_READY            503
     ├── Busy                          BUSY                 503
     ├── Cancelled                     CANCELLED            409
@@ -106,6 +108,20 @@ class NoSuchPipeline(DiffusersAPIError):
 class NoSuchJob(DiffusersAPIError):
     code = "NO_SUCH_JOB"
     status = 404
+
+
+class NotFound(DiffusersAPIError):
+    """A path the server has no route for."""
+
+    code = "NOT_FOUND"
+    status = 404
+
+
+class MethodNotAllowed(DiffusersAPIError):
+    """A route that exists, asked with a method it does not take; `allowed` lists those it does."""
+
+    code = "METHOD_NOT_ALLOWED"
+    status = 405
 
 
 class NotReady(DiffusersAPIError):

@@ -61,6 +61,7 @@ class Job:
     watchers: list[EventQueue] = field(default_factory=list)
     clock: Callable[[], float] = time.monotonic
     ended: float | None = None  # clock() at the end, for expiry
+    debug: bool = False  # DEBUG: the error carries its stack
 
     @property
     def finished(self) -> bool:
@@ -102,7 +103,7 @@ class Job:
             finished_at=self.finished_at,
             progress=JobProgress(**self._progress()),
             result=GenerateResponse.from_result(self.result) if with_result and self.result else None,
-            error=self.error.to_wire() if self.error else None,
+            error=self.error.to_wire(self.debug) if self.error else None,
         )
         return body.model_dump(exclude_none=True)
 
@@ -131,6 +132,7 @@ class JobStore:
         self.api_key = settings.api_key.get_secret_value() if settings.api_key else None
         self.capacity = settings.max_queue + settings.max_batch_size  # unfinished jobs, like the engine's bound
         self.clock = clock
+        self.debug = settings.debug
         self._jobs: OrderedDict[str, Job] = OrderedDict()
 
     async def submit(self, engine: Engine, hub: EventHub, request: GenerateRequest) -> Job:
@@ -146,7 +148,7 @@ class JobStore:
         unfinished = sum(not job.finished for job in self._jobs.values())
         if unfinished >= self.capacity:
             raise Busy(f"{unfinished} jobs are queued or running; try again shortly", queue_depth=unfinished)
-        job = Job(job_id, request, emitter, events_url(job_id, self.api_key), clock=self.clock)
+        job = Job(job_id, request, emitter, events_url(job_id, self.api_key), clock=self.clock, debug=self.debug)
         job.events.sinks.append(job.publish)
         loop = asyncio.get_running_loop()
 

@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 from fastapi_offline import FastAPIOffline  # /docs and /redoc with Swagger UI's and ReDoc's files from the package
 
 from .. import __version__
@@ -29,7 +30,7 @@ from ..metrics import Metrics
 from ..models import prefetch
 from .deps import Services
 from .middleware import BodyLimitMiddleware
-from .responses import error_response
+from .responses import error_response, http_exception_response
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -112,6 +113,10 @@ def _add_error_handlers(app: FastAPI, settings: Settings) -> None:
         errors = [{"loc": ".".join(str(p) for p in e["loc"]), "msg": e["msg"]} for e in exc.errors()]
         message = "; ".join(f"{e['loc'].removeprefix('body.')}: {e['msg']}" for e in errors)
         return error_response(request.url.path, InvalidInputs(message, errors=errors), settings.debug)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return http_exception_response(request, exc, settings.debug)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:

@@ -47,5 +47,5 @@ async def legacy_inference(request: Request, engine: EngineDep, hub: EventsDep) 
     return await run_request(engine, hub, generate_request, to_legacy, _legacy_error)
 
 
-def _legacy_error(error: DiffusersAPIError) -> dict[str, Any]:
-    return {"$error": error.to_wire()}
+def _legacy_error(error: DiffusersAPIError, debug: bool = False) -> dict[str, Any]:
+    return {"$error": error.to_wire(debug)}

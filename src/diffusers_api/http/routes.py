@@ -51,8 +51,8 @@ def _native_body(result: GenerateResult) -> dict[str, Any]:
     return GenerateResponse.from_result(result).model_dump()
 
 
-def _native_error(error: DiffusersAPIError) -> dict[str, Any]:
-    return {"error": error.to_wire()}
+def _native_error(error: DiffusersAPIError, debug: bool = False) -> dict[str, Any]:
+    return {"error": error.to_wire(debug)}
 
 
 def _image_accept(accept: str) -> str | None:
