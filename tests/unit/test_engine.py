@@ -11,7 +11,7 @@ import pytest
 
 from diffusers_api.engine import BatchingEngine, Health, SerialEngine
 from diffusers_api.engine.base import BaseEngine
-from diffusers_api.errors import NotReady, PipelineError
+from diffusers_api.errors import Cancelled, NotReady, PipelineError
 from diffusers_api.generation import Generation
 from diffusers_api.schema import GenerateRequest, GenerateResult
 
@@ -80,3 +80,48 @@ def test_a_request_cancelled_before_it_starts_never_runs() -> None:
     with pytest.raises(Exception, match="cancelled"):
         asyncio.run(main())
     assert runner.calls == []
+
+
+@dataclass
+class GatedRunner:
+    """A runner whose requests run until `gate` is set (then succeed) or they are cancelled."""
+
+    steps: Any = None
+    store: Any = None
+    gate: threading.Event = field(default_factory=threading.Event)
+    started: int = 0
+
+    def start(self) -> None:
+        pass
+
+    def run(self, request: GenerateRequest, progress: Any = None, cancel: threading.Event | None = None) -> Any:
+        self.started += 1
+        while not self.gate.wait(0.01):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("request cancelled")
+        return GenerateResult(images=[b""], image_format="PNG", seeds=[0], nsfw=None, meta={})
+
+
+def test_a_running_and_a_waiting_request_cancelled_together_free_the_engine() -> None:
+    """As a drain or two DELETEs in a row do: the running request's slot must not go to the waiting one, whose
+    ticket is already cancelled (it used to fail the running request with InvalidStateError and leak the slot)."""
+    runner = GatedRunner()
+    engine = BatchingEngine(runner, max_batch_size=1, max_queue=4)  # type: ignore[arg-type]
+
+    async def main() -> list[BaseException | GenerateResult]:
+        await engine.start()
+        running = asyncio.create_task(engine.submit(Generation(GenerateRequest(prompt="a"))))
+        while not runner.started:
+            await asyncio.sleep(0.01)
+        waiting = asyncio.create_task(engine.submit(Generation(GenerateRequest(prompt="b"))))
+        await asyncio.sleep(0.05)  # it waits for the slot the first holds
+        running.cancel()
+        waiting.cancel()
+        outcomes = await asyncio.gather(running, waiting, return_exceptions=True)
+        runner.gate.set()
+        third = await asyncio.wait_for(engine.submit(Generation(GenerateRequest(prompt="c"))), 10)
+        return [*outcomes, third]
+
+    outcomes = asyncio.run(main())
+    assert [type(outcome) for outcome in outcomes] == [asyncio.CancelledError, asyncio.CancelledError, GenerateResult]
+    assert engine.queue_depth == 0

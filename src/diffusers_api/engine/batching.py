@@ -72,7 +72,13 @@ class BatchingEngine(BaseEngine):
     def _release(self, images: int) -> None:
         self._in_flight -= images
         # strictly in order: the head of the queue goes first, even if a later, smaller request would fit
-        while self._waiting and self._in_flight + self._waiting[0].images <= self.max_batch_size:  # type: ignore[attr-defined]
-            ticket = self._waiting.popleft()
+        while self._waiting:
+            ticket = self._waiting[0]
+            if ticket.cancelled():  # its request left in this same turn of the loop and has not removed it yet
+                self._waiting.popleft()
+                continue
+            if self._in_flight + ticket.images > self.max_batch_size:  # type: ignore[attr-defined]
+                return
+            self._waiting.popleft()
             self._in_flight += ticket.images  # type: ignore[attr-defined]
             ticket.set_result(None)
