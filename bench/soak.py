@@ -275,8 +275,10 @@ def report(tally: Tally, samples: list[tuple[float, int, int]], args: argparse.N
         "operations": {name: len(values) for name, values in sorted(tally.latencies.items())},
         "p50_s": _quantile(every, 0.5),
         "p99_s": _quantile(every, 0.99),
-        "per_operation": {name: {"p50_s": _quantile(v, 0.5), "p99_s": _quantile(v, 0.99)}
-                          for name, v in sorted(tally.latencies.items())},  # fmt: skip
+        "per_operation": {
+            name: {"p50_s": _quantile(values, 0.5), "p99_s": _quantile(values, 0.99)}
+            for name, values in sorted(tally.latencies.items())
+        },
     }
     if samples:
         warm = next((s for s in samples if s[0] >= samples[-1][0] * args.warmup), samples[-1])

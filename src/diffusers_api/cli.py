@@ -173,20 +173,11 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    import uvicorn
-
-    from .http.app import create_app
+    from .http.server import serve as serve_http
     from .logs import configure_logging
 
     configure_logging(settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        log_config=None,
-    )
-    return 0
+    return serve_http(settings)
 
 
 def download(args: argparse.Namespace) -> int:

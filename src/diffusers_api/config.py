@@ -131,6 +131,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1, description="Requests waiting beyond this get BUSY (503)")
     jobs_ttl_s: float = Field(600.0, gt=0, description="How long a finished /v1/jobs job stays readable")
     jobs_kept: int = Field(100, ge=1, le=100_000, description="Finished jobs kept at most; the oldest go first")
+    drain_timeout_s: float = Field(
+        30.0, ge=0, le=3600, description="At SIGTERM, how long work in flight may finish before it is cancelled"
+    )
 
     # --- engine --------------------------------------------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, le=256, description="Images denoised together; 1: one request at a time")

@@ -64,3 +64,26 @@ async def generate(engine: Engine, generation: Generation) -> GenerateResult:
         raise
     events.emit("inference", "done", timings=result.timings, seeds=result.seeds)
     return result
+
+
+class InFlight:
+    """The generations an HTTP server is answering outside jobs (the job store keeps its own), so that a shutdown
+    can wait for them and then stop those still running past its grace period (http/server.py)."""
+
+    def __init__(self) -> None:
+        self.generations: set[Generation] = set()
+
+    async def generate(self, engine: Engine, generation: Generation) -> GenerateResult:
+        """`generate`, counted while it runs."""
+        self.generations.add(generation)
+        try:
+            return await generate(engine, generation)
+        finally:
+            self.generations.discard(generation)
+
+    def cancel_all(self) -> int:
+        """Stop each at its next step (a queued one never starts): it fails with CANCELLED, which its client gets
+        as its answer and its webhook as its last event. Returns how many there were."""
+        for generation in self.generations:
+            generation.cancel.set()
+        return len(self.generations)

@@ -145,7 +145,7 @@ class JobStore:
             request = request.model_copy(update={"request_id": job_id})
         emitter = await hub.for_request(request)  # may wait on DNS (the request's SEND_URL): count after it
         self._forget_old()
-        unfinished = sum(not job.finished for job in self._jobs.values())
+        unfinished = self.unfinished
         if unfinished >= self.capacity:
             raise Busy(f"{unfinished} jobs are queued or running; try again shortly", queue_depth=unfinished)
         job = Job(job_id, request, emitter, events_url(job_id, self.api_key), clock=self.clock, debug=self.debug)
@@ -181,6 +181,21 @@ class JobStore:
         for job in self._jobs.values():
             if job.task is not None and not job.finished:
                 job.task.cancel()
+
+    @property
+    def unfinished(self) -> int:
+        return sum(not job.finished for job in self._jobs.values())
+
+    async def cancel_unfinished(self) -> int:
+        """Cancel every queued or running job and wait until each has ended, so that its webhook and its event
+        streams have had their last event (the drain at shutdown). Returns how many there were."""
+        jobs = [job for job in self._jobs.values() if not job.finished]
+        for job in jobs:
+            self.cancel(job.id)
+        tasks = [job.task for job in jobs if job.task is not None]
+        if tasks:
+            await asyncio.wait(tasks)
+        return len(jobs)
 
     async def _run(self, job: Job, engine: Engine, generation: Generation) -> None:
         try:

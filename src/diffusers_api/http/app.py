@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -18,8 +18,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
 from fastapi_offline import FastAPIOffline  # /docs and /redoc with Swagger UI's and ReDoc's files from the package
+from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..errors import DiffusersAPIError, InvalidInputs, from_exception
@@ -38,9 +38,18 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+WEBHOOK_FLUSH_SLACK_S = 5.0  # at shutdown, webhooks still queued get WEBHOOK_TIMEOUT_S plus this
 
-def create_app(settings: Settings, engine: Engine | None = None, events: EventHub | None = None) -> FastAPI:
-    """Build the app. Without an engine, the one for `settings` is made (see `make_engine`)."""
+
+def create_app(
+    settings: Settings,
+    engine: Engine | None = None,
+    events: EventHub | None = None,
+    on_setup_failed: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """Build the app. Without an engine, the one for `settings` is made (see `make_engine`). `on_setup_failed`
+    is called with the reason when the model fails to load (`serve` exits); without it the app stays up,
+    answering SETUP_FAILED."""
     if engine is None:
         from ..engine import make_engine
 
@@ -55,11 +64,15 @@ def create_app(settings: Settings, engine: Engine | None = None, events: EventHu
         # Weights already on disk are read into the page cache while the engine imports torch and diffusers. Not
         # earlier: on a cold disk that read would slow the imports the server needs to start listening.
         prefetch.start(settings)
-        loading = asyncio.create_task(boot(services.engine, hub.for_boot()))
+        loading = asyncio.create_task(_boot(services, on_setup_failed))
         yield
         loading.cancel()
         services.jobs.cancel_all()
         await services.engine.stop()
+        # The webhook thread dies with the process: the last events (a drained job's CANCELLED, a failed boot's
+        # init error) are delivered first, for a bounded time.
+        if not await asyncio.to_thread(hub.sender.flush, settings.webhook_timeout_s + WEBHOOK_FLUSH_SLACK_S):
+            log.warning("shutdown: some webhooks were not delivered in time")
 
     app = FastAPIOffline(
         redoc_url=None,  # ui.py serves /redoc, over the same files
@@ -73,6 +86,12 @@ def create_app(settings: Settings, engine: Engine | None = None, events: EventHu
     _add_error_handlers(app, settings)
     _add_routes(app)
     return app
+
+
+async def _boot(services: Services, on_setup_failed: Callable[[str], None] | None) -> None:
+    await boot(services.engine, services.events.for_boot())
+    if services.engine.setup_error and on_setup_failed is not None:
+        on_setup_failed(services.engine.setup_error)
 
 
 def _add_routes(app: FastAPI) -> None:

@@ -7,7 +7,7 @@ declare what they need (`engine: EngineDep`), so a route's signature says what i
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -16,6 +16,7 @@ from ..config import Settings
 from ..engine import Engine
 from ..errors import Unauthorized
 from ..events import EventHub
+from ..generation import InFlight
 from ..jobs import JobStore
 from ..metrics import Metrics
 
@@ -29,6 +30,7 @@ class Services:
     events: EventHub
     jobs: JobStore
     metrics: Metrics
+    in_flight: InFlight = field(default_factory=InFlight)  # requests answered outside jobs, for the drain
 
 
 def services(request: Request) -> Services:
@@ -59,11 +61,16 @@ def _metrics(services: ServicesDep) -> Metrics:
     return services.metrics
 
 
+def _in_flight(services: ServicesDep) -> InFlight:
+    return services.in_flight
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 EngineDep = Annotated[Engine, Depends(_engine)]
 EventsDep = Annotated[EventHub, Depends(_events)]
 JobsDep = Annotated[JobStore, Depends(_jobs)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
+InFlightDep = Annotated[InFlight, Depends(_in_flight)]
 
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:

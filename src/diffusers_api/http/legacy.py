@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from ..errors import DiffusersAPIError
 from ..schema import decode_envelope, from_legacy, to_legacy
-from .deps import EngineDep, EventsDep, require_api_key
+from .deps import EngineDep, EventsDep, InFlightDep, require_api_key
 from .responses import run_request
 
 router = APIRouter(tags=["legacy"], dependencies=[Depends(require_api_key)])
@@ -39,12 +39,12 @@ _ENVELOPE_SCHEMA: dict[str, Any] = {
 
 
 @router.post("/", summary="docker-diffusers-api compatible inference", openapi_extra=_ENVELOPE_SCHEMA)
-async def legacy_inference(request: Request, engine: EngineDep, hub: EventsDep) -> Response:
+async def legacy_inference(request: Request, engine: EngineDep, hub: EventsDep, in_flight: InFlightDep) -> Response:
     """Accepts `{"modelInputs": {...}, "callInputs": {...}}` (also double-encoded as a JSON string) and answers
     with `image_base64` / `images_base64`, `$meta`, `$timings` and `$mem_usage`; errors as `$error`. With
     `callInputs.streamEvents` the answer is NDJSON: events and progress, then that body as the last line."""
     generate_request = from_legacy(decode_envelope(await request.body()))
-    return await run_request(engine, hub, generate_request, to_legacy, _legacy_error)
+    return await run_request(engine, hub, generate_request, to_legacy, _legacy_error, in_flight)
 
 
 def _legacy_error(error: DiffusersAPIError, debug: bool = False) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from starlette.routing import Match, Mount
 
 from ..errors import DiffusersAPIError, InvalidInputs, MethodNotAllowed, NotFound
 from ..events import EventQueue, ndjson_stream
-from ..generation import Generation, generate
+from ..generation import Generation, InFlight
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -77,18 +77,19 @@ async def run_request(
     request: GenerateRequest,
     render: Callable[[GenerateResult], Any],
     render_error: Callable[[DiffusersAPIError, bool], Any],
+    in_flight: InFlight,
 ) -> Response:
     """The one path of both APIs: run `request` on the engine with its events (webhooks), and answer with
     `render(result)` as JSON, or, when it asked for `stream_events`, with NDJSON lines ending in that body (or in
     `render_error(error, DEBUG)`)."""
     if not request.stream_events:
-        result = await generate(engine, Generation(request, await hub.for_request(request)))
+        result = await in_flight.generate(engine, Generation(request, await hub.for_request(request)))
         return JSONResponse(render(result))
     stream = EventQueue()
     events = await hub.for_request(request, extra_sinks=[stream])
 
     async def work() -> Any:
-        return render(await generate(engine, Generation(request, events)))
+        return render(await in_flight.generate(engine, Generation(request, events)))
 
     debug = hub.settings.debug
     lines = ndjson_stream(work(), stream, lambda error: render_error(error, debug))

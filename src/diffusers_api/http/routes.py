@@ -13,7 +13,7 @@ from ..engine.base import probe_device_memory
 from ..errors import DiffusersAPIError, InvalidInputs
 from ..imaging import mime_type
 from ..schema import ErrorResponse, GenerateRequest, GenerateResponse, GenerateResult
-from .deps import EngineDep, EventsDep, require_api_key
+from .deps import EngineDep, EventsDep, InFlightDep, require_api_key
 from .responses import run_request
 
 router = APIRouter(prefix="/v1", tags=["native"], dependencies=[Depends(require_api_key)])
@@ -31,7 +31,9 @@ _IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
     responses={**_ERRORS, 200: {"content": {mime: {} for mime in _IMAGE_TYPES}}},
     summary="Generate images and wait for them",
 )
-async def generate(body: GenerateRequest, request: Request, engine: EngineDep, hub: EventsDep) -> Response:
+async def generate(
+    body: GenerateRequest, request: Request, engine: EngineDep, hub: EventsDep, in_flight: InFlightDep
+) -> Response:
     """Runs the request and returns its images as base64 JSON, or, when `Accept` names an image type
     (image/png, image/jpeg, image/webp), the bytes of the single image it made."""
     wanted = _image_accept(request.headers.get("accept", ""))
@@ -41,10 +43,10 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, h
         body = body.model_copy(update={"image_format": wanted})
         if body.stream_events:
             raise InvalidInputs("stream_events answers NDJSON; it cannot be combined with Accept: image/*")
-        result = await generation.generate(engine, generation.Generation(body, await hub.for_request(body)))
+        result = await in_flight.generate(engine, generation.Generation(body, await hub.for_request(body)))
         headers = {"X-Seed": str(result.seeds[0]), "X-Model": str(result.meta.get("MODEL_ID", ""))}
         return Response(result.images[0], media_type=mime_type(result.image_format), headers=headers)
-    return await run_request(engine, hub, body, _native_body, _native_error)
+    return await run_request(engine, hub, body, _native_body, _native_error, in_flight)
 
 
 def _native_body(result: GenerateResult) -> dict[str, Any]:
