@@ -23,16 +23,23 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ..errors import Unauthorized
 from ..events import EventQueue
 from ..jobs import END_OF_JOB, Job, events_token
-from ..schema import ErrorResponse, GenerateRequest, JobStatus
+from ..schema import GenerateRequest, JobStatus
 from .deps import EngineDep, EventsDep, JobsDep, SettingsDep, check_api_key, require_api_key
+from .openapi import JOB_LINKS, errors
 
 KEEP_ALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing an idle stream
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
-_ERRORS: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse} for status in (401, 404, 422, 503)}
+_ERRORS = errors(401, 404, 422)  # a job's routes; 422 stands in for FastAPI's own (it never has a body to refuse)
 
 
-@router.post("", status_code=202, response_model=JobStatus, responses=_ERRORS, summary="Queue a request as a job")
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobStatus,
+    responses={202: {"links": JOB_LINKS}, **errors(401, 413, 422, 503)},
+    summary="Queue a request as a job",
+)
 async def create_job(body: GenerateRequest, jobs: JobsDep, engine: EngineDep, events: EventsDep) -> JSONResponse:
     """Queues the same request as POST /v1/generate and answers at once with the job's id (also in
     `Location`). Input errors the request's fields show are refused here (422); those found when it runs

@@ -8,8 +8,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from ..errors import DiffusersAPIError
-from ..schema import decode_envelope, from_legacy, to_legacy
+from ..schema import decode_envelope, from_legacy, legacy_envelope_schema, to_legacy
 from .deps import EngineDep, EventsDep, InFlightDep, require_api_key
+from .openapi import INFERENCE_ERRORS, NDJSON, LegacyResponse, errors
 from .responses import run_request
 
 router = APIRouter(tags=["legacy"], dependencies=[Depends(require_api_key)])
@@ -19,14 +20,7 @@ _ENVELOPE_SCHEMA: dict[str, Any] = {
         "required": True,
         "content": {
             "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["modelInputs", "callInputs"],
-                    "properties": {
-                        "modelInputs": {"type": "object", "description": "the pipeline's __call__ arguments"},
-                        "callInputs": {"type": "object", "description": "MODEL_ID, PIPELINE, SCHEDULER, ..."},
-                    },
-                },
+                "schema": legacy_envelope_schema(ref_template="#/components/schemas/{model}"),
                 # No MODEL_ID: the example runs as it is on whatever model the server serves.
                 "example": {
                     "modelInputs": {"prompt": "realistic field of grass", "num_inference_steps": 20, "seed": 42},
@@ -38,7 +32,12 @@ _ENVELOPE_SCHEMA: dict[str, Any] = {
 }
 
 
-@router.post("/", summary="docker-diffusers-api compatible inference", openapi_extra=_ENVELOPE_SCHEMA)
+@router.post(
+    "/",
+    summary="docker-diffusers-api compatible inference",
+    openapi_extra=_ENVELOPE_SCHEMA,
+    responses={200: {"model": LegacyResponse, "content": NDJSON}, **errors(*INFERENCE_ERRORS, legacy=True)},
+)
 async def legacy_inference(request: Request, engine: EngineDep, hub: EventsDep, in_flight: InFlightDep) -> Response:
     """Accepts `{"modelInputs": {...}, "callInputs": {...}}` (also double-encoded as a JSON string) and answers
     with `image_base64` / `images_base64`, `$meta`, `$timings` and `$mem_usage`; errors as `$error`. With

@@ -12,23 +12,22 @@ from ..engine import Health
 from ..engine.base import probe_device_memory
 from ..errors import DiffusersAPIError, InvalidInputs
 from ..imaging import mime_type
-from ..schema import ErrorResponse, GenerateRequest, GenerateResponse, GenerateResult
+from ..schema import GenerateRequest, GenerateResponse, GenerateResult
 from .deps import EngineDep, EventsDep, InFlightDep, require_api_key
+from .openapi import INFERENCE_ERRORS, NDJSON, LegacyHealth, Ping, errors
+from .openapi import Health as HealthBody
 from .responses import run_request
 
 router = APIRouter(prefix="/v1", tags=["native"], dependencies=[Depends(require_api_key)])
 health_router = APIRouter(tags=["health"])
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (401, 404, 413, 422, 500, 503)
-}
 _IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
 
 
 @router.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={**_ERRORS, 200: {"content": {mime: {} for mime in _IMAGE_TYPES}}},
+    responses={**errors(*INFERENCE_ERRORS), 200: {"content": {mime: {} for mime in _IMAGE_TYPES} | NDJSON}},
     summary="Generate images and wait for them",
 )
 async def generate(
@@ -68,7 +67,7 @@ def _image_accept(accept: str) -> str | None:
     return None
 
 
-@router.get("/models", responses=_ERRORS, summary="Loaded and cached models")
+@router.get("/models", responses=errors(401), summary="Loaded and cached models")
 async def models(engine: EngineDep) -> JSONResponse:
     """Resident models (most recently used first, with their weight bytes), models on disk in MODELS_DIR,
     and the memory budget that bounds the resident ones."""
@@ -78,7 +77,11 @@ async def models(engine: EngineDep) -> JSONResponse:
 # --- health ------------------------------------------------------------------------------------------------
 
 
-@health_router.get("/health", summary="Lifecycle state; 503 until the model is ready")
+@health_router.get(
+    "/health",
+    summary="Lifecycle state; 503 until the model is ready",
+    responses={200: {"model": HealthBody}, 503: {"model": HealthBody, "description": "Not serving (yet)"}},
+)
 async def health(engine: EngineDep) -> JSONResponse:
     state = engine.health
     body: dict[str, Any] = {"status": state.value, "queue_depth": engine.queue_depth}
@@ -93,7 +96,11 @@ async def health(engine: EngineDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if state.serving else 503)
 
 
-@health_router.get("/healthcheck", summary="docker-diffusers-api health check")
+@health_router.get(
+    "/healthcheck",
+    summary="docker-diffusers-api health check",
+    responses={200: {"model": LegacyHealth}, 503: {"model": LegacyHealth, "description": "Not serving (yet)"}},
+)
 async def healthcheck(engine: EngineDep) -> JSONResponse:
     state = engine.health
     serving = state.serving
@@ -112,7 +119,15 @@ def _gpu(state: Health) -> bool | None:
     return bool(torch.cuda.is_available())
 
 
-@health_router.get("/ping", summary="RunPod load-balancer probe: 200 ready, 204 initializing")
+@health_router.get(
+    "/ping",
+    summary="RunPod load-balancer probe: 200 ready, 204 initializing",
+    responses={
+        200: {"model": Ping},
+        204: {"description": "Initializing: the model is loading"},
+        503: {"model": Ping, "description": "The model failed to load, or the device failed"},
+    },
+)
 async def ping(engine: EngineDep) -> Response:
     state = engine.health
     if state.serving:

@@ -13,8 +13,8 @@ import asyncio
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
-from ..schema import ErrorResponse
 from .deps import EngineDep, require_api_key
+from .openapi import errors
 
 router = APIRouter(prefix="/v1", tags=["native"], dependencies=[Depends(require_api_key)])
 
@@ -28,7 +28,7 @@ class SchedulerList(BaseModel):
 @router.get(
     "/schedulers",
     response_model=SchedulerList,
-    responses={status: {"model": ErrorResponse} for status in (401, 503)},
+    responses=errors(401, 503),
     summary="Schedulers of the served model",
 )
 async def schedulers(engine: EngineDep) -> SchedulerList:

@@ -7,7 +7,7 @@
 """
 
 from .jobs import JobProgress, JobState, JobStatus
-from .legacy import decode_envelope, from_legacy, to_legacy
+from .legacy import decode_envelope, from_legacy, legacy_envelope_schema, to_legacy
 from .request import (
     RESERVED_CALL_ARGS,
     GenerateRequest,
@@ -38,6 +38,7 @@ __all__ = [
     "describe_validation_error",
     "from_legacy",
     "is_http_url",
+    "legacy_envelope_schema",
     "parse_request",
     "to_legacy",
 ]

@@ -12,7 +12,7 @@ from pydantic import (
 )
 
 from ..errors import InvalidInputs
-from .request import GenerateRequest, invalid_inputs, is_http_url
+from .request import _NEEDS_IMAGE, GenerateRequest, invalid_inputs, is_http_url
 from .response import GenerateResult
 
 # callInputs key -> GenerateRequest field
@@ -49,6 +49,38 @@ _LEGACY_UNSUPPORTED = (
 _LEGACY_IGNORED = ("xformers_memory_efficient_attention",)
 # modelInputs keys with a typed field (plus the legacy alias init_image -> image)
 _TYPED_MODEL_INPUTS = set(GenerateRequest.model_fields) - set(_LEGACY_CALL_INPUTS.values()) - {"extra"}
+
+
+def legacy_envelope_schema(ref_template: str = "#/$defs/{model}") -> dict[str, Any]:
+    """The JSON schema of the envelope as `from_legacy` reads it, from GenerateRequest's fields: modelInputs has the
+    typed pipeline inputs and takes any other argument of the pipeline's __call__; callInputs has the keys it
+    knows and no other."""
+    fields = GenerateRequest.model_json_schema(ref_template=ref_template)["properties"]
+    model_inputs = {name: fields[name] for name in sorted(_TYPED_MODEL_INPUTS)} | {"init_image": fields["image"]}
+    call_inputs = {key: fields[name] for key, name in _LEGACY_CALL_INPUTS.items()}
+    call_inputs["is_url"] = {"type": "boolean", "description": "image and mask_image are http(s) URLs"}
+    call_inputs |= {key: {"enum": [None, "", False], "description": "not supported"} for key in _LEGACY_UNSUPPORTED}
+    call_inputs |= {key: {"description": "ignored"} for key in _LEGACY_IGNORED}
+    with_an_image = {"anyOf": [{"required": ["image"]}, {"required": ["init_image"]}]}
+    return {
+        "type": "object",
+        "required": ["modelInputs", "callInputs"],
+        "properties": {
+            "modelInputs": {
+                "type": "object",
+                "description": "the pipeline's __call__ arguments",
+                "properties": model_inputs,
+                "additionalProperties": True,
+                "dependentSchemas": {field: with_an_image for field in _NEEDS_IMAGE},
+            },
+            "callInputs": {
+                "type": "object",
+                "description": "MODEL_ID, PIPELINE, SCHEDULER, ...",
+                "properties": call_inputs,
+                "additionalProperties": False,
+            },
+        },
+    }
 
 
 def decode_envelope(body: bytes | str | Any) -> dict[str, Any]:

@@ -7,7 +7,7 @@ One typed request serves HTTP, the RunPod handler and the Python client; the leg
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs
 
 from pydantic import (
@@ -20,6 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonDict
 from pydantic_core import PydanticCustomError
 
 from ..errors import InvalidInputs
@@ -52,6 +53,26 @@ def is_http_url(value: object) -> bool:
     return isinstance(value, str) and value.startswith(("http://", "https://"))
 
 
+# The same rule in the JSON schema (pattern only constrains strings, so it also suits an optional field); a
+# pattern in Field would replace the validator's message with "String should match pattern".
+_HTTP_PATTERN: JsonDict = {"pattern": "^https?://"}
+
+
+def _adapters_schema(schema: dict[str, Any]) -> None:
+    """The JSON schema of `lora_weights` and `textual_inversions` as the server reads them (`_url_list`): a list of
+    URLs or objects, or one of them alone."""
+    listed, null = schema["anyOf"]
+    url = {"type": "string", **_HTTP_PATTERN}
+    one = listed["items"]
+    listed["items"] = {"anyOf": [url, one]}
+    schema["anyOf"] = [listed, url, one, null]
+
+
+def _json_object_schema(schema: dict[str, Any]) -> None:
+    """`cross_attention_kwargs` may also be given as a string of JSON, as the original server took it."""
+    schema["anyOf"].insert(1, {"type": "string", "description": "the object as a string of JSON"})
+
+
 def _require_http(value: str) -> str:
     if not is_http_url(value):
         raise ValueError("must be an http:// or https:// URL")
@@ -82,7 +103,7 @@ class _AdapterURL(BaseModel):
 class LoraWeight(_AdapterURL):
     """A LoRA fused into the model for this request (models/adapters.py)."""
 
-    url: str = Field(description="http(s) URL of a .safetensors LoRA file")
+    url: str = Field(description="http(s) URL of a .safetensors LoRA file", json_schema_extra=_HTTP_PATTERN)
     scale: float | None = Field(
         None, ge=-8, le=8, description="Its weight; default: the request's cross_attention_kwargs.scale, else 1"
     )
@@ -100,7 +121,7 @@ class LoraWeight(_AdapterURL):
 class TextualInversion(_AdapterURL):
     """A textual-inversion embedding added to the model's vocabulary for this request (models/adapters.py)."""
 
-    url: str = Field(description="http(s) URL of a .safetensors embedding")
+    url: str = Field(description="http(s) URL of a .safetensors embedding", json_schema_extra=_HTTP_PATTERN)
     token: str | None = Field(
         None, min_length=1, max_length=100, description="The word the prompt uses for it; default: the file's own"
     )
@@ -174,15 +195,17 @@ class GenerateRequest(BaseModel):
         None,
         max_length=8,
         description="LoRAs to fuse into the model: URLs, or {url, scale} objects (a single URL may be a string)",
+        json_schema_extra=_adapters_schema,
     )
     textual_inversions: list[TextualInversion] | None = Field(
         None,
         max_length=8,
         description="Textual-inversion embeddings to add: URLs, or {url, token} objects (a single URL may be a string)",
+        json_schema_extra=_adapters_schema,
     )
 
     # --- pipeline inputs -------------------------------------------------------------------------------------
-    prompt: str | list[str] | None = None
+    prompt: str | Annotated[list[str], Field(min_length=1)] | None = None  # an empty list makes no image
     negative_prompt: str | list[str] | None = None
     num_inference_steps: int | None = Field(None, ge=1, le=1000)
     guidance_scale: float | None = Field(None, ge=0, le=100)
@@ -196,7 +219,7 @@ class GenerateRequest(BaseModel):
     mask_image: str | None = Field(
         None, description="Inpainting mask (base64, data URI or http(s) URL); white is repainted"
     )
-    cross_attention_kwargs: dict[str, Any] | None = None
+    cross_attention_kwargs: dict[str, Any] | None = Field(None, json_schema_extra=_json_object_schema)
     extra: dict[str, Any] = Field(
         default_factory=dict, description="Other arguments of the pipeline's __call__, passed through"
     )
@@ -207,7 +230,12 @@ class GenerateRequest(BaseModel):
 
     # --- bookkeeping and events ------------------------------------------------------------------------------
     request_id: str | None = Field(None, max_length=200, description="Echoed in meta (legacy startRequestId)")
-    send_url: str | None = Field(None, max_length=2000, description="Webhook for this request's events (SEND_URL)")
+    send_url: str | None = Field(
+        None,
+        max_length=2000,
+        description="Webhook for this request's events (SEND_URL)",
+        json_schema_extra=_HTTP_PATTERN,
+    )
     sign_key: SecretStr | None = Field(None, description="HMAC-SHA256 key for this request's webhooks (SIGN_KEY)")
     stream_events: bool = Field(False, description="Answer with NDJSON: events, progress, then the result")
     callback_steps: int | None = Field(None, ge=1, le=1000, description="A progress event every N steps")

@@ -9,6 +9,7 @@ from typing import Any
 
 from pydantic import (
     BaseModel,
+    ConfigDict,
     Field,
 )
 
@@ -52,8 +53,13 @@ class GenerateResponse(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    code: str
-    message: str
+    # each code may add fields of its own: requested, available, allowed, errors, limit, ...
+    model_config = ConfigDict(extra="allow")
+
+    code: str = Field(description="What went wrong, for programs: INVALID_INPUTS, MODEL_MISMATCH, ...")
+    name: str | None = Field(None, description="The exception behind it, as the original server named it")
+    message: str = Field(description="What went wrong, for people; names the field at fault")
+    stack: str | None = Field(None, description="The stack trace, with DEBUG only")
 
 
 class ErrorResponse(BaseModel):
