@@ -2,7 +2,7 @@
 `{"$error": ...}` on the legacy API), the probes' bodies, and the links from a queued job to its other routes.
 
 Every status a route can answer is listed, so that a client generated from the document (or schemathesis, in
-tests/integration/test_openapi_conformance.py) meets no status it was not told about. An unknown path (404
+tests/e2e/test_openapi_conformance.py) meets no status it was not told about. An unknown path (404
 NOT_FOUND) and a wrong method (405 METHOD_NOT_ALLOWED) can happen anywhere and are in the README instead.
 """
 

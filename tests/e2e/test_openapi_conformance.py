@@ -25,6 +25,8 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance, use_afte
 
 from support.processes import Process, serving
 
+pytestmark = pytest.mark.e2e
+
 EXAMPLES = 25
 # Checks that do not apply: the server refuses valid-looking inputs that no schema can describe (an unknown
 # scheduler or model, a size under the model's minimum); DELETE cancels a job, which stays readable afterwards.
