@@ -384,7 +384,7 @@ def _sdxl_unet(in_channels: int = 4) -> Any:
     )
 
 
-def _vae(scaling_factor: float = 0.18215) -> Any:
+def _vae(scaling_factor: float = 0.18215, latent_channels: int = 4, **options: Any) -> Any:
     from diffusers import AutoencoderKL
 
     _seed(SEED_VAE)
@@ -396,28 +396,18 @@ def _vae(scaling_factor: float = 0.18215) -> Any:
         block_out_channels=VAE_CHANNELS,
         layers_per_block=1,
         norm_num_groups=VAE_NORM_GROUPS,
-        latent_channels=4,
+        latent_channels=latent_channels,
         sample_size=VAE_SCALE_FACTOR * LATENT_SIZE,
         scaling_factor=scaling_factor,
+        **options,
     )
 
 
 def _dit_vae() -> Any:
     """SD3's and Flux's VAE: 16 latent channels, a shift factor, no quant convolutions."""
-    from diffusers import AutoencoderKL
-
-    _seed(SEED_VAE)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
-        up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS),
-        block_out_channels=VAE_CHANNELS,
-        layers_per_block=1,
-        norm_num_groups=VAE_NORM_GROUPS,
-        latent_channels=DIT_LATENT_CHANNELS,
-        sample_size=VAE_SCALE_FACTOR * LATENT_SIZE,
+    return _vae(
         scaling_factor=1.5305,
+        latent_channels=DIT_LATENT_CHANNELS,
         shift_factor=0.0609,
         use_quant_conv=False,
         use_post_quant_conv=False,
