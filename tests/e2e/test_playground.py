@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,27 @@ def test_txt2img_shows_live_progress_then_the_image_and_its_seed(page: Any, serv
     done = job(server, job_id)
     assert done["status"] == "COMPLETED"
     assert done["result"]["images"][0]["seed"] == 5
+
+
+def test_a_job_that_ends_before_its_stream_opens_still_shows_its_image(page: Any, server: Process) -> None:
+    """The stream of a finished job starts with a status snapshot that carries no images; the page waits for the
+    final status (which does) instead of failing on the snapshot."""
+    held: list[Any] = []
+
+    def hold(route: Any) -> None:  # the events stream opens only once the job has finished
+        held.append(route)
+        deadline = time.monotonic() + 30
+        while job(server, route.request.url.split("/v1/jobs/")[1].split("/")[0])["status"] != "COMPLETED":
+            assert time.monotonic() < deadline, "the job did not finish"
+            time.sleep(0.1)
+        route.continue_()
+
+    page.route("**/v1/jobs/*/events*", hold)
+    generate(page, prompt="a quick barn", steps="2", seed="7")
+    page.wait_for_selector("#job-status[data-status=done]")
+    assert held, "the events stream was not held"
+    assert shown_image(page).size == (64, 64)
+    assert page.inner_text("#results figcaption .seed") == "seed 7 · 64×64"
 
 
 def test_a_refused_request_shows_the_servers_error(page: Any) -> None:

@@ -229,6 +229,8 @@ function onStatus(job) {
     showStage(job.progress);
     return;
   }
+  // A stream opened after the job ended starts with a snapshot without the images; its final status has them.
+  if (job.status === "COMPLETED" && !job.result) return;
   const elapsed = performance.now() - state.job.started;
   const request = state.job.request;
   finish(job.id);
