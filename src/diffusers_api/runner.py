@@ -25,6 +25,7 @@ from .pipelines import call_arguments, call_parameters
 from .schema import RESERVED_CALL_ARGS, GenerateRequest, GenerateResult, is_http_url
 
 if TYPE_CHECKING:
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
     from PIL import Image
 
     from .config import Settings
@@ -108,16 +109,14 @@ class Runner:
         timings = Timings()
         if self._init_ms is not None:
             timings["init"], self._init_ms = self._init_ms, None
-        self._check_before_fetching(request, timings)
+        pipe_cls, scheduler = self._check_before_fetching(request, timings)
         # The store reports its own phases: loadModel, and download / upload when it had to fetch the model.
         model = self.store.get(request, timings)
         inputs = self._decode_inputs(request, timings)
         check_input_images(inputs, model.pipelines, model.spec.model_id)
-        pipe_cls = self._pipeline_class(model, request)
-        scheduler = model.pipelines.scheduler(self._scheduler_name(model, request))
         pipe = model.pipelines.build(pipe_cls, scheduler, safety_checker=request.safety_checker)
         seeds = imaging.image_seeds(request.seed, request.image_count)
-        kwargs = self._call_kwargs(pipe_cls, request, inputs, seeds)
+        kwargs = self._call_kwargs(request, inputs, seeds)
         loop = self._loop(pipe, kwargs)
         with timings.phase("inference"):
             output = self._call(pipe, kwargs, progress, cancel, loop)
@@ -138,17 +137,19 @@ class Runner:
 
     # --- inputs ----------------------------------------------------------------------------------------------
 
-    def _check_before_fetching(self, request: GenerateRequest, timings: Timings) -> None:
+    def _check_before_fetching(self, request: GenerateRequest, timings: Timings) -> tuple[Any, SchedulerMixin]:
         """What needs no network, checked against the model before the request's LoRAs, embeddings or image URLs
         are fetched: its prompts' lengths, its size, its pipeline, its scheduler and the names of its inputs. A
-        request that cannot run downloads nothing. (Adapters change neither the pipeline classes nor the
-        schedulers a model takes.)"""
+        request that cannot run downloads nothing. Returns the pipeline class and the scheduler, which the request
+        then runs with (adapters change neither the pipeline classes nor the schedulers a model takes)."""
         check_prompts(request, self.settings.max_prompt_chars)
+        self._check_pixels(request)
         model = self.store.get(request.model_copy(update={"lora_weights": None, "textual_inversions": None}), timings)
         check_size(request, model.pipelines, model.spec.model_id)
         pipe_cls = self._pipeline_class(model, request)
-        model.pipelines.scheduler(self._scheduler_name(model, request))
+        scheduler = model.pipelines.scheduler(self._scheduler_name(model, request))
         self._check_input_names(pipe_cls, _input_names(request))
+        return pipe_cls, scheduler
 
     def _check_input_names(self, pipe_cls: Any, names: set[str]) -> None:
         accepted = call_arguments(pipe_cls) - RESERVED_CALL_ARGS
@@ -215,21 +216,17 @@ class Runner:
         usable = model.pipelines.usable_scheduler_names()
         return {"model": model.spec.model_id, "default": self._default_scheduler(model), "schedulers": usable}
 
-    def _call_kwargs(
-        self, pipe_cls: Any, request: GenerateRequest, inputs: dict[str, Any], seeds: list[int]
-    ) -> dict[str, Any]:
+    def _call_kwargs(self, request: GenerateRequest, inputs: dict[str, Any], seeds: list[int]) -> dict[str, Any]:
         import torch
 
         kwargs = {name: getattr(request, name) for name in CALL_FIELDS if getattr(request, name) is not None}
-        kwargs |= inputs | request.extra
-        self._check_input_names(pipe_cls, set(kwargs))
-        self._check_size(request)
+        kwargs |= inputs | request.extra  # the names `_input_names` gave, checked before fetching
         # One CPU generator per image: image i is reproducible alone from seeds[i], on any device.
         kwargs["generator"] = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         kwargs["output_type"] = "pil"
         return kwargs
 
-    def _check_size(self, request: GenerateRequest) -> None:
+    def _check_pixels(self, request: GenerateRequest) -> None:
         if request.width and request.height:
             pixels = request.width * request.height
             if pixels > self.settings.max_image_pixels:
