@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(
         10_000, ge=1, description="Longest prompt or negative prompt in characters (CLIP reads 77 tokens of it)"
     )
+    max_images: int = Field(
+        32, ge=1, le=4096, description="Most images one request makes: its prompts x num_images_per_prompt"
+    )
     max_queue: int = Field(64, ge=1, description="Requests waiting beyond this get BUSY (503)")
     jobs_ttl_s: float = Field(600.0, gt=0, description="How long a finished /v1/jobs job stays readable")
     jobs_kept: int = Field(100, ge=1, le=100_000, description="Finished jobs kept at most; the oldest go first")

@@ -1,7 +1,8 @@
-"""Limits a request is held to before anything runs for it: prompt lengths, and the smallest image a model makes.
+"""Limits a request is held to before anything runs for it: how many images, prompt lengths, and the smallest
+image a model makes.
 
-The schema (schema.py) checks what is the same for every server; these checks need a setting (MAX_PROMPT_CHARS)
-or the loaded model, so the runner makes them, before it fetches anything for the request.
+The schema (schema/request.py) checks what is the same for every server; these checks need a setting (MAX_IMAGES,
+MAX_PROMPT_CHARS) or the loaded model, so the runner makes them, before it fetches anything for the request.
 """
 
 from __future__ import annotations
@@ -15,6 +16,22 @@ if TYPE_CHECKING:
 
     from .pipelines import ModelPipelines
     from .schema import GenerateRequest
+
+
+def check_images(request: GenerateRequest, max_images: int) -> None:
+    """The request makes at most `max_images` images. A list of prompts has no bound of its own, and one request
+    holds its slots of the batch until all its images are done: without this, a body of a few megabytes could
+    ask for millions of images and hold the engine for days."""
+    count = request.image_count
+    if count > max_images:
+        prompts = len(request.prompt) if isinstance(request.prompt, list) else 1
+        raise InvalidInputs(
+            f"this request makes {count} images ({prompts} prompt(s) x num_images_per_prompt "
+            f"{request.num_images_per_prompt}), more than the {max_images} allowed (MAX_IMAGES)",
+            field="prompt" if prompts > 1 else "num_images_per_prompt",
+            limit=max_images,
+            setting="MAX_IMAGES",
+        )
 
 
 def check_prompts(request: GenerateRequest, max_chars: int) -> None:

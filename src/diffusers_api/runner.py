@@ -19,7 +19,7 @@ from . import imaging
 from .denoising.tasks import ProgressCallback
 from .devices import memory_usage
 from .errors import Cancelled, DiffusersAPIError, InvalidInputs, NotReady, PipelineError
-from .limits import check_input_images, check_prompts, check_size
+from .limits import check_images, check_input_images, check_prompts, check_size
 from .models.store import LoadedModel, ModelStore
 from .pipelines import call_arguments, call_parameters
 from .schema import RESERVED_CALL_ARGS, GenerateRequest, GenerateResult, is_http_url
@@ -142,6 +142,7 @@ class Runner:
         are fetched: its prompts' lengths, its size, its pipeline, its scheduler and the names of its inputs. A
         request that cannot run downloads nothing. Returns the pipeline class and the scheduler, which the request
         then runs with (adapters change neither the pipeline classes nor the schedulers a model takes)."""
+        check_images(request, self.settings.max_images)
         check_prompts(request, self.settings.max_prompt_chars)
         self._check_pixels(request)
         model = self.store.get(request.model_copy(update={"lora_weights": None, "textual_inversions": None}), timings)

@@ -166,6 +166,21 @@ def test_the_prompt_limit_is_a_setting(models_dir: Path) -> None:
         runner.run(ask(prompt="a" * 21))
 
 
+def test_a_request_for_more_images_than_max_images_is_refused_before_it_runs(models_dir: Path) -> None:
+    runner = Runner(Settings(model_id="builtin/tiny-sd", models_dir=models_dir, max_images=4))
+    runner.start()
+    assert len(runner.run(ask(prompt=["a", "b"], num_images_per_prompt=2)).images) == 4
+    with pytest.raises(InvalidInputs) as caught:
+        runner.run(ask(prompt=["a"] * 5))
+    assert caught.value.message == (
+        "this request makes 5 images (5 prompt(s) x num_images_per_prompt 1), more than the 4 allowed (MAX_IMAGES)"
+    )
+    assert caught.value.extra == {"field": "prompt", "limit": 4, "setting": "MAX_IMAGES"}
+    with pytest.raises(InvalidInputs, match="makes 6 images") as caught:
+        runner.run(ask(prompt="a", num_images_per_prompt=6))
+    assert caught.value.extra["field"] == "num_images_per_prompt"
+
+
 # --- model directories a request may name ------------------------------------------------------------------------
 
 
