@@ -172,6 +172,22 @@ def test_api_key(engine: FakeEngine) -> None:
         assert secured.get("/health").status_code == 200  # probes stay open
 
 
+def test_with_an_api_key_the_document_names_the_bearer_scheme_where_it_is_needed(
+    engine: FakeEngine, client: TestClient
+) -> None:
+    assert "security" not in client.get("/openapi.json").json()["paths"]["/v1/generate"]["post"]
+    with make_client(engine, api_key="s3cret") as secured:
+        spec = secured.get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["APIKey"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "The server's API_KEY",
+    }
+    needs_key = {path for path, ops in spec["paths"].items() for op in ops.values() if "security" in op}
+    assert {"/", "/v1/generate", "/v1/jobs", "/metrics"} <= needs_key
+    assert not needs_key & {"/health", "/ping", "/healthcheck"}
+
+
 def test_body_limit(engine: FakeEngine) -> None:
     with make_client(engine, max_body_bytes=2048) as limited:
         big = {"modelInputs": {"prompt": "x" * 4096}, "callInputs": {}}

@@ -30,6 +30,7 @@ from ..metrics import Metrics
 from ..models import prefetch
 from .deps import Services
 from .middleware import BodyLimitMiddleware
+from .openapi import declare_api_key
 from .responses import error_response, http_exception_response
 
 if TYPE_CHECKING:
@@ -87,6 +88,8 @@ def create_app(
     _add_middleware(app, settings)
     _add_error_handlers(app, settings)
     _add_routes(app)
+    if settings.api_key is not None:
+        declare_api_key(app)
     return app
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..schema import ErrorBody, ErrorResponse
@@ -95,3 +96,30 @@ JOB_LINKS = {
     "CancelJob": _job_link("delete", "/v1/jobs/{job_id}", "Cancel the job"),
     "JobEvents": _job_link("get", "/v1/jobs/{job_id}/events", "The job's server-sent events"),
 }
+
+
+BEARER = "APIKey"
+
+
+def declare_api_key(app: FastAPI) -> None:
+    """With API_KEY set, the document names the bearer scheme and puts it on every operation that can answer 401,
+    so that Swagger UI (/docs) shows its Authorize button and "Try it out" sends the key, and a generated client
+    knows to. The probes and pages, which need no key, stay without it. (FastAPI's documented way to extend the
+    document: replace `app.openapi`, which builds and caches it.)"""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _add_bearer(build())
+        return app.openapi_schema  # type: ignore[return-value]  # set by build()
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _add_bearer(document: dict[str, Any]) -> None:
+    scheme = {"type": "http", "scheme": "bearer", "description": "The server's API_KEY"}
+    document.setdefault("components", {}).setdefault("securitySchemes", {})[BEARER] = scheme
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            if "401" in operation.get("responses", {}):
+                operation["security"] = [{BEARER: []}]
