@@ -237,6 +237,10 @@ def test_unknown_scheduler(runner: Runner) -> None:
         runner.run(ask(scheduler="NopeScheduler"))
     assert "Euler a" in caught.value.extra["available"]
     assert caught.value.code == "INVALID_SCHEDULER"
+    # only what this model can build (GET /v1/schedulers' list): the alias LCM names a scheduler an SD model's
+    # scheduler is not compatible with
+    assert caught.value.extra["available"] == runner.schedulers()["schedulers"]
+    assert "LCM" not in caught.value.extra["available"]
 
 
 def test_unknown_pipeline_lists_the_available_ones(runner: Runner) -> None:
