@@ -13,7 +13,22 @@ from pathlib import Path
 
 import pytest
 
-HEAVY = ("torch", "diffusers", "transformers", "safetensors", "runpod")
+# The ML stack, and what serving needs only once it is used: the RunPod SDK, the S3 client (the cloud cache), the
+# metrics library (the first scrape), PEFT (the first LoRA), the download client (the first fetch).
+HEAVY = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "safetensors",
+    "runpod",
+    "boto3",
+    "botocore",
+    "prometheus_client",
+    "peft",
+    "httpx",
+    "numpy",
+    "scipy",
+)
 
 REPORT = f"""
 import json, os, sys
