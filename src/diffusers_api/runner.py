@@ -20,6 +20,7 @@ from .denoising.tasks import ProgressCallback
 from .devices import memory_usage
 from .errors import Cancelled, DiffusersAPIError, InvalidInputs, NotReady, PipelineError
 from .limits import check_images, check_input_images, check_prompts, check_size
+from .models.controls import control_arguments, control_modules, control_pipeline
 from .models.store import LoadedModel, ModelStore
 from .pipelines import call_arguments, call_parameters
 from .schema import RESERVED_CALL_ARGS, GenerateRequest, GenerateResult, is_http_url
@@ -110,13 +111,19 @@ class Runner:
         if self._init_ms is not None:
             timings["init"], self._init_ms = self._init_ms, None
         pipe_cls, scheduler = self._check_before_fetching(request, timings)
+        control_cls = control_pipeline(pipe_cls, request.controlnet) if request.controlnet else None
         # The store reports its own phases: loadModel, and download / upload when it had to fetch the model.
         model = self.store.get(request, timings)
+        extra = self._control_modules(request, model, control_cls, timings)
         inputs = self._decode_inputs(request, timings)
         check_input_images(inputs, model.pipelines, model.spec.model_id)
-        pipe = model.pipelines.build(pipe_cls, scheduler, safety_checker=request.safety_checker)
+        pipe_cls = control_cls or pipe_cls
+        pipe = model.pipelines.build(pipe_cls, scheduler, safety_checker=request.safety_checker, extra=extra)
         seeds = imaging.image_seeds(request.seed, request.image_count)
         kwargs = self._call_kwargs(request, inputs, seeds)
+        if request.controlnet:
+            images = self._control_images(request, model, timings)
+            kwargs = control_arguments(pipe_cls, request.controlnet, images, kwargs)
         loop = self._loop(pipe, kwargs)
         with timings.phase("inference"):
             output = self._call(pipe, kwargs, progress, cancel, loop)
@@ -125,6 +132,10 @@ class Runner:
         nsfw = getattr(output, "nsfw_content_detected", None)
         meta = self._meta(model, pipe_cls, scheduler, request, seeds)
         meta["LOOP"] = loop
+        if request.controlnet:
+            meta["CONTROLNET"] = [
+                control.model_dump(exclude={"image"}, exclude_none=True) for control in request.controlnet
+            ]
         return GenerateResult(
             images=encoded,
             image_format=request.image_format,
@@ -169,6 +180,28 @@ class Runner:
         raw = {field: self._image_bytes(value, field, timings) for field, value in given.items() if value is not None}
         with timings.phase("decode"):
             return {field: decoders[field](data, field, **limits) for field, data in raw.items()}
+
+    def _control_modules(
+        self, request: GenerateRequest, model: LoadedModel, control_cls: Any, timings: Timings
+    ) -> dict[str, Any] | None:
+        """The request's ControlNets or T2I-Adapters, as the components of `control_cls` that carry them."""
+        if not request.controlnet:
+            return None
+        loaded = self.store.controls(request.controlnet, model, timings)
+        return control_modules(control_cls, [control.module for control in loaded])
+
+    def _control_images(self, request: GenerateRequest, model: LoadedModel, timings: Timings) -> list[Image.Image]:
+        """The conditioning images, decoded (and fetched, given as URLs) like the other image inputs."""
+        limits = {"max_bytes": self.settings.max_body_bytes, "max_pixels": self.settings.max_image_pixels}
+        images = []
+        for index, control in enumerate(request.controlnet or ()):
+            field = f"controlnet.{index}.image"
+            data = self._image_bytes(control.image, field, timings)
+            with timings.phase("decode"):
+                image = imaging.decode_image(data, field, **limits)
+            check_input_images({"image": image}, model.pipelines, model.spec.model_id)
+            images.append(image)
+        return images
 
     def _image_bytes(self, value: str, field: str, timings: Timings) -> str | bytes:
         """An image input as it came (base64, data URI), or, given as an http(s) URL, the file it names: fetched

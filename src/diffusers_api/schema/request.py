@@ -24,6 +24,7 @@ from pydantic.json_schema import JsonDict
 from pydantic_core import PydanticCustomError
 
 from ..errors import InvalidInputs
+from .controls import MAX_CONTROLS, ControlInput, controls_schema
 
 ImageFormat = Literal["PNG", "JPEG", "WEBP"]
 
@@ -220,6 +221,13 @@ class GenerateRequest(BaseModel):
         None, description="Inpainting mask (base64, data URI or http(s) URL); white is repainted"
     )
     cross_attention_kwargs: dict[str, Any] | None = Field(None, json_schema_extra=_json_object_schema)
+    controlnet: list[ControlInput] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_CONTROLS,
+        description="ControlNets or T2I-Adapters with their conditioning images (one object, or a list of up to 4)",
+        json_schema_extra=controls_schema,
+    )
     extra: dict[str, Any] = Field(
         default_factory=dict, description="Other arguments of the pipeline's __call__, passed through"
     )
@@ -244,6 +252,17 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         return _require_http(value) if value else None
+
+    @field_validator("controlnet", mode="before")
+    @classmethod
+    def _one_control(cls, value: object) -> object:
+        return [value] if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _one_control_type(self) -> GenerateRequest:
+        if self.controlnet and len({control.type for control in self.controlnet}) > 1:
+            raise ValueError("controlnet: give ControlNets or T2I-Adapters, not both in one request")
+        return self
 
     @field_validator("lora_weights", "textual_inversions", mode="before")
     @classmethod
