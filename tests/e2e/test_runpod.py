@@ -123,6 +123,19 @@ def test_api_server_fails_a_bad_job_with_a_string_error(api: Process) -> None:
     assert body["error"].startswith("INVALID_INPUTS: width: Input should be a multiple of 8")
 
 
+def test_api_server_completes_a_controlnet_job(api: Process) -> None:
+    condition = Image.new("RGB", (32, 32), (0, 0, 0))
+    condition.paste((255, 255, 255), (8, 8, 24, 24))
+    buffer = io.BytesIO()
+    condition.save(buffer, format="PNG")
+    entry = {"model": "builtin/tiny-controlnet", "image": base64.b64encode(buffer.getvalue()).decode()}
+    job = {"prompt": "a red barn", "num_inference_steps": 2, "width": 32, "height": 32, "controlnet": entry}
+    body = httpx.post(f"{api.url}/runsync", json={"input": job}, timeout=180).json()
+    assert body["status"] == "COMPLETED", body
+    assert body["output"]["meta"]["PIPELINE"] == "StableDiffusionControlNetPipeline"
+    assert png_size(body["output"]["images"][0]["data"]) == (32, 32)
+
+
 def client(api: Process, *args: str) -> subprocess.CompletedProcess[str]:
     command = cli("client", "--runpod", "--endpoint", api.url, *args)  # the SDK's local API is the endpoint
     return subprocess.run(command, env=offline_env(Path("unused")), capture_output=True, text=True, timeout=240)

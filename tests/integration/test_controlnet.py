@@ -313,7 +313,8 @@ def test_control_from_an_archive_url(models_dir: Path, tmp_path: Path) -> None:
         entry = ControlInput(url=f"{files.url}/cn.tar.zst", image=b64(condition()))
         timings: dict[str, float] = {}
         loaded = runner.store.controls([entry], model, timings)[0]
-        assert "download" in timings and (tmp_path / "controls--cn" / "config.json").is_file()
+        assert "download" in timings
+        assert (tmp_path / "controls--cn" / "config.json").is_file()
         reference = runner.store.controls([ControlInput(**control())], model)[0].module
         assert all(torch.equal(a, b) for a, b in zip(loaded.module.parameters(), reference.parameters(), strict=True))
         fetched = len(files.requests)

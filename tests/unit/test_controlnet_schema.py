@@ -20,12 +20,14 @@ def control(**fields: Any) -> dict[str, Any]:
 def test_one_object_or_a_list_with_defaults() -> None:
     one = parse_request({"prompt": "x", "controlnet": control()})
     listed = parse_request({"prompt": "x", "controlnet": [control(), control(scale=0.5, start=0.1, end=0.9)]})
-    assert one.controlnet is not None and listed.controlnet is not None
+    assert one.controlnet is not None
+    assert listed.controlnet is not None
     entry = one.controlnet[0]
     assert (entry.scale, entry.start, entry.end, entry.type, entry.source) == (1.0, 0.0, 1.0, "controlnet", entry.model)
     assert [c.scale for c in listed.controlnet] == [1.0, 0.5]
     by_url = parse_request({"prompt": "x", "controlnet": {"url": "s3:///bucket/cn.tar.zst", "image": CONDITION}})
-    assert by_url.controlnet is not None and by_url.controlnet[0].source == "s3:///bucket/cn.tar.zst"
+    assert by_url.controlnet is not None
+    assert by_url.controlnet[0].source == "s3:///bucket/cn.tar.zst"
 
 
 @pytest.mark.parametrize(
@@ -61,8 +63,10 @@ def test_bad_entries_are_invalid_inputs_naming_the_problem(value: Any, message: 
 def test_json_schema_takes_one_object_or_a_list() -> None:
     schema = GenerateRequest.model_json_schema()["properties"]["controlnet"]
     listed, one, null = schema["anyOf"]
-    assert listed["type"] == "array" and listed["maxItems"] == 4
-    assert one == listed["items"] and null == {"type": "null"}
+    assert listed["type"] == "array"
+    assert listed["maxItems"] == 4
+    assert one == listed["items"]
+    assert null == {"type": "null"}
 
 
 # --- legacy ---------------------------------------------------------------------------------------------------
@@ -78,7 +82,8 @@ def test_legacy_controlnet_model_id_takes_the_image_as_its_condition() -> None:
         CONTROLNET_MODEL_ID="lllyasviel/sd-controlnet-canny",
         PIPELINE="StableDiffusionControlNetPipeline",
     )
-    assert request.image is None and request.extra == {}
+    assert request.image is None
+    assert request.extra == {}
     assert request.pipeline == "StableDiffusionPipeline"
     assert request.controlnet is not None
     entry = request.controlnet[0]
@@ -96,7 +101,8 @@ def test_legacy_img2img_takes_the_condition_from_control_image() -> None:
         CONTROLNET_MODEL_ID="builtin/tiny-controlnet",
         PIPELINE="StableDiffusionControlNetImg2ImgPipeline",
     )
-    assert request.pipeline == "StableDiffusionImg2ImgPipeline" and request.image == "aW5pdA=="
+    assert request.pipeline == "StableDiffusionImg2ImgPipeline"
+    assert request.image == "aW5pdA=="
     assert request.controlnet is not None
     assert (request.controlnet[0].image, request.controlnet[0].end) == (CONDITION, 0.5)
 
