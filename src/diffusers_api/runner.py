@@ -124,6 +124,7 @@ class Runner:
         if request.controlnet:
             images = self._control_images(request, model, timings)
             kwargs = control_arguments(pipe_cls, request.controlnet, images, kwargs)
+        check_steps_left(pipe, kwargs)
         loop = self._loop(pipe, kwargs)
         with timings.phase("inference"):
             output = self._call(pipe, kwargs, progress, cancel, loop)
@@ -337,6 +338,24 @@ def _input_names(request: GenerateRequest) -> set[str]:
     """The pipeline arguments a request gives (as `Runner._call_kwargs` will pass them)."""
     given = {name for name in (*CALL_FIELDS, "image", "mask_image") if getattr(request, name) is not None}
     return given | set(request.extra)
+
+
+def check_steps_left(pipe: Any, kwargs: dict[str, Any]) -> None:
+    """With a strength (SD and SDXL img2img, inpainting), int(strength x steps) steps are denoised: none left would
+    fail half-way (SDXL img2img with empty latents), so it is refused here, naming the cause."""
+    name, parameters = type(pipe).__name__, call_parameters(type(pipe))
+    if not name.startswith("StableDiffusion") or name.startswith("StableDiffusion3"):
+        return  # the flow-matching pipelines (SD3, Flux) round the steps up: any strength leaves one
+    if "strength" not in parameters or "num_inference_steps" not in parameters or kwargs.get("denoising_start"):
+        return
+    steps = kwargs.get("num_inference_steps", parameters["num_inference_steps"].default)
+    strength = kwargs.get("strength", parameters["strength"].default)
+    if isinstance(steps, int) and isinstance(strength, int | float) and int(steps * strength) < 1:
+        raise InvalidInputs(
+            f"strength {strength:g} x num_inference_steps {steps} = {steps * strength:g}: less than one denoising "
+            "step is left; raise strength or num_inference_steps",
+            field="strength",
+        )
 
 
 def _step_callback(progress: ProgressCallback | None, cancel: threading.Event | None) -> Callable[..., Any]:

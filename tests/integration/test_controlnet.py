@@ -233,10 +233,15 @@ def test_control_request_batched_with_a_plain_one_gets_its_alone_result(sd: Runn
             "sdxl", "img2img", {"controlnet": control(CONTROLNET_XL), "strength": 0.2, "num_inference_steps": 3},
             InvalidInputs, "strength 0.2 x num_inference_steps 3 = 0.6: less than one denoising step",
         ),
+        (
+            "sdxl", "img2img", {"strength": 0.2, "num_inference_steps": 3},
+            InvalidInputs, "strength 0.2 x num_inference_steps 3 = 0.6: less than one denoising step",
+        ),
     ],
     ids=[
         "wrong-type", "wrong-family", "t2i-img2img", "t2i-end", "unknown-builtin", "missing-dir",
         "no-runtime-downloads", "sdxl-img2img-no-step-left",
+        "sdxl-img2img-plain-no-step-left",
     ],
 )  # fmt: skip
 def test_bad_requests_are_clear_errors(

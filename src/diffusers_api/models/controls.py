@@ -199,7 +199,7 @@ def load_control(spec: ControlSpec, directory: Path) -> LoadedControl:
         raise InvalidInputs(f"controlnet: {spec.source} is a {found}, not a {wanted}{hint}", field="controlnet")
     started = time.perf_counter()
     try:
-        module = getattr(diffusers, wanted).from_pretrained(directory, dtype=getattr(torch, spec.dtype))
+        module = getattr(diffusers, wanted).from_pretrained(directory, dtype=getattr(torch, spec.dtype, None))
     except (OSError, ValueError) as exc:
         if caused_by(exc, not_found_errors()):
             raise ModelNotFound(f"controlnet: {spec.source} not found: {exc}", requested=spec.source) from exc
@@ -278,8 +278,7 @@ def control_arguments(
     control_cls: Any, controls: list[ControlInput], images: list[Any], call: dict[str, Any]
 ) -> dict[str, Any]:
     """The `__call__` arguments of `control_cls` for `controls` with their decoded `images`, laid over `call` (the
-    request's own arguments, whose `image` is the init image for img2img and inpainting). Checks that a strength
-    leaves at least one step (diffusers would fail half-way with empty latents)."""
+    request's own arguments, whose `image` is the init image for img2img and inpainting)."""
     one = len(controls) == 1
 
     def each(values: list[Any]) -> Any:
@@ -299,21 +298,7 @@ def control_arguments(
         "control_guidance_start": each([control.start for control in controls]),
         "control_guidance_end": each([control.end for control in controls]),
     }
-    if key == "control_image":
-        _check_strength(control_cls, arguments)
     return arguments
-
-
-def _check_strength(control_cls: Any, arguments: dict[str, Any]) -> None:
-    parameters = _parameters(control_cls)
-    steps = arguments.get("num_inference_steps", parameters["num_inference_steps"].default)
-    strength = arguments.get("strength", parameters["strength"].default)
-    if int(steps * strength) < 1:
-        raise InvalidInputs(
-            f"strength {strength:g} x num_inference_steps {steps} = {steps * strength:g}: less than one denoising "
-            "step is left; raise strength or num_inference_steps",
-            field="strength",
-        )
 
 
 def _parameters(cls: Any) -> dict[str, inspect.Parameter]:
