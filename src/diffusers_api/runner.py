@@ -297,8 +297,13 @@ class Runner:
         self, pipe: Any, kwargs: dict[str, Any], progress: ProgressCallback | None, cancel: threading.Event | None
     ) -> Any:
         """The pipeline's own loop; its UNet calls still meet the others' when steps are shared."""
-        if "callback_on_step_end" in call_parameters(type(pipe)):
+        parameters = call_parameters(type(pipe))
+        if "callback_on_step_end" in parameters:
             kwargs["callback_on_step_end"] = _step_callback(progress, cancel)
+        elif {"callback", "callback_steps", "num_inference_steps"} <= parameters.keys():
+            # older pipelines (the T2I-Adapter ones) report each step through `callback` instead
+            steps = kwargs.get("num_inference_steps", parameters["num_inference_steps"].default)
+            kwargs |= {"callback": _legacy_step_callback(progress, cancel, steps), "callback_steps": 1}
         batched = self.steps.session(pipe) if self.steps and hasattr(pipe, "unet") else nullcontext()
         try:
             with batched:
@@ -356,6 +361,18 @@ def check_steps_left(pipe: Any, kwargs: dict[str, Any]) -> None:
             "step is left; raise strength or num_inference_steps",
             field="strength",
         )
+
+
+def _legacy_step_callback(
+    progress: ProgressCallback | None, cancel: threading.Event | None, steps: int
+) -> Callable[..., None]:
+    def on_step(step: int, timestep: Any, latents: Any) -> None:
+        if progress is not None:
+            progress(step + 1, steps)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"request cancelled after step {step + 1}")
+
+    return on_step
 
 
 def _step_callback(progress: ProgressCallback | None, cancel: threading.Event | None) -> Callable[..., Any]:

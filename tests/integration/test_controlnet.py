@@ -150,10 +150,13 @@ def test_alone_equals_diffusers_pipeline(
     req = request(task, controlnet=entry)
     shared, steps = shared_runner(base, Rendezvous(max_wait_s=5.0))
     try:
-        result = shared.run(req)  # through the batching engine's rendezvous, alone
+        reported: list[tuple[int, int]] = []
+        result = shared.run(req, lambda step, total: reported.append((step, total)))  # through the rendezvous, alone
     finally:
         steps.stop()
     assert result.meta["LOOP"] == "diffusers"
+    step, steps = reported[-1]  # progress from every kind of pipeline, T2I-Adapters' older callback included
+    assert step == steps >= 1
     assert "ControlNet" in result.meta["PIPELINE"] or "Adapter" in result.meta["PIPELINE"]
     assert result.meta["CONTROLNET"][0]["model"] == entry["model"]
     ours = pixels(result)
