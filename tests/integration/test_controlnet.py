@@ -22,7 +22,7 @@ from diffusers_api.config import Settings
 from diffusers_api.denoising import Rendezvous, SharedSteps
 from diffusers_api.errors import InvalidInputs, ModelMismatch, ModelNotFound
 from diffusers_api.models import archive
-from diffusers_api.models.builtin import builtin_dir, ensure_builtin
+from diffusers_api.models.builtin import build_builtin, builtin_dir, ensure_builtin
 from diffusers_api.models.controls import control_pipeline
 from diffusers_api.models.sources import fetch
 from diffusers_api.models.spec import ModelSpec
@@ -284,6 +284,15 @@ def test_hub_control_not_on_disk_with_runtime_downloads_offline(models_dir: Path
 
 
 # --- the store ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_id", [CONTROLNET, CONTROLNET_XL, ADAPTER])
+def test_control_builtins_are_seeded(model_id: str) -> None:
+    first, second = build_builtin(model_id), build_builtin(model_id)
+    weights = dict(first.state_dict())
+    assert weights.keys() == second.state_dict().keys()
+    assert all(torch.equal(weights[name], value) for name, value in second.state_dict().items())
+    assert all(float(value.abs().max()) > 0 for name, value in weights.items() if name.endswith("weight"))
 
 
 def test_controls_are_cached_and_share_the_memory_budget(models_dir: Path) -> None:
