@@ -34,7 +34,8 @@ def eager_forward(
     transformer (SD3, Flux, PixArt) by name."""
     if is_transformer(model):
         named = (added or {}) | (shared or {})
-        if _takes_micro_conditions(type(model)):
+        model_class: Any = type(model)  # hashable (see is_transformer)
+        if _takes_micro_conditions(model_class):
             # PixArt's resolution and aspect ratio: its Sigma pipeline gives neither (`dit.supports_transformer`
             # leaves models that need them to diffusers)
             named["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}

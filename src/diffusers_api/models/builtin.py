@@ -84,7 +84,7 @@ FLUX_SCHEDULER_CONFIG: dict[str, Any] = {
     "max_shift": 1.15,
     "base_image_seq_len": 256,
     "max_image_seq_len": 4096,
-}# PixArt-Sigma ships DPMSolverMultistepScheduler (DPM-Solver++, 2nd order) over a linear beta schedule.
+}  # PixArt-Sigma ships DPMSolverMultistepScheduler (DPM-Solver++, 2nd order) over a linear beta schedule.
 PIXART_SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
