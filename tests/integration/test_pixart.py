@@ -220,4 +220,6 @@ def test_cuda_graphs_replay_pixart_steps(runner: Runner) -> None:
     assert graphs.captures >= 1
     assert graphs.replays >= 3
     for graphed, eager in zip(results["graphs"], results["eager"], strict=True):
-        torch.testing.assert_close(graphed, eager, rtol=0.0, atol=5e-3)
+        # padded to the bucket's 8 rows, with TF32 kernels of other shapes: rounding over 3 steps, where a stale
+        # input or a misplaced mask would be off by the latents' own magnitude (about 1)
+        torch.testing.assert_close(graphed, eager, rtol=2e-2, atol=2e-2)
