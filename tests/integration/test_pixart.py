@@ -21,6 +21,7 @@ from diffusers_api.denoising import Denoiser, Rendezvous, SharedSteps
 from diffusers_api.denoising import tasks as denoise
 from diffusers_api.denoising.graphs import CudaGraphForward
 from diffusers_api.denoising.tasks import DenoiseTask
+from diffusers_api.errors import InvalidInputs
 from diffusers_api.runner import Runner
 from diffusers_api.schema import GenerateRequest
 from support.together import in_one_batch
@@ -146,6 +147,16 @@ def test_supports_only_what_the_loop_reproduces(pipe: Any) -> None:
     assert not denoise.supports(pipe, call(1, output_type="latent"))
     assert not denoise.supports(pipe, call(1, sigmas=[1.0, 0.5]))
     assert not denoise.supports(pipe, call(1, callback_steps=2))
+
+
+@pytest.mark.parametrize("length", [0, -3, 2.5])
+def test_a_bad_max_sequence_length_is_invalid_inputs(runner: Runner, length: Any) -> None:
+    steps = SharedSteps(Rendezvous(max_wait_s=5.0))
+    try:
+        with pytest.raises(InvalidInputs, match="max_sequence_length"):
+            steps.denoise(new_pipe(runner), call(1, max_sequence_length=length, **SMALL), None, None)
+    finally:
+        steps.stop()
 
 
 def test_a_model_with_micro_conditions_is_left_to_diffusers(pipe: Any) -> None:

@@ -224,6 +224,10 @@ def _prepare_pixart(pipe: Any, args: dict[str, Any]) -> DenoiseTask:
         bins = getattr(sigma, _PIXART_BINS[config.sample_size])
         size = pipe.image_processor.classify_height_width_bin(*asked, ratios=bins)
     pipe.check_inputs(args["prompt"], *size, args["negative_prompt"], args["callback_steps"])
+    length = args["max_sequence_length"]
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        # (the pipeline checks none: a negative length fails deep in the tokenizer)
+        raise ValueError(f"`max_sequence_length` has to be a positive integer, not {length!r}")
     guided = args["guidance_scale"] > 1.0
     device, images = execution_device(pipe), batch_size(args["prompt"]) * args["num_images_per_prompt"]
     positive, mask, negative, negative_mask = pipe.encode_prompt(
