@@ -140,13 +140,18 @@ class Settings(BaseSettings):
 
     # --- engine --------------------------------------------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, le=256, description="Images denoised together; 1: one request at a time")
-    cuda_graphs: bool = Field(True, description="Replay batched UNet steps as CUDA graphs on a CUDA device")
+    cuda_graphs: bool = Field(
+        True, description="Replay batched UNet and diffusion-transformer steps as CUDA graphs on a CUDA device"
+    )
     batch_wait_ms: int = Field(
         250, ge=1, le=10_000, description="Longest a step waits for a request still busy between its steps"
     )
     compile: bool = Field(
         False,
-        description="torch.compile the UNet in a background thread; eager steps serve until each shape is compiled",
+        description=(
+            "torch.compile the UNet (not a diffusion transformer) in a background thread; eager steps serve until "
+            "each shape is compiled"
+        ),
     )
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
         "default", description="Inductor mode; max-autotune-no-cudagraphs compiles much longer for faster kernels"
