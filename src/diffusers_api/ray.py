@@ -163,7 +163,7 @@ def app(args: dict[str, str]) -> Any:
     from ray import serve
 
     replica_plan = plan(args)
-    deployment = serve.deployment(serve.ingress()(DiffusersReplica), **replica_plan.deployment_options())
+    deployment = serve.deployment(**replica_plan.deployment_options())(serve.ingress()(DiffusersReplica))
     return deployment.bind(replica_plan.settings)
 
 
