@@ -155,3 +155,20 @@ def test_the_builder_makes_a_ray_serve_application() -> None:
     assert isinstance(app({**MODEL, "replicas": "2", "gpus_per_replica": "0"}), Application)
     with pytest.raises(InvalidRayArgs, match="replicas"):
         app({**MODEL, "replicas": "none"})
+
+
+def test_the_kuberay_manifest_asks_for_one_gpu_per_replica() -> None:
+    """deploy/kuberay/rayservice.yaml's application arguments, as YAML types them, on a head without a GPU."""
+    import yaml
+
+    manifest = yaml.safe_load((Path(__file__).parents[2] / "deploy/kuberay/rayservice.yaml").read_text())
+    (application,) = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
+    assert application["import_path"] == "diffusers_api.ray:app"
+    replicas = plan(application["args"], no_gpu)
+    assert (replicas.replicas, replicas.num_gpus) == (2, 1)
+    workers = manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    gpus = sum(
+        group["replicas"] * int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+        for group in workers
+    )
+    assert gpus >= replicas.replicas * replicas.num_gpus
