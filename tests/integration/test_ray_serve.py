@@ -1,7 +1,7 @@
 """Ray Serve on a local Ray cluster: two replicas of the tiny SD model behind Ray's HTTP proxy. Concurrent
 requests are spread over both (each answer names its replica in X-Replica) and come back as the right images; a
-job's calls that carry one X-Session-Id all reach the replica that holds the job; the legacy envelope and the
-health route work unchanged through the proxy."""
+job's calls that carry one X-Session-Id all reach the replica that holds the job (also the Python client's); the
+legacy envelope, errors and the health route work unchanged through the proxy."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffusers_api.client import JobsClient
 from support.servers import free_port
 
 pytest.importorskip("ray.serve", reason="needs the ray extra: pip install 'diffusers-api[ray]'")
@@ -106,6 +107,25 @@ def test_a_jobs_calls_with_one_session_id_reach_its_replica(proxy: str) -> None:
     assert polled.json()["status"] == "COMPLETED", polled.text
     assert decoded(polled.json()["result"]["images"][0]).size == (SIZE, SIZE)
     assert len(replicas) == 1
+
+
+def test_the_python_clients_jobs_complete_through_the_proxy(proxy: str) -> None:
+    """JobsClient sends one X-Session-Id per job: its polls never land on the replica without the job."""
+    client = JobsClient(proxy, timeout_s=WAIT_S, poll_interval_s=0.05)
+    envelope = {
+        "modelInputs": {"prompt": "a barn", "num_inference_steps": 2, "width": SIZE, "height": SIZE},
+        "callInputs": {},
+    }
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda seed: client.send(_seeded(envelope, seed)), range(6)))
+    for seed, reply in enumerate(replies):
+        (image,) = reply.images
+        assert Image.open(io.BytesIO(image)).size == (SIZE, SIZE)
+        assert reply.body["$meta"]["seed"] == seed
+
+
+def _seeded(envelope: dict[str, Any], seed: int) -> dict[str, Any]:
+    return {**envelope, "modelInputs": {**envelope["modelInputs"], "seed": seed}}
 
 
 def test_legacy_envelope_and_health_through_the_proxy(proxy: str) -> None:
