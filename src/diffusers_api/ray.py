@@ -176,6 +176,14 @@ class DiffusersReplica:
         from .engine import make_engine
         from .events import EventHub
 
+        # A replica logs to Ray's files, where loading progress bars only litter (as logs.configure_logging says
+        # off a terminal); Ray's own logging set-up is left alone.
+        for name, value in (
+            ("TQDM_DISABLE", "1"),
+            ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+            ("TRANSFORMERS_VERBOSITY", "error"),
+        ):
+            os.environ.setdefault(name, value)
         self.settings = Settings(**settings)  # type: ignore[arg-type]
         self.engine = make_engine(self.settings)
         self.events = EventHub(self.settings)
