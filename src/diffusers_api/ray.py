@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,11 +163,56 @@ def visible_gpus(devices: Path = Path("/proc/driver/nvidia/gpus")) -> int:
 
 def app(args: dict[str, str]) -> Any:
     """The Ray Serve application builder (`serve run diffusers_api.ray:app key=value ...`)."""
+    return _application(plan(args))
+
+
+def _application(replica_plan: ReplicaPlan) -> Any:
     from ray import serve
 
-    replica_plan = plan(args)
     deployment = serve.deployment(**replica_plan.deployment_options())(serve.ingress()(DiffusersReplica))
     return deployment.bind(replica_plan.settings)
+
+
+def serve_locally(flags: Mapping[str, object], replicas: int | None, settings: Settings) -> int:
+    """`diffusers-api serve --ray`: the application on a new Ray cluster of this machine, Ray's proxy on
+    HOST:PORT, until SIGINT or SIGTERM (0); 2 on bad arguments or without Ray, 1 if the replicas fail to start.
+    `flags` are the settings given on the command line, passed on to the replicas (the environment applies there
+    too). For a cluster of several machines, `serve run` / `serve deploy` with `app` instead."""
+    from .logs import configure_logging
+
+    args = {name: value for name, value in flags.items() if name not in ("host", "port")}
+    if replicas is not None:
+        args["replicas"] = replicas
+    try:
+        replica_plan = plan(args)
+    except InvalidRayArgs as exc:
+        print(f"diffusers-api: {exc}", file=sys.stderr)
+        return 2
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        print("diffusers-api: --ray needs Ray Serve: pip install 'diffusers-api[ray]'", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address="local")  # a cluster of this machine's own, whatever RAY_ADDRESS says: it ends with the command
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        try:
+            serve.run(_application(replica_plan), name=DEPLOYMENT_NAME, route_prefix="/")
+        except RuntimeError as exc:  # the replicas failed to start (Ray retried them): the reason is in exc
+            print(f"diffusers-api: the replicas could not start: {exc}", file=sys.stderr)
+            return 1
+        log.info("serving %d replica(s) on http://%s:%d", replica_plan.replicas, settings.host, settings.port)
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
 
 
 class DiffusersReplica:

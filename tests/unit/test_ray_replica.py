@@ -172,3 +172,17 @@ def test_the_kuberay_manifest_asks_for_one_gpu_per_replica() -> None:
         for group in workers
     )
     assert gpus >= replicas.replicas * replicas.num_gpus
+
+
+def test_serve_replicas_goes_with_ray(capsys: pytest.CaptureFixture[str]) -> None:
+    from diffusers_api.cli import main
+
+    assert main(["serve", "--model", "builtin/tiny-sd", "--replicas", "2"]) == 2
+    assert "--replicas goes with --ray" in capsys.readouterr().err
+
+
+def test_serve_ray_names_a_bad_replica_count_before_starting_ray(capsys: pytest.CaptureFixture[str]) -> None:
+    from diffusers_api.cli import main
+
+    assert main(["serve", "--ray", "--model", "builtin/tiny-sd", "--replicas", "0"]) == 2
+    assert "replicas: must be at least 1" in capsys.readouterr().err
