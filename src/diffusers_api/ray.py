@@ -1,17 +1,20 @@
 """Ray Serve: one engine per replica, one replica per GPU, and Ray's proxy routing the requests between them.
 
     serve run diffusers_api.ray:app model_id=builtin/tiny-sd replicas=2
+    diffusers-api serve --ray --replicas 2 --model builtin/tiny-sd      (serve_locally: a cluster of this machine)
 
 `app` is a Ray Serve application builder: its arguments are Settings fields (lower-case environment names, laid
-over the replica's environment) and the deployment's options below. Each replica loads its model in its
-constructor, so Ray sends it requests only once it can answer them, then serves the same FastAPI app as
+over the replica's environment) and the deployment's options below. Each replica loads its model before Ray
+routes to it (`__serve_build_asgi_app__` runs once the constructor has returned), so no request meets a replica
+still loading, then serves the same FastAPI app as
 `diffusers-api serve` (every route unchanged), answering with an `X-Replica` header that names it. Ray's health
 check asks the engine, so a replica whose engine is DEFUNCT (a fatal device error) is replaced.
 
 Jobs (/v1/jobs) live in the replica that made them. With `session_affinity` (the default), Ray routes the requests
 that carry the same `X-Session-Id` header to the same replica (Ray's consistent-hash router, strict: a session
 never moves while its replica lives), so a client sends one session id with a job's submit and every later call
-for it. Requests without the header are spread over the replicas.
+for it. Requests without the header are spread over the replicas by a hash of their own id (not by load;
+`session_affinity=false` gives Ray's default, load-aware router).
 
 This is the only module that imports ray, and it does so lazily: parsing the arguments (`plan`) needs no Ray.
 """
@@ -122,7 +125,10 @@ def _validate_settings(settings: dict[str, str]) -> None:
     except ValidationError as exc:
         raise InvalidRayArgs(f"invalid settings: {describe_validation_error(exc)}") from None
     if not resolved.model_id and not resolved.runtime_downloads:
-        raise InvalidRayArgs("no model to serve: pass model_id=... (e.g. model_id=builtin/tiny-sd) or set MODEL_ID")
+        raise InvalidRayArgs(
+            "no model to serve: pass model_id=... (e.g. model_id=builtin/tiny-sd), or set MODEL_ID where the "
+            "application is built"
+        )
 
 
 def _number(args: Mapping[str, object], name: str, kind: Callable[[str], float], default: float, least: float) -> Any:
