@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, help="waiting requests before BUSY (MAX_QUEUE, default 64)")
     serve.add_argument("--debug", action="store_true", default=None, help="include stack traces in errors")
     serve.add_argument("--log-level", help="debug, info, warning, error (LOG_LEVEL, default info)")
+    serve.add_argument(
+        "--ray",
+        action="store_true",
+        help="run under Ray Serve on a local Ray cluster: --replicas engines, one per GPU, behind Ray's proxy on "
+        "--host and --port (needs the ray extra: pip install 'diffusers-api[ray]')",
+    )
+    serve.add_argument("--replicas", type=int, help="with --ray: engines to run, each on its own GPU (default 1)")
     download = _add_command(
         commands,
         "download",
@@ -144,7 +151,16 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--checkpoint-url", help="single-file .safetensors checkpoint (CHECKPOINT_URL)")
 
 
-_NOT_SETTINGS = {"command", "command_parser", "version"}
+_NOT_SETTINGS = {"command", "command_parser", "version", "ray", "replicas"}
+
+
+def settings_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The Settings fields the flags set (those given)."""
+    return {
+        _MODEL_FLAGS.get(name, name): value
+        for name, value in vars(args).items()
+        if value is not None and name not in _NOT_SETTINGS
+    }
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -154,11 +170,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     from .config import Settings
     from .schema import describe_validation_error
 
-    flags = {
-        _MODEL_FLAGS.get(name, name): value
-        for name, value in vars(args).items()
-        if value is not None and name not in _NOT_SETTINGS
-    }
+    flags = settings_flags(args)
     try:
         return Settings(**flags)
     except ValidationError as exc:
@@ -173,6 +185,13 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.replicas is not None and not args.ray:
+        print("diffusers-api: --replicas goes with --ray (one server process runs one engine)", file=sys.stderr)
+        return 2
+    if args.ray:
+        from .ray import serve_locally
+
+        return serve_locally(settings_flags(args), args.replicas, settings)
     from .http.server import serve as serve_http
     from .logs import configure_logging
 
