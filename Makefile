@@ -38,8 +38,11 @@ $(TORCH_STAMP): | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(addprefix --index-url ,$(torch_index)) "$(TORCH)"
 	@touch $@
 
+# spandrel (the upscale extra) without its dependencies: it requires torchvision, which would pull its own torch
+# (models/upscalers.py says why spandrel works without it); its other dependency, einops, comes with [dev].
 $(BIN)/diffusers-api: pyproject.toml $(TORCH_STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps "spandrel>=0.4.2"
 	@touch $@
 
 serve: install

@@ -100,3 +100,20 @@ def _check_side(field: str, side: str, value: int | None, pipelines: ModelPipeli
         field=field,
         minimum=minimum,
     )
+
+
+def check_upscale_size(width: int, height: int, scale: float, max_pixels: int) -> tuple[int, int]:
+    """The size an upscale of a `width` x `height` image by `scale` makes, if it is at most `max_pixels`
+    (MAX_IMAGE_PIXELS bounds outputs as well as inputs: an upscaler's memory grows with its output)."""
+    out_width, out_height = round(width * scale), round(height * scale)
+    if out_width * out_height > max_pixels:
+        largest = int((max_pixels / (scale * scale)) ** 0.5)
+        raise InvalidInputs(
+            f"image: {width}x{height} upscaled by {scale:g} would be {out_width}x{out_height} = "
+            f"{out_width * out_height} pixels, more than the {max_pixels} allowed (MAX_IMAGE_PIXELS); at this scale "
+            f"the input may have about {largest}x{largest} pixels",
+            field="image",
+            limit=max_pixels,
+            setting="MAX_IMAGE_PIXELS",
+        )
+    return out_width, out_height
