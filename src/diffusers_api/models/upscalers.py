@@ -147,15 +147,24 @@ def load_state_dict(path: Path, name: str) -> dict[str, Any]:
 
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        # torch's UnpicklingError names what it refused: a class or function a weights file has no need of
         raise ModelLoadError(
-            f"upscaler {name!r}: cannot read {path.name} as weights ({type(exc).__name__}: {exc}); only tensors "
-            "are loaded, never arbitrary pickled objects",
+            f"upscaler {name!r}: cannot read {path.name} as weights ({_load_error(exc)}); only tensors are loaded, "
+            "never arbitrary pickled objects",
             requested=name,
         ) from None
     if not isinstance(loaded, dict):
         raise ModelLoadError(f"upscaler {name!r}: {path.name} holds no state dict", requested=name)
     return loaded
+
+
+def _load_error(exc: Exception) -> str:
+    """What torch refused, without its advice around it (to load the file with weights_only=False: to run it)."""
+    if "weights only load failed" in str(exc).lower():
+        boilerplate = ("Weights only load failed", "Check the documentation")
+        paragraphs = [part.strip() for part in str(exc).split("\n\n") if part.strip()]
+        refused = [part for part in paragraphs if not part.startswith(boilerplate)]
+        return f"the pickle holds more than tensors: {' '.join(refused) or 'torch refused it'}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def load_upscaler(path: Path, name: str) -> Any:

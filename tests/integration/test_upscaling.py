@@ -1,0 +1,152 @@
+"""Upscaling on the CPU with `builtin/tiny-upscaler` (a seeded Real-ESRGAN Compact x4): through the runner, with
+weights from the builtin, a local file and a local HTTP server (through the store's download rules)."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusers_api.config import Settings
+from diffusers_api.errors import InvalidImage, InvalidInputs, ModelLoadError, ModelMismatch
+from diffusers_api.imaging import encode_image, to_base64
+from diffusers_api.models.builtin import build_tiny_upscaler
+from diffusers_api.models.upscalers import TINY_UPSCALER, cached_path
+from diffusers_api.runner import Runner
+from diffusers_api.schema import UpscaleRequest
+from support.servers import file_server
+
+
+def b64_image(width: int = 12, height: int = 8) -> str:
+    rows = np.arange(height * width * 3, dtype=np.uint8).reshape(height, width, 3) * 7
+    return to_base64(encode_image(Image.fromarray(rows, "RGB")))
+
+
+def decoded(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def upscale(runner: Runner, **fields: object) -> tuple[Image.Image, dict, dict]:
+    result = runner.run(UpscaleRequest(**({"image": b64_image(), "model": TINY_UPSCALER} | fields)))
+    return decoded(result.images[0]), result.meta, result.timings
+
+
+@pytest.fixture(scope="module")
+def runner(models_dir: Path) -> Runner:
+    return Runner(Settings(models_dir=models_dir))
+
+
+def test_the_tiny_upscaler_makes_4x_deterministically(runner: Runner, models_dir: Path) -> None:
+    image, meta, timings = upscale(runner)
+    assert image.size == (48, 32)
+    assert meta["output_size"] == [48, 32] and meta["input_size"] == [12, 8]
+    assert meta["ARCHITECTURE"] == "RealESRGAN Compact" and meta["scale"] == 4
+    assert {"decode", "inference", "encode"} <= set(timings)
+    # another runner loads the same seeded weights again (from the file the first one wrote): the same pixels
+    again, _, again_timings = upscale(Runner(Settings(models_dir=models_dir)))
+    assert "loadModel" in again_timings
+    assert np.array_equal(np.asarray(image), np.asarray(again))
+    # the weights are random but the network adds its input, upsampled: not a blank image
+    assert np.asarray(image).std() > 10
+
+
+def test_another_scale_and_format(runner: Runner) -> None:
+    image, meta, _ = upscale(runner, scale=2.5, image_format="jpg", image_quality=80)
+    assert image.format == "JPEG" and image.size == (30, 20)
+    assert meta["scale"] == 2.5 and meta["image_format"] == "JPEG"
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "words"),
+    [
+        ({"image": "not base64!"}, InvalidImage, "image: not valid base64"),
+        ({"model": "RealESRGAN_x5"}, InvalidInputs, "available: RealESRGAN_x4plus, RealESRGAN_x4plus_anime_6B"),
+        ({"face_enhance": True}, InvalidInputs, "face_enhance: face restoration (GFPGAN) needs facexlib"),
+        ({"image": b64_image(40, 40)}, InvalidInputs, "160x160 = 25600 pixels, more than the 4096 allowed"),
+    ],
+    ids=["bad-base64", "unknown-upscaler", "face-enhance", "too-large-output"],
+)
+def test_bad_inputs_are_clear_errors(models_dir: Path, fields: dict, error: type[Exception], words: str) -> None:
+    runner = Runner(Settings(models_dir=models_dir, max_image_pixels=64 * 64))
+    with pytest.raises(error) as caught:
+        upscale(runner, **fields)
+    assert words in str(caught.value)
+    assert getattr(caught.value, "status", None) == 422
+
+
+def real_esrgan_pth(path: Path) -> Path:
+    """The tiny upscaler's weights as Real-ESRGAN's releases ship them: a pickled {"params_ema": state dict}."""
+    torch.save({"params_ema": build_tiny_upscaler()}, path)
+    return path
+
+
+def test_weights_from_a_local_file_and_from_a_url(runner: Runner, tmp_path: Path) -> None:
+    expected, _, _ = upscale(runner)
+    local = real_esrgan_pth(tmp_path / "local-x4.pth")
+    with file_server() as files:
+        files.files["/weights/x4.pth"] = local.read_bytes()
+        url = f"{files.url}/weights/x4.pth"
+        settings = Settings(
+            models_dir=tmp_path / "models",
+            upscaler_urls=f"by-path={local},by-url={url}",
+            runtime_downloads=True,
+            allow_private_urls=True,
+        )
+        by_url = Runner(settings)
+        for name in ("by-path", "by-url"):
+            image, meta, timings = upscale(by_url, model=name)
+            assert np.array_equal(np.asarray(image), np.asarray(expected)), name
+            assert meta["MODEL_ID"] == name
+        assert "download" in timings
+        cached = cached_path("by-url", url, settings.models_dir, ".pth")
+        assert cached.is_file()
+        # a new runner (a restart) reads the cached file: nothing is downloaded again
+        _, _, timings = upscale(Runner(settings), model="by-url")
+        assert "download" not in timings
+        assert [path for path, _ in files.requests] == ["/weights/x4.pth"]
+
+
+def test_downloads_follow_runtime_downloads(tmp_path: Path) -> None:
+    settings = Settings(models_dir=tmp_path, upscaler_urls="remote=http://127.0.0.1:9/x4.pth")
+    with pytest.raises(ModelMismatch, match="RUNTIME_DOWNLOADS=0 forbids downloading it"):
+        upscale(Runner(settings), model="remote")
+
+
+class _RunsCode:
+    """Unpickled, it makes a directory: the proof that the pickle's code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_pickled_code_in_a_pth_is_refused(runner: Runner, tmp_path: Path) -> None:
+    evil = tmp_path / "evil.pth"
+    marker = tmp_path / "pickled-code-ran"
+    evil.write_bytes(pickle.dumps({"params_ema": _RunsCode(marker)}, protocol=2))  # torch.save's protocol
+    with file_server() as files:
+        files.files["/evil.pth"] = evil.read_bytes()
+        settings = Settings(
+            models_dir=tmp_path / "models",
+            upscaler_urls=f"evil-file={evil},evil-url={files.url}/evil.pth",
+            runtime_downloads=True,
+            allow_private_urls=True,
+        )
+        for name in ("evil-file", "evil-url"):
+            with pytest.raises(ModelLoadError, match="never arbitrary pickled objects") as caught:
+                upscale(Runner(settings), model=name)
+            assert "the pickle holds more than tensors: Trying to load unsupported GLOBAL posix.mkdir" in str(
+                caught.value
+            )
+    assert not marker.exists()
+    assert not list((tmp_path / "models" / "upscalers").glob("*.pth"))  # a refused download is not kept
