@@ -47,8 +47,10 @@ def runner(models_dir: Path) -> Runner:
 def test_the_tiny_upscaler_makes_4x_deterministically(runner: Runner, models_dir: Path) -> None:
     image, meta, timings = upscale(runner)
     assert image.size == (48, 32)
-    assert meta["output_size"] == [48, 32] and meta["input_size"] == [12, 8]
-    assert meta["ARCHITECTURE"] == "RealESRGAN Compact" and meta["scale"] == 4
+    assert meta["output_size"] == [48, 32]
+    assert meta["input_size"] == [12, 8]
+    assert meta["ARCHITECTURE"] == "RealESRGAN Compact"
+    assert meta["scale"] == 4
     assert {"decode", "inference", "encode"} <= set(timings)
     # another runner loads the same seeded weights again (from the file the first one wrote): the same pixels
     again, _, again_timings = upscale(Runner(Settings(models_dir=models_dir)))
@@ -60,8 +62,10 @@ def test_the_tiny_upscaler_makes_4x_deterministically(runner: Runner, models_dir
 
 def test_another_scale_and_format(runner: Runner) -> None:
     image, meta, _ = upscale(runner, scale=2.5, image_format="jpg", image_quality=80)
-    assert image.format == "JPEG" and image.size == (30, 20)
-    assert meta["scale"] == 2.5 and meta["image_format"] == "JPEG"
+    assert image.format == "JPEG"
+    assert image.size == (30, 20)
+    assert meta["scale"] == 2.5
+    assert meta["image_format"] == "JPEG"
 
 
 @pytest.mark.parametrize(
