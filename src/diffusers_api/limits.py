@@ -72,8 +72,15 @@ def min_image_size(pipelines: ModelPipelines) -> tuple[int, str] | None:
     if unet is None or not hasattr(unet, "down_blocks") or not isinstance(scale, int):
         return None
     downsampling = 2 ** sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
+    if type(pipelines.base).__name__ in _PIXEL_SPACE_INPUTS:
+        return downsampling * 2, f"UNet downsampling {downsampling} x 2, for 2x2 pixels at its deepest"
     why = f"VAE scale factor {scale} x UNet downsampling {downsampling} x 2, for 2x2 latent pixels at its deepest"
     return scale * downsampling * 2, why
+
+
+# Pipelines whose UNet sees the input image at its own size (concatenated with latents of that size), not
+# through the VAE: their output is the VAE's scale factor larger than their input.
+_PIXEL_SPACE_INPUTS = ("StableDiffusionUpscalePipeline",)
 
 
 def check_size(request: GenerateRequest, pipelines: ModelPipelines, model_id: str) -> None:

@@ -154,3 +154,57 @@ def test_pickled_code_in_a_pth_is_refused(runner: Runner, tmp_path: Path) -> Non
             )
     assert not marker.exists()
     assert not list((tmp_path / "models" / "upscalers").glob("*.pth"))  # a refused download is not kept
+
+
+# --- diffusers' own upscaler, served as a model through the generation path ---------------------------------
+
+
+def tiny_sd_upscaler(directory: Path) -> Path:
+    """A tiny, seeded StableDiffusionUpscalePipeline (stabilityai/stable-diffusion-x4-upscaler's layout: a UNet
+    taking 4 latent + 3 image channels and the noise level as its class label, a VAE of scale factor 4)."""
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
+
+    from diffusers_api.models import builtin
+
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = builtin.build_clip_tokenizer()
+        builtin._seed(builtin.SEED_UNET)
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=7,
+            out_channels=4,
+            block_out_channels=builtin.UNET_CHANNELS,
+            layers_per_block=1,
+            norm_num_groups=builtin.UNET_NORM_GROUPS,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=builtin.TEXT_HIDDEN_SIZE,
+            attention_head_dim=8,
+            num_class_embeds=100,
+        )
+        pipe = StableDiffusionUpscalePipeline(
+            vae=builtin._vae(scaling_factor=0.08333),
+            text_encoder=builtin._text_encoder(builtin._text_config(tokenizer), builtin.SEED_TEXT_ENCODER),
+            tokenizer=tokenizer,
+            unet=unet,
+            low_res_scheduler=DDPMScheduler(),
+            scheduler=DDIMScheduler(prediction_type="v_prediction"),
+            max_noise_level=99,
+        )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def test_a_served_sd_upscaler_runs_through_generate(tmp_path: Path) -> None:
+    """With an image and no PIPELINE, the model's own pipeline runs (there is no img2img variant of an upscaler),
+    and an input smaller than a text-to-image model's minimum is fine: the UNet sees it at its own size."""
+    from diffusers_api.schema import GenerateRequest
+
+    model = tiny_sd_upscaler(tmp_path / "tiny-sd-upscaler")
+    runner = Runner(Settings(model_id=str(model), models_dir=tmp_path / "models"))
+    runner.start()
+    result = runner.run(GenerateRequest(prompt="a cat", image=b64_image(8, 8), num_inference_steps=1, seed=3))
+    assert result.meta["PIPELINE"] == "StableDiffusionUpscalePipeline"
+    assert decoded(result.images[0]).size == (32, 32)
+    with pytest.raises(InvalidInputs, match="not inputs of StableDiffusionUpscalePipeline: width"):
+        runner.run(GenerateRequest(prompt="a cat", image=b64_image(8, 8), num_inference_steps=2, width=64))
