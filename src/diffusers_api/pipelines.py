@@ -164,7 +164,7 @@ class ModelPipelines:
         return task
 
     def _runs_its_own(self, task: str, input_name: str) -> bool:
-        base = type(self.base)
+        base: Any = type(self.base)
         return input_name in call_arguments(base) and _auto_task_class(SHORT_NAMES[task], base.__name__) is None
 
     def resolve(self, name: str) -> type:
