@@ -118,6 +118,24 @@ def test_weights_from_a_local_file_and_from_a_url(runner: Runner, tmp_path: Path
         assert [path for path, _ in files.requests] == ["/weights/x4.pth"]
 
 
+def test_an_esrgan_network_loads_like_real_esrgan_x4plus(tmp_path: Path) -> None:
+    """RealESRGAN_x4plus and its anime_6B variant are ESRGAN (RRDB) networks: a tiny, seeded one, saved as their
+    releases are (a .pth of {"params_ema": state dict}), is recognised by spandrel and upscales 4x."""
+    from diffusers_api.models.upscalers import import_spandrel
+
+    import_spandrel()
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        network = ESRGAN(num_filters=8, num_blocks=1, scale=4)
+    torch.save({"params_ema": network.state_dict()}, tmp_path / "rrdb.pth")
+    runner = Runner(Settings(models_dir=tmp_path, upscaler_urls=f"rrdb={tmp_path / 'rrdb.pth'}"))
+    image, meta, _ = upscale(runner, model="rrdb")
+    assert image.size == (48, 32)
+    assert meta["ARCHITECTURE"] == "ESRGAN"
+
+
 def test_downloads_follow_runtime_downloads(tmp_path: Path) -> None:
     settings = Settings(models_dir=tmp_path, upscaler_urls="remote=http://127.0.0.1:9/x4.pth")
     with pytest.raises(ModelMismatch, match="RUNTIME_DOWNLOADS=0 forbids downloading it"):
