@@ -136,6 +136,31 @@ def test_an_esrgan_network_loads_like_real_esrgan_x4plus(tmp_path: Path) -> None
     assert meta["ARCHITECTURE"] == "ESRGAN"
 
 
+def test_download_at_build_time_then_serve_without_runtime_downloads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from diffusers_api.cli import main
+
+    with file_server() as files:
+        files.files["/x4.pth"] = real_esrgan_pth(tmp_path / "x4.pth").read_bytes()
+        upscalers = f"mine={files.url}/x4.pth"
+        for name, value in {
+            "MODELS_DIR": tmp_path / "models",
+            "UPSCALER_URLS": upscalers,
+            "ALLOW_PRIVATE_URLS": 1,
+        }.items():
+            monkeypatch.setenv(name, str(value))
+        monkeypatch.delenv("MODEL_ID", raising=False)
+        assert main(["download", "--upscaler", "mine"]) == 0
+        assert main(["download", "--upscaler", "nope"]) == 1
+    said = capsys.readouterr()
+    assert "upscaler mine: downloaded in " in said.out
+    assert "download of upscaler nope failed (INVALID_INPUTS): unknown upscaler 'nope'; available: " in said.err
+    image, _, timings = upscale(Runner(Settings(models_dir=tmp_path / "models", upscaler_urls=upscalers)), model="mine")
+    assert image.size == (48, 32)
+    assert "download" not in timings
+
+
 def test_downloads_follow_runtime_downloads(tmp_path: Path) -> None:
     settings = Settings(models_dir=tmp_path, upscaler_urls="remote=http://127.0.0.1:9/x4.pth")
     with pytest.raises(ModelMismatch, match="RUNTIME_DOWNLOADS=0 forbids downloading it"):

@@ -126,8 +126,9 @@ def _require_download_allowed(name: str, url: str, path: Path, settings: Setting
     why = "OFFLINE=1" if settings.offline else None if settings.runtime_downloads else "RUNTIME_DOWNLOADS=0"
     if why is not None:
         raise ModelMismatch(
-            f"upscaler {name!r} is not downloaded yet and {why} forbids downloading it at request time: set "
-            f"RUNTIME_DOWNLOADS=1, or put its file ({url}) at {path}, or name a local file in UPSCALER_URLS",
+            f"upscaler {name!r} is not downloaded yet and {why} forbids downloading it at request time: run "
+            f"`diffusers-api download --upscaler {name}` (at image build time), or put its file ({url}) at {path}, "
+            "or set RUNTIME_DOWNLOADS=1",
             requested=name,
         )
 
