@@ -11,6 +11,7 @@ import re
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -45,6 +46,9 @@ DEFAULT_UPSCALER_URLS = {
 }
 
 
+UPSCALER_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
+
+
 def parse_name_urls(text: str) -> dict[str, str]:
     """ "a=https://x/a.pth, b=/models/b.safetensors" -> {"a": ..., "b": ...}."""
     pairs: dict[str, str] = {}
@@ -54,6 +58,13 @@ def parse_name_urls(text: str) -> dict[str, str]:
             raise ValueError(f"not a name=url pair: {item!r}")
         pairs[name.strip()] = url.strip()
     return pairs
+
+
+def _check_weights_files(urls: dict[str, str]) -> dict[str, str]:
+    for name, url in urls.items():
+        if not urlsplit(url).path.lower().endswith(UPSCALER_SUFFIXES):
+            raise ValueError(f"{name}={url}: expected a {', '.join(UPSCALER_SUFFIXES)} file")
+    return urls
 
 
 def _env(*names: str) -> AliasChoices:
@@ -216,7 +227,7 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = parse_name_urls(value)
         if isinstance(value, dict):
-            return DEFAULT_UPSCALER_URLS | value
+            return _check_weights_files(DEFAULT_UPSCALER_URLS | value)
         return value
 
     @field_validator("model_memory_budget", "lora_max_bytes", mode="before")

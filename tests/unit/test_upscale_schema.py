@@ -93,6 +93,8 @@ def test_upscaler_urls_are_added_to_the_defaults() -> None:
     assert urls["realesr-general-x4v3"] == DEFAULT_UPSCALER_URLS["realesr-general-x4v3"]
     with pytest.raises(ValueError, match="not a name=url pair: 'nameless'"):
         Settings(upscaler_urls="nameless")
+    with pytest.raises(ValueError, match="x=https://h/x.onnx: expected a .safetensors, .pth, .pt, .ckpt file"):
+        Settings(upscaler_urls="x=https://h/x.onnx")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed here")

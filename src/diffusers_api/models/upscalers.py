@@ -76,12 +76,12 @@ def upscaler_file(name: str, settings: Settings, timings: dict[str, float] | Non
             requested=name,
             available=available,
         )
-    suffix = _suffix(source, name)
     local = _local_path(source)
     if local is not None:
         if not local.is_file():
             raise ModelNotFound(f"upscaler {name!r}: no file at {local} (UPSCALER_URLS)", requested=name)
         return local
+    suffix = Path(urlsplit(source).path).suffix.lower()  # one of UPSCALER_SUFFIXES: the settings check it
     path = cached_path(name, source, settings.models_dir, suffix)
     if path.is_file():
         return path
@@ -102,15 +102,6 @@ def cached_path(name: str, url: str, models_dir: Path, suffix: str) -> Path:
     digest = hashlib.sha256(url.encode()).hexdigest()[:16]
     safe_name = "".join(char if char.isalnum() or char in "-_." else "_" for char in name)
     return models_dir / UPSCALERS_DIR / f"{safe_name}-{digest}{suffix}"
-
-
-def _suffix(source: str, name: str) -> str:
-    suffix = Path(urlsplit(source).path).suffix.lower()
-    if suffix not in SAFE_SUFFIXES + TORCH_SUFFIXES:
-        raise ModelLoadError(
-            f"upscaler {name!r}: {source} is neither .safetensors nor .pth/.pt/.ckpt (UPSCALER_URLS)", requested=name
-        )
-    return suffix
 
 
 def _local_path(source: str) -> Path | None:
