@@ -23,6 +23,7 @@ from .limits import check_images, check_input_images, check_prompts, check_size
 from .models.store import LoadedModel, ModelStore
 from .pipelines import call_arguments, call_parameters
 from .schema import RESERVED_CALL_ARGS, AnyRequest, GenerateRequest, GenerateResult, UpscaleRequest, is_http_url
+from .upscaling import Upscalers
 
 if TYPE_CHECKING:
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 
     from .config import Settings
     from .denoising import SharedSteps
-    from .upscaling import Upscalers
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Runner:
         self.store = store or ModelStore(settings)
         self.steps = steps
         self._init_ms: float | None = None
-        self._upscalers: Upscalers | None = None
+        self.upscalers = Upscalers(settings)  # loads nothing until an upscale asks
 
     def start(self) -> None:
         """Load the configured model. Called once, before the first request, off the event loop."""
@@ -109,11 +109,7 @@ class Runner:
 
     def _upscale(self, request: UpscaleRequest) -> GenerateResult:
         """An upscale (upscaling.py), on this same thread and under the same admission as a generation."""
-        if self._upscalers is None:
-            from .upscaling import Upscalers
-
-            self._upscalers = Upscalers(self.settings)
-        return self._upscalers.run(request, self._new_timings())
+        return self.upscalers.run(request, self._new_timings())
 
     def _new_timings(self) -> Timings:
         """A request's timings: with `init`, the model's load at start, on the first request after it."""
