@@ -105,12 +105,13 @@ async def _boot(services: Services, on_setup_failed: Callable[[str], None] | Non
 
 
 def _add_routes(app: FastAPI) -> None:
-    from . import jobs, legacy, routes
+    from . import jobs, legacy, routes, upscale
     from .metrics import router as metrics_router
 
     app.include_router(routes.health_router)
     app.include_router(metrics_router)
     app.include_router(routes.router)
+    app.include_router(upscale.router)
     app.include_router(jobs.router)
     app.include_router(jobs.events_router)
     app.include_router(legacy.router)

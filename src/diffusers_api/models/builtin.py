@@ -356,6 +356,23 @@ _RECIPES: dict[str, Callable[[], DiffusionPipeline]] = {
 }
 
 
+def build_tiny_upscaler() -> dict[str, Any]:
+    """The state dict of `builtin/tiny-upscaler` (models/upscalers.py): a Real-ESRGAN Compact x4 network
+    (SRVGGNetCompact, as realesr-general-x4v3) with 8 features and 2 convolutions, randomly initialised from a
+    fixed seed. Not a pipeline, so not among `builtin_names()`: the upscalers name it."""
+    import torch
+
+    from .upscalers import SEED_TINY_UPSCALER, import_spandrel
+
+    import_spandrel()
+    from spandrel.architectures.Compact import Compact
+
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+        _seed(SEED_TINY_UPSCALER)
+        network = Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=4, act_type="prelu")
+        return {key: value.contiguous() for key, value in network.state_dict().items()}
+
+
 # ---------------------------------------------------------------------------------------------- components
 
 # The UNet sees 16x16 latents; with the VAE's factor of 4 (three blocks) the default image is 64x64 pixels.
