@@ -81,10 +81,14 @@ def test_native_and_legacy_give_the_same_controlled_image(server: Process, files
     assert np.array_equal(pixels(legacy.json()["image_base64"]), image)
 
 
-def test_t2i_adapter(server: Process) -> None:
+def test_t2i_adapter_and_the_resident_controls(server: Process) -> None:
     response = native(server, controlnet={"model": "builtin/tiny-t2i-adapter", "image": CONDITION, "type": "t2i"})
     assert response.status_code == 200, response.text
     assert response.json()["meta"]["PIPELINE"] == "StableDiffusionAdapterPipeline"
+    assert response.json()["timings"]["loadControl"] >= 0
+    controls = httpx.get(f"{server.url}/v1/models", timeout=30).json()["controls"]
+    assert (controls[0]["model"], controls[0]["type"]) == ("builtin/tiny-t2i-adapter", "t2i")  # most recent first
+    assert all(c["bytes"] > 0 for c in controls)
 
 
 def test_errors_are_4xx_naming_the_problem(server: Process) -> None:
