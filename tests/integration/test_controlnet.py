@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -230,7 +231,8 @@ def test_control_request_batched_with_a_plain_one_gets_its_alone_result(sd: Runn
         ("sd", "img2img", {"controlnet": control(ADAPTER, type="t2i")}, InvalidInputs, "text-to-image only"),
         ("sd", "txt2img", {"controlnet": control(ADAPTER, type="t2i", end=0.5)}, InvalidInputs, "`end` must be 1"),
         ("sd", "txt2img", {"controlnet": control("builtin/tiny-nothing")}, ModelNotFound, "not a built-in control"),
-        ("sd", "txt2img", {"controlnet": control("/no/such/dir")}, ModelNotFound, "does not exist"),
+        ("sd", "txt2img", {"controlnet": control("/etc")}, InvalidInputs, "'/etc' is a path outside MODELS_DIR"),
+        ("sd", "txt2img", {"controlnet": control("../x")}, InvalidInputs, "'../x' is a path outside MODELS_DIR"),
         ("sd", "txt2img", {"controlnet": control("acme/not-here")}, ModelMismatch, "RUNTIME_DOWNLOADS=0 forbids"),
         (
             "sdxl", "img2img", {"controlnet": control(CONTROLNET_XL), "strength": 0.2, "num_inference_steps": 3},
@@ -242,7 +244,7 @@ def test_control_request_batched_with_a_plain_one_gets_its_alone_result(sd: Runn
         ),
     ],
     ids=[
-        "wrong-type", "wrong-family", "t2i-img2img", "t2i-end", "unknown-builtin", "missing-dir",
+        "wrong-type", "wrong-family", "t2i-img2img", "t2i-end", "unknown-builtin", "outside-roots", "dot-dot",
         "no-runtime-downloads", "sdxl-img2img-no-step-left",
         "sdxl-img2img-plain-no-step-left",
     ],
@@ -265,6 +267,20 @@ def test_only_sd_and_sdxl_pipelines_take_controls() -> None:
     assert (
         control_pipeline(sd_img2img, [ControlInput(**control())]).__name__ == "StableDiffusionControlNetImg2ImgPipeline"
     )
+
+
+def test_a_directory_inside_models_dir(models_dir: Path, tmp_path: Path) -> None:
+    runner = Runner(Settings(model_id="builtin/tiny-sd", models_dir=models_dir, local_model_roots=[tmp_path]))
+    model = runner.store.load_default()
+    assert model is not None
+    with pytest.raises(ModelNotFound, match="does not exist"):
+        runner.store.controls([ControlInput(**control(str(tmp_path / "missing")))], model)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFound, match=r"holds no config\.json"):
+        runner.store.controls([ControlInput(**control(str(tmp_path / "empty")))], model)
+    copy = tmp_path / "copy"
+    shutil.copytree(ensure_builtin(CONTROLNET, models_dir), copy)
+    assert runner.store.controls([ControlInput(**control(str(copy)))], model)[0].spec.source == str(copy)
 
 
 def test_a_control_model_is_no_pipeline(models_dir: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InvalidInputs, ModelLoadError, ModelMismatch, ModelNotFound, StorageError
 from . import archive, disk, transfer
 from .builtin import CONTROL_BUILTINS, ensure_builtin, is_builtin
-from .locations import ARCHIVE_SUFFIX, S3Location, parse_model_url
+from .locations import ARCHIVE_SUFFIX, S3Location, local_path, parse_model_url
 from .sizes import module_bytes
 from .sources import DOWNLOAD_HINT, caused_by, not_found_errors, phase
 
@@ -90,6 +91,7 @@ def fetch_control(spec: ControlSpec, settings: Settings, timings: dict[str, floa
                 available=sorted(CONTROL_BUILTINS),
             )
         return ensure_builtin(spec.source, settings.models_dir)
+    _check_inside_roots(spec.source, settings)
     local = Path(spec.source).expanduser()
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -98,6 +100,22 @@ def fetch_control(spec: ControlSpec, settings: Settings, timings: dict[str, floa
     if spec.source.startswith(("/", "./", "../", "~")):
         raise ModelNotFound(f"controlnet: directory {spec.source} does not exist", requested=spec.source)
     return _from_hub(spec, settings, timings)
+
+
+def _check_inside_roots(source: str, settings: Settings) -> None:
+    """As for a model directory (locations.check_request_paths): a request may name a place on this machine only
+    inside MODELS_DIR and LOCAL_MODEL_ROOTS, links resolved, checked before anything there is read."""
+    path = local_path(source)
+    if path is None:
+        return
+    roots = [Path(os.path.realpath(root)) for root in (settings.models_dir, *settings.local_model_roots)]
+    if not any(Path(os.path.realpath(path)).is_relative_to(root) for root in roots):
+        raise InvalidInputs(
+            f"controlnet: {source!r} is a path outside MODELS_DIR and LOCAL_MODEL_ROOTS, the directories a request "
+            "may load from",
+            field="controlnet",
+            setting="LOCAL_MODEL_ROOTS",
+        )
 
 
 def _not_on_disk(spec: ControlSpec, settings: Settings) -> None:
