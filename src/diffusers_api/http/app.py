@@ -107,6 +107,7 @@ def _add_routes(app: FastAPI) -> None:
     app.include_router(metrics_router)
     app.include_router(routes.router)
     app.include_router(jobs.router)
+    app.include_router(jobs.train_router)
     app.include_router(jobs.events_router)
     app.include_router(legacy.router)
     from . import ui

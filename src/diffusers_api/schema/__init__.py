@@ -3,11 +3,20 @@
 - `request.py`: `GenerateRequest`, the one typed request that serves HTTP, the RunPod handler and the client;
 - `response.py`: `GenerateResult` (what the runner returns) and `GenerateResponse`, the native answer;
 - `jobs.py`: `JobStatus` and `JobProgress` of `/v1/jobs`;
+- `train.py`: `TrainRequest` (`POST /v1/train`, legacy `callInputs.train`) and `TrainResult`;
 - `legacy.py`: the docker-diffusers-api envelope, translated onto the request (`from_legacy`) and back (`to_legacy`).
 """
 
 from .jobs import JobProgress, JobState, JobStatus
-from .legacy import decode_envelope, from_legacy, legacy_envelope_schema, to_legacy
+from .legacy import (
+    decode_envelope,
+    from_legacy,
+    is_training,
+    legacy_envelope_schema,
+    to_legacy,
+    to_legacy_training,
+    train_from_legacy,
+)
 from .request import (
     RESERVED_CALL_ARGS,
     GenerateRequest,
@@ -38,7 +47,10 @@ __all__ = [
     "describe_validation_error",
     "from_legacy",
     "is_http_url",
+    "is_training",
     "legacy_envelope_schema",
     "parse_request",
     "to_legacy",
+    "to_legacy_training",
+    "train_from_legacy",
 ]
