@@ -74,7 +74,8 @@ def test_post_v1_train_runs_a_job_whose_lora_lands_in_s3(server: Process, endpoi
     s3_client(endpoint).head_object(Bucket=BUCKET, Key="e2e-lora.safetensors")  # type: ignore[attr-defined]
 
     again = httpx.post(f"{server.url}/v1/train", json=body, timeout=30)
-    assert again.status_code == 422 and "exists already" in again.json()["error"]["message"]
+    assert again.status_code == 422
+    assert "exists already" in again.json()["error"]["message"]
     request = {"prompt": "sks", "num_inference_steps": 2, "width": 32, "height": 32, "lora_weights": "trained/e2e-lora"}
     generated = httpx.post(f"{server.url}/v1/generate", json=request, timeout=60)
     assert generated.status_code == 200, generated.text
@@ -88,6 +89,7 @@ def test_the_legacy_envelope_trains_and_answers_done(server: Process, endpoint: 
     answer = httpx.post(f"{server.url}/", json=envelope, timeout=WAIT_S)
     assert answer.status_code == 200, answer.text
     body = answer.json()
-    assert body["done"] is True and body["steps"] == 2
+    assert body["done"] is True
+    assert body["steps"] == 2
     assert {"training", "upload"} <= body["$timings"].keys()
     s3_client(endpoint).head_object(Bucket=BUCKET, Key="legacy/model.safetensors")  # type: ignore[attr-defined]

@@ -136,7 +136,8 @@ def test_a_lora_changes_the_output_and_loads_back_as_lora_weights(
     last_step_ms = max(event["time"] for event in seen if event["status"] == "progress")
     assert generation_started * 1000 >= last_step_ms
 
-    assert result.lora_weights == f"trained/{name}" and result.steps == 10
+    assert result.lora_weights == f"trained/{name}"
+    assert result.steps == 10
     assert {"training", "upload"} <= result.timings.keys()
     progress = [event["payload"]["step"] for event in seen if event["status"] == "progress"]
     assert progress == list(range(1, 11))
@@ -165,7 +166,8 @@ def test_a_full_fine_tune_round_trips_through_its_archive(
     emitter, seen = events()
     request = training(train_mode="full", max_train_steps=3, name=name, dest_url=f"s3:///{BUCKET}/models/")
     result = asyncio.run(train(engine, request, emitter, settings))
-    assert result.model == f"trained/{name}" and result.lora_weights is None
+    assert result.model == f"trained/{name}"
+    assert result.lora_weights is None
     assert {"training", "compress", "upload"} <= result.timings.keys()
     assert ("compress", "done") in [(event["type"], event["status"]) for event in seen]
 
@@ -200,8 +202,10 @@ def test_a_cancelled_training_stops_within_a_step(engine: Engine, settings: Sett
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(cancel_at_step_two())
     steps = [event["payload"]["step"] for event in seen if event["status"] == "progress"]
-    assert cancel.is_set() and max(steps) <= 4
-    assert seen[-1]["type"] == "training" and seen[-1]["status"] == "error"
+    assert cancel.is_set()
+    assert max(steps) <= 4
+    assert seen[-1]["type"] == "training"
+    assert seen[-1]["status"] == "error"
     assert seen[-1]["payload"]["error"]["code"] == Cancelled.code
 
 
