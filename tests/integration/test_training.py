@@ -58,6 +58,7 @@ def settings(models_dir: Path, endpoint: str) -> Settings:
         model_id="builtin/tiny-sd",
         models_dir=models_dir,
         runtime_downloads=True,
+        model_memory_budget=2**30,  # the tiny models all stay resident: switching back and forth costs no reload
         allow_private_urls=True,  # the LoRA is read back over HTTP from the S3 server on loopback
         max_batch_size=2,
         aws_s3_endpoint_url=endpoint,
