@@ -34,7 +34,7 @@ from .errors import DiffusersAPIError, from_exception
 
 if TYPE_CHECKING:
     from .config import Settings
-    from .schema import GenerateRequest
+    from .schema import AnyRequest
     from .schema.train import TrainRequest
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ class EventHub:
         return RequestEvents(self._webhook_sinks(None, None), self.settings.container_id)
 
     async def for_request(
-        self, request: GenerateRequest | TrainRequest, extra_sinks: list[Sink] | None = None
+        self, request: AnyRequest | TrainRequest, extra_sinks: list[Sink] | None = None
     ) -> RequestEvents:
         """The emitter of one request. A request's own SEND_URL is checked first; the check resolves its host,
         on a worker thread, so that a slow DNS server holds up this request only, never the event loop."""

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from .config import Settings
     from .engine import Engine
     from .runner import Runner
-    from .schema import GenerateRequest, GenerateResult
+    from .schema import AnyRequest, GenerateResult
     from .schema.train import TrainRequest, TrainResult
 
 
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 class Generation:
     """One request on its way through the engine: what to make, where its events go, how to stop it."""
 
-    request: GenerateRequest
+    request: AnyRequest  # a generation, or an upscale
     # progress comes back through `events.progress`, on the engine's thread; by default nobody listens
     events: RequestEvents = field(default_factory=lambda: RequestEvents(sinks=[], container_id=""))
     cancel: threading.Event = field(default_factory=threading.Event)  # set: stop at the next step

@@ -30,10 +30,10 @@ from .errors import DiffusersAPIError, InvalidInputs, NotReady, from_exception
 from .events import Event, EventHub
 from .generation import Generation, boot, generate, train
 from .schema import (
-    GenerateRequest,
+    AnyRequest,
     GenerateResponse,
     decode_envelope,
-    from_legacy,
+    from_legacy_envelope,
     is_training,
     parse_request,
     to_legacy,
@@ -65,7 +65,7 @@ def runpod_error(error: BaseException, debug: bool = False, defunct: bool = Fals
 
 @dataclass
 class ParsedInput:
-    request: GenerateRequest | TrainRequest
+    request: AnyRequest | TrainRequest  # an upscale from the legacy `use_extra: "upsample"`, or a training
     legacy: bool
 
 
@@ -79,7 +79,7 @@ def parse_job_input(data: Any) -> ParsedInput:
     if "modelInputs" in envelope or "callInputs" in envelope:
         if is_training(envelope):
             return ParsedInput(train_from_legacy(envelope), legacy=True)
-        return ParsedInput(from_legacy(envelope), legacy=True)
+        return ParsedInput(from_legacy_envelope(envelope), legacy=True)
     if "train" in envelope:
         return ParsedInput(parse_train_request(envelope), legacy=False)
     return ParsedInput(parse_request(envelope), legacy=False)

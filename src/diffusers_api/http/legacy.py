@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from ..errors import DiffusersAPIError
 from ..schema import (
     decode_envelope,
-    from_legacy,
+    from_legacy_envelope,
     is_training,
     legacy_envelope_schema,
     to_legacy,
@@ -53,7 +53,8 @@ async def legacy_inference(
 ) -> Response:
     """Accepts `{"modelInputs": {...}, "callInputs": {...}}` (also double-encoded as a JSON string) and answers
     with `image_base64` / `images_base64`, `$meta`, `$timings` and `$mem_usage`; errors as `$error`. With
-    `callInputs.streamEvents` the answer is NDJSON: events and progress, then that body as the last line.
+    `callInputs.streamEvents` the answer is NDJSON: events and progress, then that body as the last line. With
+    `callInputs.use_extra: "upsample"`, `modelInputs.input_image` is upscaled instead (as `POST /v1/upscale`).
     With `callInputs.train: "dreambooth"` it trains (modelInputs are the training arguments) and answers
     `{"done": true, ...}` when the result is uploaded; the training is also a job of /v1/jobs, which goes on if
     the client leaves."""
@@ -66,8 +67,8 @@ async def legacy_inference(
             return JSONResponse(_legacy_error(job.error, hub.settings.debug), status_code=job.error.status)
         assert isinstance(job.result, TrainResult)
         return JSONResponse(to_legacy_training(job.result))
-    generate_request = from_legacy(envelope)
-    return await run_request(engine, hub, generate_request, to_legacy, _legacy_error, in_flight)
+    legacy_request = from_legacy_envelope(envelope)  # a generation, or an upscale
+    return await run_request(engine, hub, legacy_request, to_legacy, _legacy_error, in_flight)
 
 
 def _legacy_error(error: DiffusersAPIError, debug: bool = False) -> dict[str, Any]:
