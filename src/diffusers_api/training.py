@@ -140,7 +140,7 @@ def _train(
     images = [_fitted(image, resolution) for image in _decode(request, settings)]
     seed = request.seed if request.seed is not None else random.randrange(2**31)
     with phase(timings, "training"), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # the LoRA's initial weights (peft draws them on the CPU)
+        torch.default_generator.manual_seed(seed)  # the LoRA's initial weights (peft draws them on the CPU)
         unet = _trainable_unet(parts["unet"], request)
         loss = _loop(unet, parts, images, resolution, request, seed, progress, cancel)
         path = _save(unet, model, request, workdir)
