@@ -12,7 +12,7 @@ from pydantic import (
 )
 
 from ..errors import InvalidInputs
-from .request import _NEEDS_IMAGE, GenerateRequest, invalid_inputs, is_http_url
+from .request import _NEEDS_IMAGE, LPW_PIPELINE, GenerateRequest, invalid_inputs, is_http_url
 from .response import GenerateResult
 
 # callInputs key -> GenerateRequest field
@@ -42,9 +42,17 @@ _LEGACY_UNSUPPORTED = (
     "train",
     "use_extra",
     "attn_procs",
-    "compel_prompts",
-    "custom_pipeline_method",
 )
+# callInputs that choose how prompts are read (`_prompt_options`): compel_prompts -> prompt_weighting "compel";
+# PIPELINE lpw_stable_diffusion with custom_pipeline_method -> long prompts, A1111 weighting, that task's pipeline.
+_LPW_METHODS = {"text2img": "txt2img", "img2img": "img2img", "inpaint": "inpaint"}
+_LEGACY_PROMPT_INPUTS = {
+    "compel_prompts": {"type": "boolean", "description": "read the prompts in compel's weighting syntax"},
+    "custom_pipeline_method": {
+        "enum": [*_LPW_METHODS, None, ""],
+        "description": f"with PIPELINE {LPW_PIPELINE}: which task runs",
+    },
+}
 # callInputs that were speed hints in the original; PyTorch's SDPA attention makes them moot.
 _LEGACY_IGNORED = ("xformers_memory_efficient_attention",)
 # modelInputs keys with a typed field (plus the legacy alias init_image -> image)
@@ -59,6 +67,7 @@ def legacy_envelope_schema(ref_template: str = "#/$defs/{model}") -> dict[str, A
     model_inputs = {name: fields[name] for name in sorted(_TYPED_MODEL_INPUTS)} | {"init_image": fields["image"]}
     call_inputs = {key: fields[name] for key, name in _LEGACY_CALL_INPUTS.items()}
     call_inputs["is_url"] = {"type": "boolean", "description": "image and mask_image are http(s) URLs"}
+    call_inputs |= _LEGACY_PROMPT_INPUTS
     call_inputs |= {key: {"enum": [None, "", False], "description": "not supported"} for key in _LEGACY_UNSUPPORTED}
     call_inputs |= {key: {"description": "ignored"} for key in _LEGACY_IGNORED}
     with_an_image = {"anyOf": [{"required": ["image"]}, {"required": ["init_image"]}]}
@@ -107,6 +116,7 @@ def from_legacy(envelope: dict[str, Any]) -> GenerateRequest:
         if not isinstance(value, dict):
             raise InvalidInputs(f"{key} must be an object, got {type(value).__name__}")
     data = _legacy_call_inputs(call_inputs) | _legacy_model_inputs(model_inputs)
+    data |= _prompt_options(call_inputs, data)
     if call_inputs.get("is_url"):
         for field in ("image", "mask_image"):
             value = data.get(field)
@@ -125,15 +135,39 @@ def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:
             data[_LEGACY_CALL_INPUTS[key]] = value
         elif key == "is_url":
             continue  # read by from_legacy: the image inputs are URLs
-        elif key in _LEGACY_IGNORED:
-            continue
+        elif key in _LEGACY_IGNORED or key in _LEGACY_PROMPT_INPUTS:
+            continue  # the prompt inputs are read by _prompt_options
         elif key in _LEGACY_UNSUPPORTED:
             if value not in (None, "", False):
                 raise InvalidInputs(f"callInputs.{key} is not supported by this server yet")
         else:
-            known = sorted([*_LEGACY_CALL_INPUTS, "is_url", *_LEGACY_UNSUPPORTED, *_LEGACY_IGNORED])
+            known = sorted(
+                [*_LEGACY_CALL_INPUTS, "is_url", *_LEGACY_PROMPT_INPUTS, *_LEGACY_UNSUPPORTED, *_LEGACY_IGNORED]
+            )
             raise InvalidInputs(f"callInputs.{key} is not a known call input", known=known)
     return data
+
+
+def _prompt_options(call_inputs: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """compel_prompts and lpw_stable_diffusion's custom_pipeline_method as the native options."""
+    options: dict[str, Any] = {}
+    compel = call_inputs.get("compel_prompts")
+    if compel not in (None, False, True):
+        raise InvalidInputs(f"callInputs.compel_prompts must be true or false, not {compel!r}")
+    if compel:
+        options["prompt_weighting"] = "compel"
+    method = call_inputs.get("custom_pipeline_method")
+    if method in (None, ""):
+        return options
+    if call_inputs.get("PIPELINE") != LPW_PIPELINE:
+        raise InvalidInputs(f"callInputs.custom_pipeline_method applies to PIPELINE {LPW_PIPELINE} only")
+    if method not in _LPW_METHODS:
+        raise InvalidInputs(
+            f"callInputs.custom_pipeline_method must be one of {', '.join(_LPW_METHODS)}, not {method!r}",
+            accepted=list(_LPW_METHODS),
+        )
+    weighting = options.get("prompt_weighting") or data.get("prompt_weighting") or "a1111"
+    return options | {"pipeline": _LPW_METHODS[method], "long_prompts": True, "prompt_weighting": weighting}
 
 
 def _legacy_model_inputs(model_inputs: dict[str, Any]) -> dict[str, Any]:
