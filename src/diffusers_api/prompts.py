@@ -290,8 +290,9 @@ def _encode_sdxl(
         parts.insert(0, (first, _conditionings(first, [parse(text, weighting) for text in prompts + negatives])))
     length = max(rows.shape[1] for _, rows in parts)
     rows = torch.cat([_padded(compel, rows, length) for compel, rows in parts], dim=-1)
-    plain = [_plain_text(conjunction) for conjunction in conjunctions_2]
-    pooled = second.conditioning_provider.get_pooled_embeddings(plain).to(rows.dtype)
+    # One prompt at a time, as diffusers encodes them (a batch of several rounds differently in the last bits).
+    provider = second.conditioning_provider
+    pooled = torch.cat([provider.get_pooled_embeddings([_plain_text(c)]) for c in conjunctions_2]).to(rows.dtype)
     embeds = {
         "prompt_embeds": rows[:count],
         "negative_prompt_embeds": rows[count:],

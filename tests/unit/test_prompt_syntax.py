@@ -34,7 +34,7 @@ def weights(text: str) -> list[tuple[str, float]]:
         ("(a \\(red\\):1.5)", [("a (red)", 1.5)]),
         ("\\[x\\] \\\\ y", [("[x] \\ y", 1.0)]),
         ("time: 5 o'clock", [("time: 5 o'clock", 1.0)]),
-        ("(C++, well-known \"quote\":1.2)", [('C++, well-known "quote"', 1.2)]),
+        ('(C++, well-known "quote":1.2)', [('C++, well-known "quote"', 1.2)]),
     ],
     ids=repr,
 )
