@@ -94,13 +94,14 @@ def test_our_loop_equals_diffusers_with_the_same_embeddings(runner: Runner, case
         kwargs |= {"image": Image.new("RGB", (SIZE, SIZE), (180, 40, 40)), "strength": 0.9}
     else:
         kwargs |= {"width": SIZE, "height": SIZE}
-    if weighting or long_prompts:
-        kwargs = prompts.encode(build(runner, task), kwargs, weighting, long_prompts)
     prompt_count = len(texts["prompt"]) if isinstance(texts["prompt"], list) else 1
     if weighting or long_prompts:
-        assert "prompt" not in kwargs and kwargs["prompt_embeds"].shape[0] == prompt_count
+        kwargs = prompts.encode(build(runner, task), kwargs, weighting, long_prompts)
+        assert "prompt" not in kwargs
+        assert kwargs["prompt_embeds"].shape[0] == prompt_count
     images = prompt_count * 2
-    assert runner.steps is not None and runner.steps.supports(build(runner, task), kwargs)
+    assert runner.steps is not None
+    assert runner.steps.supports(build(runner, task), kwargs)
     ours = runner.steps.denoise(build(runner, task), with_generators(kwargs, images), None, None).images
     theirs = build(runner, task)(**with_generators(kwargs, images)).images
     assert len(ours) == len(theirs) == images
