@@ -66,6 +66,16 @@ def test_a_long_prompt_is_encoded_whole_not_cut(runner: Runner) -> None:
     assert not np.array_equal(image(runner, prompt=tail, prompt_weighting="compel", long_prompts=True), whole)
 
 
+def test_the_server_setting_pipeline_lpw_stable_diffusion(runner: Runner) -> None:
+    """PIPELINE=lpw_stable_diffusion: a request naming no pipeline gets long prompts with A1111 weighting."""
+    settings = runner.settings.model_copy(update={"pipeline": "lpw_stable_diffusion"})
+    lpw = Runner(settings, store=runner.store, steps=runner.steps)
+    prompt = LONG.replace("at night", "(at night:1.5)")
+    expected = image(runner, prompt=prompt, prompt_weighting="a1111", long_prompts=True)
+    assert np.array_equal(image(lpw, prompt=prompt), expected)
+    assert not np.array_equal(image(lpw, prompt=prompt, pipeline="txt2img"), expected)  # a named one: plain
+
+
 def build(runner: Runner, task: str) -> Any:
     model = runner.store.get(GenerateRequest(prompt="x"))
     pipelines = model.pipelines

@@ -148,7 +148,5 @@ _REFUSED_OR_IGNORED = (
     "train",
     "use_extra",
     "attn_procs",
-    "compel_prompts",
-    "custom_pipeline_method",
     "xformers_memory_efficient_attention",
 )

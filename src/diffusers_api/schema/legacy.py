@@ -47,7 +47,10 @@ _LEGACY_UNSUPPORTED = (
 # PIPELINE lpw_stable_diffusion with custom_pipeline_method -> long prompts, A1111 weighting, that task's pipeline.
 _LPW_METHODS = {"text2img": "txt2img", "img2img": "img2img", "inpaint": "inpaint"}
 _LEGACY_PROMPT_INPUTS = {
-    "compel_prompts": {"type": "boolean", "description": "read the prompts in compel's weighting syntax"},
+    "compel_prompts": {
+        "anyOf": [{"type": "boolean"}, {"type": "null"}],
+        "description": "read the prompts in compel's weighting syntax",
+    },
     "custom_pipeline_method": {
         "enum": [*_LPW_METHODS, None, ""],
         "description": f"with PIPELINE {LPW_PIPELINE}: which task runs",
@@ -152,7 +155,7 @@ def _prompt_options(call_inputs: dict[str, Any], data: dict[str, Any]) -> dict[s
     """compel_prompts and lpw_stable_diffusion's custom_pipeline_method as the native options."""
     options: dict[str, Any] = {}
     compel = call_inputs.get("compel_prompts")
-    if compel not in (None, False, True):
+    if compel is not None and not isinstance(compel, bool):
         raise InvalidInputs(f"callInputs.compel_prompts must be true or false, not {compel!r}")
     if compel:
         options["prompt_weighting"] = "compel"
