@@ -38,10 +38,15 @@ def runner(request: pytest.FixtureRequest, models_dir: Path) -> Iterator[Runner]
     steps.stop()
 
 
-def image(runner: Runner, **fields: Any) -> np.ndarray:
+def image(runner: Runner, encoded: bool | None = None, **fields: Any) -> np.ndarray:
+    """The request's image; `encoded`: whether its prompts went through compel (default: it asks for that)."""
     defaults = {"prompt": "a red barn", "num_inference_steps": STEPS, "seed": 7, "width": SIZE, "height": SIZE}
-    result = runner.run(GenerateRequest(**(defaults | fields)))
+    request = GenerateRequest(**(defaults | fields))
+    result = runner.run(request)
     assert result.meta["LOOP"] == "batched"
+    # Only weighted or long prompts go through compel: plain ones are left to the pipeline, as they were.
+    asked = bool(request.prompt_weighting or request.long_prompts)
+    assert ("prompts" in result.timings) == (asked if encoded is None else encoded)
     return np.asarray(Image.open(io.BytesIO(result.images[0])))
 
 
@@ -72,7 +77,7 @@ def test_the_server_setting_pipeline_lpw_stable_diffusion(runner: Runner) -> Non
     lpw = Runner(settings, store=runner.store, steps=runner.steps)
     prompt = LONG.replace("at night", "(at night:1.5)")
     expected = image(runner, prompt=prompt, prompt_weighting="a1111", long_prompts=True)
-    assert np.array_equal(image(lpw, prompt=prompt), expected)
+    assert np.array_equal(image(lpw, encoded=True, prompt=prompt), expected)
     assert not np.array_equal(image(lpw, prompt=prompt, pipeline="txt2img"), expected)  # a named one: plain
 
 
