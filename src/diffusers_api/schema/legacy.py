@@ -184,6 +184,8 @@ def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:
             continue  # is_url is read by from_legacy: the image inputs are URLs
         elif key == "dest_url":
             raise InvalidInputs("callInputs.dest_url applies to a training (callInputs.train: dreambooth)")
+        elif key == "train":  # a training is read by train_from_legacy (POST /, the RunPod worker), not here
+            raise InvalidInputs(f"callInputs.train {value!r} makes a training: send it to POST / or the RunPod worker")
         elif key == "use_extra":
             _check_no_extra(value)
         elif key in _LEGACY_IGNORED or key in _LEGACY_PROMPT_INPUTS:
