@@ -6,6 +6,7 @@
 - `legacy.py`: the docker-diffusers-api envelope, translated onto the request (`from_legacy`) and back (`to_legacy`).
 """
 
+from .ip_adapter import IPAdapter
 from .jobs import JobProgress, JobState, JobStatus
 from .legacy import decode_envelope, from_legacy, legacy_envelope_schema, to_legacy
 from .request import (
@@ -27,6 +28,7 @@ __all__ = [
     "GenerateRequest",
     "GenerateResponse",
     "GenerateResult",
+    "IPAdapter",
     "ImageFormat",
     "ImageOut",
     "JobProgress",

@@ -1,0 +1,185 @@
+"""IP-Adapters (`ip_adapter`) on the tiny models with the builtin tiny adapters: the server's result is diffusers'
+own `load_ip_adapter` + call, the loaded model's UNet is never touched (a concurrent plain request gives its alone
+result) and its weights are not copied, and what cannot work is a clear error."""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusers_api.config import Settings
+from diffusers_api.denoising import Rendezvous, SharedSteps
+from diffusers_api.errors import InvalidImage, InvalidInputs, ModelMismatch, ModelNotFound
+from diffusers_api.imaging import encode_image, to_base64
+from diffusers_api.models.builtin import ensure_builtin
+from diffusers_api.models.builtin_ip_adapter import WEIGHT_NAME, ensure_builtin_ip_adapter
+from diffusers_api.models.ip_adapter import check_family
+from diffusers_api.runner import Runner
+from diffusers_api.schema import GenerateRequest, GenerateResult
+
+SD, SDXL = "builtin/tiny-sd", "builtin/tiny-sdxl"
+ADAPTERS = {SD: "builtin/tiny-ip-adapter", SDXL: "builtin/tiny-ip-adapter-sdxl"}
+STEPS = 3
+
+
+def b64_image(color: tuple[int, int, int], size: int = 40) -> str:
+    return to_base64(encode_image(Image.new("RGB", (size, size), color)))
+
+
+RED, BLUE = b64_image((200, 30, 30)), b64_image((30, 30, 200))
+
+
+def runner_for(model_id: str, models_dir: Path, **settings: Any) -> Runner:
+    runner = Runner(Settings(model_id=model_id, models_dir=models_dir, **settings))
+    runner.start()
+    return runner
+
+
+@pytest.fixture(scope="module")
+def runners(models_dir: Path) -> dict[str, Runner]:
+    return {model: runner_for(model, models_dir) for model in (SD, SDXL)}
+
+
+def ask(
+    model: str = SD, prompt_image: str | list[str] | None = RED, scale: float = 1.0, **fields: Any
+) -> GenerateRequest:
+    ip = {"model": ADAPTERS[model], "image": prompt_image, "scale": scale} if prompt_image is not None else None
+    return GenerateRequest(
+        **({"prompt": "a red barn", "seed": 5, "num_inference_steps": STEPS, "ip_adapter": ip} | fields)
+    )
+
+
+def pixels(result: GenerateResult) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(result.images[0]))).astype(int)
+
+
+def unet_of(runner: Runner) -> Any:
+    model = runner.store.most_recent
+    assert model is not None
+    return model.pipelines.components["unet"]
+
+
+@pytest.mark.parametrize("model", [SD, SDXL])
+def test_the_image_prompt_changes_the_result_and_scale_0_leaves_it_out(runners: dict[str, Runner], model: str) -> None:
+    runner = runners[model]
+    plain = runner.run(ask(model, prompt_image=None))
+    red = runner.run(ask(model))
+    assert red.meta["IP_ADAPTER"] == {"model": ADAPTERS[model], "scale": 1.0}
+    assert red.meta["LOOP"] == "diffusers"  # our batched loop does not run IP-Adapters: diffusers' call does
+    assert red.images != plain.images
+    if model == SD:  # another image prompt, another image
+        assert runner.run(ask(model, prompt_image=BLUE)).images != red.images
+    # diffusers skips an IP-Adapter at scale 0: its attention layers add nothing, the image is the plain one
+    assert runner.run(ask(model, scale=0.0)).images == plain.images
+    assert "IP_ADAPTER" not in plain.meta
+
+
+@pytest.mark.parametrize("model", [SD, SDXL])
+def test_img2img_takes_an_image_prompt(runners: dict[str, Runner], model: str) -> None:
+    runner = runners[model]
+    init = {"image": BLUE, "strength": 0.7}
+    plain, prompted = runner.run(ask(model, prompt_image=None, **init)), runner.run(ask(model, **init))
+    assert prompted.meta["PIPELINE"].endswith("Img2ImgPipeline")
+    assert prompted.meta["IP_ADAPTER"]
+    assert prompted.images != plain.images
+
+
+def test_the_result_is_diffusers_own(runners: dict[str, Runner], models_dir: Path) -> None:
+    """The same request through plain diffusers: load_ip_adapter on the pipeline, set_ip_adapter_scale, call."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    ours = runners[SD].run(ask(scale=0.6, prompt_image=[RED, BLUE]))
+    pipe = DiffusionPipeline.from_pretrained(ensure_builtin(SD, models_dir))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(ensure_builtin_ip_adapter(ADAPTERS[SD], models_dir)), "", WEIGHT_NAME)
+    pipe.set_ip_adapter_scale(0.6)
+    images = [Image.open(io.BytesIO(base64.b64decode(color))) for color in (RED, BLUE)]
+    theirs = pipe(
+        "a red barn", num_inference_steps=STEPS, generator=[torch.Generator().manual_seed(5)], ip_adapter_image=[images]
+    ).images[0]
+    assert np.abs(pixels(ours) - np.asarray(theirs).astype(int)).max() <= 1
+
+
+def test_the_model_unet_is_untouched_and_its_weights_shared(runners: dict[str, Runner]) -> None:
+    runner = runners[SDXL]
+    runner.run(ask(SDXL))
+    model = runner.store.most_recent
+    assert model is not None
+    base, variant = unet_of(runner), next(iter(model.ip_adapters.values()))
+    shell = variant.pipelines.components["unet"]
+    assert shell is not base
+    assert base.encoder_hid_proj is None
+    assert not any("IPAdapter" in type(p).__name__ for p in base.attn_processors.values())
+    assert any("IPAdapter" in type(p).__name__ for p in shell.attn_processors.values())
+    own = {name for name, _ in shell.named_parameters()} - {name for name, _ in base.named_parameters()}
+    assert own
+    assert all("processor" in name or name.startswith("encoder_hid_proj") for name in own)
+    for name, tensor in base.named_parameters():  # no second copy: the very same tensors
+        assert shell.get_parameter(name).data_ptr() == tensor.data_ptr()
+    assert variant.pipelines.components["vae"] is model.pipelines.components["vae"]
+    assert runner.store.resident_bytes() == model.bytes + variant.bytes
+
+
+def test_a_plain_request_beside_an_ip_adapter_one_gets_its_alone_result(runners: dict[str, Runner]) -> None:
+    """The two share their UNet rounds (the batching rendezvous); the plain one must not see the adapter."""
+    runner = runners[SD]
+    plain, prompted = ask(prompt_image=None, seed=21, num_inference_steps=4), ask(seed=22, num_inference_steps=4)
+    alone = [runner.run(plain), runner.run(prompted)]
+    batcher = Rendezvous(max_wait_s=2.0)
+    together = Runner(runner.settings, store=runner.store, steps=SharedSteps(batcher))
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            results = list(pool.map(together.run, [plain, prompted]))
+    finally:
+        together.steps.stop()  # type: ignore[union-attr]
+    assert batcher.stats.rounds > 0
+    for result, solo in zip(results, alone, strict=True):
+        assert np.abs(pixels(result) - pixels(solo)).max() <= 1
+
+
+def test_only_sd_and_sdxl_pipelines_take_an_ip_adapter() -> None:
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionXLImg2ImgPipeline
+
+    check_family(StableDiffusionXLImg2ImgPipeline)
+    for cls, family in [(FluxPipeline, "flux"), (StableDiffusion3Pipeline, "stable-diffusion-3")]:
+        with pytest.raises(InvalidInputs, match=f"ip_adapter: .*{cls.__name__} is {family} family") as caught:
+            check_family(cls)
+        assert caught.value.extra["field"] == "ip_adapter"
+
+
+@pytest.mark.parametrize(
+    ("adapter", "error", "message"),
+    [
+        ({"model": "builtin/tiny-ip-adapter-sdxl"}, InvalidInputs, "does not fit this model"),
+        ({"model": "builtin/no-such-adapter"}, ModelNotFound, "unknown builtin IP-Adapter"),
+        ({"model": "/etc"}, InvalidInputs, "outside MODELS_DIR and LOCAL_MODEL_ROOTS"),
+        ({"model": "h94/IP-Adapter"}, InvalidInputs, "weight_name: required for the hub repository"),
+        (
+            {"model": "h94/IP-Adapter", "subfolder": "models", "weight_name": "ip-adapter_sd15.safetensors"},
+            ModelMismatch,
+            "RUNTIME_DOWNLOADS=0 forbids downloading it",
+        ),
+        ({"model": "builtin/tiny-ip-adapter", "weight_name": "other.safetensors"}, ModelNotFound, "has no other"),
+        ({"model": "builtin/tiny-ip-adapter", "image": "bm90IGFuIGltYWdl"}, InvalidImage, "ip_adapter.image"),
+    ],
+    ids=["other-family-adapter", "unknown-builtin", "outside-roots", "hub-without-file", "no-runtime-downloads",
+         "missing-file", "not-an-image"],
+)  # fmt: skip
+def test_a_bad_ip_adapter_is_a_clear_error(
+    runners: dict[str, Runner], adapter: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    runner = runners[SD]
+    model = runner.store.most_recent
+    assert model is not None
+    kept = list(model.ip_adapters)
+    with pytest.raises(error, match=message):
+        runner.run(ask(ip_adapter={"image": RED} | adapter))
+    assert list(model.ip_adapters) == kept  # nothing half-made is kept
