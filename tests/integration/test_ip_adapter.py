@@ -82,13 +82,18 @@ def test_the_image_prompt_changes_the_result_and_scale_0_leaves_it_out(runners: 
 
 
 @pytest.mark.parametrize("model", [SD, SDXL])
-def test_img2img_takes_an_image_prompt(runners: dict[str, Runner], model: str) -> None:
+def test_img2img_and_inpaint_take_an_image_prompt(runners: dict[str, Runner], model: str) -> None:
     runner = runners[model]
     init = {"image": BLUE, "strength": 0.7}
     plain, prompted = runner.run(ask(model, prompt_image=None, **init)), runner.run(ask(model, **init))
     assert prompted.meta["PIPELINE"].endswith("Img2ImgPipeline")
     assert prompted.meta["IP_ADAPTER"]
     assert prompted.images != plain.images
+    if model == SD:  # and inpainting
+        mask = {"mask_image": b64_image((255, 255, 255), 64), "image": b64_image((30, 30, 200), 64)}
+        inpainted = runner.run(ask(model, **mask))
+        assert inpainted.meta["PIPELINE"] == "StableDiffusionInpaintPipeline"
+        assert inpainted.images != runner.run(ask(model, prompt_image=None, **mask)).images
 
 
 def test_the_result_is_diffusers_own(runners: dict[str, Runner], models_dir: Path) -> None:
