@@ -18,11 +18,13 @@ from diffusers_api.config import Settings
 from diffusers_api.denoising import Rendezvous, SharedSteps
 from diffusers_api.errors import InvalidImage, InvalidInputs, ModelMismatch, ModelNotFound
 from diffusers_api.imaging import encode_image, to_base64
+from diffusers_api.models import archive
 from diffusers_api.models.builtin import ensure_builtin
 from diffusers_api.models.builtin_ip_adapter import WEIGHT_NAME, ensure_builtin_ip_adapter
-from diffusers_api.models.ip_adapter import check_family
+from diffusers_api.models.ip_adapter import IPAdapterSpec, check_family, fetch_ip_adapter
 from diffusers_api.runner import Runner
-from diffusers_api.schema import GenerateRequest, GenerateResult
+from diffusers_api.schema import GenerateRequest, GenerateResult, IPAdapter
+from support.servers import ACCESS_KEY, REGION, SECRET_KEY, file_server, moto_s3, s3_client
 
 SD, SDXL = "builtin/tiny-sd", "builtin/tiny-sdxl"
 ADAPTERS = {SD: "builtin/tiny-ip-adapter", SDXL: "builtin/tiny-ip-adapter-sdxl"}
@@ -188,3 +190,51 @@ def test_a_bad_ip_adapter_is_a_clear_error(
     with pytest.raises(error, match=message):
         runner.run(ask(ip_adapter={"image": RED} | adapter))
     assert list(model.ip_adapters) == kept  # nothing half-made is kept
+
+
+def cloud_settings(models_dir: Path, endpoint: str = "") -> Settings:
+    return Settings(
+        models_dir=models_dir,
+        allow_private_urls=True,
+        runtime_downloads=True,
+        aws_s3_endpoint_url=endpoint or None,
+        aws_s3_default_bucket="cache",
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key=SECRET_KEY,
+        aws_default_region=REGION,
+    )
+
+
+def test_an_http_archive_is_fetched_once_and_runs_like_the_adapter(
+    runners: dict[str, Runner], models_dir: Path
+) -> None:
+    """`url` is the adapter's cloud-cache archive (a tar.zst of its files, as MODEL_URL): fetched into MODELS_DIR,
+    then used from there, with no download (RUNTIME_DOWNLOADS=0 is then no obstacle)."""
+    packed = io.BytesIO()
+    archive.pack(ensure_builtin_ip_adapter(ADAPTERS[SD], models_dir), packed)
+    with file_server() as files:
+        files.files["/style.tar.zst"] = packed.getvalue()
+        adapter = {"model": "someone/style-adapter", "url": f"{files.url}/style.tar.zst", "image": RED}
+        with pytest.raises(ModelNotFound, match="no IP-Adapter archive at"):
+            fetch_ip_adapter(
+                IPAdapterSpec("someone/other", url=f"{files.url}/missing.tar.zst"), cloud_settings(models_dir)
+            )
+        fetch_ip_adapter(IPAdapterSpec.of(IPAdapter.model_validate(adapter)), cloud_settings(models_dir))
+        assert len(files.requests) == 2
+    from_archive = runners[SD].run(ask(ip_adapter=adapter))
+    assert from_archive.images == runners[SD].run(ask()).images
+
+
+def test_an_s3_archive_is_built_and_uploaded_then_a_fresh_server_downloads_it(models_dir: Path, tmp_path: Path) -> None:
+    spec = IPAdapterSpec(ADAPTERS[SDXL], url="s3://")
+    with moto_s3() as endpoint:
+        s3 = s3_client(endpoint)
+        s3.create_bucket(Bucket="cache")  # type: ignore[attr-defined]
+        built = fetch_ip_adapter(spec, cloud_settings(models_dir, endpoint))
+        key = "ip-adapters--builtin--tiny-ip-adapter-sdxl.tar.zst"
+        assert s3.head_object(Bucket="cache", Key=key)["ContentLength"] > 0  # type: ignore[attr-defined]
+        fresh = fetch_ip_adapter(spec, cloud_settings(tmp_path, endpoint))
+    assert fresh == tmp_path / spec.cache_id
+    assert not (tmp_path / "models--builtin--tiny-ip-adapter-sdxl").exists()  # from the archive, not generated
+    assert (fresh / WEIGHT_NAME).read_bytes() == (built / WEIGHT_NAME).read_bytes()
+    assert (fresh / "image_encoder" / "model.safetensors").is_file()

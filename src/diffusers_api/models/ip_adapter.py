@@ -18,8 +18,11 @@ Weights load from .safetensors only (never pickle).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -54,10 +57,17 @@ class IPAdapterSpec:
     subfolder: str = ""
     weight_name: str | None = None
     image_encoder_folder: str = "image_encoder"
+    url: str | None = None  # its cloud-cache archive
 
     @classmethod
     def of(cls, adapter: IPAdapter) -> IPAdapterSpec:
-        return cls(adapter.model, adapter.subfolder, adapter.weight_name, adapter.image_encoder_folder)
+        return cls(adapter.model, adapter.subfolder, adapter.weight_name, adapter.image_encoder_folder, adapter.url)
+
+    @property
+    def cache_id(self) -> str:
+        """Its name in MODELS_DIR and (with `.tar.zst`) its default key in the cloud cache."""
+        parts = [self.model, self.subfolder, (self.weight_name or "").removesuffix(".safetensors")]
+        return "ip-adapters--" + "--".join(part.replace("/", "--") for part in parts if part)
 
     def describe(self) -> str:
         where = "/".join(part for part in (self.subfolder, self.weight_name or "") if part)
@@ -117,8 +127,10 @@ def _call_parameter_names(pipe_cls: Any) -> set[str]:
 
 
 def fetch_ip_adapter(spec: IPAdapterSpec, settings: Settings, timings: dict[str, float] | None = None) -> Path:
-    """The local directory holding `spec`'s weight file and image encoder, fetched first if needed. Checks that the
-    weight file is there; returns the directory with the weight name filled in (see `weight_file`)."""
+    """The local directory holding `spec`'s weight file and image encoder, fetched first if needed (from its
+    cloud-cache archive when it names one)."""
+    if spec.url:
+        return _from_cloud_cache(spec, settings, timings)
     if is_builtin(spec.model):
         return ensure_builtin_ip_adapter(spec.model, settings.models_dir)
     path = local_path(spec.model)
@@ -173,13 +185,7 @@ def _from_hub(spec: IPAdapterSpec, settings: Settings, timings: dict[str, float]
             return directory
     except (OSError, ValueError):
         pass  # not (completely) on disk yet
-    if settings.offline or not settings.runtime_downloads:
-        why = "OFFLINE=1" if settings.offline else "RUNTIME_DOWNLOADS=0"
-        raise ModelMismatch(
-            f"IP-Adapter {spec.describe()} is not in MODELS_DIR ({settings.models_dir}) and {why} forbids "
-            "downloading it",
-            requested=spec.model,
-        )
+    _forbid_download(spec, settings)
     with phase(timings, "download"):
         try:
             return _hub_download(spec, settings, local_files_only=False)
@@ -187,6 +193,16 @@ def _from_hub(spec: IPAdapterSpec, settings: Settings, timings: dict[str, float]
             if caused_by(exc, not_found_errors()):
                 raise ModelNotFound(f"IP-Adapter {spec.describe()} not found: {exc}", requested=spec.model) from exc
             raise StorageError(f"hub download of IP-Adapter {spec.describe()} failed: {exc}") from exc
+
+
+def _forbid_download(spec: IPAdapterSpec, settings: Settings) -> None:
+    if settings.offline or not settings.runtime_downloads:
+        why = "OFFLINE=1" if settings.offline else "RUNTIME_DOWNLOADS=0"
+        raise ModelMismatch(
+            f"IP-Adapter {spec.describe()} is not in MODELS_DIR ({settings.models_dir}) and {why} forbids "
+            "downloading it",
+            requested=spec.model,
+        )
 
 
 def _hub_download(spec: IPAdapterSpec, settings: Settings, *, local_files_only: bool) -> Path:
@@ -202,6 +218,60 @@ def _hub_download(spec: IPAdapterSpec, settings: Settings, *, local_files_only: 
         local_files_only=local_files_only,
     )
     return Path(folder)
+
+
+# ---------------------------------------------------------------------------------------------- cloud cache
+
+CACHE_MARKER = "ip_adapter.json"  # written last into a published cache entry
+
+
+def _from_cloud_cache(spec: IPAdapterSpec, settings: Settings, timings: dict[str, float] | None) -> Path:
+    """As MODEL_URL for models (models/sources.py): MODELS_DIR/<cache_id> if there; else the archive at `url`
+    (a tar.zst of the adapter's files), downloaded and unpacked; else, for s3, the adapter fetched from `model`,
+    kept, packed and uploaded."""
+    from . import archive, disk, transfer
+    from .locations import ARCHIVE_SUFFIX, S3Location, parse_model_url
+    from .sources import upload_archive
+
+    assert spec.url is not None
+    target = settings.models_dir / spec.cache_id
+    if _cached(target):
+        return target
+    _forbid_download(spec, settings)
+    try:
+        location = parse_model_url(spec.url, spec.cache_id + ARCHIVE_SUFFIX, settings)
+    except InvalidInputs as exc:
+        raise InvalidInputs(exc.message.replace("MODEL_URL", f"{FIELD}.url"), field=f"{FIELD}.url") from None
+    try:
+        with phase(timings, "download"), disk.temporary_file(settings.models_dir, target.name) as part:
+            if isinstance(location, S3Location):
+                transfer.s3_download(location, part, settings)
+            else:
+                transfer.http_download(location.url, part, settings)
+            with disk.staged_directory(target) as staging, part.open("rb") as source:
+                archive.unpack(source, staging)
+                (staging / CACHE_MARKER).write_text(json.dumps({"model": spec.model}) + "\n")
+                disk.publish(staging, target, complete=_cached, replace_others=True)
+        return target
+    except transfer.Missing:
+        if not isinstance(location, S3Location):
+            raise ModelNotFound(f"no IP-Adapter archive at {location}", requested=spec.model) from None
+    log.info("%s is not in the cloud cache yet: building it from %s", location, spec.model)
+    origin = fetch_ip_adapter(dataclasses.replace(spec, url=None), settings, timings)
+    with phase(timings, "upload"), disk.staged_directory(target) as staging:
+        weight_name = weight_file(origin, spec)
+        for relative in (PurePosixPath(spec.subfolder, weight_name), PurePosixPath(spec.encoder_prefix)):
+            copy = shutil.copytree if (origin / relative).is_dir() else shutil.copy2
+            (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+            copy(origin / relative, staging / relative)
+        upload_archive(staging, location, settings)
+        (staging / CACHE_MARKER).write_text(json.dumps({"model": spec.model}) + "\n")
+        disk.publish(staging, target, complete=_cached, replace_others=True)
+    return target
+
+
+def _cached(directory: Path) -> bool:
+    return (directory / CACHE_MARKER).is_file()
 
 
 # ---------------------------------------------------------------------------------------------- the variant

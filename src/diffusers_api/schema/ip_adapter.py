@@ -40,6 +40,12 @@ class IPAdapter(BaseModel):
         description="Hub repository, local directory (in MODELS_DIR or LOCAL_MODEL_ROOTS), or builtin/tiny-ip-adapter"
         " / builtin/tiny-ip-adapter-sdxl",
     )
+    url: str | None = Field(
+        None,
+        max_length=2000,
+        description="Cloud-cache archive of the adapter (as MODEL_URL: s3://, http+s3://, http(s)://): downloaded"
+        " when there, else (s3) built from `model` and uploaded",
+    )
     subfolder: str = Field("", max_length=200, description="Folder of the weight file in it (h94/IP-Adapter: models)")
     weight_name: str | None = Field(
         None,
