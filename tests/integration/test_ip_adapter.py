@@ -49,6 +49,12 @@ def runners(models_dir: Path) -> dict[str, Runner]:
     return {model: runner_for(model, models_dir) for model in (SD, SDXL)}
 
 
+@pytest.fixture(scope="module")
+def sd_red(runners: dict[str, Runner]) -> GenerateResult:
+    """tiny-sd with the red image prompt at scale 1: what several tests compare with."""
+    return runners[SD].run(ask())
+
+
 def ask(
     model: str = SD, prompt_image: str | list[str] | None = RED, scale: float = 1.0, **fields: Any
 ) -> GenerateRequest:
@@ -69,10 +75,12 @@ def unet_of(runner: Runner) -> Any:
 
 
 @pytest.mark.parametrize("model", [SD, SDXL])
-def test_the_image_prompt_changes_the_result_and_scale_0_leaves_it_out(runners: dict[str, Runner], model: str) -> None:
+def test_the_image_prompt_changes_the_result_and_scale_0_leaves_it_out(
+    runners: dict[str, Runner], sd_red: GenerateResult, model: str
+) -> None:
     runner = runners[model]
     plain = runner.run(ask(model, prompt_image=None))
-    red = runner.run(ask(model))
+    red = sd_red if model == SD else runner.run(ask(model))
     assert red.meta["IP_ADAPTER"] == {"model": ADAPTERS[model], "scale": 1.0}
     assert red.meta["LOOP"] == "diffusers"  # our batched loop does not run IP-Adapters: diffusers' call does
     assert red.images != plain.images
@@ -95,24 +103,27 @@ def test_img2img_and_inpaint_take_an_image_prompt(runners: dict[str, Runner], mo
         mask = {"mask_image": b64_image((255, 255, 255), 64), "image": b64_image((30, 30, 200), 64)}
         inpainted = runner.run(ask(model, **mask))
         assert inpainted.meta["PIPELINE"] == "StableDiffusionInpaintPipeline"
-        assert inpainted.images != runner.run(ask(model, prompt_image=None, **mask)).images
+        assert inpainted.meta["IP_ADAPTER"]["model"] == ADAPTERS[SD]
 
 
 def test_the_result_is_diffusers_own(runners: dict[str, Runner], models_dir: Path) -> None:
-    """The same request through plain diffusers: load_ip_adapter on the pipeline, set_ip_adapter_scale, call."""
+    """The same request through plain diffusers: load_ip_adapter on the pipeline, set_ip_adapter_scale, call (two
+    prompts, two image prompts for the one adapter)."""
     import torch
     from diffusers import DiffusionPipeline
 
-    ours = runners[SD].run(ask(scale=0.6, prompt_image=[RED, BLUE]))
+    prompts = ["a red barn", "a blue lake"]
+    ours = runners[SD].run(ask(scale=0.6, prompt_image=[RED, BLUE], prompt=prompts))
     pipe = DiffusionPipeline.from_pretrained(ensure_builtin(SD, models_dir))
     pipe.set_progress_bar_config(disable=True)
     pipe.load_ip_adapter(str(ensure_builtin_ip_adapter(ADAPTERS[SD], models_dir)), "", WEIGHT_NAME)
     pipe.set_ip_adapter_scale(0.6)
     images = [Image.open(io.BytesIO(base64.b64decode(color))) for color in (RED, BLUE)]
-    theirs = pipe(
-        "a red barn", num_inference_steps=STEPS, generator=[torch.Generator().manual_seed(5)], ip_adapter_image=[images]
-    ).images[0]
-    assert np.abs(pixels(ours) - np.asarray(theirs).astype(int)).max() <= 1
+    generators = [torch.Generator().manual_seed(seed) for seed in (5, 6)]
+    theirs = pipe(prompts, num_inference_steps=STEPS, generator=generators, ip_adapter_image=[images]).images
+    assert len(ours.images) == len(theirs) == 2
+    for data, image in zip(ours.images, theirs, strict=True):
+        assert np.abs(np.asarray(Image.open(io.BytesIO(data))).astype(int) - np.asarray(image).astype(int)).max() <= 1
 
 
 def test_the_model_unet_is_untouched_and_its_weights_shared(runners: dict[str, Runner]) -> None:
@@ -133,12 +144,13 @@ def test_the_model_unet_is_untouched_and_its_weights_shared(runners: dict[str, R
         assert shell.get_parameter(name).data_ptr() == tensor.data_ptr()
     assert variant.pipelines.components["vae"] is model.pipelines.components["vae"]
     assert runner.store.resident_bytes() == model.bytes + variant.bytes
+    assert model.describe()["ip_adapters"] == [variant.describe()]
 
 
 def test_a_plain_request_beside_an_ip_adapter_one_gets_its_alone_result(runners: dict[str, Runner]) -> None:
     """The two share their UNet rounds (the batching rendezvous); the plain one must not see the adapter."""
     runner = runners[SD]
-    plain, prompted = ask(prompt_image=None, seed=21, num_inference_steps=4), ask(seed=22, num_inference_steps=4)
+    plain, prompted = ask(prompt_image=None, seed=21), ask(seed=22)
     alone = [runner.run(plain), runner.run(prompted)]
     batcher = Rendezvous(max_wait_s=2.0)
     together = Runner(runner.settings, store=runner.store, steps=SharedSteps(batcher))
@@ -206,7 +218,7 @@ def cloud_settings(models_dir: Path, endpoint: str = "") -> Settings:
 
 
 def test_an_http_archive_is_fetched_once_and_runs_like_the_adapter(
-    runners: dict[str, Runner], models_dir: Path
+    runners: dict[str, Runner], sd_red: GenerateResult, models_dir: Path
 ) -> None:
     """`url` is the adapter's cloud-cache archive (a tar.zst of its files, as MODEL_URL): fetched into MODELS_DIR,
     then used from there, with no download (RUNTIME_DOWNLOADS=0 is then no obstacle)."""
@@ -222,7 +234,7 @@ def test_an_http_archive_is_fetched_once_and_runs_like_the_adapter(
         fetch_ip_adapter(IPAdapterSpec.of(IPAdapter.model_validate(adapter)), cloud_settings(models_dir))
         assert len(files.requests) == 2
     from_archive = runners[SD].run(ask(ip_adapter=adapter))
-    assert from_archive.images == runners[SD].run(ask()).images
+    assert from_archive.images == sd_red.images
 
 
 def test_an_s3_archive_is_built_and_uploaded_then_a_fresh_server_downloads_it(models_dir: Path, tmp_path: Path) -> None:
