@@ -37,7 +37,7 @@ class LoadedModel:
     @property
     def total_bytes(self) -> int:
         adapters = sum(variant.bytes for variant in self.ip_adapters.values())
-        return self.bytes + adapters + sum(variant.bytes for variant in self.variants.values())
+        return self.bytes + adapters + sum(variant.total_bytes for variant in self.variants.values())
 
     def describe(self) -> dict[str, Any]:
         loras, embeddings = self.spec.adapters_json()
