@@ -8,6 +8,7 @@
 - `train.py`: `TrainRequest` (`POST /v1/train`, legacy `callInputs.train`) and `TrainResult`.
 """
 
+from .ip_adapter import IPAdapter
 from .jobs import JobProgress, JobState, JobStatus
 from .legacy import (
     decode_envelope,
@@ -43,6 +44,7 @@ __all__ = [
     "GenerateRequest",
     "GenerateResponse",
     "GenerateResult",
+    "IPAdapter",
     "ImageFormat",
     "ImageOut",
     "JobProgress",

@@ -25,6 +25,7 @@ from pydantic.json_schema import JsonDict
 from pydantic_core import PydanticCustomError
 
 from ..errors import InvalidInputs
+from .ip_adapter import IPAdapter
 
 ImageFormat = Literal["PNG", "JPEG", "WEBP"]
 # The original server's community pipeline for long, A1111-weighted prompts: here a name for those two options.
@@ -45,6 +46,7 @@ RESERVED_CALL_ARGS = frozenset(
         "negative_prompt_embeds",
         "pooled_prompt_embeds",
         "negative_pooled_prompt_embeds",
+        "ip_adapter_image",
         "ip_adapter_image_embeds",
     }
 )
@@ -247,6 +249,9 @@ class GenerateRequest(BaseModel):
     image: str | None = Field(None, description="Input image (base64, data URI or http(s) URL) for img2img / inpaint")
     mask_image: str | None = Field(
         None, description="Inpainting mask (base64, data URI or http(s) URL); white is repainted"
+    )
+    ip_adapter: IPAdapter | None = Field(
+        None, description="An image prompt: IP-Adapter, image(s) and scale (SD 1.x/2.x and SDXL models)"
     )
     cross_attention_kwargs: dict[str, Any] | None = Field(None, json_schema_extra=_json_object_schema)
     prompt_weighting: Literal["compel", "a1111"] | None = Field(
