@@ -10,20 +10,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import cache
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from . import imaging
+from . import imaging, prompts
 from .denoising.tasks import ProgressCallback
 from .devices import memory_usage
 from .errors import Cancelled, DiffusersAPIError, InvalidInputs, NotReady, PipelineError
 from .limits import check_images, check_input_images, check_prompts, check_size
 from .models.controls import control_arguments, control_modules, control_pipeline
+from .models.ip_adapter import check_family as check_ip_adapter_family
 from .models.store import LoadedModel, ModelStore
 from .pipelines import call_arguments, call_parameters
 from .schema import RESERVED_CALL_ARGS, AnyRequest, GenerateRequest, GenerateResult, UpscaleRequest, is_http_url
+from .schema.request import LPW_PIPELINE
 from .upscaling import Upscalers
 
 if TYPE_CHECKING:
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 
     from .config import Settings
     from .denoising import SharedSteps
+    from .schema import IPAdapter
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,7 @@ class Runner:
         self, request: GenerateRequest, progress: ProgressCallback | None, cancel: threading.Event | None
     ) -> GenerateResult:
         timings = self._new_timings()
+        request = self._server_pipeline_options(request)
         pipe_cls, scheduler = self._check_before_fetching(request, timings)
         control_cls = control_pipeline(pipe_cls, request.controlnet) if request.controlnet else None
         # The store reports its own phases: loadModel, and download / upload when it had to fetch the model.
@@ -130,16 +134,27 @@ class Runner:
         extra = self._control_modules(request, model, control_cls, timings)
         inputs = self._decode_inputs(request, timings)
         check_input_images(inputs, model.pipelines, model.spec.model_id)
+        pipelines, ip_adapter = model.pipelines, None
+        scaled: AbstractContextManager[None] = nullcontext()
+        if request.ip_adapter is not None:  # models/ip_adapter.py: a variant of the model, never the model itself
+            ip_images = self._decode_ip_images(request.ip_adapter, timings)
+            ip_adapter = self.store.ip_adapter(model, request.ip_adapter, timings)
+            pipelines, scaled = ip_adapter.pipelines, ip_adapter.scaled(request.ip_adapter.scale)
         pipe_cls = control_cls or pipe_cls
-        pipe = model.pipelines.build(pipe_cls, scheduler, safety_checker=request.safety_checker, extra=extra)
+        pipe = pipelines.build(pipe_cls, scheduler, safety_checker=request.safety_checker, extra=extra)
         seeds = imaging.image_seeds(request.seed, request.image_count)
         kwargs = self._call_kwargs(request, inputs, seeds)
+        if request.prompt_weighting or request.long_prompts:
+            with timings.phase("prompts"):
+                kwargs = prompts.encode(pipe, kwargs, request.prompt_weighting, request.long_prompts)
+        if ip_adapter is not None:
+            kwargs["ip_adapter_image"] = [ip_images]  # one IP-Adapter: its list of images
         if request.controlnet:
             images = self._control_images(request, model, timings)
             kwargs = control_arguments(pipe_cls, request.controlnet, images, kwargs)
         check_steps_left(pipe, kwargs)
         loop = self._loop(pipe, kwargs)
-        with timings.phase("inference"):
+        with timings.phase("inference"), scaled:
             output = self._call(pipe, kwargs, progress, cancel, loop)
         with timings.phase("encode"):
             encoded = [imaging.encode_image(img, request.image_format, request.image_quality) for img in output.images]
@@ -150,6 +165,8 @@ class Runner:
             meta["CONTROLNET"] = [
                 control.model_dump(exclude={"image"}, exclude_none=True) for control in request.controlnet
             ]
+        if ip_adapter is not None and request.ip_adapter is not None:
+            meta["IP_ADAPTER"] = {"model": ip_adapter.spec.describe(), "scale": request.ip_adapter.scale}
         return GenerateResult(
             images=encoded,
             image_format=request.image_format,
@@ -175,6 +192,10 @@ class Runner:
         pipe_cls = self._pipeline_class(model, request)
         scheduler = model.pipelines.scheduler(self._scheduler_name(model, request))
         self._check_input_names(pipe_cls, _input_names(request))
+        if request.prompt_weighting or request.long_prompts:
+            prompts.check_request(request, pipe_cls, model.spec.model_id)
+        if request.ip_adapter is not None:
+            check_ip_adapter_family(pipe_cls)
         return pipe_cls, scheduler
 
     def _check_input_names(self, pipe_cls: Any, names: set[str]) -> None:
@@ -217,6 +238,13 @@ class Runner:
             images.append(image)
         return images
 
+    def _decode_ip_images(self, adapter: IPAdapter, timings: Timings) -> list[Image.Image]:
+        """The image prompt(s), decoded like `image` (one list: they are the images of one IP-Adapter)."""
+        limits = {"max_bytes": self.settings.max_body_bytes, "max_pixels": self.settings.max_image_pixels}
+        raw = [self._image_bytes(value, "ip_adapter.image", timings) for value in adapter.images]
+        with timings.phase("decode"):
+            return [imaging.decode_image(data, "ip_adapter.image", **limits) for data in raw]
+
     def _image_bytes(self, value: str, field: str, timings: Timings) -> str | bytes:
         """An image input as it came (base64, data URI), or, given as an http(s) URL, the file it names: fetched
         through a connection to public addresses only (unless ALLOW_PRIVATE_URLS), capped like a request body."""
@@ -235,7 +263,7 @@ class Runner:
 
     def _pipeline_class(self, model: LoadedModel, request: GenerateRequest) -> Any:
         has_image, has_mask = request.image is not None, request.mask_image is not None
-        name = request.pipeline or self.settings.pipeline
+        name = request.pipeline or self._server_pipeline()
         name = name or model.pipelines.default_name(has_image=has_image, has_mask=has_mask)
         cls = model.pipelines.resolve(name)
         needs_image = "Img2Img" in cls.__name__ or "Inpaint" in cls.__name__
@@ -244,6 +272,18 @@ class Runner:
         if "Inpaint" in cls.__name__ and not has_mask:
             raise InvalidInputs(f"mask_image: required by {cls.__name__}", field="mask_image")
         return cls
+
+    def _server_pipeline(self) -> str | None:
+        """The configured PIPELINE; lpw_stable_diffusion names options (`_server_pipeline_options`), no class."""
+        return None if self.settings.pipeline == LPW_PIPELINE else self.settings.pipeline
+
+    def _server_pipeline_options(self, request: GenerateRequest) -> GenerateRequest:
+        """PIPELINE=lpw_stable_diffusion: a request that names no pipeline has long prompts with A1111 weighting
+        (unless it asks for compel's), as the original server's default lpw pipeline read them."""
+        if request.pipeline is not None or self.settings.pipeline != LPW_PIPELINE:
+            return request
+        weighting = request.prompt_weighting or "a1111"
+        return request.model_copy(update={"long_prompts": True, "prompt_weighting": weighting})
 
     def _scheduler_name(self, model: LoadedModel, request: GenerateRequest) -> str:
         return request.scheduler or self._default_scheduler(model)

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from support.envelopes import grass
+from support.fakes import png_bytes
 from support.processes import Process, cli, free_port, offline_env, running
 from support.receiver import Post, Receiver, receiver
 
@@ -116,6 +117,19 @@ def test_api_server_completes_a_legacy_job(api: Process, hook: Receiver) -> None
     assert [update["step"] for update in updates] == [3, 6, STEPS]
 
 
+def test_api_server_runs_a_native_job_with_an_image_prompt(api: Process) -> None:
+    red = base64.b64encode(png_bytes((200, 30, 30), 32)).decode()
+    job = {
+        "prompt": "a red barn",
+        "num_inference_steps": 3,
+        "ip_adapter": {"model": "builtin/tiny-ip-adapter", "image": red},
+    }
+    body = httpx.post(f"{api.url}/runsync", json={"input": job}, timeout=180).json()
+    assert body["status"] == "COMPLETED", body
+    assert body["output"]["meta"]["IP_ADAPTER"] == {"model": "builtin/tiny-ip-adapter", "scale": 1.0}
+    assert png_size(body["output"]["images"][0]["data"]) == (64, 64)
+
+
 def test_api_server_fails_a_bad_job_with_a_string_error(api: Process) -> None:
     body = httpx.post(f"{api.url}/runsync", json={"input": BAD}, timeout=180).json()
     assert body["status"] == "FAILED", body
@@ -172,3 +186,16 @@ def test_client_runpod_mode_stops_on_failed_with_the_reason(api: Process, tmp_pa
     assert done.returncode == 1
     assert "ended FAILED: INVALID_INPUTS: width: Input should be a multiple of 8" in done.stderr
     assert not tmp_path.joinpath("txt2img.png").exists()
+
+
+def test_api_server_runs_long_weighted_prompts_and_refuses_bad_syntax(api: Process) -> None:
+    long = "realistic field of (grass)1.4 under a blue sky, " * 8  # about 100 tokens, in compel's syntax
+    call_inputs = {"PIPELINE": "lpw_stable_diffusion", "custom_pipeline_method": "text2img", "compel_prompts": True}
+    body = httpx.post(f"{api.url}/runsync", json={"input": grass(2, call_inputs, prompt=long)}, timeout=180).json()
+    assert body["status"] == "COMPLETED", body
+    assert png_size(body["output"]["image_base64"]) == (64, 64)
+    assert body["output"]["$meta"]["PIPELINE"] == "StableDiffusionPipeline"
+    bad = grass(2, {"compel_prompts": True}, prompt="a (red barn")
+    body = httpx.post(f"{api.url}/runsync", json={"input": bad}, timeout=180).json()
+    assert body["status"] == "FAILED", body
+    assert body["error"] == "INVALID_INPUTS: prompt: '(' at character 3 is never closed (in compel syntax)"

@@ -12,8 +12,9 @@ from pydantic import (
 )
 
 from ..errors import InvalidInputs
-from .request import _NEEDS_IMAGE, GenerateRequest, invalid_inputs, is_http_url
+from .request import _NEEDS_IMAGE, LPW_PIPELINE, GenerateRequest, invalid_inputs, is_http_url
 from .response import GenerateResult
+from .train import TrainRequest, TrainResult, parse_train_request
 from .upscale import UpscaleRequest, parse_upscale_request
 
 # callInputs key -> GenerateRequest field
@@ -39,12 +40,7 @@ _LEGACY_CALL_INPUTS = {
 }
 # callInputs the server knows but this build does not act on: refused with a clear message rather than ignored,
 # so that nobody believes such an option was applied when it was not.
-_LEGACY_UNSUPPORTED = (
-    "train",
-    "attn_procs",
-    "compel_prompts",
-    "custom_pipeline_method",
-)
+_LEGACY_UNSUPPORTED = ("attn_procs",)
 # use_extra: the original's extras, run instead of the pipeline. Only "upsample" exists here (`upscale_from_legacy`).
 USE_EXTRA = ("upsample",)
 # use_extra "upsample": modelInputs and callInputs it reads -> UpscaleRequest field
@@ -52,6 +48,19 @@ _UPSAMPLE_MODEL_INPUTS = {"input_image": "image", "face_enhance": "face_enhance"
 _UPSAMPLE_CALL_INPUTS = {
     key: _LEGACY_CALL_INPUTS[key]
     for key in ("MODEL_ID", "image_format", "image_quality", "startRequestId", "SEND_URL", "SIGN_KEY", "streamEvents")
+}
+# callInputs that choose how prompts are read (`_prompt_options`): compel_prompts -> prompt_weighting "compel";
+# PIPELINE lpw_stable_diffusion with custom_pipeline_method -> long prompts, A1111 weighting, that task's pipeline.
+_LPW_METHODS = {"text2img": "txt2img", "img2img": "img2img", "inpaint": "inpaint"}
+_LEGACY_PROMPT_INPUTS = {
+    "compel_prompts": {
+        "anyOf": [{"type": "boolean"}, {"type": "null"}],
+        "description": "read the prompts in compel's weighting syntax",
+    },
+    "custom_pipeline_method": {
+        "enum": [*_LPW_METHODS, None, ""],
+        "description": f"with PIPELINE {LPW_PIPELINE}: which task runs",
+    },
 }
 # callInputs that were speed hints in the original; PyTorch's SDPA attention makes them moot.
 _LEGACY_IGNORED = ("xformers_memory_efficient_attention",)
@@ -71,12 +80,15 @@ def legacy_envelope_schema(ref_template: str = "#/$defs/{model}") -> dict[str, A
         "type": "string",
         "description": "ControlNet model; modelInputs.image is its condition",
     }
+    call_inputs |= _LEGACY_PROMPT_INPUTS
     call_inputs |= {key: {"enum": [None, "", False], "description": "not supported"} for key in _LEGACY_UNSUPPORTED}
     call_inputs["use_extra"] = {
         "enum": [None, "", False, *USE_EXTRA],
         "description": "upsample: upscale modelInputs.input_image with the upscaler MODEL_ID (see POST /v1/upscale)",
     }
     call_inputs |= {key: {"description": "ignored"} for key in _LEGACY_IGNORED}
+    call_inputs["train"] = {"enum": [None, "", False, "dreambooth"], "description": "modelInputs are training args"}
+    call_inputs["dest_url"] = {"type": "string", "description": "training: s3:// URL the result is uploaded to"}
     with_an_image = {"anyOf": [{"required": ["image"]}, {"required": ["init_image"]}]}
     return {
         "type": "object",
@@ -155,6 +167,7 @@ def from_legacy(envelope: dict[str, Any]) -> GenerateRequest:
     """Translate `{"modelInputs", "callInputs"}` onto a GenerateRequest, or raise INVALID_INPUTS."""
     model_inputs, call_inputs = _envelope_parts(envelope)
     data = _legacy_call_inputs(call_inputs) | _legacy_model_inputs(model_inputs)
+    data |= _prompt_options(call_inputs, data)
     if call_inputs.get(_CONTROLNET_KEY):
         _legacy_controlnet(call_inputs[_CONTROLNET_KEY], data)
     if call_inputs.get("is_url"):
@@ -173,25 +186,22 @@ def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:
     for key, value in call_inputs.items():
         if key in _LEGACY_CALL_INPUTS:
             data[_LEGACY_CALL_INPUTS[key]] = value
-        elif key in ("is_url", _CONTROLNET_KEY):
-            continue  # read by from_legacy
+        elif key in ("is_url", _CONTROLNET_KEY) or (key == "train" and value in (None, "", False)):
+            continue  # is_url and CONTROLNET_MODEL_ID are read by from_legacy
+        elif key == "dest_url":
+            raise InvalidInputs("callInputs.dest_url applies to a training (callInputs.train: dreambooth)")
+        elif key == "train":  # a training is read by train_from_legacy (POST /, the RunPod worker), not here
+            raise InvalidInputs(f"callInputs.train {value!r} makes a training: send it to POST / or the RunPod worker")
         elif key == "use_extra":
             _check_no_extra(value)
-        elif key in _LEGACY_IGNORED:
-            continue
+        elif key in _LEGACY_IGNORED or key in _LEGACY_PROMPT_INPUTS:
+            continue  # the prompt inputs are read by _prompt_options
         elif key in _LEGACY_UNSUPPORTED:
             if value not in (None, "", False):
                 raise InvalidInputs(f"callInputs.{key} is not supported by this server yet")
         else:
-            known = [
-                *_LEGACY_CALL_INPUTS,
-                "is_url",
-                "use_extra",
-                _CONTROLNET_KEY,
-                *_LEGACY_UNSUPPORTED,
-                *_LEGACY_IGNORED,
-            ]
-            known = sorted(known)
+            known = [*_LEGACY_CALL_INPUTS, "is_url", "use_extra", "train", "dest_url", *_LEGACY_PROMPT_INPUTS]
+            known = sorted([*known, _CONTROLNET_KEY, *_LEGACY_UNSUPPORTED, *_LEGACY_IGNORED])
             raise InvalidInputs(f"callInputs.{key} is not a known call input", known=known)
     return data
 
@@ -231,6 +241,48 @@ def _legacy_controlnet(model_id: object, data: dict[str, Any]) -> None:
         del data["extra"]
 
 
+# callInputs a training takes (the others of _LEGACY_CALL_INPUTS choose how images are made: a training ignores
+# them, since clients send their defaults with every call)
+_TRAIN_CALL_INPUTS = (
+    *("MODEL_ID", "HF_MODEL_ID", "MODEL_REVISION", "MODEL_VARIANT", "MODEL_PRECISION", "MODEL_URL"),
+    *("CHECKPOINT_URL", "startRequestId", "SEND_URL", "SIGN_KEY"),
+)
+_NOT_FOR_TRAINING = (
+    "lora_weights",
+    "textual_inversions",
+    "streamEvents",
+    "use_extra",
+    *_LEGACY_PROMPT_INPUTS,
+    *_LEGACY_UNSUPPORTED,
+)
+
+
+def is_training(envelope: dict[str, Any]) -> bool:
+    """`callInputs.train` is set: the envelope asks for a training (modelInputs are its arguments)."""
+    call_inputs = envelope.get("callInputs")
+    return isinstance(call_inputs, dict) and call_inputs.get("train") not in (None, "", False)
+
+
+def train_from_legacy(envelope: dict[str, Any]) -> TrainRequest:
+    """`{"modelInputs": {instance_images, instance_prompt, ...}, "callInputs": {"train": "dreambooth", dest_url,
+    MODEL_ID, ...}}` as a TrainRequest, or INVALID_INPUTS."""
+    model_inputs, call_inputs = envelope.get("modelInputs"), envelope["callInputs"]
+    if not isinstance(model_inputs, dict):
+        raise InvalidInputs("modelInputs must be an object holding the training arguments")
+    data: dict[str, Any] = {"train": call_inputs["train"]}
+    for key, value in call_inputs.items():
+        if key in _TRAIN_CALL_INPUTS:
+            data[_LEGACY_CALL_INPUTS[key]] = value
+        elif key == "dest_url":
+            data["dest_url"] = value
+        elif key in _NOT_FOR_TRAINING and value not in (None, "", False):
+            raise InvalidInputs(f"callInputs.{key} does not apply to a training")
+    overlap = sorted(set(data) & set(model_inputs) - {"train"})
+    if overlap:
+        raise InvalidInputs(f"give {', '.join(overlap)} in callInputs or modelInputs, not both")
+    return parse_train_request(model_inputs | data)
+
+
 def _check_no_extra(value: Any) -> None:
     """A generation names no extra; "upsample" is answered by `from_legacy_envelope` (POST /, RunPod), not here."""
     if value in (None, "", False):
@@ -242,6 +294,28 @@ def _check_no_extra(value: Any) -> None:
         field="use_extra",
         allowed=list(USE_EXTRA),
     )
+
+
+def _prompt_options(call_inputs: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """compel_prompts and lpw_stable_diffusion's custom_pipeline_method as the native options."""
+    options: dict[str, Any] = {}
+    compel = call_inputs.get("compel_prompts")
+    if compel is not None and not isinstance(compel, bool):
+        raise InvalidInputs(f"callInputs.compel_prompts must be true or false, not {compel!r}")
+    if compel:
+        options["prompt_weighting"] = "compel"
+    method = call_inputs.get("custom_pipeline_method")
+    if method in (None, ""):
+        return options
+    if call_inputs.get("PIPELINE") != LPW_PIPELINE:
+        raise InvalidInputs(f"callInputs.custom_pipeline_method applies to PIPELINE {LPW_PIPELINE} only")
+    if method not in _LPW_METHODS:
+        raise InvalidInputs(
+            f"callInputs.custom_pipeline_method must be one of {', '.join(_LPW_METHODS)}, not {method!r}",
+            accepted=list(_LPW_METHODS),
+        )
+    weighting = options.get("prompt_weighting") or data.get("prompt_weighting") or "a1111"
+    return options | {"pipeline": _LPW_METHODS[method], "long_prompts": True, "prompt_weighting": weighting}
 
 
 def _legacy_model_inputs(model_inputs: dict[str, Any]) -> dict[str, Any]:
@@ -273,3 +347,9 @@ def to_legacy(result: GenerateResult) -> dict[str, Any]:
     body["$timings"] = result.timings
     body["$mem_usage"] = result.mem_usage
     return body
+
+
+def to_legacy_training(result: TrainResult) -> dict[str, Any]:
+    """What the original answered after a training (`done: true`), with where the result went."""
+    body = result.model_dump(exclude={"meta", "timings"}, exclude_none=True)
+    return {"done": True, **body, "$meta": result.meta, "$timings": result.timings}

@@ -7,6 +7,7 @@ One typed request serves HTTP, the RunPod handler and the Python client; the leg
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs
 
@@ -25,8 +26,11 @@ from pydantic_core import PydanticCustomError
 
 from ..errors import InvalidInputs
 from .controls import MAX_CONTROLS, ControlInput, controls_schema
+from .ip_adapter import IPAdapter
 
 ImageFormat = Literal["PNG", "JPEG", "WEBP"]
+# The original server's community pipeline for long, A1111-weighted prompts: here a name for those two options.
+LPW_PIPELINE = "lpw_stable_diffusion"
 
 # Arguments of a pipeline's __call__ that the server owns: a request may not set them.
 RESERVED_CALL_ARGS = frozenset(
@@ -43,6 +47,7 @@ RESERVED_CALL_ARGS = frozenset(
         "negative_prompt_embeds",
         "pooled_prompt_embeds",
         "negative_pooled_prompt_embeds",
+        "ip_adapter_image",
         "ip_adapter_image_embeds",
     }
 )
@@ -57,16 +62,29 @@ def is_http_url(value: object) -> bool:
 # The same rule in the JSON schema (pattern only constrains strings, so it also suits an optional field); a
 # pattern in Field would replace the validator's message with "String should match pattern".
 _HTTP_PATTERN: JsonDict = {"pattern": "^https?://"}
+# A training's result kept in MODELS_DIR (schema/train.py): `trained/<name>`, a model id or a lora_weights entry.
+TRAINED_PREFIX = "trained/"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+_LORA_PATTERN: JsonDict = {"pattern": "^(https?://|trained/)"}
 
 
-def _adapters_schema(schema: dict[str, Any]) -> None:
+def is_trained_name(value: str) -> bool:
+    """`trained/<name>`: a training's result kept in MODELS_DIR."""
+    return value.startswith(TRAINED_PREFIX) and re.match(NAME_PATTERN, value[len(TRAINED_PREFIX) :]) is not None
+
+
+def _adapters_schema(schema: dict[str, Any], pattern: JsonDict = _HTTP_PATTERN) -> None:
     """The JSON schema of `lora_weights` and `textual_inversions` as the server reads them (`_url_list`): a list of
     URLs or objects, or one of them alone."""
     listed, null = schema["anyOf"]
-    url = {"type": "string", **_HTTP_PATTERN}
+    url = {"type": "string", **pattern}
     one = listed["items"]
     listed["items"] = {"anyOf": [url, one]}
     schema["anyOf"] = [listed, url, one, null]
+
+
+def _loras_schema(schema: dict[str, Any]) -> None:
+    _adapters_schema(schema, _LORA_PATTERN)
 
 
 def _json_object_schema(schema: dict[str, Any]) -> None:
@@ -104,10 +122,22 @@ class _AdapterURL(BaseModel):
 class LoraWeight(_AdapterURL):
     """A LoRA fused into the model for this request (models/adapters.py)."""
 
-    url: str = Field(description="http(s) URL of a .safetensors LoRA file", json_schema_extra=_HTTP_PATTERN)
+    url: str = Field(
+        description="http(s) URL of a .safetensors LoRA file, or trained/<name> of a LoRA trained here",
+        json_schema_extra=_LORA_PATTERN,
+    )
     scale: float | None = Field(
         None, ge=-8, le=8, description="Its weight; default: the request's cross_attention_kwargs.scale, else 1"
     )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if is_trained_name(value):
+            return value
+        if not is_http_url(value):
+            raise ValueError("must be an http:// or https:// URL, or trained/<name> of a LoRA trained here")
+        return value
 
     @property
     def fragment_scale(self) -> float | None:
@@ -195,8 +225,9 @@ class GenerateRequest(BaseModel):
     lora_weights: list[LoraWeight] | None = Field(
         None,
         max_length=8,
-        description="LoRAs to fuse into the model: URLs, or {url, scale} objects (a single URL may be a string)",
-        json_schema_extra=_adapters_schema,
+        description="LoRAs to fuse into the model: URLs (or trained/<name>), or {url, scale} objects (a single URL "
+        "may be a string)",
+        json_schema_extra=_loras_schema,
     )
     textual_inversions: list[TextualInversion] | None = Field(
         None,
@@ -220,6 +251,9 @@ class GenerateRequest(BaseModel):
     mask_image: str | None = Field(
         None, description="Inpainting mask (base64, data URI or http(s) URL); white is repainted"
     )
+    ip_adapter: IPAdapter | None = Field(
+        None, description="An image prompt: IP-Adapter, image(s) and scale (SD 1.x/2.x and SDXL models)"
+    )
     cross_attention_kwargs: dict[str, Any] | None = Field(None, json_schema_extra=_json_object_schema)
     controlnet: list[ControlInput] | None = Field(
         None,
@@ -227,6 +261,14 @@ class GenerateRequest(BaseModel):
         max_length=MAX_CONTROLS,
         description="ControlNets or T2I-Adapters with their conditioning images (one object, or a list of up to 4)",
         json_schema_extra=controls_schema,
+    )
+    prompt_weighting: Literal["compel", "a1111"] | None = Field(
+        None,
+        description="Read weights in the prompts: compel's syntax ((word)1.3, word++, .and(), .blend()) or A1111's"
+        " ((word:1.3), (word), [word]); SD and SDXL models. Default: plain text",
+    )
+    long_prompts: bool = Field(
+        False, description="Encode prompts longer than 77 tokens in chunks instead of cutting them (SD and SDXL)"
     )
     extra: dict[str, Any] = Field(
         default_factory=dict, description="Other arguments of the pipeline's __call__, passed through"
@@ -292,6 +334,16 @@ class GenerateRequest(BaseModel):
             if not -8 <= lora.scale <= 8:
                 raise ValueError(f"the scale of LoRA {lora.url} is {lora.scale}; it must be between -8 and 8")
         self.cross_attention_kwargs = kwargs or None
+        return self
+
+    @model_validator(mode="after")
+    def _lpw_pipeline(self) -> GenerateRequest:
+        """`pipeline: "lpw_stable_diffusion"` (the original's community pipeline) is long prompts with A1111
+        weighting on the model's own txt2img / img2img / inpaint pipeline, chosen as for no pipeline."""
+        if self.pipeline == LPW_PIPELINE:
+            self.pipeline = None
+            self.long_prompts = True
+            self.prompt_weighting = self.prompt_weighting or "a1111"
         return self
 
     @model_validator(mode="after")
