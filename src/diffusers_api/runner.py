@@ -128,7 +128,8 @@ class Runner:
         timings = self._new_timings()
         request = self._server_pipeline_options(request)
         pipe_cls, scheduler = self._check_before_fetching(request, timings)
-        control_cls = control_pipeline(pipe_cls, request.controlnet) if request.controlnet else None
+        with_ip = request.ip_adapter is not None
+        control_cls = control_pipeline(pipe_cls, request.controlnet, with_ip) if request.controlnet else None
         # The store reports its own phases: loadModel, and download / upload when it had to fetch the model.
         model = self.store.get(request, timings)
         extra = self._control_modules(request, model, control_cls, timings)

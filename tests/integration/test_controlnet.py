@@ -259,6 +259,16 @@ def test_bad_requests_are_clear_errors(
     assert 400 <= caught.value.status < 500
 
 
+def test_controlnet_with_an_image_prompt(sd: Runner) -> None:
+    """ControlNet pipelines take an IP-Adapter's image prompt too; SD's T2I-Adapter pipeline does not: a 422."""
+    prompt = {"model": "builtin/tiny-ip-adapter", "image": b64(init_image())}
+    both = sd.run(request(controlnet=control(), ip_adapter=prompt))
+    assert both.meta["IP_ADAPTER"]["model"] == "builtin/tiny-ip-adapter"
+    assert both.meta["CONTROLNET"][0]["model"] == CONTROLNET
+    with pytest.raises(InvalidInputs, match="StableDiffusionAdapterPipeline takes no ip_adapter image prompt"):
+        sd.run(request(controlnet=control(ADAPTER, type="t2i"), ip_adapter=prompt))
+
+
 def test_only_sd_and_sdxl_pipelines_take_controls() -> None:
     flux = type("FluxPipeline", (), {})
     with pytest.raises(InvalidInputs, match="not with FluxPipeline"):

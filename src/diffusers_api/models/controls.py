@@ -250,8 +250,16 @@ _TASKS = {
 }
 
 
-def control_pipeline(pipe_cls: Any, controls: list[ControlInput]) -> Any:
-    """The diffusers pipeline class that runs `pipe_cls`'s task with `controls`, or INVALID_INPUTS."""
+def control_pipeline(pipe_cls: Any, controls: list[ControlInput], image_prompt: bool = False) -> Any:
+    """The diffusers pipeline class that runs `pipe_cls`'s task with `controls` (and an IP-Adapter's image prompt,
+    where `image_prompt`), or INVALID_INPUTS."""
+    cls = _control_pipeline(pipe_cls, controls)
+    if image_prompt and "ip_adapter_image" not in _parameters(cls):
+        raise InvalidInputs(f"controlnet: {cls.__name__} takes no ip_adapter image prompt", field="ip_adapter")
+    return cls
+
+
+def _control_pipeline(pipe_cls: Any, controls: list[ControlInput]) -> Any:
     import diffusers
 
     name = pipe_cls.__name__
