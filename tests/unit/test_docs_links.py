@@ -147,7 +147,6 @@ def test_the_request_inputs_table_names_every_field_and_legacy_key() -> None:
 _REFUSED_OR_IGNORED = (
     "train",
     "use_extra",
-    "attn_procs",
     "compel_prompts",
     "custom_pipeline_method",
     "xformers_memory_efficient_attention",

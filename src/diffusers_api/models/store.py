@@ -40,7 +40,7 @@ __all__ = ["LoadedModel", "ModelSpec", "ModelStore", "cached_models"]
 log = logging.getLogger(__name__)
 
 # $timings phases that the store reports apart from loadModel.
-TRANSFER_PHASES = ("download", "upload")
+TRANSFER_PHASES = ("download", "compress", "upload")
 
 
 class ModelStore:

@@ -24,6 +24,7 @@ _LEGACY_CALL_INPUTS = {
     "MODEL_PRECISION": "precision",
     "MODEL_URL": "model_url",
     "CHECKPOINT_URL": "checkpoint_url",
+    "CHECKPOINT_CONFIG_URL": "checkpoint_config_url",
     "PIPELINE": "pipeline",
     "SCHEDULER": "scheduler",
     "safety_checker": "safety_checker",
@@ -35,13 +36,15 @@ _LEGACY_CALL_INPUTS = {
     "streamEvents": "stream_events",
     "lora_weights": "lora_weights",
     "textual_inversions": "textual_inversions",
+    "FILL_MODE": "fill_mode",
 }
+# The original's name for a LoRA file (it loaded it with `unet.load_attn_procs`): one more of lora_weights.
+_LEGACY_LORA_ALIAS = "attn_procs"
 # callInputs the server knows but this build does not act on: refused with a clear message rather than ignored,
 # so that nobody believes such an option was applied when it was not.
 _LEGACY_UNSUPPORTED = (
     "train",
     "use_extra",
-    "attn_procs",
     "compel_prompts",
     "custom_pipeline_method",
 )
@@ -59,6 +62,10 @@ def legacy_envelope_schema(ref_template: str = "#/$defs/{model}") -> dict[str, A
     model_inputs = {name: fields[name] for name in sorted(_TYPED_MODEL_INPUTS)} | {"init_image": fields["image"]}
     call_inputs = {key: fields[name] for key, name in _LEGACY_CALL_INPUTS.items()}
     call_inputs["is_url"] = {"type": "boolean", "description": "image and mask_image are http(s) URLs"}
+    call_inputs[_LEGACY_LORA_ALIAS] = {
+        "anyOf": [{"type": "string", "pattern": "^https?://"}, {"enum": [None, "", False]}],
+        "description": "URL of a LoRA file, as one more of lora_weights (the original's attn_procs)",
+    }
     call_inputs |= {key: {"enum": [None, "", False], "description": "not supported"} for key in _LEGACY_UNSUPPORTED}
     call_inputs |= {key: {"description": "ignored"} for key in _LEGACY_IGNORED}
     with_an_image = {"anyOf": [{"required": ["image"]}, {"required": ["init_image"]}]}
@@ -125,14 +132,22 @@ def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:
             data[_LEGACY_CALL_INPUTS[key]] = value
         elif key == "is_url":
             continue  # read by from_legacy: the image inputs are URLs
+        elif key == _LEGACY_LORA_ALIAS:
+            continue  # added after the loop, to whatever lora_weights gives
         elif key in _LEGACY_IGNORED:
             continue
         elif key in _LEGACY_UNSUPPORTED:
             if value not in (None, "", False):
                 raise InvalidInputs(f"callInputs.{key} is not supported by this server yet")
         else:
-            known = sorted([*_LEGACY_CALL_INPUTS, "is_url", *_LEGACY_UNSUPPORTED, *_LEGACY_IGNORED])
-            raise InvalidInputs(f"callInputs.{key} is not a known call input", known=known)
+            known = [*_LEGACY_CALL_INPUTS, "is_url", _LEGACY_LORA_ALIAS, *_LEGACY_UNSUPPORTED, *_LEGACY_IGNORED]
+            raise InvalidInputs(f"callInputs.{key} is not a known call input", known=sorted(known))
+    attn_procs = call_inputs.get(_LEGACY_LORA_ALIAS)
+    if attn_procs not in (None, "", False):
+        if not is_http_url(attn_procs):
+            raise InvalidInputs(f"callInputs.{_LEGACY_LORA_ALIAS} must be the http(s) URL of a LoRA file")
+        loras = data.get("lora_weights") or []
+        data["lora_weights"] = [*(loras if isinstance(loras, list) else [loras]), attn_procs]
     return data
 
 
