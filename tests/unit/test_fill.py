@@ -29,17 +29,21 @@ def test_the_transparent_area_is_filled_from_the_image_and_becomes_the_mask(mode
     filled, mask = prefill(left_red_right_clear(), None, mode)
 
     pixels = np.asarray(filled)
-    assert filled.mode == "RGB" and filled.size == (40, 24)
+    assert filled.mode == "RGB"
+    assert filled.size == (40, 24)
     assert (pixels[:, :20] == np.asarray(left_red_right_clear().convert("RGB"))[:, :20]).all()  # untouched
     hole = pixels[:, 20:].reshape(-1, 3).astype(int)
     # colours taken from the image (PatchMatch blends the patches it copies): red and blue, never the black under
     # the transparency or white; mostly red, as the image is
-    assert (hole[:, 1] == 30).all() and (hole.sum(axis=1) > 200).all()
-    assert 100 < hole[:, 0].mean() <= 200 and hole[:, 2].mean() < 120
+    assert (hole[:, 1] == 30).all()
+    assert (hole.sum(axis=1) > 200).all()
+    assert 100 < hole[:, 0].mean() <= 200
+    assert hole[:, 2].mean() < 120
     # the mask: the transparent columns 20..39, grown to whole 8x8 cells (16..39), white on black
     cells = np.asarray(mask)
     assert mask.mode == "L"
-    assert (cells[:, 16:] == 255).all() and (cells[:, :16] == 0).all()
+    assert (cells[:, 16:] == 255).all()
+    assert (cells[:, :16] == 0).all()
 
 
 def test_edge_fill_takes_the_nearest_known_pixel() -> None:
@@ -109,6 +113,6 @@ def test_without_pypatchmatch_patchmatch_is_a_clear_refusal(monkeypatch: pytest.
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_patchmatch)
-    with pytest.raises(InvalidInputs, match="PatchMatch is not available on this server .*fill_mode edge"):
+    with pytest.raises(InvalidInputs, match=r"PatchMatch is not available on this server .*fill_mode edge"):
         prefill(left_red_right_clear(), None, "patchmatch")
     assert fill.prefill(left_red_right_clear(), None, "edge")[0].size == (40, 24)  # edge needs no native library

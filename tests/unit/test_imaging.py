@@ -431,7 +431,7 @@ def test_without_its_plugin_jxl_is_refused_clearly(monkeypatch: pytest.MonkeyPat
         return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(builtins, "__import__", no_plugin)
-    with pytest.raises(InvalidInputs, match="JXL needs pillow-jxl-plugin.*choose PNG, JPEG or WEBP"):
+    with pytest.raises(InvalidInputs, match=r"JXL needs pillow-jxl-plugin.*choose PNG, JPEG or WEBP"):
         encode_image(two_halves("RGB", 0, 1), "JXL")
     with pytest.raises(InvalidImage, match="JPEG XL image, which this server cannot read"):
         decode_image(to_base64(jxl), "image", **LIMITS)
