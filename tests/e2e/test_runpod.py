@@ -137,6 +137,8 @@ def test_api_server_outpaints_a_native_job(api: Process) -> None:
         "fill_mode": "edge",
         "image_format": "jxl",
         "num_inference_steps": 2,
+        "width": 32,
+        "height": 32,
     }
     body = httpx.post(f"{api.url}/runsync", json={"input": job}, timeout=180).json()
     assert body["status"] == "COMPLETED", body
