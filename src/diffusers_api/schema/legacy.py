@@ -78,7 +78,7 @@ def legacy_envelope_schema(ref_template: str = "#/$defs/{model}") -> dict[str, A
                 "description": "the pipeline's __call__ arguments",
                 "properties": model_inputs,
                 "additionalProperties": True,
-                "dependentSchemas": {field: with_an_image for field in _NEEDS_IMAGE},
+                "dependentSchemas": {field: with_an_image for field in _NEEDS_IMAGE if field in model_inputs},
             },
             "callInputs": {
                 "type": "object",
