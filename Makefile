@@ -38,8 +38,11 @@ $(TORCH_STAMP): | $(BIN)/python
 	$(BIN)/python -m pip install --quiet $(addprefix --index-url ,$(torch_index)) "$(TORCH)"
 	@touch $@
 
+# spandrel (the upscale extra) without its dependencies: it requires torchvision, which would pull its own torch
+# (models/upscalers.py says why spandrel works without it); its other dependency, einops, comes with [dev].
 $(BIN)/diffusers-api: pyproject.toml $(TORCH_STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps "spandrel>=0.4.2"
 	@touch $@
 
 serve: install
@@ -66,13 +69,14 @@ bench: install
 	$(BIN)/python bench/archive_bench.py
 
 # requirements.lock: the exact packages (with their hashes) the Docker image installs, for Linux x86-64 and
-# Python 3.11: the package with its runpod extra, torch held to docker/lock-constraints.txt. uv resolves it
+# Python 3.11: the package with its runpod and upscale extras (the upscale extra's torchvision is the build of the
+# locked torch: each torchvision release requires one torch version), torch held to docker/lock-constraints.txt. uv resolves it
 # from PyPI's metadata alone: nothing is downloaded or installed. It keeps the versions already in the lock that
 # still fit; `make lock LOCK_ARGS=--upgrade` takes the newest.
 LOCK_ARGS ?=
 lock: | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "uv>=0.5"
-	$(BIN)/uv pip compile pyproject.toml --extra runpod --constraint docker/lock-constraints.txt \
+	$(BIN)/uv pip compile pyproject.toml --extra runpod --extra upscale --constraint docker/lock-constraints.txt \
 		--python-platform x86_64-manylinux_2_28 --python-version 3.11 --only-binary :all: --generate-hashes \
 		--custom-compile-command "make lock" --output-file requirements.lock --quiet $(LOCK_ARGS)
 

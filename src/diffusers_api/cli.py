@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, help="waiting requests before BUSY (MAX_QUEUE, default 64)")
     serve.add_argument("--debug", action="store_true", default=None, help="include stack traces in errors")
     serve.add_argument("--log-level", help="debug, info, warning, error (LOG_LEVEL, default info)")
+    serve.add_argument(
+        "--ray",
+        action="store_true",
+        help="run under Ray Serve on a local Ray cluster: --replicas engines, one per GPU, behind Ray's proxy on "
+        "--host and --port (needs the ray extra: pip install 'diffusers-api[ray]')",
+    )
+    serve.add_argument("--replicas", type=int, help="with --ray: engines to run, each on its own GPU (default 1)")
     download = _add_command(
         commands,
         "download",
@@ -66,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         "OFFLINE=1 and no network at all.",
     )
     _add_model_flags(download)
+    download.add_argument(
+        "--upscaler",
+        action="append",
+        dest="upscalers",
+        metavar="NAME",
+        help="also fetch this upscaler's weights (a name of UPSCALER_URLS, e.g. RealESRGAN_x4plus); repeatable",
+    )
     download.add_argument("--log-level", help="debug, info, warning, error (LOG_LEVEL, default info)")
     _add_runpod_parser(commands)
     _add_client_parser(commands)
@@ -149,7 +163,16 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-_NOT_SETTINGS = {"command", "command_parser", "version"}
+_NOT_SETTINGS = {"command", "command_parser", "version", "ray", "replicas", "upscalers"}
+
+
+def settings_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The Settings fields the flags set (those given)."""
+    return {
+        _MODEL_FLAGS.get(name, name): value
+        for name, value in vars(args).items()
+        if value is not None and name not in _NOT_SETTINGS
+    }
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
@@ -159,11 +182,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     from .config import Settings
     from .schema import describe_validation_error
 
-    flags = {
-        _MODEL_FLAGS.get(name, name): value
-        for name, value in vars(args).items()
-        if value is not None and name not in _NOT_SETTINGS
-    }
+    flags = settings_flags(args)
     try:
         return Settings(**flags)
     except ValidationError as exc:
@@ -178,6 +197,13 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.replicas is not None and not args.ray:
+        print("diffusers-api: --replicas goes with --ray (one server process runs one engine)", file=sys.stderr)
+        return 2
+    if args.ray:
+        from .ray import serve_locally
+
+        return serve_locally(settings_flags(args), args.replicas, settings)
     from .http.server import serve as serve_http
     from .logs import configure_logging
 
@@ -187,16 +213,24 @@ def serve(args: argparse.Namespace) -> int:
 
 def download(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    if not settings.model_id:
-        print("diffusers-api: nothing to download: pass --model or set MODEL_ID", file=sys.stderr)
+    upscalers = getattr(args, "upscalers", None) or []
+    if not settings.model_id and not upscalers:
+        print("diffusers-api: nothing to download: pass --model (or set MODEL_ID) or --upscaler", file=sys.stderr)
         return 2
-    from .errors import DiffusersAPIError
     from .logs import configure_logging
+
+    configure_logging(settings.log_level)
+    if settings.model_id and (status := _download_model(settings)):
+        return status
+    return _download_upscalers(settings, upscalers)
+
+
+def _download_model(settings: Any) -> int:
+    from .errors import DiffusersAPIError
     from .models.prefetch import model_directory
     from .models.sources import fetch
     from .models.spec import ModelSpec
 
-    configure_logging(settings.log_level)
     spec = ModelSpec.from_settings(settings)
     assert spec is not None
     on_disk = model_directory(spec, settings) is not None
@@ -207,6 +241,24 @@ def download(args: argparse.Namespace) -> int:
         print(f"diffusers-api: download failed ({exc.code}): {exc.message}", file=sys.stderr)
         return 1
     print(f"{spec.describe()}: {what_download_did(timings, on_disk)}: {directory}")
+    return 0
+
+
+def _download_upscalers(settings: Any, names: list[str]) -> int:
+    """Each upscaler's weights into MODELS_DIR/upscalers, where requests then find them (with RUNTIME_DOWNLOADS=0
+    too, which forbids only downloads at request time)."""
+    from .errors import DiffusersAPIError
+    from .models.upscalers import TINY_UPSCALER, upscaler_file
+
+    build_time = settings.model_copy(update={"runtime_downloads": True})
+    for name in names:
+        timings: dict[str, float] = {}
+        try:
+            path = upscaler_file(name, build_time, timings)
+        except DiffusersAPIError as exc:
+            print(f"diffusers-api: download of upscaler {name} failed ({exc.code}): {exc.message}", file=sys.stderr)
+            return 1
+        print(f"upscaler {name}: {what_download_did(timings, on_disk=name != TINY_UPSCALER)}: {path}")
     return 0
 
 

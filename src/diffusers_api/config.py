@@ -11,6 +11,7 @@ import re
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -32,6 +33,38 @@ def parse_bytes(text: str) -> int:
 
 
 RUNPOD_VOLUME = Path("/runpod-volume")
+
+# The Real-ESRGAN weights the original server offered (`use_extra: "upsample"`), from their official releases.
+DEFAULT_UPSCALER_URLS = {
+    "RealESRGAN_x4plus": "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth",
+    "RealESRGAN_x4plus_anime_6B": (
+        "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.2.2.4/RealESRGAN_x4plus_anime_6B.pth"
+    ),
+    "realesr-general-x4v3": (
+        "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.2.5.0/realesr-general-x4v3.pth"
+    ),
+}
+
+
+UPSCALER_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
+
+
+def parse_name_urls(text: str) -> dict[str, str]:
+    """ "a=https://x/a.pth, b=/models/b.safetensors" -> {"a": ..., "b": ...}."""
+    pairs: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, equals, url = item.partition("=")
+        if not equals or not name.strip() or not url.strip():
+            raise ValueError(f"not a name=url pair: {item!r}")
+        pairs[name.strip()] = url.strip()
+    return pairs
+
+
+def _check_weights_files(urls: dict[str, str]) -> dict[str, str]:
+    for name, url in urls.items():
+        if not urlsplit(url).path.lower().endswith(UPSCALER_SUFFIXES):
+            raise ValueError(f"{name}={url}: expected a {', '.join(UPSCALER_SUFFIXES)} file")
+    return urls
 
 
 def _env(*names: str) -> AliasChoices:
@@ -100,6 +133,11 @@ class Settings(BaseSettings):
         " checkpoints a request may name (RUNTIME_DOWNLOADS=1)",
     )
     device: str = Field("auto", description="auto, cuda, cuda:N, mps or cpu")
+    upscaler_urls: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=lambda: dict(DEFAULT_UPSCALER_URLS),
+        description="Upscalers a request may name (/v1/upscale, use_extra: upsample): comma-separated name=url"
+        " pairs (http(s) URL or local path of a .safetensors or .pth file), added to the Real-ESRGAN defaults",
+    )
 
     # --- cloud cache ---------------------------------------------------------------------------------------
     aws_access_key_id: SecretStr | None = None
@@ -148,13 +186,18 @@ class Settings(BaseSettings):
 
     # --- engine --------------------------------------------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, le=256, description="Images denoised together; 1: one request at a time")
-    cuda_graphs: bool = Field(True, description="Replay batched UNet steps as CUDA graphs on a CUDA device")
+    cuda_graphs: bool = Field(
+        True, description="Replay batched UNet and diffusion-transformer steps as CUDA graphs on a CUDA device"
+    )
     batch_wait_ms: int = Field(
         250, ge=1, le=10_000, description="Longest a step waits for a request still busy between its steps"
     )
     compile: bool = Field(
         False,
-        description="torch.compile the UNet in a background thread; eager steps serve until each shape is compiled",
+        description=(
+            "torch.compile the UNet (not a diffusion transformer) in a background thread; eager steps serve until "
+            "each shape is compiled"
+        ),
     )
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
         "default", description="Inductor mode; max-autotune-no-cudagraphs compiles much longer for faster kernels"
@@ -184,6 +227,15 @@ class Settings(BaseSettings):
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):
             return [Path(root.strip()).expanduser() for root in value.split(",") if root.strip()]
+        return value
+
+    @field_validator("upscaler_urls", mode="before")
+    @classmethod
+    def _with_default_upscalers(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = parse_name_urls(value)
+        if isinstance(value, dict):
+            return _check_weights_files(DEFAULT_UPSCALER_URLS | value)
         return value
 
     @field_validator("model_memory_budget", "lora_max_bytes", mode="before")

@@ -21,14 +21,14 @@ from .events import RequestEvents
 
 if TYPE_CHECKING:
     from .engine import Engine
-    from .schema import GenerateRequest, GenerateResult
+    from .schema import AnyRequest, GenerateResult
 
 
 @dataclass(eq=False)
 class Generation:
     """One request on its way through the engine: what to make, where its events go, how to stop it."""
 
-    request: GenerateRequest
+    request: AnyRequest  # a generation, or an upscale
     # progress comes back through `events.progress`, on the engine's thread; by default nobody listens
     events: RequestEvents = field(default_factory=lambda: RequestEvents(sinks=[], container_id=""))
     cancel: threading.Event = field(default_factory=threading.Event)  # set: stop at the next step

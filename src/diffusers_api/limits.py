@@ -72,8 +72,15 @@ def min_image_size(pipelines: ModelPipelines) -> tuple[int, str] | None:
     if unet is None or not hasattr(unet, "down_blocks") or not isinstance(scale, int):
         return None
     downsampling = 2 ** sum(1 for block in unet.down_blocks if getattr(block, "downsamplers", None))
+    if type(pipelines.base).__name__ in _PIXEL_SPACE_INPUTS:
+        return downsampling * 2, f"UNet downsampling {downsampling} x 2, for 2x2 pixels at its deepest"
     why = f"VAE scale factor {scale} x UNet downsampling {downsampling} x 2, for 2x2 latent pixels at its deepest"
     return scale * downsampling * 2, why
+
+
+# Pipelines whose UNet sees the input image at its own size (concatenated with latents of that size), not
+# through the VAE: their output is the VAE's scale factor larger than their input.
+_PIXEL_SPACE_INPUTS = ("StableDiffusionUpscalePipeline",)
 
 
 def check_size(request: GenerateRequest, pipelines: ModelPipelines, model_id: str) -> None:
@@ -100,3 +107,20 @@ def _check_side(field: str, side: str, value: int | None, pipelines: ModelPipeli
         field=field,
         minimum=minimum,
     )
+
+
+def check_upscale_size(width: int, height: int, scale: float, max_pixels: int) -> tuple[int, int]:
+    """The size an upscale of a `width` x `height` image by `scale` makes, if it is at most `max_pixels`
+    (MAX_IMAGE_PIXELS bounds outputs as well as inputs: an upscaler's memory grows with its output)."""
+    out_width, out_height = round(width * scale), round(height * scale)
+    if out_width * out_height > max_pixels:
+        largest = int((max_pixels / (scale * scale)) ** 0.5)
+        raise InvalidInputs(
+            f"image: {width}x{height} upscaled by {scale:g} would be {out_width}x{out_height} = "
+            f"{out_width * out_height} pixels, more than the {max_pixels} allowed (MAX_IMAGE_PIXELS); at this scale "
+            f"the input may have about {largest}x{largest} pixels",
+            field="image",
+            limit=max_pixels,
+            setting="MAX_IMAGE_PIXELS",
+        )
+    return out_width, out_height

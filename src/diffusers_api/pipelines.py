@@ -155,10 +155,17 @@ class ModelPipelines:
                 continue
 
     def default_name(self, *, has_image: bool, has_mask: bool) -> str:
-        """The pipeline a request gets when it names none: chosen by the images it carries."""
-        if has_mask:
-            return "inpaint"
-        return "img2img" if has_image else type(self.base).__name__
+        """The pipeline a request gets when it names none: chosen by the images it carries. A model whose own
+        pipeline takes them and has no image-to-image or inpainting variant (an upscaler such as
+        StableDiffusionUpscalePipeline, InstructPix2Pix) runs its own pipeline."""
+        task = "inpaint" if has_mask else "img2img" if has_image else None
+        if task is None or self._runs_its_own(task, "mask_image" if has_mask else "image"):
+            return type(self.base).__name__
+        return task
+
+    def _runs_its_own(self, task: str, input_name: str) -> bool:
+        base: Any = type(self.base)
+        return input_name in call_arguments(base) and _auto_task_class(SHORT_NAMES[task], base.__name__) is None
 
     def resolve(self, name: str) -> type:
         """Pipeline class for `name`, checked against this model's components; cached per name."""

@@ -22,7 +22,8 @@ from .errors import Cancelled, DiffusersAPIError, InvalidInputs, NotReady, Pipel
 from .limits import check_images, check_input_images, check_prompts, check_size
 from .models.store import LoadedModel, ModelStore
 from .pipelines import call_arguments, call_parameters
-from .schema import RESERVED_CALL_ARGS, GenerateRequest, GenerateResult, is_http_url
+from .schema import RESERVED_CALL_ARGS, AnyRequest, GenerateRequest, GenerateResult, UpscaleRequest, is_http_url
+from .upscaling import Upscalers
 
 if TYPE_CHECKING:
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -82,6 +83,7 @@ class Runner:
         self.store = store or ModelStore(settings)
         self.steps = steps
         self._init_ms: float | None = None
+        self.upscalers = Upscalers(settings)  # loads nothing until an upscale asks
 
     def start(self) -> None:
         """Load the configured model. Called once, before the first request, off the event loop."""
@@ -91,11 +93,13 @@ class Runner:
 
     def run(
         self,
-        request: GenerateRequest,
+        request: AnyRequest,
         progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
     ) -> GenerateResult:
         try:
+            if isinstance(request, UpscaleRequest):
+                return self._upscale(request)
             return self._run(request, progress, cancel)
         except DiffusersAPIError:
             raise
@@ -103,12 +107,21 @@ class Runner:
             log.exception("request failed")
             raise PipelineError(f"{type(exc).__name__}: {exc}") from exc
 
-    def _run(
-        self, request: GenerateRequest, progress: ProgressCallback | None, cancel: threading.Event | None
-    ) -> GenerateResult:
+    def _upscale(self, request: UpscaleRequest) -> GenerateResult:
+        """An upscale (upscaling.py), on this same thread and under the same admission as a generation."""
+        return self.upscalers.run(request, self._new_timings())
+
+    def _new_timings(self) -> Timings:
+        """A request's timings: with `init`, the model's load at start, on the first request after it."""
         timings = Timings()
         if self._init_ms is not None:
             timings["init"], self._init_ms = self._init_ms, None
+        return timings
+
+    def _run(
+        self, request: GenerateRequest, progress: ProgressCallback | None, cancel: threading.Event | None
+    ) -> GenerateResult:
+        timings = self._new_timings()
         pipe_cls, scheduler = self._check_before_fetching(request, timings)
         # The store reports its own phases: loadModel, and download / upload when it had to fetch the model.
         model = self.store.get(request, timings)

@@ -28,7 +28,14 @@ from .engine import Health
 from .errors import DiffusersAPIError, InvalidInputs, NotReady, from_exception
 from .events import Event, EventHub
 from .generation import Generation, boot, generate
-from .schema import GenerateRequest, GenerateResponse, decode_envelope, from_legacy, parse_request, to_legacy
+from .schema import (
+    AnyRequest,
+    GenerateResponse,
+    decode_envelope,
+    from_legacy_envelope,
+    parse_request,
+    to_legacy,
+)
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -53,7 +60,7 @@ def runpod_error(error: BaseException, debug: bool = False, defunct: bool = Fals
 
 @dataclass
 class ParsedInput:
-    request: GenerateRequest
+    request: AnyRequest  # an upscale from the legacy `use_extra: "upsample"`
     legacy: bool
 
 
@@ -65,7 +72,7 @@ def parse_job_input(data: Any) -> ParsedInput:
     if not isinstance(envelope, dict):
         raise InvalidInputs(f"job input must be a JSON object, got {type(envelope).__name__}")
     if "modelInputs" in envelope or "callInputs" in envelope:
-        return ParsedInput(from_legacy(envelope), legacy=True)
+        return ParsedInput(from_legacy_envelope(envelope), legacy=True)
     return ParsedInput(parse_request(envelope), legacy=False)
 
 

@@ -105,6 +105,55 @@ def test_native_png_bytes_and_determinism(server: Server) -> None:
     assert first.content == second.content
 
 
+def small_png(width: int = 16, height: int = 12) -> str:
+    rows = (np.arange(height * width * 3).reshape(height, width, 3) * 5 % 256).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rows, "RGB").save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_upscale_native_and_legacy(server: Server) -> None:
+    """POST /v1/upscale (JSON and image bytes) and the legacy `use_extra: "upsample"`: the same 4x image."""
+    request = {"image": small_png(), "model": "builtin/tiny-upscaler"}
+    native = httpx.post(f"{server.url}/v1/upscale", json=request, headers=AUTH, timeout=60)
+    assert native.status_code == 200, native.text
+    body = native.json()
+    assert {key: body["images"][0][key] for key in ("format", "width", "height")} == {
+        "format": "png",
+        "width": 64,
+        "height": 48,
+    }
+    assert body["meta"]["PIPELINE"] == "upscale"
+    assert {"decode", "inference", "encode"} <= set(body["timings"])
+    raw = httpx.post(f"{server.url}/v1/upscale", json=request, headers=AUTH | {"accept": "image/png"}, timeout=60)
+    assert raw.headers["content-type"] == "image/png"
+    assert raw.content == base64.b64decode(body["images"][0]["data"])
+    envelope = {
+        "modelInputs": {"input_image": request["image"], "face_enhance": False},
+        "callInputs": {"MODEL_ID": "builtin/tiny-upscaler", "use_extra": "upsample"},
+    }
+    legacy = httpx.post(f"{server.url}/", json=envelope, headers=AUTH, timeout=60).json()
+    assert legacy["image_base64"] == body["images"][0]["data"]
+    assert legacy["$timings"]["inference"] > 0
+    assert legacy["$meta"]["output_size"] == [64, 48]
+
+
+@pytest.mark.parametrize(
+    ("request_body", "words"),
+    [
+        ({"image": "not base64!"}, "image: not valid base64"),
+        ({"image": small_png(), "model": "nope"}, "available: RealESRGAN_x4plus"),
+        ({"image": small_png(), "face_enhance": True}, "face_enhance: face restoration (GFPGAN)"),
+    ],
+    ids=["bad-base64", "unknown-upscaler", "face-enhance"],
+)
+def test_upscale_bad_inputs_are_422(server: Server, request_body: dict, words: str) -> None:
+    request_body.setdefault("model", "builtin/tiny-upscaler")
+    response = httpx.post(f"{server.url}/v1/upscale", json=request_body, headers=AUTH, timeout=60)
+    assert response.status_code == 422
+    assert words in response.json()["error"]["message"]
+
+
 def test_concurrent_requests_with_different_schedulers(server: Server) -> None:
     def ask(scheduler: str) -> bytes:
         envelope = {

@@ -148,6 +148,19 @@ def test_api_server_outpaints_a_native_job(api: Process) -> None:
         assert (image.format, image.size) == ("JXL", (32, 32))
 
 
+def test_api_server_upscales_with_the_legacy_use_extra(api: Process) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (10, 6), (200, 40, 90)).save(buffer, "PNG")
+    job = {
+        "modelInputs": {"input_image": base64.b64encode(buffer.getvalue()).decode()},
+        "callInputs": {"MODEL_ID": "builtin/tiny-upscaler", "use_extra": "upsample"},
+    }
+    body = httpx.post(f"{api.url}/runsync", json={"input": job}, timeout=120).json()
+    assert body["status"] == "COMPLETED", body
+    assert png_size(body["output"]["image_base64"]) == (40, 24)
+    assert body["output"]["$meta"]["PIPELINE"] == "upscale"
+
+
 def client(api: Process, *args: str) -> subprocess.CompletedProcess[str]:
     command = cli("client", "--runpod", "--endpoint", api.url, *args)  # the SDK's local API is the endpoint
     return subprocess.run(command, env=offline_env(Path("unused")), capture_output=True, text=True, timeout=240)

@@ -42,7 +42,7 @@ from diffusers_api.models.builtin import (
 
 SD, INPAINT, SDXL = "builtin/tiny-sd", "builtin/tiny-sd-inpaint", "builtin/tiny-sdxl"
 SDXL_INPAINT = "builtin/tiny-sdxl-inpaint"
-SD3, FLUX = "builtin/tiny-sd3", "builtin/tiny-flux"
+SD3, FLUX, PIXART = "builtin/tiny-sd3", "builtin/tiny-flux", "builtin/tiny-pixart"
 PIPELINE_CLASSES = {
     SD: StableDiffusionPipeline,
     INPAINT: StableDiffusionInpaintPipeline,
@@ -85,7 +85,7 @@ def file_digests(directory: Path) -> dict[str, str]:
 
 
 def test_names_and_directories(tmp_path: Path) -> None:
-    assert builtin_names() == [SD, INPAINT, SDXL, SDXL_INPAINT, SD3, FLUX]
+    assert builtin_names() == [SD, INPAINT, SDXL, SDXL_INPAINT, SD3, FLUX, PIXART]
     assert all(is_builtin(name) for name in builtin_names())
     assert not is_builtin("runwayml/stable-diffusion-v1-5")
     assert builtin_dir(SD, tmp_path) == tmp_path / "models--builtin--tiny-sd"
@@ -163,7 +163,29 @@ def test_transformer_parts(pipes: dict[str, Any], model_id: str) -> None:
     assert np.isfinite(images).all()
 
 
-@pytest.mark.parametrize("model_id", [SD, INPAINT, SDXL, SDXL_INPAINT, SD3, FLUX])
+def test_pixart_parts(pipes: dict[str, Any]) -> None:
+    """PixArt-Sigma as its checkpoint lays it out: DPM-Solver++, a 4-channel VAE with SDXL's scaling, one T5
+    encoder (the same generated tokenizer as SD3's and Flux's), and a transformer that predicts a learned sigma
+    without micro-conditions; its sample size has aspect-ratio bins, so the pipeline's defaults run."""
+    pipe = pipes[PIXART]
+    assert type(pipe).__name__ == "PixArtSigmaPipeline"
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
+    assert pipe.vae.config.latent_channels == 4
+    assert pipe.vae.config.scaling_factor == 0.13025
+    assert type(pipe.tokenizer).__name__ == "T5Tokenizer"
+    assert pipe.tokenizer("a red cat").input_ids == pipes[FLUX].tokenizer_2("a red cat").input_ids
+    config = pipe.transformer.config
+    assert config.out_channels == 2 * config.in_channels == 8
+    assert config.caption_channels == pipe.text_encoder.config.d_model
+    assert pipe.transformer.use_additional_conditions is False
+    images = txt2img(pipe, clean_caption=False).images  # the defaults: 128x128, denoised at a 256-pixel bin
+    assert images.shape == (1, 128, 128, 3)
+    assert np.isfinite(images).all()
+    assert images.std() > 0
+
+
+@pytest.mark.parametrize("model_id", [SD, INPAINT, SDXL, SDXL_INPAINT, SD3, FLUX, PIXART])
 def test_weights_are_small_safetensors(built: Path, model_id: str) -> None:
     directory = builtin_dir(model_id, built)
     weights = list(directory.rglob("*.safetensors"))
@@ -258,7 +280,7 @@ def test_tokenizer_pads_and_truncates_to_77(pipes: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------- determinism
 
 
-@pytest.mark.parametrize("model_id", [SD, INPAINT, SDXL, SDXL_INPAINT, SD3, FLUX])
+@pytest.mark.parametrize("model_id", [SD, INPAINT, SDXL, SDXL_INPAINT, SD3, FLUX, PIXART])
 def test_builds_are_byte_identical(built: Path, tmp_path: Path, model_id: str) -> None:
     first = ensure_builtin(model_id, tmp_path / "a")
     second = ensure_builtin(model_id, tmp_path / "b")

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 # The ML stack, and what serving needs only once it is used: the RunPod SDK, the S3 client (the cloud cache), the
-# metrics library (the first scrape), PEFT (the first LoRA), the download client (the first fetch).
+# metrics library (the first scrape), PEFT (the first LoRA), the download client (the first fetch), Ray (only
+# `serve run diffusers_api.ray:app` imports it).
 HEAVY = (
     "torch",
     "diffusers",
@@ -28,6 +29,7 @@ HEAVY = (
     "httpx",
     "numpy",
     "scipy",
+    "ray",
 )
 
 REPORT = f"""

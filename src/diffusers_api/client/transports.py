@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,10 @@ from typing import Any
 import httpx
 
 from .base import TERMINAL_STATES, ClientError, Envelope
+
+# Sent with each of a job's calls, one value per job: behind Ray Serve (diffusers_api.ray), whose router sends one
+# session to one replica, they all reach the replica that holds the job. A single server ignores it.
+SESSION_HEADER = "X-Session-Id"
 
 
 @dataclass
@@ -121,7 +126,8 @@ class RunPodClient:
 class JobsClient:
     """Sends envelopes as jobs of a diffusers-api server: the native request to `POST {url}/v1/jobs`, then
     `GET /v1/jobs/{id}` until it ends, reporting each new step to `on_progress`. A job still running at the
-    timeout, or when the caller is interrupted, is cancelled (`DELETE`) rather than left to run."""
+    timeout, or when the caller is interrupted, is cancelled (`DELETE`) rather than left to run. Each job's calls
+    carry one `X-Session-Id`, so that Ray Serve routes them all to the replica that holds the job."""
 
     url: str
     api_key: str | None = None
@@ -137,6 +143,7 @@ class JobsClient:
         started = time.perf_counter()
         body = _native_body(envelope)
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        headers[SESSION_HEADER] = uuid.uuid4().hex
         with httpx.Client(headers=headers, timeout=min(self.timeout_s, 60)) as http:
             created = _json_body(_call(http, "POST", self.target, json=body))
             job_id = str(created["id"])

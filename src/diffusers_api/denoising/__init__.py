@@ -1,7 +1,7 @@
 """Below the runner: how concurrent requests share their denoising steps on the device.
 
 - `tasks.py`: one request as a `DenoiseTask` (SD and SDXL prepared and finished as their pipelines do); `dit.py`:
-  the diffusion transformers (SD3, Flux) likewise;
+  the diffusion transformers (SD3, Flux, PixArt-Sigma) likewise;
 - `loop.py`: the `Denoiser`, one thread stepping every task, batched step by step;
 - `rendezvous.py`: where UNet calls meet, from our loop and from diffusers' own loop (other pipelines);
 - `forward.py`: which rows may share a forward (`ForwardKey`) and the rows of one (`StepBatch`);
@@ -42,8 +42,8 @@ class StepStats:
 
 
 class SharedSteps:
-    """Batched steps for the runner: SD, SDXL, SD3 and Flux requests run in our loop, other UNet pipelines' calls
-    meet theirs at the rendezvous."""
+    """Batched steps for the runner: SD, SDXL, SD3, Flux and PixArt-Sigma requests run in our loop, other UNet
+    pipelines' calls meet theirs at the rendezvous."""
 
     def __init__(self, rendezvous: Rendezvous | None = None, own_loop: bool = True) -> None:
         """`own_loop=False` runs every request in diffusers' own loop, its UNet calls meeting the others' at the

@@ -27,7 +27,7 @@ installed as a submodule", pytorch#112775). Hence:
   (Inductor's own CUDA graphs, mode="reduce-overhead", are not used: they record one graph per distinct batch
   and belong to the thread that recorded them, while our steps run on the denoising loop's thread or on
   whichever thread completes a rendezvous round.)
-- UNets only: a diffusion transformer's steps (SD3, Flux) always run through the base forward (eagerly, or as
+- UNets only: a diffusion transformer's steps (SD3, Flux, PixArt) always run through the base forward (eagerly, or as
   CUDA graphs), never queued for compiling.
 - Compiling can only make a step faster, never fail it: a compile that fails logs a warning and no new shape
   is compiled after it; a shape dynamo will not compile, or that runs out of memory, stays eager; a compiled

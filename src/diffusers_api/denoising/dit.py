@@ -1,4 +1,5 @@
-"""The diffusion transformers (DiT) in our loop: SD3/SD3.5 and Flux, prepared and decoded as their pipelines do.
+"""The diffusion transformers (DiT) in our loop: SD3/SD3.5, Flux and PixArt-Sigma, prepared and decoded as their
+pipelines do.
 
 As for SD and SDXL (tasks.py), `prepare` runs what `__call__` does before its first step, with the pipeline's own
 methods, and `decode` what it does after its last; the loop steps the task in between. What differs from a UNet:
@@ -8,11 +9,19 @@ methods, and `decode` what it does after its last; the loop steps the task in be
 - SD3 guides as SD does (unconditional and conditional rows), with pooled text embeddings as an added input;
 - Flux is guidance-distilled: one row per image, the guidance scale an input of the model (dev; schnell takes
   none); its latents are packed 2x2 into tokens, with position ids for the image and text tokens that all rows
-  of a forward share (`SharedInputs`), and its timestep goes to the model divided by 1000.
+  of a forward share (`SharedInputs`), and its timestep goes to the model divided by 1000;
+- PixArt-Sigma is not flow matching: DPM-Solver by default (any of the UNets' schedulers; the pipeline calls
+  `scale_model_input` and reads `init_noise_sigma`, which FlowMatchEulerDiscreteScheduler lacks), guided as SD
+  with T5 embeddings only, each row with its text's attention mask (`encoder_attention_mask`, an added input);
+  its model predicts a learned sigma (twice the latent channels: the loop steps with the first half), and with
+  `use_resolution_binning` (the default) it denoises at the closest of the model's aspect-ratio bins and
+  resizes the decoded image to the size asked for. Txt2img only: diffusers has no PixArt img2img pipeline.
 
 Left to diffusers' own call (`supports_transformer` says no): Flux's true CFG (true_cfg_scale > 1 with a negative
 prompt: two forwards per step), and every argument outside tasks.py's `_SD3_ARGS` / `_FLUX_ARGS` (precomputed
-embeddings, sigmas, mu, skip-layer guidance, joint_attention_kwargs, IP-Adapters).
+embeddings, sigmas, mu, skip-layer guidance, joint_attention_kwargs, IP-Adapters), PixArt's `clean_caption=True`
+(which needs bs4 and ftfy; ours encodes the prompt as given, as diffusers does without them) and PixArt models with
+micro-conditions (PixArt-Alpha-like `use_additional_conditions`, which its Sigma pipeline does not give).
 """
 
 from __future__ import annotations
@@ -30,11 +39,15 @@ def supports_transformer(pipe: Any, family: Family, kwargs: dict[str, Any]) -> b
     if family is Family.FLUX:
         true_cfg = (kwargs.get("true_cfg_scale") or 1.0) > 1
         return not (true_cfg and (kwargs.get("negative_prompt") is not None))
+    if family is Family.PIXART:
+        return not kwargs.get("clean_caption", False) and not pipe.transformer.use_additional_conditions
     return True
 
 
 def prepare(pipe: Any, args: dict[str, Any], family: Family, mode: Mode) -> DenoiseTask:
     """Everything `pipe(**args)` does before its first step (`args` has the pipeline's defaults filled in)."""
+    if family is Family.PIXART:
+        return _prepare_pixart(pipe, args)
     args["height"] = args["height"] or pipe.default_sample_size * pipe.vae_scale_factor
     args["width"] = args["width"] or pipe.default_sample_size * pipe.vae_scale_factor
     if family is Family.SD3:
@@ -45,6 +58,8 @@ def prepare(pipe: Any, args: dict[str, Any], family: Family, mode: Mode) -> Deno
 def decode(pipe: Any, task: DenoiseTask) -> list[Any]:
     """What the pipeline does after its last step: unpack (Flux), undo the VAE's scaling and shift, decode."""
     latents, vae = task.latents, pipe.vae
+    if task.family is Family.PIXART:
+        return _decode_pixart(pipe, task)
     if task.family is Family.FLUX:
         assert task.size is not None
         height, width = task.size
@@ -180,6 +195,69 @@ def _flux_timesteps(
     )  # fmt: skip
     schedule: tuple[Any, int] = retrieve_timesteps(pipe.scheduler, steps, device, sigmas=sigmas, mu=mu)
     return schedule
+
+
+# ---------------------------------------------------------------------------------------------- PixArt-Sigma
+
+# The model's sample size -> the aspect-ratio bins its pipeline generates at (the module attribute's name).
+_PIXART_BINS = {
+    256: "ASPECT_RATIO_2048_BIN",
+    128: "ASPECT_RATIO_1024_BIN",
+    64: "ASPECT_RATIO_512_BIN",
+    32: "ASPECT_RATIO_256_BIN",
+}
+
+
+def _prepare_pixart(pipe: Any, args: dict[str, Any]) -> DenoiseTask:
+    import torch
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as sigma
+
+    config = pipe.transformer.config
+    asked = (
+        args["height"] or config.sample_size * pipe.vae_scale_factor,
+        args["width"] or config.sample_size * pipe.vae_scale_factor,
+    )
+    size = asked
+    if args["use_resolution_binning"]:
+        if config.sample_size not in _PIXART_BINS:
+            raise ValueError("Invalid sample size")  # the pipeline's words
+        bins = getattr(sigma, _PIXART_BINS[config.sample_size])
+        size = pipe.image_processor.classify_height_width_bin(*asked, ratios=bins)
+    pipe.check_inputs(args["prompt"], *size, args["negative_prompt"], args["callback_steps"])
+    length = args["max_sequence_length"]
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        # (the pipeline checks none: a negative length fails deep in the tokenizer)
+        raise ValueError(f"`max_sequence_length` has to be a positive integer, not {length!r}")
+    guided = args["guidance_scale"] > 1.0
+    device, images = execution_device(pipe), batch_size(args["prompt"]) * args["num_images_per_prompt"]
+    positive, mask, negative, negative_mask = pipe.encode_prompt(
+        args["prompt"], guided, negative_prompt=args["negative_prompt"],
+        num_images_per_prompt=args["num_images_per_prompt"], device=device, clean_caption=False,
+        max_sequence_length=args["max_sequence_length"],
+    )  # fmt: skip
+    if guided:
+        positive, mask = torch.cat([negative, positive]), torch.cat([negative_mask, mask])
+    timestep_device = "cpu" if sigma.XLA_AVAILABLE else device
+    timesteps, _ = sigma.retrieve_timesteps(pipe.scheduler, args["num_inference_steps"], timestep_device)
+    channels = config.in_channels
+    latents = pipe.prepare_latents(images, channels, *size, positive.dtype, device, args["generator"])
+    task = _task(pipe, Family.PIXART, timesteps, latents, positive, {"encoder_attention_mask": mask}, args)
+    task.guided = guided
+    task.step_kwargs = pipe.prepare_extra_step_kwargs(args["generator"], args["eta"])
+    task.learned_sigma = config.out_channels // 2 == channels
+    task.size = asked if args["use_resolution_binning"] else None
+    return task
+
+
+def _decode_pixart(pipe: Any, task: DenoiseTask) -> list[Any]:
+    """Decode; a binned resolution is resized and cropped to the size asked for."""
+    vae = pipe.vae
+    image = vae.decode(task.latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    if task.size is not None:
+        height, width = task.size
+        image = pipe.image_processor.resize_and_crop_tensor(image, width, height)
+    images: list[Any] = pipe.image_processor.postprocess(image, output_type="pil")
+    return images
 
 
 # ---------------------------------------------------------------------------------------------- the task

@@ -7,8 +7,8 @@ compile caches) keys them by the same `ForwardKey`, so two rows that may share a
 
 The inputs are named as the models name them, in four parts: the latents (`sample`), one timestep per row, the
 text embeddings (`hidden`), the model's other inputs with one row per latent row (`added`: a UNet's
-`added_cond_kwargs`, a transformer's `pooled_projections` or `guidance`), and inputs without a batch axis that
-every row takes as they are (`shared`: Flux's position ids).
+`added_cond_kwargs`, a transformer's `pooled_projections`, `guidance` or `encoder_attention_mask`), and inputs
+without a batch axis that every row takes as they are (`shared`: Flux's position ids).
 """
 
 from __future__ import annotations
@@ -31,9 +31,14 @@ def eager_forward(
     model: Any, sample: Any, timesteps: Any, hidden: Any, added: dict[str, Any] | None, shared: Any = None
 ) -> Any:
     """The model's step, called as its pipeline calls it: a UNet by position and `added_cond_kwargs`, a diffusion
-    transformer (SD3, Flux) by name."""
+    transformer (SD3, Flux, PixArt) by name."""
     if is_transformer(model):
         named = (added or {}) | (shared or {})
+        model_class: Any = type(model)  # hashable (see is_transformer)
+        if _takes_micro_conditions(model_class):
+            # PixArt's resolution and aspect ratio: its Sigma pipeline gives neither (`dit.supports_transformer`
+            # leaves models that need them to diffusers)
+            named["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
         return model(
             hidden_states=sample, timestep=timesteps, encoder_hidden_states=hidden, **named, return_dict=False
         )[0]
@@ -53,6 +58,13 @@ def _takes_hidden_states(model_class: Any) -> bool:
         return False
     parameters = list(inspect.signature(forward).parameters)
     return len(parameters) > 1 and parameters[1] == "hidden_states"
+
+
+@functools.cache
+def _takes_micro_conditions(model_class: Any) -> bool:
+    """PixArt's transformer takes its micro-conditions as `added_cond_kwargs` (a UNet's name for its added inputs)."""
+    forward = getattr(model_class, "forward", None)
+    return forward is not None and "added_cond_kwargs" in inspect.signature(forward).parameters
 
 
 def _row_shape(tensor: Any) -> tuple[tuple[int, ...], str]:

@@ -16,8 +16,8 @@ Supported here: `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`, `St
 `StableDiffusionXLPipeline`, `StableDiffusionXLImg2ImgPipeline` and `StableDiffusionXLInpaintPipeline` (for both
 inpainting pipelines: inpainting UNets with 9 input channels, and plain 4-channel ones that the pipeline blends
 with the init image), and the diffusion transformers' `StableDiffusion3Pipeline`,
-`StableDiffusion3Img2ImgPipeline`, `FluxPipeline` and `FluxImg2ImgPipeline` (denoising/dit.py), with the
-arguments in `_SUPPORTED`.
+`StableDiffusion3Img2ImgPipeline`, `FluxPipeline`, `FluxImg2ImgPipeline` and `PixArtSigmaPipeline`
+(denoising/dit.py), with the arguments in `_SUPPORTED`.
 Anything else (other pipelines, cross_attention_kwargs, IP-Adapters, guidance-embedding UNets, denoising_start/end,
 Flux's true CFG, SD3's skip-layer guidance, callbacks) keeps the generic diffusers path, which still batches its
 UNet calls (not a transformer's) through the rendezvous.
@@ -51,6 +51,7 @@ class Family(enum.Enum):
     SDXL = "sdxl"
     SD3 = "sd3"  # Stable Diffusion 3 and 3.5
     FLUX = "flux"  # FLUX.1 dev and schnell
+    PIXART = "pixart"  # PixArt-Sigma
 
 
 class Mode(enum.Enum):
@@ -121,6 +122,23 @@ _FLUX_ARGS = {
     "generator",
     "output_type",
 }
+# PixArt-Sigma: txt2img only (diffusers has no PixArt img2img pipeline). `clean_caption` is ours only when false
+# (`supports`): cleaning needs bs4 and ftfy, and the loop encodes the prompt as given.
+_PIXART_ARGS = {
+    "prompt",
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "width",
+    "height",
+    "num_images_per_prompt",
+    "eta",
+    "clean_caption",
+    "use_resolution_binning",
+    "max_sequence_length",
+    "generator",
+    "output_type",
+}
 
 
 @dataclass(frozen=True)
@@ -150,8 +168,10 @@ _SUPPORTED: dict[str, _Supported] = {
     "StableDiffusion3Img2ImgPipeline": _supported(Family.SD3, Mode.IMG2IMG, _SD3_ARGS, _IMG2IMG_ARGS),
     "FluxPipeline": _supported(Family.FLUX, Mode.TXT2IMG, _FLUX_ARGS),
     "FluxImg2ImgPipeline": _supported(Family.FLUX, Mode.IMG2IMG, _FLUX_ARGS, _IMG2IMG_ARGS),
+    "PixArtSigmaPipeline": _supported(Family.PIXART, Mode.TXT2IMG, _PIXART_ARGS),
 }
-_TRANSFORMERS = (Family.SD3, Family.FLUX)
+_TRANSFORMERS = (Family.SD3, Family.FLUX, Family.PIXART)
+_FLOW_MATCHING = (Family.SD3, Family.FLUX)  # their schedulers scale no model input
 
 
 @dataclass(eq=False)
@@ -170,10 +190,15 @@ class DenoiseTask:
     guidance_scale: float
     guided: bool  # classifier-free guidance: two model rows per image
     # The model's other inputs, rows like `hidden`: SDXL's text_embeds and time_ids; SD3's pooled_projections;
-    # Flux's pooled_projections and guidance (guidance-distilled models take the scale as an input)
+    # Flux's pooled_projections and guidance (guidance-distilled models take the scale as an input); PixArt's
+    # encoder_attention_mask (each row's own text mask goes with its embeddings)
     added: dict[str, torch.Tensor] | None = None
     shared: SharedInputs | None = None  # Flux: the position ids of the image and text tokens
-    size: tuple[int, int] | None = None  # (height, width) of the image, where decoding needs it (Flux unpacks)
+    # (height, width) of the image, where decoding needs it (Flux unpacks; PixArt resizes a binned resolution)
+    size: tuple[int, int] | None = None
+    # Learned sigma (PixArt): the model predicts noise and variance, 2x the channels; the scheduler steps with
+    # the first half, as the pipeline does after guidance.
+    learned_sigma: bool = False
     guidance_rescale: float = 0.0
     # Inpainting UNets (9 channels) also take the mask and the masked image's latents, rows like `hidden`.
     conditioning: torch.Tensor | None = None
@@ -213,15 +238,18 @@ class DenoiseTask:
 
     def model_input(self) -> torch.Tensor:
         """This step's model input for one copy of the latents (guided jobs use it for both of their halves). The
-        transformer pipelines give the latents as they are (flow matching scales nothing)."""
-        if self.family in _TRANSFORMERS:
+        flow-matching pipelines (SD3, Flux) give the latents as they are; PixArt's scales them as the UNets' do."""
+        if self.family in _FLOW_MATCHING:
             return self.latents
         scaled: torch.Tensor = self.scheduler.scale_model_input(self.latents, self.timestep)
         return scaled
 
     def model_timestep(self) -> torch.Tensor:
         """This step's timestep once, as the model takes it (the loop repeats it per row): UNets embed it as a
-        float32; SD3 takes the scheduler's as is (float32); Flux takes it divided by 1000 in the latents' dtype."""
+        float32; SD3 takes the scheduler's as is (float32); Flux takes it divided by 1000 in the latents' dtype.
+        PixArt's pipeline gives the scheduler's as is (DPM-Solver's are integers), but its model embeds it as a
+        float32 as the UNets do, so it takes a float32 too: rows of integer and float schedules then batch alike,
+        and a CUDA graph's static timesteps are never integers that a later float would be truncated into."""
         import torch
 
         t = self.timestep.reshape(1)
@@ -236,6 +264,8 @@ class DenoiseTask:
             from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
             noise = rescale_noise_cfg(noise, text_noise, guidance_rescale=self.guidance_rescale)
+        if self.learned_sigma:
+            noise = noise.chunk(2, dim=1)[0]
         t = self.timestep
         self.latents = self.scheduler.step(noise, t, self.latents, **self.step_kwargs, return_dict=False)[0]
         if self.blend is not None:

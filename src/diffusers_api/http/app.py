@@ -49,10 +49,12 @@ def create_app(
     engine: Engine | None = None,
     events: EventHub | None = None,
     on_setup_failed: Callable[[str], None] | None = None,
+    booted: bool = False,
 ) -> FastAPI:
     """Build the app. Without an engine, the one for `settings` is made (see `make_engine`). `on_setup_failed`
     is called with the reason when the model fails to load (`serve` exits); without it the app stays up,
-    answering SETUP_FAILED."""
+    answering SETUP_FAILED. `booted`: the engine has loaded its model already, so the lifespan does not (a Ray
+    replica loads it before Ray sends it requests)."""
     if engine is None:
         from ..engine import make_engine
 
@@ -66,10 +68,13 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Weights already on disk are read into the page cache while the engine imports torch and diffusers. Not
         # earlier: on a cold disk that read would slow the imports the server needs to start listening.
-        prefetch.start(settings)
-        loading = asyncio.create_task(_boot(services, on_setup_failed))
+        loading = None
+        if not booted:
+            prefetch.start(settings)
+            loading = asyncio.create_task(_boot(services, on_setup_failed))
         yield
-        loading.cancel()
+        if loading is not None:
+            loading.cancel()
         services.jobs.cancel_all()
         await services.engine.stop()
         # The webhook thread dies with the process: the last events (a drained job's CANCELLED, a failed boot's
@@ -100,12 +105,13 @@ async def _boot(services: Services, on_setup_failed: Callable[[str], None] | Non
 
 
 def _add_routes(app: FastAPI) -> None:
-    from . import jobs, legacy, routes
+    from . import jobs, legacy, routes, upscale
     from .metrics import router as metrics_router
 
     app.include_router(routes.health_router)
     app.include_router(metrics_router)
     app.include_router(routes.router)
+    app.include_router(upscale.router)
     app.include_router(jobs.router)
     app.include_router(jobs.events_router)
     app.include_router(legacy.router)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from ..errors import DiffusersAPIError
-from ..schema import decode_envelope, from_legacy, legacy_envelope_schema, to_legacy
+from ..schema import decode_envelope, from_legacy_envelope, legacy_envelope_schema, to_legacy
 from .deps import EngineDep, EventsDep, InFlightDep, require_api_key
 from .openapi import INFERENCE_ERRORS, NDJSON, LegacyResponse, errors
 from .responses import run_request
@@ -41,9 +41,10 @@ _ENVELOPE_SCHEMA: dict[str, Any] = {
 async def legacy_inference(request: Request, engine: EngineDep, hub: EventsDep, in_flight: InFlightDep) -> Response:
     """Accepts `{"modelInputs": {...}, "callInputs": {...}}` (also double-encoded as a JSON string) and answers
     with `image_base64` / `images_base64`, `$meta`, `$timings` and `$mem_usage`; errors as `$error`. With
-    `callInputs.streamEvents` the answer is NDJSON: events and progress, then that body as the last line."""
-    generate_request = from_legacy(decode_envelope(await request.body()))
-    return await run_request(engine, hub, generate_request, to_legacy, _legacy_error, in_flight)
+    `callInputs.streamEvents` the answer is NDJSON: events and progress, then that body as the last line. With
+    `callInputs.use_extra: "upsample"`, `modelInputs.input_image` is upscaled instead (as `POST /v1/upscale`)."""
+    legacy_request = from_legacy_envelope(decode_envelope(await request.body()))  # a generation, or an upscale
+    return await run_request(engine, hub, legacy_request, to_legacy, _legacy_error, in_flight)
 
 
 def _legacy_error(error: DiffusersAPIError, debug: bool = False) -> dict[str, Any]:

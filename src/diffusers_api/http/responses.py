@@ -18,7 +18,7 @@ from ..generation import Generation, InFlight
 if TYPE_CHECKING:
     from ..engine import Engine
     from ..events import EventHub
-    from ..schema import GenerateRequest, GenerateResult
+    from ..schema import AnyRequest, GenerateResult
 
 
 def error_body(path: str, error: DiffusersAPIError, debug: bool = False) -> dict[str, Any]:
@@ -74,7 +74,7 @@ _METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 async def run_request(
     engine: Engine,
     hub: EventHub,
-    request: GenerateRequest,
+    request: AnyRequest,
     render: Callable[[GenerateResult], Any],
     render_error: Callable[[DiffusersAPIError, bool], Any],
     in_flight: InFlight,

@@ -84,6 +84,17 @@ FLUX_SCHEDULER_CONFIG: dict[str, Any] = {
     "max_shift": 1.15,
     "base_image_seq_len": 256,
     "max_image_seq_len": 4096,
+}  # PixArt-Sigma ships DPMSolverMultistepScheduler (DPM-Solver++, 2nd order) over a linear beta schedule.
+PIXART_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+    "algorithm_type": "dpmsolver++",
+    "solver_order": 2,
+    "timestep_spacing": "linspace",
+    "steps_offset": 0,
 }
 
 # One seed per component, so that every component is reproducible on its own.
@@ -303,6 +314,37 @@ def _build_tiny_flux() -> DiffusionPipeline:
     )
 
 
+def _build_tiny_pixart() -> DiffusionPipeline:
+    """PixArt-Sigma's layout: one T5 encoder (its hidden states and attention mask), SDXL's 4-channel VAE scaling,
+    and a transformer that predicts a learned sigma (twice the latent channels). Its sample size is the smallest
+    with aspect-ratio bins (32 latents: 256-pixel bins), so the pipeline's default resolution binning works."""
+    from diffusers import DPMSolverMultistepScheduler
+    from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import PixArtSigmaPipeline
+
+    tokenizer = build_t5_tokenizer()
+    _seed(SEED_UNET)
+    transformer = PixArtTransformer2DModel(
+        sample_size=2 * LATENT_SIZE,
+        patch_size=2,
+        in_channels=4,
+        out_channels=8,  # learned sigma
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,  # the inner dimension, which the caption projection maps T5's states to
+        caption_channels=T5_HIDDEN_SIZE,
+        use_additional_conditions=False,  # as Sigma's config: no resolution or aspect-ratio conditioning
+    )
+    return PixArtSigmaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_t5_encoder(tokenizer, SEED_TEXT_ENCODER),
+        vae=_vae(scaling_factor=0.13025),
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler.from_config(PIXART_SCHEDULER_CONFIG),
+    )
+
+
 _RECIPES: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny-sd": _build_tiny_sd,
     "tiny-sd-inpaint": _build_tiny_sd_inpaint,
@@ -310,7 +352,25 @@ _RECIPES: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny-sdxl-inpaint": _build_tiny_sdxl_inpaint,
     "tiny-sd3": _build_tiny_sd3,
     "tiny-flux": _build_tiny_flux,
+    "tiny-pixart": _build_tiny_pixart,
 }
+
+
+def build_tiny_upscaler() -> dict[str, Any]:
+    """The state dict of `builtin/tiny-upscaler` (models/upscalers.py): a Real-ESRGAN Compact x4 network
+    (SRVGGNetCompact, as realesr-general-x4v3) with 8 features and 2 convolutions, randomly initialised from a
+    fixed seed. Not a pipeline, so not among `builtin_names()`: the upscalers name it."""
+    import torch
+
+    from .upscalers import SEED_TINY_UPSCALER, import_spandrel
+
+    import_spandrel()
+    from spandrel.architectures.Compact import Compact
+
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+        _seed(SEED_TINY_UPSCALER)
+        network = Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=4, act_type="prelu")
+        return {key: value.contiguous() for key, value in network.state_dict().items()}
 
 
 # ---------------------------------------------------------------------------------------------- components

@@ -3,11 +3,12 @@
 - `request.py`: `GenerateRequest`, the one typed request that serves HTTP, the RunPod handler and the client;
 - `response.py`: `GenerateResult` (what the runner returns) and `GenerateResponse`, the native answer;
 - `jobs.py`: `JobStatus` and `JobProgress` of `/v1/jobs`;
-- `legacy.py`: the docker-diffusers-api envelope, translated onto the request (`from_legacy`) and back (`to_legacy`).
+- `legacy.py`: the docker-diffusers-api envelope, translated onto the request (`from_legacy`) and back (`to_legacy`);
+- `upscale.py`: `UpscaleRequest` (POST /v1/upscale, legacy `use_extra: "upsample"`) and its answer.
 """
 
 from .jobs import JobProgress, JobState, JobStatus
-from .legacy import decode_envelope, from_legacy, legacy_envelope_schema, to_legacy
+from .legacy import decode_envelope, from_legacy, from_legacy_envelope, legacy_envelope_schema, to_legacy
 from .request import (
     RESERVED_CALL_ARGS,
     GenerateRequest,
@@ -19,9 +20,14 @@ from .request import (
     parse_request,
 )
 from .response import ErrorBody, ErrorResponse, GenerateResponse, GenerateResult, ImageOut
+from .upscale import UpscaledImage, UpscaleRequest, UpscaleResponse, parse_upscale_request
+
+# What the engine runs: a generation or an upscale.
+AnyRequest = GenerateRequest | UpscaleRequest
 
 __all__ = [
     "RESERVED_CALL_ARGS",
+    "AnyRequest",
     "ErrorBody",
     "ErrorResponse",
     "GenerateRequest",
@@ -34,11 +40,16 @@ __all__ = [
     "JobStatus",
     "LoraWeight",
     "TextualInversion",
+    "UpscaleRequest",
+    "UpscaleResponse",
+    "UpscaledImage",
     "decode_envelope",
     "describe_validation_error",
     "from_legacy",
+    "from_legacy_envelope",
     "is_http_url",
     "legacy_envelope_schema",
     "parse_request",
+    "parse_upscale_request",
     "to_legacy",
 ]

@@ -14,6 +14,7 @@ from pydantic import (
 from ..errors import InvalidInputs
 from .request import _NEEDS_IMAGE, GenerateRequest, invalid_inputs, is_http_url
 from .response import GenerateResult
+from .upscale import UpscaleRequest, parse_upscale_request
 
 # callInputs key -> GenerateRequest field
 _LEGACY_CALL_INPUTS = {
@@ -44,10 +45,17 @@ _LEGACY_LORA_ALIAS = "attn_procs"
 # so that nobody believes such an option was applied when it was not.
 _LEGACY_UNSUPPORTED = (
     "train",
-    "use_extra",
     "compel_prompts",
     "custom_pipeline_method",
 )
+# use_extra: the original's extras, run instead of the pipeline. Only "upsample" exists here (`upscale_from_legacy`).
+USE_EXTRA = ("upsample",)
+# use_extra "upsample": modelInputs and callInputs it reads -> UpscaleRequest field
+_UPSAMPLE_MODEL_INPUTS = {"input_image": "image", "face_enhance": "face_enhance", "scale": "scale"}
+_UPSAMPLE_CALL_INPUTS = {
+    key: _LEGACY_CALL_INPUTS[key]
+    for key in ("MODEL_ID", "image_format", "image_quality", "startRequestId", "SEND_URL", "SIGN_KEY", "streamEvents")
+}
 # callInputs that were speed hints in the original; PyTorch's SDPA attention makes them moot.
 _LEGACY_IGNORED = ("xformers_memory_efficient_attention",)
 # modelInputs keys with a typed field (plus the legacy alias init_image -> image)
@@ -67,6 +75,10 @@ def legacy_envelope_schema(ref_template: str = "#/$defs/{model}") -> dict[str, A
         "description": "URL of a LoRA file, as one more of lora_weights (the original's attn_procs)",
     }
     call_inputs |= {key: {"enum": [None, "", False], "description": "not supported"} for key in _LEGACY_UNSUPPORTED}
+    call_inputs["use_extra"] = {
+        "enum": [None, "", False, *USE_EXTRA],
+        "description": "upsample: upscale modelInputs.input_image with the upscaler MODEL_ID (see POST /v1/upscale)",
+    }
     call_inputs |= {key: {"description": "ignored"} for key in _LEGACY_IGNORED}
     with_an_image = {"anyOf": [{"required": ["image"]}, {"required": ["init_image"]}]}
     return {
@@ -104,8 +116,15 @@ def decode_envelope(body: bytes | str | Any) -> dict[str, Any]:
     return data
 
 
-def from_legacy(envelope: dict[str, Any]) -> GenerateRequest:
-    """Translate `{"modelInputs", "callInputs"}` onto a GenerateRequest, or raise INVALID_INPUTS."""
+def from_legacy_envelope(envelope: dict[str, Any]) -> GenerateRequest | UpscaleRequest:
+    """The request an envelope makes: an upscale with `callInputs.use_extra: "upsample"`, else a generation."""
+    model_inputs, call_inputs = _envelope_parts(envelope)
+    if call_inputs.get("use_extra") == "upsample":
+        return upscale_from_legacy(model_inputs, call_inputs)
+    return from_legacy(envelope)
+
+
+def _envelope_parts(envelope: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     missing = [key for key in ("modelInputs", "callInputs") if key not in envelope]
     if missing:
         raise InvalidInputs(f"missing required key(s): {', '.join(missing)}", missing=missing)
@@ -113,6 +132,31 @@ def from_legacy(envelope: dict[str, Any]) -> GenerateRequest:
     for key, value in (("modelInputs", model_inputs), ("callInputs", call_inputs)):
         if not isinstance(value, dict):
             raise InvalidInputs(f"{key} must be an object, got {type(value).__name__}")
+    return model_inputs, call_inputs
+
+
+def upscale_from_legacy(model_inputs: dict[str, Any], call_inputs: dict[str, Any]) -> UpscaleRequest:
+    """`use_extra: "upsample"`, as the original read it: modelInputs.input_image (base64) and face_enhance, the
+    upscaler named by callInputs.MODEL_ID. Inputs it does not read are refused, not ignored."""
+    data: dict[str, Any] = {}
+    for where, given, known in (
+        ("modelInputs", model_inputs, _UPSAMPLE_MODEL_INPUTS),
+        ("callInputs", call_inputs, _UPSAMPLE_CALL_INPUTS | {"use_extra": ""}),
+    ):
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise InvalidInputs(
+                f"use_extra 'upsample' does not read {where}.{', '.join(unknown)}", unknown=unknown, known=sorted(known)
+            )
+        data |= {known[key]: value for key, value in given.items() if known[key] and value is not None}
+    if "image" not in data:
+        raise InvalidInputs("use_extra 'upsample' needs modelInputs.input_image (base64)", field="input_image")
+    return parse_upscale_request(data)
+
+
+def from_legacy(envelope: dict[str, Any]) -> GenerateRequest:
+    """Translate `{"modelInputs", "callInputs"}` onto a GenerateRequest, or raise INVALID_INPUTS."""
+    model_inputs, call_inputs = _envelope_parts(envelope)
     data = _legacy_call_inputs(call_inputs) | _legacy_model_inputs(model_inputs)
     if call_inputs.get("is_url"):
         for field in ("image", "mask_image"):
@@ -134,13 +178,20 @@ def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:
             continue  # read by from_legacy: the image inputs are URLs
         elif key == _LEGACY_LORA_ALIAS:
             continue  # added after the loop, to whatever lora_weights gives
+        elif key == "use_extra":
+            _check_no_extra(value)
         elif key in _LEGACY_IGNORED:
             continue
         elif key in _LEGACY_UNSUPPORTED:
             if value not in (None, "", False):
                 raise InvalidInputs(f"callInputs.{key} is not supported by this server yet")
         else:
-            known = [*_LEGACY_CALL_INPUTS, "is_url", _LEGACY_LORA_ALIAS, *_LEGACY_UNSUPPORTED, *_LEGACY_IGNORED]
+            known = [
+                *_LEGACY_CALL_INPUTS,
+                *("is_url", "use_extra", _LEGACY_LORA_ALIAS),
+                *_LEGACY_UNSUPPORTED,
+                *_LEGACY_IGNORED,
+            ]
             raise InvalidInputs(f"callInputs.{key} is not a known call input", known=sorted(known))
     attn_procs = call_inputs.get(_LEGACY_LORA_ALIAS)
     if attn_procs not in (None, "", False):
@@ -149,6 +200,19 @@ def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:
         loras = data.get("lora_weights") or []
         data["lora_weights"] = [*(loras if isinstance(loras, list) else [loras]), attn_procs]
     return data
+
+
+def _check_no_extra(value: Any) -> None:
+    """A generation names no extra; "upsample" is answered by `from_legacy_envelope` (POST /, RunPod), not here."""
+    if value in (None, "", False):
+        return
+    if value in USE_EXTRA:
+        raise InvalidInputs(f"callInputs.use_extra {value!r} is answered by POST / and the RunPod worker only")
+    raise InvalidInputs(
+        f"callInputs.use_extra {value!r} is not an extra of this server; allowed: {', '.join(USE_EXTRA)}",
+        field="use_extra",
+        allowed=list(USE_EXTRA),
+    )
 
 
 def _legacy_model_inputs(model_inputs: dict[str, Any]) -> dict[str, Any]:

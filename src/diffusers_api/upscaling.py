@@ -1,0 +1,119 @@
+"""One upscale request, from its validated input to the upscaled image + meta + timings.
+
+The runner hands `UpscaleRequest`s here, on the engine's thread, so upscales are admitted, queued and bounded
+like generations (MAX_BATCH_SIZE, MAX_QUEUE): each holds one image's slot while it runs. The networks come from
+models/upscalers.py (spandrel); a few stay loaded on the device, the most recently used first.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from . import imaging
+from .devices import memory_usage, resolve_device
+from .errors import InvalidInputs, PipelineError
+from .limits import check_upscale_size
+from .models.sources import phase
+from .models.upscalers import load_upscaler, upscaler_file
+from .schema import GenerateResult, UpscaleRequest
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .config import Settings
+
+log = logging.getLogger(__name__)
+
+KEPT_LOADED = 2  # upscalers held on the device; they are small (Real-ESRGAN x4plus: 67 MB in fp32)
+FACE_ENHANCE_UNAVAILABLE = (
+    "face_enhance: face restoration (GFPGAN) needs facexlib's face detection and basicsr, which need torchvision "
+    "and OpenCV; this server does not include them. Upscale without face_enhance"
+)
+
+
+class Upscalers:
+    """Runs upscale requests; keeps the last KEPT_LOADED networks loaded."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._loaded: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()  # loads happen once, whichever thread asks first
+
+    def run(self, request: UpscaleRequest, timings: dict[str, float]) -> GenerateResult:
+        if request.face_enhance:
+            raise InvalidInputs(FACE_ENHANCE_UNAVAILABLE, field="face_enhance")
+        limits = {"max_bytes": self.settings.max_body_bytes, "max_pixels": self.settings.max_image_pixels}
+        with phase(timings, "decode"):
+            image = imaging.decode_image(request.image, "image", **limits)
+        model = self._model(request.model, timings)
+        scale = request.scale or float(model.scale)
+        size = check_upscale_size(image.width, image.height, scale, self.settings.max_image_pixels)
+        with phase(timings, "inference"):
+            upscaled = self._upscale(model, image, size)
+        with phase(timings, "encode"):
+            data = imaging.encode_image(upscaled, request.image_format, request.image_quality)
+        device = str(model.device)
+        meta = {
+            "MODEL_ID": request.model,
+            "PIPELINE": "upscale",
+            "ARCHITECTURE": model.architecture.name,
+            "scale": scale,
+            "input_size": [image.width, image.height],
+            "output_size": list(upscaled.size),
+            "image_format": request.image_format,
+            "device": device,
+        }
+        if request.request_id:
+            meta["startRequestId"] = request.request_id
+        return GenerateResult(
+            images=[data],
+            image_format=request.image_format,
+            seeds=[],
+            nsfw=None,
+            meta=meta,
+            timings=dict(timings),
+            mem_usage=memory_usage(device),
+        )
+
+    def _model(self, name: str, timings: dict[str, float]) -> Any:
+        with self._lock:
+            model = self._loaded.get(name)
+            if model is not None:
+                self._loaded.move_to_end(name)
+                return model
+            path = upscaler_file(name, self.settings, timings)  # reports its own `download` phase
+            with phase(timings, "loadModel"):
+                model = self._to_device(load_upscaler(path, name))
+            self._loaded[name] = model
+            while len(self._loaded) > KEPT_LOADED:
+                self._loaded.popitem(last=False)
+            return model
+
+    def _to_device(self, model: Any) -> Any:
+        device = resolve_device(self.settings.device)
+        model = model.to(device)
+        # Real-ESRGAN runs in fp16 on a GPU, as its own inference script does; fp32 elsewhere
+        if device.startswith("cuda") and model.supports_half:
+            model = model.half()
+        return model
+
+    def _upscale(self, model: Any, image: Image.Image, size: tuple[int, int]) -> Image.Image:
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        batch = pixels.unsqueeze(0).to(model.device, model.dtype) / 255
+        try:
+            with torch.inference_mode():
+                output = model(batch)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise PipelineError(f"out of GPU memory: {exc}; try a smaller image") from exc
+        array = (output[0].float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        upscaled = Image.fromarray(array, "RGB")
+        if upscaled.size != size:  # another scale than the network's own: resized as Real-ESRGAN's outscale does
+            upscaled = upscaled.resize(size, Image.Resampling.LANCZOS)
+        return upscaled
