@@ -102,6 +102,10 @@ def test_bad_bodies_are_invalid_inputs(body: bytes, fragment: str) -> None:
             {"modelInputs": {}, "callInputs": {"attn_procs": "lora.safetensors"}},
             "attn_procs must be the http\\(s\\) URL",
         ),
+        (
+            {"modelInputs": {}, "callInputs": {"attn_procs": 0}},
+            "attn_procs must be the http\\(s\\) URL",
+        ),
     ],
     ids=[
         "no-modelInputs",
@@ -125,6 +129,7 @@ def test_bad_bodies_are_invalid_inputs(body: bytes, fragment: str) -> None:
         "unknown-fill-mode",
         "fill-mode-without-image",
         "attn-procs-not-a-url",
+        "attn-procs-zero",
     ],
 )
 def test_bad_envelopes_name_the_problem(envelope: dict, fragment: str) -> None:

@@ -194,7 +194,7 @@ def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:
             ]
             raise InvalidInputs(f"callInputs.{key} is not a known call input", known=sorted(known))
     attn_procs = call_inputs.get(_LEGACY_LORA_ALIAS)
-    if attn_procs not in (None, "", False):
+    if not (attn_procs is None or attn_procs is False or attn_procs == ""):  # 0 is no "off" (the schema says so)
         if not is_http_url(attn_procs):
             raise InvalidInputs(f"callInputs.{_LEGACY_LORA_ALIAS} must be the http(s) URL of a LoRA file")
         loras = data.get("lora_weights") or []
