@@ -366,6 +366,11 @@ def _family(class_name: str) -> str | None:
     return family
 
 
+def pipeline_family(cls: type) -> str | None:
+    """The model family diffusers files a pipeline class under ("stable-diffusion", "stable-diffusion-xl", ...)."""
+    return _family(cls.__name__)
+
+
 def _pipeline_class_names() -> list[str]:
     """The names diffusers exports that may be pipeline classes (`resolve` checks each)."""
     return sorted(name for name in dir(_diffusers()) if "Pipeline" in name and not name.startswith("_"))

@@ -15,7 +15,7 @@ from functools import cache
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from . import imaging
+from . import imaging, prompts
 from .denoising.tasks import ProgressCallback
 from .devices import memory_usage
 from .errors import Cancelled, DiffusersAPIError, InvalidInputs, NotReady, PipelineError
@@ -23,6 +23,7 @@ from .limits import check_images, check_input_images, check_prompts, check_size
 from .models.store import LoadedModel, ModelStore
 from .pipelines import call_arguments, call_parameters
 from .schema import RESERVED_CALL_ARGS, AnyRequest, GenerateRequest, GenerateResult, UpscaleRequest, is_http_url
+from .schema.request import LPW_PIPELINE
 from .upscaling import Upscalers
 
 if TYPE_CHECKING:
@@ -122,6 +123,7 @@ class Runner:
         self, request: GenerateRequest, progress: ProgressCallback | None, cancel: threading.Event | None
     ) -> GenerateResult:
         timings = self._new_timings()
+        request = self._server_pipeline_options(request)
         pipe_cls, scheduler = self._check_before_fetching(request, timings)
         # The store reports its own phases: loadModel, and download / upload when it had to fetch the model.
         model = self.store.get(request, timings)
@@ -131,6 +133,9 @@ class Runner:
         pipe = model.pipelines.build(pipe_cls, scheduler, safety_checker=request.safety_checker)
         seeds = imaging.image_seeds(request.seed, request.image_count)
         kwargs = self._call_kwargs(request, inputs, seeds)
+        if request.prompt_weighting or request.long_prompts:
+            with timings.phase("prompts"):
+                kwargs = prompts.encode(pipe, kwargs, request.prompt_weighting, request.long_prompts)
         loop = self._loop(pipe, kwargs)
         with timings.phase("inference"):
             output = self._call(pipe, kwargs, progress, cancel, loop)
@@ -166,6 +171,8 @@ class Runner:
         pipe_cls = self._pipeline_class(model, request)
         scheduler = model.pipelines.scheduler(self._scheduler_name(model, request))
         self._check_input_names(pipe_cls, _input_names(request))
+        if request.prompt_weighting or request.long_prompts:
+            prompts.check_request(request, pipe_cls, model.spec.model_id)
         return pipe_cls, scheduler
 
     def _check_input_names(self, pipe_cls: Any, names: set[str]) -> None:
@@ -221,7 +228,7 @@ class Runner:
         the image's transparent area is its mask."""
         asks_fill = request.fill_mode not in (None, "none")
         has_image, has_mask = request.image is not None, request.mask_image is not None
-        name = request.pipeline or self.settings.pipeline
+        name = request.pipeline or self._server_pipeline()
         name = name or model.pipelines.default_name(has_image=has_image, has_mask=has_mask or asks_fill)
         cls = model.pipelines.resolve(name)
         needs_image = "Img2Img" in cls.__name__ or _inpaints(cls)
@@ -237,6 +244,18 @@ class Runner:
                 f"fill_mode: pre-fills for inpainting, and {cls.__name__} does not inpaint", field="fill_mode"
             )
         return cls
+
+    def _server_pipeline(self) -> str | None:
+        """The configured PIPELINE; lpw_stable_diffusion names options (`_server_pipeline_options`), no class."""
+        return None if self.settings.pipeline == LPW_PIPELINE else self.settings.pipeline
+
+    def _server_pipeline_options(self, request: GenerateRequest) -> GenerateRequest:
+        """PIPELINE=lpw_stable_diffusion: a request that names no pipeline has long prompts with A1111 weighting
+        (unless it asks for compel's), as the original server's default lpw pipeline read them."""
+        if request.pipeline is not None or self.settings.pipeline != LPW_PIPELINE:
+            return request
+        weighting = request.prompt_weighting or "a1111"
+        return request.model_copy(update={"long_prompts": True, "prompt_weighting": weighting})
 
     def _scheduler_name(self, model: LoadedModel, request: GenerateRequest) -> str:
         return request.scheduler or self._default_scheduler(model)

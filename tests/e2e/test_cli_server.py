@@ -19,12 +19,17 @@ import pytest
 from PIL import Image
 
 from support.envelopes import GRASS, grass
+from support.fakes import png_bytes
 from support.processes import cli, free_port, offline_env, running, serving
 
 pytestmark = pytest.mark.e2e
 
 API_KEY = "e2e-secret"
 AUTH = {"authorization": f"Bearer {API_KEY}"}
+
+
+# A 64x64 green square, the init image of img2img requests.
+GRASS_IMAGE = base64.b64encode(png_bytes((40, 160, 40), 64)).decode()
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -103,6 +108,30 @@ def test_native_png_bytes_and_determinism(server: Server) -> None:
     assert first.headers["content-type"] == "image/png"
     assert first.headers["x-seed"] == "21"
     assert first.content == second.content
+
+
+def test_weighted_and_long_prompts_in_legacy_envelopes(server: Server) -> None:
+    """compel_prompts, and the original's lpw_stable_diffusion community pipeline in img2img mode: both run on
+    the model's own pipelines, in the batched loop."""
+    weighted = grass(2, {"compel_prompts": True}, prompt="realistic field of (grass)1.6", seed=5)
+    long = "realistic field of grass under a blue sky, " * 10 + "(at dusk:1.3)"  # about 100 tokens
+    lpw = {
+        "modelInputs": {"prompt": long, "image": GRASS_IMAGE, "strength": 0.9, "num_inference_steps": 2, "seed": 5},
+        "callInputs": {"PIPELINE": "lpw_stable_diffusion", "custom_pipeline_method": "img2img"},
+    }
+    plain = grass(2, prompt="realistic field of (grass)1.6", seed=5)
+    bodies = []
+    for envelope in (weighted, lpw, plain):
+        response = httpx.post(f"{server.url}/", json=envelope, headers=AUTH, timeout=120)
+        assert response.status_code == 200, response.text
+        bodies.append(response.json())
+    assert [body["$meta"]["PIPELINE"] for body in bodies] == [
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionPipeline",
+    ]
+    assert {body["$meta"]["LOOP"] for body in bodies} == {"batched"}
+    assert bodies[0]["image_base64"] != bodies[2]["image_base64"]  # the weight was read, not the brackets
 
 
 def small_png(width: int = 16, height: int = 12) -> str:
@@ -189,8 +218,9 @@ def test_concurrent_requests_with_different_schedulers(server: Server) -> None:
             "INVALID_INPUTS",
         ),
         ({"modelInputs": {"prompt": "x"}, "callInputs": {"MODEL_ID": "other/model"}}, 404, "MODEL_MISMATCH"),
+        ({"modelInputs": {"prompt": "a (red"}, "callInputs": {"compel_prompts": True}}, 422, "INVALID_INPUTS"),
     ],
-    ids=["missing-key", "unknown-pipeline", "unknown-scheduler", "not-an-image", "other-model"],
+    ids=["missing-key", "unknown-pipeline", "unknown-scheduler", "not-an-image", "other-model", "prompt-syntax"],
 )
 def test_bad_inputs_get_clear_errors_and_the_server_stays_up(
     server: Server, envelope: dict, status: int, code: str

@@ -184,3 +184,16 @@ def test_client_runpod_mode_stops_on_failed_with_the_reason(api: Process, tmp_pa
     assert done.returncode == 1
     assert "ended FAILED: INVALID_INPUTS: width: Input should be a multiple of 8" in done.stderr
     assert not tmp_path.joinpath("txt2img.png").exists()
+
+
+def test_api_server_runs_long_weighted_prompts_and_refuses_bad_syntax(api: Process) -> None:
+    long = "realistic field of (grass)1.4 under a blue sky, " * 8  # about 100 tokens, in compel's syntax
+    call_inputs = {"PIPELINE": "lpw_stable_diffusion", "custom_pipeline_method": "text2img", "compel_prompts": True}
+    body = httpx.post(f"{api.url}/runsync", json={"input": grass(2, call_inputs, prompt=long)}, timeout=180).json()
+    assert body["status"] == "COMPLETED", body
+    assert png_size(body["output"]["image_base64"]) == (64, 64)
+    assert body["output"]["$meta"]["PIPELINE"] == "StableDiffusionPipeline"
+    bad = grass(2, {"compel_prompts": True}, prompt="a (red barn")
+    body = httpx.post(f"{api.url}/runsync", json={"input": bad}, timeout=180).json()
+    assert body["status"] == "FAILED", body
+    assert body["error"] == "INVALID_INPUTS: prompt: '(' at character 3 is never closed (in compel syntax)"

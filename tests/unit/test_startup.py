@@ -15,7 +15,7 @@ import pytest
 
 # The ML stack, and what serving needs only once it is used: the RunPod SDK, the S3 client (the cloud cache), the
 # metrics library (the first scrape), PEFT (the first LoRA), the download client (the first fetch), Ray (only
-# `serve run diffusers_api.ray:app` imports it).
+# `serve run diffusers_api.ray:app` imports it), compel (the first weighted or long prompt).
 HEAVY = (
     "torch",
     "diffusers",
@@ -30,6 +30,7 @@ HEAVY = (
     "numpy",
     "scipy",
     "ray",
+    "compel",
 )
 
 REPORT = f"""

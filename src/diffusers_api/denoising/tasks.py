@@ -75,8 +75,13 @@ _SD_ARGS = {
     "clip_skip",
     "generator",
     "output_type",
+    # prompts given as embeddings (prompts.py makes them for weighted and long prompts)
+    "prompt_embeds",
+    "negative_prompt_embeds",
 }
 _SDXL_ARGS = {
+    "pooled_prompt_embeds",
+    "negative_pooled_prompt_embeds",
     "prompt_2",
     "negative_prompt_2",
     "original_size",
@@ -373,23 +378,31 @@ def batch_size(prompt: Any) -> int:
     return 1 if isinstance(prompt, str) else len(prompt)
 
 
+def _prompts(args: dict[str, Any]) -> int:
+    """How many prompts the call has: as text, or as embeddings (a row each), as the pipelines count them."""
+    if args["prompt"] is None and args.get("prompt_embeds") is not None:
+        return int(args["prompt_embeds"].shape[0])
+    return batch_size(args["prompt"])
+
+
 def _prepare_sd(pipe: Any, args: dict[str, Any], mode: Mode) -> DenoiseTask:
     import torch
 
     if mode in (Mode.TXT2IMG, Mode.INPAINT):
         args["height"] = args["height"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
         args["width"] = args["width"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    embeds = {name: args[name] for name in ("prompt_embeds", "negative_prompt_embeds")}
     if mode is Mode.TXT2IMG:
-        pipe.check_inputs(args["prompt"], args["height"], args["width"], None, args["negative_prompt"])
+        pipe.check_inputs(args["prompt"], args["height"], args["width"], None, args["negative_prompt"], **embeds)
     elif mode is Mode.INPAINT:
         pipe.check_inputs(
             args["prompt"], args["image"], args["mask_image"], args["height"], args["width"], args["strength"], None,
-            args["output_type"], args["negative_prompt"],
+            args["output_type"], args["negative_prompt"], **embeds,
         )  # fmt: skip
     else:
-        pipe.check_inputs(args["prompt"], args["strength"], None, args["negative_prompt"])
+        pipe.check_inputs(args["prompt"], args["strength"], None, args["negative_prompt"], **embeds)
     _start(pipe, args)
-    device, images = execution_device(pipe), batch_size(args["prompt"]) * args["num_images_per_prompt"]
+    device, images = execution_device(pipe), _prompts(args) * args["num_images_per_prompt"]
     positive, negative = pipe.encode_prompt(
         args["prompt"],
         device,
@@ -397,6 +410,7 @@ def _prepare_sd(pipe: Any, args: dict[str, Any], mode: Mode) -> DenoiseTask:
         pipe.do_classifier_free_guidance,
         args["negative_prompt"],
         clip_skip=pipe.clip_skip,
+        **embeds,
     )
     hidden = torch.cat([negative, positive]) if pipe.do_classifier_free_guidance else positive
     return _initial_latents(pipe, args, mode, images, hidden.dtype, device).task(pipe, args, hidden, added=None)
@@ -462,27 +476,29 @@ def _inpaint_latents(pipe: Any, args: dict[str, Any], images: int, dtype: Any, d
 def _prepare_sdxl(pipe: Any, args: dict[str, Any], mode: Mode) -> DenoiseTask:
     import torch
 
+    embeds = {name: args[name] for name in ("prompt_embeds", "negative_prompt_embeds")}
+    pooled_embeds = {name: args[name] for name in ("pooled_prompt_embeds", "negative_pooled_prompt_embeds")}
     if mode is Mode.TXT2IMG:
         args["height"] = args["height"] or pipe.default_sample_size * pipe.vae_scale_factor
         args["width"] = args["width"] or pipe.default_sample_size * pipe.vae_scale_factor
         pipe.check_inputs(
-            args["prompt"], args["prompt_2"], args["height"], args["width"], args["negative_prompt"],
-            args["negative_prompt_2"],
+            args["prompt"], args["prompt_2"], args["height"], args["width"], None, args["negative_prompt"],
+            args["negative_prompt_2"], **embeds, **pooled_embeds,
         )  # fmt: skip
     elif mode is Mode.INPAINT:
         args["height"] = args["height"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
         args["width"] = args["width"] or pipe.unet.config.sample_size * pipe.vae_scale_factor
         pipe.check_inputs(
             args["prompt"], args["prompt_2"], args["image"], args["mask_image"], args["height"], args["width"],
-            args["strength"], None, args["output_type"], args["negative_prompt"], args["negative_prompt_2"],
+            args["strength"], None, args["output_type"], args["negative_prompt"], args["negative_prompt_2"], **embeds,
         )  # fmt: skip
     else:
         pipe.check_inputs(
             args["prompt"], args["prompt_2"], args["strength"], args["num_inference_steps"], None,
-            args["negative_prompt"], args["negative_prompt_2"],
+            args["negative_prompt"], args["negative_prompt_2"], **embeds,
         )  # fmt: skip
     _start(pipe, args)
-    device, images = execution_device(pipe), batch_size(args["prompt"]) * args["num_images_per_prompt"]
+    device, images = execution_device(pipe), _prompts(args) * args["num_images_per_prompt"]
     positive, negative, pooled, negative_pooled = pipe.encode_prompt(
         prompt=args["prompt"],
         prompt_2=args["prompt_2"],
@@ -492,6 +508,8 @@ def _prepare_sdxl(pipe: Any, args: dict[str, Any], mode: Mode) -> DenoiseTask:
         negative_prompt=args["negative_prompt"],
         negative_prompt_2=args["negative_prompt_2"],
         clip_skip=pipe.clip_skip,
+        **embeds,
+        **pooled_embeds,
     )
     with _vae_for_encoding(pipe):
         prepared = _initial_latents(pipe, args, mode, images, positive.dtype, device)
@@ -531,7 +549,7 @@ def _sdxl_time_ids(
                 dtype=dtype, text_encoder_projection_dim=projection_dim,
             )  # fmt: skip
         return time_ids, negative
-    images = batch_size(args["prompt"]) * args["num_images_per_prompt"]
+    images = _prompts(args) * args["num_images_per_prompt"]
     time_ids, negative = pipe._get_add_time_ids(
         original_size, crops, target_size, args["aesthetic_score"], args["negative_aesthetic_score"],
         args["negative_original_size"] or original_size, args["negative_crops_coords_top_left"],
@@ -564,7 +582,7 @@ def _initial_latents(pipe: Any, args: dict[str, Any], mode: Mode, images: int, d
         return _Latents(timesteps, pipe.prepare_latents(images, channels, height, width, dtype, device, generator))
     image = pipe.image_processor.preprocess(args["image"])
     start = timesteps[:1].repeat(images)
-    batch = batch_size(args["prompt"])
+    batch = _prompts(args)
     latents = pipe.prepare_latents(image, start, batch, args["num_images_per_prompt"], dtype, device, generator)
     return _Latents(timesteps, latents)
 

@@ -12,7 +12,7 @@ from pydantic import (
 )
 
 from ..errors import InvalidInputs
-from .request import _NEEDS_IMAGE, GenerateRequest, invalid_inputs, is_http_url
+from .request import _NEEDS_IMAGE, LPW_PIPELINE, GenerateRequest, invalid_inputs, is_http_url
 from .response import GenerateResult
 from .upscale import UpscaleRequest, parse_upscale_request
 
@@ -45,8 +45,6 @@ _LEGACY_LORA_ALIAS = "attn_procs"
 # so that nobody believes such an option was applied when it was not.
 _LEGACY_UNSUPPORTED = (
     "train",
-    "compel_prompts",
-    "custom_pipeline_method",
 )
 # use_extra: the original's extras, run instead of the pipeline. Only "upsample" exists here (`upscale_from_legacy`).
 USE_EXTRA = ("upsample",)
@@ -55,6 +53,19 @@ _UPSAMPLE_MODEL_INPUTS = {"input_image": "image", "face_enhance": "face_enhance"
 _UPSAMPLE_CALL_INPUTS = {
     key: _LEGACY_CALL_INPUTS[key]
     for key in ("MODEL_ID", "image_format", "image_quality", "startRequestId", "SEND_URL", "SIGN_KEY", "streamEvents")
+}
+# callInputs that choose how prompts are read (`_prompt_options`): compel_prompts -> prompt_weighting "compel";
+# PIPELINE lpw_stable_diffusion with custom_pipeline_method -> long prompts, A1111 weighting, that task's pipeline.
+_LPW_METHODS = {"text2img": "txt2img", "img2img": "img2img", "inpaint": "inpaint"}
+_LEGACY_PROMPT_INPUTS = {
+    "compel_prompts": {
+        "anyOf": [{"type": "boolean"}, {"type": "null"}],
+        "description": "read the prompts in compel's weighting syntax",
+    },
+    "custom_pipeline_method": {
+        "enum": [*_LPW_METHODS, None, ""],
+        "description": f"with PIPELINE {LPW_PIPELINE}: which task runs",
+    },
 }
 # callInputs that were speed hints in the original; PyTorch's SDPA attention makes them moot.
 _LEGACY_IGNORED = ("xformers_memory_efficient_attention",)
@@ -74,6 +85,7 @@ def legacy_envelope_schema(ref_template: str = "#/$defs/{model}") -> dict[str, A
         "anyOf": [{"type": "string", "pattern": "^https?://"}, {"enum": [None, "", False]}],
         "description": "URL of a LoRA file, as one more of lora_weights (the original's attn_procs)",
     }
+    call_inputs |= _LEGACY_PROMPT_INPUTS
     call_inputs |= {key: {"enum": [None, "", False], "description": "not supported"} for key in _LEGACY_UNSUPPORTED}
     call_inputs["use_extra"] = {
         "enum": [None, "", False, *USE_EXTRA],
@@ -158,6 +170,7 @@ def from_legacy(envelope: dict[str, Any]) -> GenerateRequest:
     """Translate `{"modelInputs", "callInputs"}` onto a GenerateRequest, or raise INVALID_INPUTS."""
     model_inputs, call_inputs = _envelope_parts(envelope)
     data = _legacy_call_inputs(call_inputs) | _legacy_model_inputs(model_inputs)
+    data |= _prompt_options(call_inputs, data)
     if call_inputs.get("is_url"):
         for field in ("image", "mask_image"):
             value = data.get(field)
@@ -180,19 +193,15 @@ def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:
             continue  # added after the loop, to whatever lora_weights gives
         elif key == "use_extra":
             _check_no_extra(value)
-        elif key in _LEGACY_IGNORED:
-            continue
+        elif key in _LEGACY_IGNORED or key in _LEGACY_PROMPT_INPUTS:
+            continue  # the prompt inputs are read by _prompt_options
         elif key in _LEGACY_UNSUPPORTED:
             if value not in (None, "", False):
                 raise InvalidInputs(f"callInputs.{key} is not supported by this server yet")
         else:
-            known = [
-                *_LEGACY_CALL_INPUTS,
-                *("is_url", "use_extra", _LEGACY_LORA_ALIAS),
-                *_LEGACY_UNSUPPORTED,
-                *_LEGACY_IGNORED,
-            ]
-            raise InvalidInputs(f"callInputs.{key} is not a known call input", known=sorted(known))
+            known = [*_LEGACY_CALL_INPUTS, "is_url", "use_extra", _LEGACY_LORA_ALIAS, *_LEGACY_PROMPT_INPUTS]
+            known = sorted([*known, *_LEGACY_UNSUPPORTED, *_LEGACY_IGNORED])
+            raise InvalidInputs(f"callInputs.{key} is not a known call input", known=known)
     attn_procs = call_inputs.get(_LEGACY_LORA_ALIAS)
     if not (attn_procs is None or attn_procs is False or attn_procs == ""):  # 0 is no "off" (the schema says so)
         if not is_http_url(attn_procs):
@@ -213,6 +222,28 @@ def _check_no_extra(value: Any) -> None:
         field="use_extra",
         allowed=list(USE_EXTRA),
     )
+
+
+def _prompt_options(call_inputs: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """compel_prompts and lpw_stable_diffusion's custom_pipeline_method as the native options."""
+    options: dict[str, Any] = {}
+    compel = call_inputs.get("compel_prompts")
+    if compel is not None and not isinstance(compel, bool):
+        raise InvalidInputs(f"callInputs.compel_prompts must be true or false, not {compel!r}")
+    if compel:
+        options["prompt_weighting"] = "compel"
+    method = call_inputs.get("custom_pipeline_method")
+    if method in (None, ""):
+        return options
+    if call_inputs.get("PIPELINE") != LPW_PIPELINE:
+        raise InvalidInputs(f"callInputs.custom_pipeline_method applies to PIPELINE {LPW_PIPELINE} only")
+    if method not in _LPW_METHODS:
+        raise InvalidInputs(
+            f"callInputs.custom_pipeline_method must be one of {', '.join(_LPW_METHODS)}, not {method!r}",
+            accepted=list(_LPW_METHODS),
+        )
+    weighting = options.get("prompt_weighting") or data.get("prompt_weighting") or "a1111"
+    return options | {"pipeline": _LPW_METHODS[method], "long_prompts": True, "prompt_weighting": weighting}
 
 
 def _legacy_model_inputs(model_inputs: dict[str, Any]) -> dict[str, Any]:

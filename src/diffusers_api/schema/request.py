@@ -27,6 +27,8 @@ from ..errors import InvalidInputs
 
 ImageFormat = Literal["PNG", "JPEG", "WEBP", "JXL"]
 FillMode = Literal["none", "patchmatch", "edge"]
+# The original server's community pipeline for long, A1111-weighted prompts: here a name for those two options.
+LPW_PIPELINE = "lpw_stable_diffusion"
 
 # Arguments of a pipeline's __call__ that the server owns: a request may not set them.
 RESERVED_CALL_ARGS = frozenset(
@@ -231,6 +233,14 @@ class GenerateRequest(BaseModel):
         " Default: the server's FILL_MODE for inpainting requests",
     )
     cross_attention_kwargs: dict[str, Any] | None = Field(None, json_schema_extra=_json_object_schema)
+    prompt_weighting: Literal["compel", "a1111"] | None = Field(
+        None,
+        description="Read weights in the prompts: compel's syntax ((word)1.3, word++, .and(), .blend()) or A1111's"
+        " ((word:1.3), (word), [word]); SD and SDXL models. Default: plain text",
+    )
+    long_prompts: bool = Field(
+        False, description="Encode prompts longer than 77 tokens in chunks instead of cutting them (SD and SDXL)"
+    )
     extra: dict[str, Any] = Field(
         default_factory=dict, description="Other arguments of the pipeline's __call__, passed through"
     )
@@ -284,6 +294,16 @@ class GenerateRequest(BaseModel):
             if not -8 <= lora.scale <= 8:
                 raise ValueError(f"the scale of LoRA {lora.url} is {lora.scale}; it must be between -8 and 8")
         self.cross_attention_kwargs = kwargs or None
+        return self
+
+    @model_validator(mode="after")
+    def _lpw_pipeline(self) -> GenerateRequest:
+        """`pipeline: "lpw_stable_diffusion"` (the original's community pipeline) is long prompts with A1111
+        weighting on the model's own txt2img / img2img / inpaint pipeline, chosen as for no pipeline."""
+        if self.pipeline == LPW_PIPELINE:
+            self.pipeline = None
+            self.long_prompts = True
+            self.prompt_weighting = self.prompt_weighting or "a1111"
         return self
 
     @model_validator(mode="after")
