@@ -43,9 +43,7 @@ _LEGACY_CALL_INPUTS = {
 _LEGACY_LORA_ALIAS = "attn_procs"
 # callInputs the server knows but this build does not act on: refused with a clear message rather than ignored,
 # so that nobody believes such an option was applied when it was not.
-_LEGACY_UNSUPPORTED = (
-    "train",
-)
+_LEGACY_UNSUPPORTED = ("train",)
 # use_extra: the original's extras, run instead of the pipeline. Only "upsample" exists here (`upscale_from_legacy`).
 USE_EXTRA = ("upsample",)
 # use_extra "upsample": modelInputs and callInputs it reads -> UpscaleRequest field
