@@ -35,6 +35,7 @@ from .errors import DiffusersAPIError, from_exception
 if TYPE_CHECKING:
     from .config import Settings
     from .schema import AnyRequest
+    from .schema.train import TrainRequest
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,9 @@ class EventHub:
     def for_boot(self) -> RequestEvents:
         return RequestEvents(self._webhook_sinks(None, None), self.settings.container_id)
 
-    async def for_request(self, request: AnyRequest, extra_sinks: list[Sink] | None = None) -> RequestEvents:
+    async def for_request(
+        self, request: AnyRequest | TrainRequest, extra_sinks: list[Sink] | None = None
+    ) -> RequestEvents:
         """The emitter of one request. A request's own SEND_URL is checked first; the check resolves its host,
         on a worker thread, so that a slow DNS server holds up this request only, never the event loop."""
         if request.send_url:

@@ -5,13 +5,18 @@ HTTP (`POST /`, `/v1/generate`), jobs (`/v1/jobs`) and the RunPod worker all bui
 engine behave the same whichever way a request came in:
 
     transport -> Generation(request, events) -> generate() -> engine.submit() -> runner.run() -> images
+
+Training (`train`) takes the same way with its own request: `engine.run_alone` runs it with nothing else on the
+device, then its result is packed and uploaded off the device.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -20,8 +25,11 @@ from .errors import Cancelled, from_exception
 from .events import RequestEvents
 
 if TYPE_CHECKING:
+    from .config import Settings
     from .engine import Engine
+    from .runner import Runner
     from .schema import AnyRequest, GenerateResult
+    from .schema.train import TrainRequest, TrainResult
 
 
 @dataclass(eq=False)
@@ -63,6 +71,62 @@ async def generate(engine: Engine, generation: Generation) -> GenerateResult:
         events.emit("inference", "error", error=from_exception(exc).to_wire())
         raise
     events.emit("inference", "done", timings=result.timings, seeds=result.seeds)
+    return result
+
+
+async def train(
+    engine: Engine,
+    request: TrainRequest,
+    events: RequestEvents,
+    settings: Settings,
+    cancel: threading.Event | None = None,
+    on_start: Callable[[], None] | None = None,
+) -> TrainResult:
+    """Train on the engine with nothing else on the device, then upload and/or keep the result; reports
+    `training` start, progress (per optimizer step) and done or error, then `compress` and `upload`. Cancelling
+    the awaiting task (or setting `cancel`) stops the training within a step. $timings: loadModel, training,
+    compress, upload."""
+    from . import training
+
+    cancel = cancel or threading.Event()
+    events.stage = "training"
+    job_id = request.request_id or uuid.uuid4().hex
+    timings: dict[str, float] = {}
+    training.destination(request, settings)  # a bad dest_url or a taken name costs no training
+    training.check_name_free(request, settings)
+    events.emit("training", "start")
+    staging = contextlib.ExitStack()  # entered and left on a thread: removing a model directory takes a while
+    try:
+        workdir = await asyncio.to_thread(staging.enter_context, training.workdir(settings, job_id))
+
+        def work(runner: Runner) -> training.Trained:
+            if cancel.is_set():
+                raise Cancelled("training cancelled before it started")
+            if on_start is not None:
+                on_start()
+            return training.train(runner.store, request, workdir, events.progress, cancel, timings)
+
+        trained = await engine.run_alone(work, cancel)
+        events.emit("training", "done", timings=dict(timings), steps=trained.steps, loss=trained.loss)
+        # Once trained, the result is delivered whole even if the job is cancelled meanwhile: the work directory
+        # must outlive the upload that reads it.
+        delivery = asyncio.ensure_future(
+            asyncio.to_thread(training.deliver, trained, request, settings, events.emit, timings)
+        )
+        try:
+            result = await asyncio.shield(delivery)
+        except asyncio.CancelledError:
+            await asyncio.wait([delivery])
+            raise
+    except asyncio.CancelledError:
+        cancel.set()
+        events.emit("training", "error", error=Cancelled("training cancelled").to_wire())
+        raise
+    except Exception as exc:
+        events.emit("training", "error", error=from_exception(exc).to_wire())
+        raise
+    finally:
+        await asyncio.to_thread(staging.close)
     return result
 
 

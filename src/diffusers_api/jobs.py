@@ -1,7 +1,8 @@
 """Jobs: a request queued to run in the background, whose status and progress are read later, or cancelled.
 
 A job is the same request as `POST /v1/generate`, run by the same path (`generation.generate`, so webhooks and
-the batching engine behave the same), in a task of the server's event loop instead of inside an HTTP request.
+the batching engine behave the same), in a task of the server's event loop instead of inside an HTTP request;
+or a training (`POST /v1/train`, `generation.train`), whose result says where the trained weights went.
 The HTTP routes over them are in http/jobs.py:
 
     POST   /v1/jobs              -> 202 {"id", "status": "IN_QUEUE", ...}, Location: /v1/jobs/{id}
@@ -24,16 +25,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import Busy, Cancelled, DiffusersAPIError, InvalidInputs, NoSuchJob, NotReady, from_exception
-from .generation import Generation, generate
+from .generation import Generation, generate, train
 from .schema import GenerateRequest, GenerateResponse, GenerateResult, JobProgress, JobState, JobStatus
+from .schema.train import TrainRequest, TrainResult
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -47,17 +50,18 @@ END_OF_JOB = {"type": "job", "status": "end"}  # handed to watchers once the job
 @dataclass(eq=False)
 class Job:
     id: str
-    request: GenerateRequest | None  # dropped once the job ends: input images can be large
+    request: GenerateRequest | TrainRequest | None  # dropped once the job ends: input images can be large
     events: RequestEvents
     events_url: str
     status: JobState = "IN_QUEUE"
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
-    result: GenerateResult | None = None
+    result: GenerateResult | TrainResult | None = None
     error: DiffusersAPIError | None = None
     task: asyncio.Task[None] | None = None
-    generation: Generation | None = None  # its way through the engine; its cancel stops the denoising
+    generation: Generation | None = None  # its way through the engine
+    stop: threading.Event = field(default_factory=threading.Event)  # set: the denoising or training stops
     watchers: list[EventQueue] = field(default_factory=list)
     clock: Callable[[], float] = time.monotonic
     ended: float | None = None  # clock() at the end, for expiry
@@ -78,7 +82,10 @@ class Job:
             self.status, self.started_at = "IN_PROGRESS", time.time()
 
     def end(
-        self, status: JobState, result: GenerateResult | None = None, error: DiffusersAPIError | None = None
+        self,
+        status: JobState,
+        result: GenerateResult | TrainResult | None = None,
+        error: DiffusersAPIError | None = None,
     ) -> None:
         """On the event loop. The first end wins: a job cancelled while its result was on the way stays
         CANCELLED."""
@@ -102,10 +109,15 @@ class Job:
             started_at=self.started_at,
             finished_at=self.finished_at,
             progress=JobProgress(**self._progress()),
-            result=GenerateResponse.from_result(self.result) if with_result and self.result else None,
+            result=self._result() if with_result else None,
             error=self.error.to_wire(self.debug) if self.error else None,
         )
         return body.model_dump(exclude_none=True)
+
+    def _result(self) -> GenerateResponse | TrainResult | None:
+        if isinstance(self.result, GenerateResult):
+            return GenerateResponse.from_result(self.result)
+        return self.result
 
     def _progress(self) -> dict[str, Any]:
         latest = dict(self.events.latest or {})
@@ -116,7 +128,7 @@ class Job:
         elif not latest:
             stage = "starting"
         else:
-            stage = "finishing" if latest["step"] >= latest["steps"] else "inference"
+            stage = "finishing" if latest["step"] >= latest["steps"] else latest.get("stage", "inference")
         latest["stage"] = stage
         if self.finished:
             latest.pop("eta_s", None)
@@ -132,12 +144,47 @@ class JobStore:
         self.api_key = settings.api_key.get_secret_value() if settings.api_key else None
         self.capacity = settings.max_queue + settings.max_batch_size  # unfinished jobs, like the engine's bound
         self.clock = clock
+        self.settings = settings
         self.debug = settings.debug
         self._jobs: OrderedDict[str, Job] = OrderedDict()
 
     async def submit(self, engine: Engine, hub: EventHub, request: GenerateRequest) -> Job:
         if request.stream_events:
             raise InvalidInputs("stream_events does not apply to jobs: read GET /v1/jobs/{id}/events instead")
+        job = await self._new_job(engine, hub, request)
+        loop = asyncio.get_running_loop()
+
+        def on_start() -> None:  # on the engine's thread
+            loop.call_soon_threadsafe(job.start)
+
+        assert isinstance(job.request, GenerateRequest)
+        generation = job.generation = Generation(job.request, job.events, cancel=job.stop, on_start=on_start)
+        job.task = asyncio.create_task(self._finish(job, lambda: generate(engine, generation)), name=f"job-{job.id}")
+        return job
+
+    async def submit_training(self, engine: Engine, hub: EventHub, request: TrainRequest) -> Job:
+        """Queue a training: it runs alone on the device when its turn comes (engine.run_alone). A bad dest_url
+        or a name in use is refused here, before the job exists."""
+        from .training import check_name_free, destination
+
+        destination(request, self.settings)
+        check_name_free(request, self.settings)
+        job = await self._new_job(engine, hub, request)
+        loop = asyncio.get_running_loop()
+
+        def on_start() -> None:  # on the engine's thread
+            loop.call_soon_threadsafe(job.start)
+
+        assert isinstance(job.request, TrainRequest)
+        training = job.request
+
+        def work() -> Awaitable[TrainResult]:
+            return train(engine, training, job.events, self.settings, job.stop, on_start)
+
+        job.task = asyncio.create_task(self._finish(job, work), name=f"train-{job.id}")
+        return job
+
+    async def _new_job(self, engine: Engine, hub: EventHub, request: GenerateRequest | TrainRequest) -> Job:
         if not engine.health.serving:
             raise NotReady(f"the server is {engine.health.value.lower()}", state=engine.health.value)
         job_id = uuid.uuid4().hex
@@ -150,13 +197,6 @@ class JobStore:
             raise Busy(f"{unfinished} jobs are queued or running; try again shortly", queue_depth=unfinished)
         job = Job(job_id, request, emitter, events_url(job_id, self.api_key), clock=self.clock, debug=self.debug)
         job.events.sinks.append(job.publish)
-        loop = asyncio.get_running_loop()
-
-        def on_start() -> None:  # on the engine's thread
-            loop.call_soon_threadsafe(job.start)
-
-        job.generation = Generation(request, emitter, on_start=on_start)
-        job.task = asyncio.create_task(self._run(job, engine, job.generation), name=f"job-{job_id}")
         self._jobs[job_id] = job
         return job
 
@@ -171,8 +211,7 @@ class JobStore:
         """Cancel a queued or running job; a finished one is left as it is."""
         job = self.get(job_id)
         if not job.finished and job.task is not None:
-            if job.generation is not None:
-                job.generation.cancel.set()  # a running request stops at the next step
+            job.stop.set()  # a running request or training stops at the next step
             job.task.cancel()  # a queued one never starts
             job.cancelled()
         return job
@@ -197,9 +236,9 @@ class JobStore:
             await asyncio.wait(tasks)
         return len(jobs)
 
-    async def _run(self, job: Job, engine: Engine, generation: Generation) -> None:
+    async def _finish(self, job: Job, work: Callable[[], Awaitable[GenerateResult | TrainResult]]) -> None:
         try:
-            result = await generate(engine, generation)
+            result = await work()
         except asyncio.CancelledError:
             job.cancelled()
         except Exception as exc:

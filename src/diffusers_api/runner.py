@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import cache
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
@@ -20,6 +20,7 @@ from .denoising.tasks import ProgressCallback
 from .devices import memory_usage
 from .errors import Cancelled, DiffusersAPIError, InvalidInputs, NotReady, PipelineError
 from .limits import check_images, check_input_images, check_prompts, check_size
+from .models.ip_adapter import check_family as check_ip_adapter_family
 from .models.store import LoadedModel, ModelStore
 from .pipelines import call_arguments, call_parameters
 from .schema import RESERVED_CALL_ARGS, AnyRequest, GenerateRequest, GenerateResult, UpscaleRequest, is_http_url
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
     from .config import Settings
     from .denoising import SharedSteps
+    from .schema import IPAdapter
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +132,22 @@ class Runner:
         fill = self._fill_mode(request) if _inpaints(pipe_cls) else "none"
         inputs = self._decode_inputs(request, timings, fill)
         check_input_images(inputs, model.pipelines, model.spec.model_id)
-        pipe = model.pipelines.build(pipe_cls, scheduler, safety_checker=request.safety_checker)
+        pipelines, ip_adapter = model.pipelines, None
+        scaled: AbstractContextManager[None] = nullcontext()
+        if request.ip_adapter is not None:  # models/ip_adapter.py: a variant of the model, never the model itself
+            ip_images = self._decode_ip_images(request.ip_adapter, timings)
+            ip_adapter = self.store.ip_adapter(model, request.ip_adapter, timings)
+            pipelines, scaled = ip_adapter.pipelines, ip_adapter.scaled(request.ip_adapter.scale)
+        pipe = pipelines.build(pipe_cls, scheduler, safety_checker=request.safety_checker)
         seeds = imaging.image_seeds(request.seed, request.image_count)
         kwargs = self._call_kwargs(request, inputs, seeds)
         if request.prompt_weighting or request.long_prompts:
             with timings.phase("prompts"):
                 kwargs = prompts.encode(pipe, kwargs, request.prompt_weighting, request.long_prompts)
+        if ip_adapter is not None:
+            kwargs["ip_adapter_image"] = [ip_images]  # one IP-Adapter: its list of images
         loop = self._loop(pipe, kwargs)
-        with timings.phase("inference"):
+        with timings.phase("inference"), scaled:
             output = self._call(pipe, kwargs, progress, cancel, loop)
         with timings.phase("encode"):
             encoded = [imaging.encode_image(img, request.image_format, request.image_quality) for img in output.images]
@@ -145,6 +155,8 @@ class Runner:
         meta = self._meta(model, pipe_cls, scheduler, request, seeds)
         meta["LOOP"] = loop
         meta |= {"FILL_MODE": fill} if fill != "none" else {}
+        if ip_adapter is not None and request.ip_adapter is not None:
+            meta["IP_ADAPTER"] = {"model": ip_adapter.spec.describe(), "scale": request.ip_adapter.scale}
         return GenerateResult(
             images=encoded,
             image_format=request.image_format,
@@ -173,6 +185,8 @@ class Runner:
         self._check_input_names(pipe_cls, _input_names(request))
         if request.prompt_weighting or request.long_prompts:
             prompts.check_request(request, pipe_cls, model.spec.model_id)
+        if request.ip_adapter is not None:
+            check_ip_adapter_family(pipe_cls)
         return pipe_cls, scheduler
 
     def _check_input_names(self, pipe_cls: Any, names: set[str]) -> None:
@@ -205,6 +219,13 @@ class Runner:
 
     def _fill_mode(self, request: GenerateRequest) -> str:
         return request.fill_mode or self.settings.fill_mode
+
+    def _decode_ip_images(self, adapter: IPAdapter, timings: Timings) -> list[Image.Image]:
+        """The image prompt(s), decoded like `image` (one list: they are the images of one IP-Adapter)."""
+        limits = {"max_bytes": self.settings.max_body_bytes, "max_pixels": self.settings.max_image_pixels}
+        raw = [self._image_bytes(value, "ip_adapter.image", timings) for value in adapter.images]
+        with timings.phase("decode"):
+            return [imaging.decode_image(data, "ip_adapter.image", **limits) for data in raw]
 
     def _image_bytes(self, value: str, field: str, timings: Timings) -> str | bytes:
         """An image input as it came (base64, data URI), or, given as an http(s) URL, the file it names: fetched

@@ -6,10 +6,11 @@ This is the only module that imports `runpod` (the `runpod` extra: `pip install 
 `--test_input`, ...) from `sys.argv`; `unknown_sdk_flags` lets the CLI refuse the flags it would ignore.
 
 A job's `input` is the legacy envelope (`{"modelInputs", "callInputs"}`, answered like `POST /`) or a native
-request (answered like `/v1/generate`). Errors come back as a string `error` (so RunPod marks the job FAILED)
-with the machine-readable code and details beside it; `refresh_worker` is asked for only when the device is
-left unusable. Several jobs run on one worker at once (`concurrency_modifier`): they wait in the engine's
-queue, where a batching engine can merge them.
+request (answered like `/v1/generate`); a training is the envelope with `callInputs.train` or a native training
+request (one with `"train": "dreambooth"`, answered with its `TrainResult`). Errors come back as a string
+`error` (so RunPod marks the job FAILED) with the machine-readable code and details beside it; `refresh_worker`
+is asked for only when the device is left unusable. Several jobs run on one worker at once
+(`concurrency_modifier`): they wait in the engine's queue, where a batching engine can merge them.
 """
 
 from __future__ import annotations
@@ -27,15 +28,19 @@ from .devices import is_fatal_device_error
 from .engine import Health
 from .errors import DiffusersAPIError, InvalidInputs, NotReady, from_exception
 from .events import Event, EventHub
-from .generation import Generation, boot, generate
+from .generation import Generation, boot, generate, train
 from .schema import (
     AnyRequest,
     GenerateResponse,
     decode_envelope,
     from_legacy_envelope,
+    is_training,
     parse_request,
     to_legacy,
+    to_legacy_training,
+    train_from_legacy,
 )
+from .schema.train import TrainRequest, parse_train_request
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -60,7 +65,7 @@ def runpod_error(error: BaseException, debug: bool = False, defunct: bool = Fals
 
 @dataclass
 class ParsedInput:
-    request: AnyRequest  # an upscale from the legacy `use_extra: "upsample"`
+    request: AnyRequest | TrainRequest  # an upscale from the legacy `use_extra: "upsample"`, or a training
     legacy: bool
 
 
@@ -72,7 +77,11 @@ def parse_job_input(data: Any) -> ParsedInput:
     if not isinstance(envelope, dict):
         raise InvalidInputs(f"job input must be a JSON object, got {type(envelope).__name__}")
     if "modelInputs" in envelope or "callInputs" in envelope:
+        if is_training(envelope):
+            return ParsedInput(train_from_legacy(envelope), legacy=True)
         return ParsedInput(from_legacy_envelope(envelope), legacy=True)
+    if "train" in envelope:
+        return ParsedInput(parse_train_request(envelope), legacy=False)
     return ParsedInput(parse_request(envelope), legacy=False)
 
 
@@ -100,6 +109,9 @@ def make_handler(
             parsed = parse_job_input(job.get("input"))
             _check_ready(engine)
             events = await hub.for_request(parsed.request, extra_sinks=[ProgressReporter(job, progress_update)])
+            if isinstance(parsed.request, TrainRequest):
+                trained = await train(engine, parsed.request, events, hub.settings)
+                return to_legacy_training(trained) if parsed.legacy else trained.model_dump()
             result = await generate(engine, Generation(parsed.request, events))
         except Exception as exc:
             if not isinstance(exc, DiffusersAPIError):

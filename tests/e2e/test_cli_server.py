@@ -206,6 +206,21 @@ def test_concurrent_requests_with_different_schedulers(server: Server) -> None:
     assert len(set(alone)) == len(names)
 
 
+def test_an_image_prompt_through_the_legacy_envelope(server: Server) -> None:
+    """modelInputs carries the native `ip_adapter`; the builtin tiny adapter is generated offline on first use."""
+    red = base64.b64encode(png_bytes((200, 30, 30), 32)).decode()
+    ip_adapter = {"model": "builtin/tiny-ip-adapter", "image": red, "scale": 0.8}
+    envelope = {"modelInputs": {"prompt": "a red barn", "num_inference_steps": 3, "ip_adapter": ip_adapter}}
+    response = httpx.post(f"{server.url}/", json=envelope | {"callInputs": {}}, headers=AUTH, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json()["$meta"]["IP_ADAPTER"] == {"model": "builtin/tiny-ip-adapter", "scale": 0.8}
+    refused = httpx.post(
+        f"{server.url}/v1/generate", json={"prompt": "x", "ip_adapter": ip_adapter | {"scale": 3}}, headers=AUTH
+    )
+    assert refused.status_code == 422
+    assert "ip_adapter.scale" in refused.json()["error"]["message"]
+
+
 @pytest.mark.parametrize(
     ("envelope", "status", "code"),
     [

@@ -42,6 +42,7 @@ ELSEWHERE = (
     *("SEND_URL", "lora_weights", "textual_inversions", "image", "init_image", "mask_image", "strength"),
     *("precision", "MODEL_PRECISION", "extra"),  # another precision is another model; extra, unknown arguments
     *("checkpoint_config_url", "CHECKPOINT_CONFIG_URL", "attn_procs", "fill_mode", "FILL_MODE"),
+    "ip_adapter",  # names an adapter and an image that are not on this server
 )
 DRAWN = settings(
     max_examples=EXAMPLES,

@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from support.envelopes import grass
+from support.fakes import png_bytes
 from support.processes import Process, cli, free_port, offline_env, running
 from support.receiver import Post, Receiver, receiver
 
@@ -114,6 +115,19 @@ def test_api_server_completes_a_legacy_job(api: Process, hook: Receiver) -> None
     assert body["output"]["$timings"]["inference"] > 0
     updates = progress_posts(hook.wait_for(lambda posts: len(progress_posts(posts[before:])) >= 3)[before:])
     assert [update["step"] for update in updates] == [3, 6, STEPS]
+
+
+def test_api_server_runs_a_native_job_with_an_image_prompt(api: Process) -> None:
+    red = base64.b64encode(png_bytes((200, 30, 30), 32)).decode()
+    job = {
+        "prompt": "a red barn",
+        "num_inference_steps": 3,
+        "ip_adapter": {"model": "builtin/tiny-ip-adapter", "image": red},
+    }
+    body = httpx.post(f"{api.url}/runsync", json={"input": job}, timeout=180).json()
+    assert body["status"] == "COMPLETED", body
+    assert body["output"]["meta"]["IP_ADAPTER"] == {"model": "builtin/tiny-ip-adapter", "scale": 1.0}
+    assert png_size(body["output"]["images"][0]["data"]) == (64, 64)
 
 
 def test_api_server_fails_a_bad_job_with_a_string_error(api: Process) -> None:

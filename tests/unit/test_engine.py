@@ -125,3 +125,73 @@ def test_a_running_and_a_waiting_request_cancelled_together_free_the_engine() ->
     outcomes = asyncio.run(main())
     assert [type(outcome) for outcome in outcomes] == [asyncio.CancelledError, asyncio.CancelledError, GenerateResult]
     assert engine.queue_depth == 0
+
+
+@dataclass
+class LoggingRunner:
+    """A runner whose requests take `delay_s` and log when they start and end."""
+
+    delay_s: float = 0.05
+    steps: Any = None
+    store: Any = None
+    log: list[str] = field(default_factory=list)
+
+    def start(self) -> None:
+        pass
+
+    def run(self, request: GenerateRequest, progress: Any = None, cancel: threading.Event | None = None) -> Any:
+        self.log.append(f"start {request.prompt}")
+        threading.Event().wait(self.delay_s)
+        self.log.append(f"end {request.prompt}")
+        return request.prompt
+
+
+@pytest.mark.parametrize("kind", ["serial", "batching"])
+def test_run_alone_waits_for_the_requests_before_it_and_holds_back_those_after(kind: str) -> None:
+    runner = LoggingRunner()
+    engine = dict(zip(["serial", "batching"], engines(runner), strict=True))[kind]
+    asyncio.run(engine.start())
+
+    def work(given: Any) -> str:
+        assert given is runner
+        runner.log.append("start alone")
+        threading.Event().wait(0.1)
+        runner.log.append("end alone")
+        return "trained"
+
+    async def main() -> list[Any]:
+        before = asyncio.ensure_future(engine.submit(Generation(GenerateRequest(prompt="before"))))
+        await asyncio.sleep(0.01)
+        alone = asyncio.ensure_future(engine.run_alone(work, threading.Event()))
+        await asyncio.sleep(0.01)
+        after = engine.submit(Generation(GenerateRequest(prompt="after")))
+        return list(await asyncio.gather(before, alone, after))
+
+    assert asyncio.run(main()) == ["before", "trained", "after"]
+    assert runner.log == ["start before", "end before", "start alone", "end alone", "start after", "end after"]
+
+
+def test_cancelling_run_alone_stops_the_work_before_the_device_is_released() -> None:
+    runner = LoggingRunner()
+    engine = BatchingEngine(runner, max_batch_size=2, max_queue=4)  # type: ignore[arg-type]
+    asyncio.run(engine.start())
+    cancel = threading.Event()
+
+    def work(given: Any) -> None:
+        runner.log.append("start alone")
+        while not cancel.wait(0.01):  # a training checks its flag after every step
+            pass
+        runner.log.append("stopped alone")
+
+    async def main() -> None:
+        alone = asyncio.ensure_future(engine.run_alone(work, cancel))
+        await asyncio.sleep(0.05)
+        after = asyncio.ensure_future(engine.submit(Generation(GenerateRequest(prompt="after"))))
+        await asyncio.sleep(0.01)
+        alone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await alone
+        assert await after == "after"
+
+    asyncio.run(main())
+    assert runner.log == ["start alone", "stopped alone", "start after", "end after"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -82,7 +83,7 @@ def test_bad_bodies_are_invalid_inputs(body: bytes, fragment: str) -> None:
         ({"modelInputs": {}, "callInputs": {"NOPE": 1}}, "callInputs.NOPE is not a known call input"),
         ({"modelInputs": {}, "callInputs": {"lora_weights": "x"}}, "lora_weights.0.url: Value error, must be an http"),
         ({"modelInputs": {}, "callInputs": {"textual_inversions": ["x"]}}, "textual_inversions.0.url: Value error"),
-        ({"modelInputs": {}, "callInputs": {"train": True}}, "train is not supported"),
+        ({"modelInputs": {}, "callInputs": {"train": True}}, "callInputs.train True makes a training"),
         ({"modelInputs": {}, "callInputs": {"SEND_URL": "ftp://x"}}, "send_url: Value error, must be an http"),
         ({"modelInputs": {"callback_steps": 0}, "callInputs": {}}, "callback_steps"),
         ({"modelInputs": {"image": "aGVsbG8="}, "callInputs": {"is_url": True}}, "must be an http\\(s\\) URL"),
@@ -115,7 +116,7 @@ def test_bad_bodies_are_invalid_inputs(body: bytes, fragment: str) -> None:
         "unknown-call-input",
         "lora-not-a-url",
         "textual-inversion-not-a-url",
-        "unsupported-train",
+        "train-is-no-generation",
         "send-url-not-http",
         "zero-callback-steps",
         "is-url",
@@ -345,3 +346,46 @@ def test_the_schema_says_what_sizes_are_accepted(field: str) -> None:
     assert prop["anyOf"][0] | {"type": "integer"} == {"minimum": 8, "maximum": 8192, "multipleOf": 8, "type": "integer"}
     assert "multiple of 8" in prop["description"]
     assert "the model's minimum" in prop["description"]
+
+
+IP = {"model": "builtin/tiny-ip-adapter", "image": "aGVsbG8="}
+
+
+def test_ip_adapter_forms_and_defaults() -> None:
+    one = GenerateRequest(prompt="x", ip_adapter=IP).ip_adapter
+    assert one is not None
+    assert (one.images, one.scale, one.subfolder, one.weight_name, one.image_encoder_folder) == (
+        ["aGVsbG8="], 1.0, "", None, "image_encoder"
+    )  # fmt: skip
+    several = GenerateRequest(prompt="x", ip_adapter=IP | {"image": ["a", "b"], "scale": 0}).ip_adapter
+    assert several is not None
+    assert (several.images, several.scale) == (["a", "b"], 0.0)
+    legacy = from_legacy({"modelInputs": {"prompt": "x", "ip_adapter": IP}, "callInputs": {}})
+    assert legacy.ip_adapter == one
+    assert legacy.extra == {}
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"scale": 2.5}, "ip_adapter.scale: Input should be less than or equal to 2"),
+        ({"scale": -1}, "ip_adapter.scale: Input should be greater than or equal to 0"),
+        ({"image": ["a"] * 5}, "at most 4 items"),
+        ({"image": []}, "at least 1 item"),
+        ({"weight_name": "ip-adapter_sd15.bin"}, "ip_adapter.weight_name: String should match pattern"),
+        ({"subfolder": "../secrets"}, "ip_adapter.subfolder: Value error, must be a folder inside"),
+        ({"image_encoder_folder": "/etc"}, "ip_adapter.image_encoder_folder: Value error, must be a folder inside"),
+        ({"model": ""}, "ip_adapter.model: String should have at least 1 character"),
+        ({"images": ["a"]}, "ip_adapter.images: Extra inputs are not permitted"),
+    ],
+    ids=["scale-high", "scale-negative", "five-images", "no-image", "pickle", "subfolder-up", "encoder-absolute",
+         "empty-model", "unknown-key"],
+)  # fmt: skip
+def test_bad_ip_adapters_are_refused_naming_the_field(change: dict, fragment: str) -> None:
+    with pytest.raises(InvalidInputs, match=re.escape(fragment)):
+        parse_request({"prompt": "x", "ip_adapter": IP | change})
+
+
+def test_ip_adapter_images_are_not_extra_arguments() -> None:
+    with pytest.raises(InvalidInputs, match="set by the server, not by a request: ip_adapter_image"):
+        parse_request({"prompt": "x", "extra": {"ip_adapter_image": "aGVsbG8="}})

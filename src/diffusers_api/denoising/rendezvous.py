@@ -257,7 +257,17 @@ def _batchable(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     if len(args) != 2 or kwargs.get("encoder_hidden_states") is None:
         return False
     extra = set(kwargs) - _BATCHABLE_KWARGS
+    # an IP-Adapter's image_embeds is a list of tensors, which rows cannot be concatenated along: it runs alone
+    added = kwargs.get("added_cond_kwargs") or {}
+    if not all(_is_tensor(value) for value in added.values()):
+        return False
     return all(name in _ALWAYS_NONE_OK and kwargs[name] is None for name in extra)
+
+
+def _is_tensor(value: Any) -> bool:
+    import torch
+
+    return torch.is_tensor(value)
 
 
 def _timesteps(sample: Any, t: Any) -> Any:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from typing import TYPE_CHECKING, Any, Protocol
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ..devices import device_memory, is_fatal_device_error
 from ..errors import Cancelled, DiffusersAPIError, NotReady
@@ -21,6 +23,8 @@ if TYPE_CHECKING:
     from ..schema import GenerateResult
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Health(enum.StrEnum):
@@ -65,6 +69,13 @@ class Engine(Protocol):
         """Queue a request and wait for its result. Cancelling the awaiting task cancels the request (its
         `cancel` is set). `generation.on_start` is called, on the engine's thread, when the request leaves the
         queue and starts running."""
+        ...
+
+    async def run_alone(self, work: Callable[[Runner], T], cancel: threading.Event) -> T:
+        """Run `work(runner)` on the engine's thread with nothing else on the device (a training): requests
+        admitted before it finish first, requests that come after wait in the queue until it is done. Cancelling
+        the awaiting task sets `cancel` and waits for `work` to return (it stops within a step), so that nothing
+        else starts while it still holds the device."""
         ...
 
     def stats(self) -> StepStats | None:
@@ -134,6 +145,17 @@ class BaseEngine:
             return await asyncio.get_running_loop().run_in_executor(self._executor, self._execute, generation)
         except asyncio.CancelledError:
             generation.cancel.set()  # the client left: stop at the next step (a queued request never starts)
+            raise
+
+    async def _run_exclusive(self, work: Callable[[Runner], T], cancel: threading.Event) -> T:
+        """`work(runner)` on one of the engine's threads; the caller has made sure nothing else runs. A cancelled
+        await waits for `work` to stop (within a step) before it lets the caller release the device."""
+        future = asyncio.get_running_loop().run_in_executor(self._executor, work, self.runner)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancel.set()
+            await asyncio.wait([future])
             raise
 
     def _execute(self, generation: Generation) -> GenerateResult:

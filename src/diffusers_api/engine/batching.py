@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import Busy
 from .base import BaseEngine
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
     from ..generation import Generation
     from ..runner import Runner
     from ..schema import GenerateResult
+
+T = TypeVar("T")
 
 
 class BatchingEngine(BaseEngine):
@@ -52,6 +56,20 @@ class BatchingEngine(BaseEngine):
         finally:
             self._running -= 1
             self._release(images)
+
+    async def run_alone(self, work: Callable[[Runner], T], cancel: threading.Event) -> T:
+        """Admitted like a request of MAX_BATCH_SIZE images: in its turn, once every request admitted before it
+        has finished; requests that come after wait behind it (admission is strictly in order)."""
+        self._check_ready()
+        if len(self._waiting) >= self.max_queue:
+            raise Busy(f"{len(self._waiting)} requests are waiting; try again shortly", queue_depth=len(self._waiting))
+        await self._admit(self.max_batch_size)
+        self._running += 1
+        try:
+            return await self._run_exclusive(work, cancel)
+        finally:
+            self._running -= 1
+            self._release(self.max_batch_size)
 
     async def _admit(self, images: int) -> None:
         if not self._waiting and self._in_flight + images <= self.max_batch_size:

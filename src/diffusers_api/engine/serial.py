@@ -7,8 +7,10 @@ interrupted at the next denoising step if it has.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import Busy
 from .base import BaseEngine
@@ -17,6 +19,8 @@ if TYPE_CHECKING:
     from ..generation import Generation
     from ..runner import Runner
     from ..schema import GenerateResult
+
+T = TypeVar("T")
 
 
 class SerialEngine(BaseEngine):
@@ -36,5 +40,14 @@ class SerialEngine(BaseEngine):
         self._pending += 1
         try:
             return await self._run(generation)
+        finally:
+            self._pending -= 1
+
+    async def run_alone(self, work: Callable[[Runner], T], cancel: threading.Event) -> T:
+        """One thread serves the queue in order: `work` runs alone when its turn comes."""
+        self._check_ready()
+        self._pending += 1
+        try:
+            return await self._run_exclusive(work, cancel)
         finally:
             self._pending -= 1

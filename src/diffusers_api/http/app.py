@@ -113,6 +113,7 @@ def _add_routes(app: FastAPI) -> None:
     app.include_router(routes.router)
     app.include_router(upscale.router)
     app.include_router(jobs.router)
+    app.include_router(jobs.train_router)
     app.include_router(jobs.events_router)
     app.include_router(legacy.router)
     from . import ui

@@ -1,6 +1,7 @@
 """`/v1/jobs`: thin routes over the job store (diffusers_api.jobs), and each job's events as server-sent events.
 
     POST   /v1/jobs              -> 202 {"id", "status": "IN_QUEUE", ...}, Location: /v1/jobs/{id}
+    POST   /v1/train             -> the same, for a training (schema/train.py)
     GET    /v1/jobs/{id}         -> status, progress and, once COMPLETED, the images
     DELETE /v1/jobs/{id}         -> cancels
     GET    /v1/jobs/{id}/events  -> server-sent events: the status, each event of the job, the final status
@@ -20,10 +21,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..errors import Unauthorized
+from ..errors import InvalidInputs, Unauthorized
 from ..events import EventQueue
 from ..jobs import END_OF_JOB, Job, events_token
 from ..schema import GenerateRequest, JobStatus
+from ..schema.train import TrainRequest, parse_train_request
 from .deps import EngineDep, EventsDep, JobsDep, SettingsDep, check_api_key, require_api_key
 from .openapi import JOB_LINKS, errors
 
@@ -46,6 +48,40 @@ async def create_job(body: GenerateRequest, jobs: JobsDep, engine: EngineDep, ev
     (an unknown model or pipeline, a bad image) end the job FAILED with the same error body."""
     job = await jobs.submit(engine, events, body)
     return JSONResponse(job.describe(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+# The body is read by parse_train_request, so that an unknown argument is refused with the list of known ones.
+_TRAIN_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": TrainRequest.model_json_schema()}},
+    }
+}
+train_router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(require_api_key)])
+
+
+@train_router.post(
+    "/train",
+    status_code=202,
+    response_model=JobStatus,
+    responses={202: {"links": JOB_LINKS}, **errors(401, 413, 422, 503)},
+    summary="Queue a training (DreamBooth: a LoRA, or a full UNet fine-tune) as a job",
+    openapi_extra=_TRAIN_BODY,
+)
+async def create_training(request: Request, jobs: JobsDep, engine: EngineDep, events: EventsDep) -> JSONResponse:
+    """Queues a training and answers at once with the job's id (also in `Location`). The job runs alone on the
+    device when its turn comes (requests sent meanwhile wait), reports `training` progress per optimizer step,
+    then uploads the result to `dest_url` and/or keeps it as `trained/<name>`; its result says where it went.
+    `DELETE /v1/jobs/{id}` stops it within a step."""
+    job = await jobs.submit_training(engine, events, parse_train_request(_json_body(await request.body())))
+    return JSONResponse(job.describe(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+def _json_body(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInputs(f"request body is not valid JSON: {exc}") from None
 
 
 @router.get("/{job_id}", response_model=JobStatus, responses=_ERRORS, summary="A job's status and result")

@@ -48,8 +48,15 @@ def adapter_path(url: str, models_dir: Path, kind: str = "LoRA") -> Path:
 
 
 def fetch_adapter(url: str, settings: Settings, kind: str, timings: dict[str, float] | None = None) -> Path:
-    """The local file of the adapter at `url`, downloaded on first use."""
+    """The local file of the adapter at `url`, downloaded on first use; `trained/<name>`: a LoRA trained here."""
     from .sources import phase
+    from .trained import is_trained_name, trained_lora_path
+
+    if kind == "LoRA" and is_trained_name(url):
+        trained = trained_lora_path(url, settings.models_dir)
+        if not trained.is_file():
+            raise _invalid(kind, f"no LoRA {url} was trained here (looked for {trained})")
+        return trained
 
     path = adapter_path(url, settings.models_dir, kind)
     if path.is_file():

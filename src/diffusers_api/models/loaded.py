@@ -11,6 +11,7 @@ from .spec import ModelSpec
 
 if TYPE_CHECKING:
     from ..pipelines import ModelPipelines
+    from .ip_adapter import IPAdapterSpec, IPAdapterVariant
 
 
 @dataclass
@@ -25,6 +26,8 @@ class LoadedModel:
     # variants of this model with adapters (LoRAs, textual inversions), least recently used first; they share its
     # other components and go with it
     variants: OrderedDict[ModelSpec, LoadedModel] = field(default_factory=OrderedDict)
+    # this model with an IP-Adapter (models/ip_adapter.py), least recently used first; they go with it
+    ip_adapters: OrderedDict[IPAdapterSpec, IPAdapterVariant] = field(default_factory=OrderedDict)
 
     @property
     def precision(self) -> str:
@@ -33,7 +36,8 @@ class LoadedModel:
 
     @property
     def total_bytes(self) -> int:
-        return self.bytes + sum(variant.bytes for variant in self.variants.values())
+        adapters = sum(variant.bytes for variant in self.ip_adapters.values())
+        return self.bytes + adapters + sum(variant.total_bytes for variant in self.variants.values())
 
     def describe(self) -> dict[str, Any]:
         loras, embeddings = self.spec.adapters_json()
@@ -48,4 +52,5 @@ class LoadedModel:
             **({"loras": loras} if loras else {}),
             **({"textual_inversions": embeddings} if embeddings else {}),
             **({"variants": [variant.describe() for variant in self.variants.values()]} if self.variants else {}),
+            **({"ip_adapters": [ip.describe() for ip in self.ip_adapters.values()]} if self.ip_adapters else {}),
         }

@@ -26,6 +26,7 @@ from ..errors import ModelLoadError, ModelNotFound, StorageError
 from . import archive, disk, transfer
 from .builtin import ensure_builtin, is_builtin
 from .locations import ARCHIVE_SUFFIX, HTTPLocation, S3Location, parse_model_url
+from .trained import is_trained_name, trained_model_dir
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -81,6 +82,11 @@ def _from_source(spec: ModelSpec, settings: Settings, timings: dict[str, float] 
         return fetch_checkpoint(spec, settings, timings)
     if is_builtin(spec.model_id):
         return ensure_builtin(spec.model_id, settings.models_dir)
+    if is_trained_name(spec.model_id):
+        trained = trained_model_dir(spec.model_id, settings.models_dir)
+        if not disk.is_published(trained):
+            raise ModelNotFound(f"no model {spec.model_id} was trained here ({trained})", requested=spec.model_id)
+        return trained
     local = Path(spec.model_id).expanduser()
     if local.is_dir():
         if not disk.is_published(local):  # before anything in it is read: it may be any directory

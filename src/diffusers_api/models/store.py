@@ -24,21 +24,24 @@ from ..devices import free_device_memory, resolve_device
 from ..errors import ModelLoadError, ModelMismatch, ModelNotFound, NoModelId, PipelineError
 from . import archive, disk
 from .adapters import fetch_adapter
+from .ip_adapter import IPAdapterSpec, IPAdapterVariant, fetch_ip_adapter, make_variant
 from .loaded import LoadedModel
 from .locations import check_request_paths
 from .sizes import estimate_bytes, module_bytes, pipeline_bytes
-from .sources import caused_by, fetch, not_found_errors, torch_dtype
+from .sources import caused_by, fetch, not_found_errors, phase, torch_dtype
 from .spec import ModelSpec
 
 if TYPE_CHECKING:
     from ..config import Settings
     from ..pipelines import ModelPipelines
-    from ..schema import GenerateRequest
+    from ..schema import GenerateRequest, IPAdapter
 
 __all__ = ["LoadedModel", "ModelSpec", "ModelStore", "cached_models"]
 
 log = logging.getLogger(__name__)
 
+# IP-Adapter variants kept per model (each holds the adapter's layers and image encoder, not the UNet's weights).
+IP_ADAPTERS_KEPT = 2
 # $timings phases that the store reports apart from loadModel.
 TRANSFER_PHASES = ("download", "compress", "upload")
 
@@ -54,6 +57,8 @@ class ModelStore:
         self._lock = threading.RLock()
         # variants being made, outside the lock: (id of the model, spec) -> the variant, once made
         self._making: dict[tuple[int, ModelSpec], Future[LoadedModel]] = {}
+        # IP-Adapter variants are made one at a time, outside the store's lock
+        self._ip_lock = threading.Lock()
 
     @cached_property
     def device(self) -> str:
@@ -159,6 +164,30 @@ class ModelStore:
                 free_device_memory()
             self._trim()  # the variant's copies count against MODEL_MEMORY_BUDGET: older models may have to go
         making.set_result(variant)
+        return variant
+
+    def ip_adapter(self, model: LoadedModel, adapter: IPAdapter, timings: dict[str, float] | None) -> IPAdapterVariant:
+        """`model` with the IP-Adapter `adapter` names (models/ip_adapter.py): made on first use (its files fetched
+        outside any lock), then kept with the model, IP_ADAPTERS_KEPT per model."""
+        spec = IPAdapterSpec.of(adapter)
+        with self._lock:
+            if spec in model.ip_adapters:
+                model.ip_adapters.move_to_end(spec)
+                return model.ip_adapters[spec]
+        directory = fetch_ip_adapter(spec, self.settings, timings)
+        with self._ip_lock:
+            found = model.ip_adapters.get(spec)  # made by a request that held the lock before this one
+            if found is not None:
+                return found
+            with phase(timings, "loadModel"):
+                variant = make_variant(model.pipelines, directory, spec)
+            with self._lock:
+                model.ip_adapters[spec] = variant
+                while len(model.ip_adapters) > IP_ADAPTERS_KEPT:
+                    dropped, _ = model.ip_adapters.popitem(last=False)
+                    log.info("dropping IP-Adapter %s to keep %d", dropped.describe(), IP_ADAPTERS_KEPT)
+                    free_device_memory()
+                self._trim()
         return variant
 
     def _mismatch(self, spec: ModelSpec) -> ModelMismatch:

@@ -4,11 +4,22 @@
 - `response.py`: `GenerateResult` (what the runner returns) and `GenerateResponse`, the native answer;
 - `jobs.py`: `JobStatus` and `JobProgress` of `/v1/jobs`;
 - `legacy.py`: the docker-diffusers-api envelope, translated onto the request (`from_legacy`) and back (`to_legacy`);
-- `upscale.py`: `UpscaleRequest` (POST /v1/upscale, legacy `use_extra: "upsample"`) and its answer.
+- `upscale.py`: `UpscaleRequest` (POST /v1/upscale, legacy `use_extra: "upsample"`) and its answer;
+- `train.py`: `TrainRequest` (`POST /v1/train`, legacy `callInputs.train`) and `TrainResult`.
 """
 
+from .ip_adapter import IPAdapter
 from .jobs import JobProgress, JobState, JobStatus
-from .legacy import decode_envelope, from_legacy, from_legacy_envelope, legacy_envelope_schema, to_legacy
+from .legacy import (
+    decode_envelope,
+    from_legacy,
+    from_legacy_envelope,
+    is_training,
+    legacy_envelope_schema,
+    to_legacy,
+    to_legacy_training,
+    train_from_legacy,
+)
 from .request import (
     RESERVED_CALL_ARGS,
     GenerateRequest,
@@ -33,6 +44,7 @@ __all__ = [
     "GenerateRequest",
     "GenerateResponse",
     "GenerateResult",
+    "IPAdapter",
     "ImageFormat",
     "ImageOut",
     "JobProgress",
@@ -48,8 +60,11 @@ __all__ = [
     "from_legacy",
     "from_legacy_envelope",
     "is_http_url",
+    "is_training",
     "legacy_envelope_schema",
     "parse_request",
     "parse_upscale_request",
     "to_legacy",
+    "to_legacy_training",
+    "train_from_legacy",
 ]

@@ -10,17 +10,19 @@ from pydantic import (
 )
 
 from .response import GenerateResponse
+from .train import TrainResult
 
 JobState = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED"]
 
 
 class JobProgress(BaseModel):
-    stage: Literal["queued", "starting", "inference", "finishing", "done"] = Field(
+    stage: Literal["queued", "starting", "inference", "training", "finishing", "done"] = Field(
         description="queued: waiting for a slot; starting: model, inputs and prompts; inference: denoising; "
-        "finishing: decoding and encoding the images; done: completed"
+        "training: optimizer steps (a training job); finishing: decoding and encoding the images (a training: "
+        "saving, packing and uploading); done: completed"
     )
-    step: int | None = Field(None, description="Denoising steps done")
-    steps: int | None = Field(None, description="Denoising steps in all")
+    step: int | None = Field(None, description="Denoising (or training) steps done")
+    steps: int | None = Field(None, description="Denoising (or training) steps in all")
     eta_s: float | None = Field(None, description="Seconds the remaining steps will take at the pace so far")
 
 
@@ -35,5 +37,7 @@ class JobStatus(BaseModel):
     started_at: float | None = Field(None, description="Unix time it left the queue")
     finished_at: float | None = Field(None, description="Unix time it ended")
     progress: JobProgress
-    result: GenerateResponse | None = Field(None, description="The images, once COMPLETED")
+    result: GenerateResponse | TrainResult | None = Field(
+        None, description="The images, once COMPLETED (a training: what it made and where it went)"
+    )
     error: dict[str, Any] | None = Field(None, description="`{code, message, ...}` when FAILED or CANCELLED")

@@ -14,6 +14,7 @@ from pydantic import (
 from ..errors import InvalidInputs
 from .request import _NEEDS_IMAGE, LPW_PIPELINE, GenerateRequest, invalid_inputs, is_http_url
 from .response import GenerateResult
+from .train import TrainRequest, TrainResult, parse_train_request
 from .upscale import UpscaleRequest, parse_upscale_request
 
 # callInputs key -> GenerateRequest field
@@ -43,7 +44,7 @@ _LEGACY_CALL_INPUTS = {
 _LEGACY_LORA_ALIAS = "attn_procs"
 # callInputs the server knows but this build does not act on: refused with a clear message rather than ignored,
 # so that nobody believes such an option was applied when it was not.
-_LEGACY_UNSUPPORTED = ("train",)
+_LEGACY_UNSUPPORTED: tuple[str, ...] = ()
 # use_extra: the original's extras, run instead of the pipeline. Only "upsample" exists here (`upscale_from_legacy`).
 USE_EXTRA = ("upsample",)
 # use_extra "upsample": modelInputs and callInputs it reads -> UpscaleRequest field
@@ -90,6 +91,8 @@ def legacy_envelope_schema(ref_template: str = "#/$defs/{model}") -> dict[str, A
         "description": "upsample: upscale modelInputs.input_image with the upscaler MODEL_ID (see POST /v1/upscale)",
     }
     call_inputs |= {key: {"description": "ignored"} for key in _LEGACY_IGNORED}
+    call_inputs["train"] = {"enum": [None, "", False, "dreambooth"], "description": "modelInputs are training args"}
+    call_inputs["dest_url"] = {"type": "string", "description": "training: s3:// URL the result is uploaded to"}
     with_an_image = {"anyOf": [{"required": ["image"]}, {"required": ["init_image"]}]}
     return {
         "type": "object",
@@ -185,8 +188,12 @@ def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:
     for key, value in call_inputs.items():
         if key in _LEGACY_CALL_INPUTS:
             data[_LEGACY_CALL_INPUTS[key]] = value
-        elif key == "is_url":
-            continue  # read by from_legacy: the image inputs are URLs
+        elif key == "is_url" or (key == "train" and value in (None, "", False)):
+            continue  # is_url is read by from_legacy: the image inputs are URLs
+        elif key == "dest_url":
+            raise InvalidInputs("callInputs.dest_url applies to a training (callInputs.train: dreambooth)")
+        elif key == "train":  # a training is read by train_from_legacy (POST /, the RunPod worker), not here
+            raise InvalidInputs(f"callInputs.train {value!r} makes a training: send it to POST / or the RunPod worker")
         elif key == _LEGACY_LORA_ALIAS:
             continue  # added after the loop, to whatever lora_weights gives
         elif key == "use_extra":
@@ -197,7 +204,8 @@ def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:
             if value not in (None, "", False):
                 raise InvalidInputs(f"callInputs.{key} is not supported by this server yet")
         else:
-            known = [*_LEGACY_CALL_INPUTS, "is_url", "use_extra", _LEGACY_LORA_ALIAS, *_LEGACY_PROMPT_INPUTS]
+            known = [*_LEGACY_CALL_INPUTS, "is_url", "use_extra", "train", "dest_url", _LEGACY_LORA_ALIAS]
+            known += [*_LEGACY_PROMPT_INPUTS]
             known = sorted([*known, *_LEGACY_UNSUPPORTED, *_LEGACY_IGNORED])
             raise InvalidInputs(f"callInputs.{key} is not a known call input", known=known)
     attn_procs = call_inputs.get(_LEGACY_LORA_ALIAS)
@@ -207,6 +215,49 @@ def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:
         loras = data.get("lora_weights") or []
         data["lora_weights"] = [*(loras if isinstance(loras, list) else [loras]), attn_procs]
     return data
+
+
+# callInputs a training takes (the others of _LEGACY_CALL_INPUTS choose how images are made: a training ignores
+# them, since clients send their defaults with every call)
+_TRAIN_CALL_INPUTS = (
+    *("MODEL_ID", "HF_MODEL_ID", "MODEL_REVISION", "MODEL_VARIANT", "MODEL_PRECISION", "MODEL_URL"),
+    *("CHECKPOINT_URL", "CHECKPOINT_CONFIG_URL", "startRequestId", "SEND_URL", "SIGN_KEY"),
+)
+_NOT_FOR_TRAINING = (
+    "lora_weights",
+    "textual_inversions",
+    "streamEvents",
+    "use_extra",
+    _LEGACY_LORA_ALIAS,
+    *_LEGACY_PROMPT_INPUTS,
+    *_LEGACY_UNSUPPORTED,
+)
+
+
+def is_training(envelope: dict[str, Any]) -> bool:
+    """`callInputs.train` is set: the envelope asks for a training (modelInputs are its arguments)."""
+    call_inputs = envelope.get("callInputs")
+    return isinstance(call_inputs, dict) and call_inputs.get("train") not in (None, "", False)
+
+
+def train_from_legacy(envelope: dict[str, Any]) -> TrainRequest:
+    """`{"modelInputs": {instance_images, instance_prompt, ...}, "callInputs": {"train": "dreambooth", dest_url,
+    MODEL_ID, ...}}` as a TrainRequest, or INVALID_INPUTS."""
+    model_inputs, call_inputs = envelope.get("modelInputs"), envelope["callInputs"]
+    if not isinstance(model_inputs, dict):
+        raise InvalidInputs("modelInputs must be an object holding the training arguments")
+    data: dict[str, Any] = {"train": call_inputs["train"]}
+    for key, value in call_inputs.items():
+        if key in _TRAIN_CALL_INPUTS:
+            data[_LEGACY_CALL_INPUTS[key]] = value
+        elif key == "dest_url":
+            data["dest_url"] = value
+        elif key in _NOT_FOR_TRAINING and value not in (None, "", False):
+            raise InvalidInputs(f"callInputs.{key} does not apply to a training")
+    overlap = sorted(set(data) & set(model_inputs) - {"train"})
+    if overlap:
+        raise InvalidInputs(f"give {', '.join(overlap)} in callInputs or modelInputs, not both")
+    return parse_train_request(model_inputs | data)
 
 
 def _check_no_extra(value: Any) -> None:
@@ -273,3 +324,9 @@ def to_legacy(result: GenerateResult) -> dict[str, Any]:
     body["$timings"] = result.timings
     body["$mem_usage"] = result.mem_usage
     return body
+
+
+def to_legacy_training(result: TrainResult) -> dict[str, Any]:
+    """What the original answered after a training (`done: true`), with where the result went."""
+    body = result.model_dump(exclude={"meta", "timings"}, exclude_none=True)
+    return {"done": True, **body, "$meta": result.meta, "$timings": result.timings}

@@ -7,6 +7,7 @@ One typed request serves HTTP, the RunPod handler and the Python client; the leg
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs
 
@@ -24,6 +25,7 @@ from pydantic.json_schema import JsonDict
 from pydantic_core import PydanticCustomError
 
 from ..errors import InvalidInputs
+from .ip_adapter import IPAdapter
 
 ImageFormat = Literal["PNG", "JPEG", "WEBP", "JXL"]
 FillMode = Literal["none", "patchmatch", "edge"]
@@ -45,6 +47,7 @@ RESERVED_CALL_ARGS = frozenset(
         "negative_prompt_embeds",
         "pooled_prompt_embeds",
         "negative_pooled_prompt_embeds",
+        "ip_adapter_image",
         "ip_adapter_image_embeds",
     }
 )
@@ -59,16 +62,29 @@ def is_http_url(value: object) -> bool:
 # The same rule in the JSON schema (pattern only constrains strings, so it also suits an optional field); a
 # pattern in Field would replace the validator's message with "String should match pattern".
 _HTTP_PATTERN: JsonDict = {"pattern": "^https?://"}
+# A training's result kept in MODELS_DIR (schema/train.py): `trained/<name>`, a model id or a lora_weights entry.
+TRAINED_PREFIX = "trained/"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+_LORA_PATTERN: JsonDict = {"pattern": "^(https?://|trained/)"}
 
 
-def _adapters_schema(schema: dict[str, Any]) -> None:
+def is_trained_name(value: str) -> bool:
+    """`trained/<name>`: a training's result kept in MODELS_DIR."""
+    return value.startswith(TRAINED_PREFIX) and re.match(NAME_PATTERN, value[len(TRAINED_PREFIX) :]) is not None
+
+
+def _adapters_schema(schema: dict[str, Any], pattern: JsonDict = _HTTP_PATTERN) -> None:
     """The JSON schema of `lora_weights` and `textual_inversions` as the server reads them (`_url_list`): a list of
     URLs or objects, or one of them alone."""
     listed, null = schema["anyOf"]
-    url = {"type": "string", **_HTTP_PATTERN}
+    url = {"type": "string", **pattern}
     one = listed["items"]
     listed["items"] = {"anyOf": [url, one]}
     schema["anyOf"] = [listed, url, one, null]
+
+
+def _loras_schema(schema: dict[str, Any]) -> None:
+    _adapters_schema(schema, _LORA_PATTERN)
 
 
 def _json_object_schema(schema: dict[str, Any]) -> None:
@@ -106,10 +122,22 @@ class _AdapterURL(BaseModel):
 class LoraWeight(_AdapterURL):
     """A LoRA fused into the model for this request (models/adapters.py)."""
 
-    url: str = Field(description="http(s) URL of a .safetensors LoRA file", json_schema_extra=_HTTP_PATTERN)
+    url: str = Field(
+        description="http(s) URL of a .safetensors LoRA file, or trained/<name> of a LoRA trained here",
+        json_schema_extra=_LORA_PATTERN,
+    )
     scale: float | None = Field(
         None, ge=-8, le=8, description="Its weight; default: the request's cross_attention_kwargs.scale, else 1"
     )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if is_trained_name(value):
+            return value
+        if not is_http_url(value):
+            raise ValueError("must be an http:// or https:// URL, or trained/<name> of a LoRA trained here")
+        return value
 
     @property
     def fragment_scale(self) -> float | None:
@@ -201,8 +229,9 @@ class GenerateRequest(BaseModel):
     lora_weights: list[LoraWeight] | None = Field(
         None,
         max_length=8,
-        description="LoRAs to fuse into the model: URLs, or {url, scale} objects (a single URL may be a string)",
-        json_schema_extra=_adapters_schema,
+        description="LoRAs to fuse into the model: URLs (or trained/<name>), or {url, scale} objects (a single URL "
+        "may be a string)",
+        json_schema_extra=_loras_schema,
     )
     textual_inversions: list[TextualInversion] | None = Field(
         None,
@@ -231,6 +260,9 @@ class GenerateRequest(BaseModel):
         description="Outpainting: before inpainting, fill the image's transparent area (else the mask's) with"
         " patchmatch or edge (nearest opaque pixel); the transparent area is the mask when mask_image is absent."
         " Default: the server's FILL_MODE for inpainting requests",
+    )
+    ip_adapter: IPAdapter | None = Field(
+        None, description="An image prompt: IP-Adapter, image(s) and scale (SD 1.x/2.x and SDXL models)"
     )
     cross_attention_kwargs: dict[str, Any] | None = Field(None, json_schema_extra=_json_object_schema)
     prompt_weighting: Literal["compel", "a1111"] | None = Field(

@@ -1,0 +1,418 @@
+"""DreamBooth training of a Stable Diffusion 1.x/2.x model: a LoRA of the UNet's attention, or the whole UNet.
+
+Two steps, so that only the first holds the device (the engine runs it alone, `Engine.run_alone`):
+
+    train(store, request, workdir, ...)  -> the LoRA's .safetensors, or the fine-tuned model's directory, in
+                                            `workdir`; the served model is never changed (the UNet is copied)
+    deliver(trained, request, ...)       -> packed (.tar.zst for a full fine-tune), uploaded to dest_url (S3),
+                                            kept in MODELS_DIR as `trained/<name>`
+
+The loop is diffusers' DreamBooth example's, without accelerate: each step encodes a batch of instance images
+(random or centre crops) with the VAE, adds noise at random timesteps, and regresses the UNet's prediction on
+the noise (or the velocity, for v-prediction models). A LoRA is peft's, on the attention projections (to_q, to_k,
+to_v, to_out.0), saved in diffusers' LoRA format, so that `lora_weights` loads it. Cancelling stops at the next
+step. torch, diffusers and peft are imported here, lazily.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import imaging
+from .errors import Cancelled, DiffusersAPIError, InvalidInputs, PipelineError
+from .models import archive, disk, transfer
+from .models.locations import ARCHIVE_SUFFIX, S3Location, parse_model_url
+from .models.sources import phase
+from .models.trained import trained_lora_path, trained_model_dir
+from .schema import GenerateRequest
+from .schema.train import TrainRequest, TrainResult
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .config import Settings
+    from .models.store import LoadedModel, ModelStore
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the UNet's attention projections
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name (save_lora_weights)
+Progress = Callable[[int, int], None]
+Emit = Callable[[str, str], None]
+
+
+@dataclass
+class Trained:
+    """What `train` left in its work directory."""
+
+    mode: str
+    path: Path  # the LoRA file, or the model directory
+    steps: int
+    loss: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def destination(request: TrainRequest, settings: Settings) -> S3Location | None:
+    """Where dest_url points (checked before training, so that a bad URL costs no training)."""
+    if request.dest_url is None:
+        return None
+    stem = request.name or "trained"
+    default = f"{stem}.safetensors" if request.train_mode == "lora" else f"models--trained--{stem}{ARCHIVE_SUFFIX}"
+    try:
+        location = parse_model_url(request.dest_url, default, settings)
+    except InvalidInputs as exc:
+        raise InvalidInputs(exc.message.replace("MODEL_URL", "dest_url"), field="dest_url") from None
+    assert isinstance(location, S3Location)  # the schema takes s3 URLs only
+    return location
+
+
+def check_name_free(request: TrainRequest, settings: Settings) -> None:
+    """A kept result never replaces another: a loaded model or a LoRA variant may be using it."""
+    if request.trained_id is None:
+        return
+    path = _kept_path(request, settings)
+    if path.exists():
+        raise InvalidInputs(f"name: {request.trained_id} exists already ({path}); choose another name", field="name")
+
+
+def _kept_path(request: TrainRequest, settings: Settings) -> Path:
+    assert request.trained_id is not None
+    if request.train_mode == "lora":
+        return trained_lora_path(request.trained_id, settings.models_dir)
+    return trained_model_dir(request.trained_id, settings.models_dir)
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+def train(
+    store: ModelStore,
+    request: TrainRequest,
+    workdir: Path,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    timings: dict[str, float] | None = None,
+) -> Trained:
+    """Train on the store's model (loading it if needed) and save the result into `workdir`. Never changes the
+    loaded model. Raises DiffusersAPIError (InvalidInputs for what the model cannot train on, Cancelled)."""
+    try:
+        return _train(store, request, workdir, progress, cancel, timings)
+    except DiffusersAPIError:
+        raise
+    except Exception as exc:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise PipelineError(
+                f"out of GPU memory while training: {exc}; try train_mode lora, a smaller resolution or "
+                "train_batch_size, or gradient_checkpointing"
+            ) from exc
+        log.exception("training failed")
+        raise PipelineError(f"training failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _train(
+    store: ModelStore,
+    request: TrainRequest,
+    workdir: Path,
+    progress: Progress | None,
+    cancel: threading.Event | None,
+    timings: dict[str, float] | None,
+) -> Trained:
+    import torch
+
+    settings = store.settings
+    model = store.get(GenerateRequest(**request.model_request()), timings)
+    parts = _sd_parts(model)
+    resolution = request.resolution or parts["default_resolution"]
+    _check_resolution(resolution, parts["multiple"])
+    images = [_fitted(image, resolution) for image in _decode(request, settings)]
+    seed = request.seed if request.seed is not None else random.randrange(2**31)
+    with phase(timings, "training"), torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)  # the LoRA's initial weights (peft draws them on the CPU)
+        unet = _trainable_unet(parts["unet"], request)
+        loss = _loop(unet, parts, images, resolution, request, seed, progress, cancel)
+        path = _save(unet, model, request, workdir)
+    meta = {"MODEL_ID": model.spec.model_id, "PRECISION": model.precision, "device": model.device, "seed": seed}
+    meta |= {"resolution": resolution, "learning_rate": request.effective_learning_rate}
+    return Trained(request.train_mode, path, request.max_train_steps, loss, meta)
+
+
+def _sd_parts(model: LoadedModel) -> dict[str, Any]:
+    """The components DreamBooth trains with; INVALID_INPUTS for models it cannot (SDXL, SD3, Flux, inpainting)."""
+    components = model.pipelines.components
+    unet = components.get("unet")
+    family = type(model.pipelines.base).__name__
+    if unet is None or components.get("text_encoder_2") is not None or components.get("vae") is None:
+        raise InvalidInputs(
+            f"training supports Stable Diffusion 1.x/2.x models; {model.spec.model_id} is a {family}", model=family
+        )
+    if unet.config.in_channels != 4 or getattr(unet.config, "addition_embed_type", None):
+        raise InvalidInputs(f"training supports text-to-image SD 1.x/2.x UNets; {model.spec.model_id} is a {family}")
+    vae = components["vae"]
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": components["text_encoder"],
+        "tokenizer": components["tokenizer"],
+        "scheduler_config": components["scheduler"].config,
+        "default_resolution": unet.config.sample_size * scale,
+        "multiple": scale * 2 ** (len(unet.config.block_out_channels) - 1),
+    }
+
+
+def _check_resolution(resolution: int, multiple: int) -> None:
+    if resolution % multiple:
+        raise InvalidInputs(f"resolution: {resolution} is not a multiple of {multiple}, as this model needs")
+
+
+def _decode(request: TrainRequest, settings: Settings) -> list[Image.Image]:
+    limits = {"max_bytes": settings.max_body_bytes, "max_pixels": settings.max_image_pixels}
+    return [
+        imaging.decode_image(value, f"instance_images[{index}]", **limits)
+        for index, value in enumerate(request.instance_images)
+    ]
+
+
+def _fitted(image: Image.Image, resolution: int) -> Image.Image:
+    """Scaled so that its shorter side is `resolution` (crops are taken from it at each step)."""
+    from PIL import Image as PILImage
+
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    return image.resize(size, PILImage.Resampling.BILINEAR)
+
+
+def _trainable_unet(unet: Any, request: TrainRequest) -> Any:
+    """A float32 copy of the model's UNet: with a LoRA on its attention (only the LoRA trains), or whole."""
+    import torch
+
+    trainable = copy.deepcopy(unet).to(torch.float32)
+    if request.train_mode == "lora":
+        from peft import LoraConfig
+
+        trainable.requires_grad_(False)
+        config = LoraConfig(
+            r=request.rank, lora_alpha=request.rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS
+        )
+        trainable.add_adapter(config)
+    else:
+        trainable.requires_grad_(True)
+    if request.gradient_checkpointing:
+        trainable.enable_gradient_checkpointing()
+    trainable.train()
+    return trainable
+
+
+def _loop(
+    unet: Any,
+    parts: dict[str, Any],
+    images: list[Image.Image],
+    resolution: int,
+    request: TrainRequest,
+    seed: int,
+    progress: Progress | None,
+    cancel: threading.Event | None,
+) -> float:
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    device = next(unet.parameters()).device
+    params = [param for param in unet.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=request.effective_learning_rate,
+        betas=(request.adam_beta1, request.adam_beta2),
+        weight_decay=request.adam_weight_decay,
+        eps=request.adam_epsilon,
+    )
+    steps = request.max_train_steps
+    schedule = get_scheduler(
+        request.lr_scheduler,
+        optimizer,
+        num_warmup_steps=request.lr_warmup_steps,
+        num_training_steps=steps,
+        num_cycles=request.lr_num_cycles,
+        power=request.lr_power,
+    )
+    noise_scheduler = DDPMScheduler.from_config(parts["scheduler_config"])
+    autocast, scaler = _mixed_precision(request, device)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    crops = random.Random(seed)
+    prompt = _prompt_embeds(parts, request.instance_prompt, device)
+    loss_value = 0.0
+    for step in range(steps):
+        loss_value = 0.0
+        for _ in range(request.gradient_accumulation_steps):
+            picked = [
+                images[int(i)] for i in torch.randint(len(images), (request.train_batch_size,), generator=generator)
+            ]
+            pixels = _pixels(picked, resolution, request.center_crop, crops).to(device)
+            latents = _latents(parts["vae"], pixels, generator)
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            timesteps = torch.randint(
+                noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+            ).to(device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            if noise_scheduler.config.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                target = noise
+            with autocast:
+                predicted = unet(noisy, timesteps, prompt.expand(latents.shape[0], -1, -1)).sample
+            loss = F.mse_loss(predicted.float(), target.float()) / request.gradient_accumulation_steps
+            scaler.scale(loss).backward()
+            loss_value += float(loss.detach())
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, request.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if progress is not None:
+            progress(step + 1, steps)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"training cancelled after step {step + 1} of {steps}", step=step + 1)
+    unet.eval()
+    unet.requires_grad_(False)
+    return round(loss_value, 6)
+
+
+def _mixed_precision(request: TrainRequest, device: Any) -> tuple[Any, Any]:
+    """(autocast context, gradient scaler) for mixed_precision on CUDA; on a CPU training runs in float32."""
+    import contextlib
+
+    import torch
+
+    chosen = request.mixed_precision or "fp16"
+    if device.type != "cuda" or chosen == "no":
+        return contextlib.nullcontext(), torch.amp.GradScaler("cpu", enabled=False)
+    dtype = torch.float16 if chosen == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=chosen == "fp16")
+    return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def _prompt_embeds(parts: dict[str, Any], prompt: str, device: Any) -> Any:
+    import torch
+
+    tokenizer, encoder = parts["tokenizer"], parts["text_encoder"]
+    ids = tokenizer(
+        prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        return encoder(ids.to(encoder.device))[0].to(device, torch.float32)
+
+
+def _pixels(images: list[Image.Image], resolution: int, center: bool, crops: random.Random) -> Any:
+    """A batch of crops as a float tensor in [-1, 1], NCHW."""
+    import numpy as np
+    import torch
+
+    batch = []
+    for image in images:
+        left = (image.width - resolution) // 2 if center else crops.randint(0, image.width - resolution)
+        top = (image.height - resolution) // 2 if center else crops.randint(0, image.height - resolution)
+        crop = image.crop((left, top, left + resolution, top + resolution))
+        batch.append(np.asarray(crop, dtype=np.float32) / 127.5 - 1.0)
+    return torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+
+
+def _latents(vae: Any, pixels: Any, generator: Any) -> Any:
+    import torch
+
+    with torch.no_grad():
+        distribution = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+        latents = distribution.sample(generator=generator) * vae.config.scaling_factor
+    return latents.to(torch.float32)
+
+
+def _save(unet: Any, model: LoadedModel, request: TrainRequest, workdir: Path) -> Path:
+    if request.train_mode == "lora":
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        StableDiffusionPipeline.save_lora_weights(workdir, unet_lora_layers=layers, safe_serialization=True)
+        return workdir / LORA_FILE
+    base = model.pipelines.base
+    unet.to(base.unet.dtype)
+    pipe = type(base)(**(base.components | {"unet": unet}))
+    pipe.save_pretrained(workdir, safe_serialization=True)
+    return workdir
+
+
+# --------------------------------------------------------------------------------------------- delivery
+
+
+def deliver(
+    trained: Trained, request: TrainRequest, settings: Settings, emit: Emit, timings: dict[str, float]
+) -> TrainResult:
+    """Upload the result to dest_url and/or keep it under its name; its `TrainResult`."""
+    location = destination(request, settings)
+    size = trained.path.stat().st_size if trained.mode == "lora" else archive.directory_bytes(trained.path)
+    if location is not None:
+        size = _upload(trained, location, settings, emit, timings)
+    kept = request.trained_id
+    if kept is not None:
+        _keep(trained, request, settings)
+    return TrainResult(
+        train_mode=request.train_mode,
+        steps=trained.steps,
+        loss=trained.loss,
+        model=kept if trained.mode == "full" else None,
+        lora_weights=kept if trained.mode == "lora" else None,
+        dest_url=request.dest_url,
+        bytes=size,
+        meta=trained.meta,
+        timings=dict(timings),
+    )
+
+
+def _upload(trained: Trained, location: S3Location, settings: Settings, emit: Emit, timings: dict[str, float]) -> int:
+    if trained.mode == "lora":
+        emit("upload", "start")
+        with phase(timings, "upload"):
+            transfer.s3_upload(location, trained.path, disk.sha256_of(trained.path), settings)
+        emit("upload", "done")
+        return trained.path.stat().st_size
+    with disk.temporary_file(settings.models_dir, Path(location.key).name) as packed:
+        emit("compress", "start")
+        with phase(timings, "compress"), packed.open("wb") as out:
+            writer = disk.HashingWriter(out)
+            archive.pack(trained.path, writer)
+        emit("compress", "done")
+        emit("upload", "start")
+        with phase(timings, "upload"):
+            transfer.s3_upload(location, packed, writer.digest.hexdigest(), settings)
+        emit("upload", "done")
+        return writer.size
+
+
+def _keep(trained: Trained, request: TrainRequest, settings: Settings) -> None:
+    target = _kept_path(request, settings)
+    check_name_free(request, settings)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if trained.mode == "full":
+        disk.publish(trained.path, target)
+    else:
+        os.replace(trained.path, target)
+
+
+def workdir(settings: Settings, job_id: str) -> Any:
+    """A staging directory in MODELS_DIR for one training's output; removed at exit (unless published)."""
+    return disk.staged_directory(settings.models_dir / f"train-{job_id}")
