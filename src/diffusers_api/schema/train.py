@@ -181,9 +181,11 @@ class TrainRequest(BaseModel):
 
     def model_request(self) -> dict[str, Any]:
         """The fields that name the model trained, as a GenerateRequest takes them."""
-        names = ("model", "hf_model_id", "revision", "variant", "precision", "model_url", "checkpoint_url")
-        names += ("checkpoint_config_url",)
+        names = ("model", "hf_model_id", "revision", "variant", "precision", "model_url", *CHECKPOINT_FIELDS)
         return {name: getattr(self, name) for name in names}
+
+
+CHECKPOINT_FIELDS = ("checkpoint_url", "checkpoint_config_url")
 
 
 def known_args() -> list[str]:
