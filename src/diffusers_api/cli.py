@@ -24,6 +24,7 @@ _MODEL_FLAGS = {
     "hf_model_id": "hf_model_id",
     "model_url": "model_url",
     "checkpoint_url": "checkpoint_url",
+    "checkpoint_config_url": "checkpoint_config_url",
 }
 
 
@@ -156,6 +157,10 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hf-model-id", help="hub repo when --model is only an alias (HF_MODEL_ID)")
     group.add_argument("--model-url", help="cloud-cache archive: s3://..., http(s)://... (MODEL_URL)")
     group.add_argument("--checkpoint-url", help="single-file .safetensors checkpoint (CHECKPOINT_URL)")
+    group.add_argument(
+        "--checkpoint-config-url",
+        help="original-SD .yaml config to convert the checkpoint with (CHECKPOINT_CONFIG_URL)",
+    )
 
 
 _NOT_SETTINGS = {"command", "command_parser", "version", "ray", "replicas", "upscalers"}

@@ -94,8 +94,16 @@ class Settings(BaseSettings):
     model_variant: str | None = Field(None, description="Weight-file variant, e.g. fp16")
     model_url: str | None = Field(None, description="Cloud-cache archive URL")
     checkpoint_url: str | None = Field(None, description="Single-file checkpoint to convert")
+    checkpoint_config_url: str | None = Field(
+        None, description="Original-SD .yaml config used to convert CHECKPOINT_URL (diffusers' original_config)"
+    )
     pipeline: str | None = Field(None, description="Default pipeline (class name or txt2img/img2img/inpaint)")
     scheduler: str = Field("DPMSolverMultistepScheduler", description="Default scheduler (class or alias)")
+    fill_mode: Literal["none", "patchmatch", "edge"] = Field(
+        "none",
+        description="How inpainting requests pre-fill the transparent (or masked) area of their image: patchmatch,"
+        " edge (nearest opaque pixel), or none",
+    )
     runtime_downloads: bool = Field(False, description="Allow requests to name any model")
     hf_auth_token: SecretStr | None = Field(None, validation_alias=_env("HF_AUTH_TOKEN", "HF_TOKEN"))
     offline: bool = Field(False, description="Never touch the network: load models from MODELS_DIR only")
@@ -236,6 +244,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return parse_bytes(value)
         return value
+
+    @field_validator("fill_mode", mode="before")
+    @classmethod
+    def _lower_fill_mode(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("model_precision", mode="before")
     @classmethod

@@ -17,14 +17,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InvalidImage, InvalidInputs
 
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "JXL")
 
 # What clients may send: browsers, phones and image tools. JPEG covers MPO (multi-picture JPEG from cameras).
 DECODABLE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+# JPEG XL (a bare codestream, or the ISO BMFF container) is opened too where its plugin is installed.
+_JXL_SIGNATURES = (b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")
 
 _FORMAT_ALIASES = {"JPG": "JPEG"}
-_MIME_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
-_DEFAULT_QUALITY = {"JPEG": 95, "WEBP": 90}
+_MIME_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "JXL": "image/jxl"}
+_DEFAULT_QUALITY = {"JPEG": 95, "WEBP": 90, "JXL": 90}
 
 # Modes each encoder writes as is; anything else is converted first.
 _PNG_MODES = ("1", "L", "LA", "I;16", "I;16B", "P", "RGB", "RGBA")
@@ -56,6 +58,15 @@ def decode_image(value: str | bytes, field: str, *, max_bytes: int, max_pixels: 
 def decode_mask(value: str | bytes, field: str, *, max_bytes: int, max_pixels: int) -> Image.Image:
     """Like `decode_image`, but returned as a single-channel "L" mask."""
     return decode_image(value, field, max_bytes=max_bytes, max_pixels=max_pixels).convert("L")
+
+
+def decode_rgba(value: str | bytes, field: str, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Like `decode_image`, but keeping transparency: an "RGBA" image (opaque where the file has no alpha)."""
+    data = value if isinstance(value, bytes) else _decode_base64(value, field, max_bytes=max_bytes)
+    image = _open_image(data, field, max_pixels=max_pixels)
+    if image.mode in _SIXTEEN_BIT_MODES:
+        image = _to_8bit(image)
+    return image.convert("RGBA")
 
 
 def _decode_base64(value: str, field: str, *, max_bytes: int) -> bytes:
@@ -95,7 +106,7 @@ def _open_image(data: bytes, field: str, *, max_pixels: int) -> Image.Image:
         # thread-local before Python 3.14, but the worst a race can do is leave this same filter installed.
         with (
             warnings.catch_warnings(action="error", category=Image.DecompressionBombWarning),
-            Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS) as image,
+            Image.open(io.BytesIO(data), formats=_formats(data, field)) as image,
         ):
             _check_dimensions(image, field, max_pixels=max_pixels)
             image.load()
@@ -106,6 +117,23 @@ def _open_image(data: bytes, field: str, *, max_pixels: int) -> Image.Image:
         raise InvalidImage(field, f"too many pixels ({exc})") from None
     except _DECODE_ERRORS as exc:
         raise InvalidImage(field, f"not a valid image ({str(exc) or type(exc).__name__})") from exc
+
+
+def _formats(data: bytes, field: str) -> tuple[str, ...]:
+    if not data.startswith(_JXL_SIGNATURES):
+        return DECODABLE_FORMATS
+    if not _jxl_plugin():
+        raise InvalidImage(field, "a JPEG XL image, which this server cannot read (it lacks pillow-jxl-plugin)")
+    return ("JXL",)
+
+
+def _jxl_plugin() -> bool:
+    """Whether pillow-jxl-plugin is installed; importing it registers JXL with Pillow."""
+    try:
+        import pillow_jxl  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _check_dimensions(image: Image.Image, field: str, *, max_pixels: int) -> None:
@@ -145,17 +173,31 @@ def _composite_on_white(image: Image.Image) -> Image.Image:
 
 
 def encode_image(image: Image.Image, fmt: str = "PNG", quality: int | None = None) -> bytes:
-    """Encode `image` as PNG, JPEG or WEBP. The same image always gives the same PNG bytes."""
-    fmt = _normalize_format(fmt)
+    """Encode `image` as PNG, JPEG, WEBP or JXL. The same image always gives the same PNG bytes."""
+    fmt = check_encodable(fmt)
     buffer = io.BytesIO()
     if fmt == "PNG":
         # No pnginfo, no tIME chunk, fixed zlib settings: nothing that varies from run to run.
         _for_png(image).save(buffer, "PNG")
     elif fmt == "JPEG":
         _for_jpeg(image).save(buffer, "JPEG", quality=_quality(fmt, quality))
-    else:
-        _for_webp(image).save(buffer, "WEBP", quality=_quality(fmt, quality))
+    else:  # WEBP and JXL take the same modes
+        _for_webp(image).save(buffer, fmt, quality=_quality(fmt, quality))
     return buffer.getvalue()
+
+
+def check_encodable(fmt: str) -> str:
+    """The normalized format name, if this server can write it. JPEG XL needs a Pillow plugin (pillow-jxl-plugin,
+    the `jxl` extra), imported (and registered with Pillow) at first use; without it JXL is refused clearly,
+    and before any work is done for the request."""
+    fmt = _normalize_format(fmt)
+    if fmt == "JXL" and not _jxl_plugin():
+        raise InvalidInputs(
+            "image_format: JXL needs pillow-jxl-plugin, which this server does not have "
+            "(pip install 'diffusers-api[jxl]'); choose PNG, JPEG or WEBP",
+            field="image_format",
+        )
+    return fmt
 
 
 def mime_type(fmt: str) -> str:

@@ -133,7 +133,8 @@ class Runner:
         # The store reports its own phases: loadModel, and download / upload when it had to fetch the model.
         model = self.store.get(request, timings)
         extra = self._control_modules(request, model, control_cls, timings)
-        inputs = self._decode_inputs(request, timings)
+        fill = self._fill_mode(request) if _inpaints(pipe_cls) else "none"
+        inputs = self._decode_inputs(request, timings, fill)
         check_input_images(inputs, model.pipelines, model.spec.model_id)
         pipelines, ip_adapter = model.pipelines, None
         scaled: AbstractContextManager[None] = nullcontext()
@@ -166,6 +167,7 @@ class Runner:
             meta["CONTROLNET"] = [
                 control.model_dump(exclude={"image"}, exclude_none=True) for control in request.controlnet
             ]
+        meta |= {"FILL_MODE": fill} if fill != "none" else {}
         if ip_adapter is not None and request.ip_adapter is not None:
             meta["IP_ADAPTER"] = {"model": ip_adapter.spec.describe(), "scale": request.ip_adapter.scale}
         return GenerateResult(
@@ -186,6 +188,7 @@ class Runner:
         request that cannot run downloads nothing. Returns the pipeline class and the scheduler, which the request
         then runs with (adapters change neither the pipeline classes nor the schedulers a model takes)."""
         check_images(request, self.settings.max_images)
+        imaging.check_encodable(request.image_format)
         check_prompts(request, self.settings.max_prompt_chars)
         self._check_pixels(request)
         model = self.store.get(request.model_copy(update={"lora_weights": None, "textual_inversions": None}), timings)
@@ -209,13 +212,26 @@ class Runner:
                 accepted=sorted(accepted),
             )
 
-    def _decode_inputs(self, request: GenerateRequest, timings: Timings) -> dict[str, Image.Image]:
+    def _decode_inputs(self, request: GenerateRequest, timings: Timings, fill: str) -> dict[str, Image.Image]:
+        """The image inputs, decoded; with a `fill` mode, the image keeps its transparency until it is pre-filled
+        (fill.py), and its transparent area is the mask when the request gives none."""
         limits = {"max_bytes": self.settings.max_body_bytes, "max_pixels": self.settings.max_image_pixels}
         decoders = {"image": imaging.decode_image, "mask_image": imaging.decode_mask}
+        if fill != "none":
+            decoders["image"] = imaging.decode_rgba
         given = {field: getattr(request, field) for field in decoders}
         raw = {field: self._image_bytes(value, field, timings) for field, value in given.items() if value is not None}
         with timings.phase("decode"):
-            return {field: decoders[field](data, field, **limits) for field, data in raw.items()}
+            inputs = {field: decoders[field](data, field, **limits) for field, data in raw.items()}
+        if fill != "none":
+            from .fill import prefill
+
+            with timings.phase("fill"):
+                inputs["image"], inputs["mask_image"] = prefill(inputs["image"], inputs.get("mask_image"), fill)
+        return inputs
+
+    def _fill_mode(self, request: GenerateRequest) -> str:
+        return request.fill_mode or self.settings.fill_mode
 
     def _control_modules(
         self, request: GenerateRequest, model: LoadedModel, control_cls: Any, timings: Timings
@@ -263,15 +279,26 @@ class Runner:
             )
 
     def _pipeline_class(self, model: LoadedModel, request: GenerateRequest) -> Any:
+        """A request that asks for a pre-fill (fill_mode) is an inpainting request, mask_image or not; an
+        inpainting pipeline may do without a mask_image when a fill mode (the request's or FILL_MODE) applies:
+        the image's transparent area is its mask."""
+        asks_fill = request.fill_mode not in (None, "none")
         has_image, has_mask = request.image is not None, request.mask_image is not None
         name = request.pipeline or self._server_pipeline()
-        name = name or model.pipelines.default_name(has_image=has_image, has_mask=has_mask)
+        name = name or model.pipelines.default_name(has_image=has_image, has_mask=has_mask or asks_fill)
         cls = model.pipelines.resolve(name)
-        needs_image = "Img2Img" in cls.__name__ or "Inpaint" in cls.__name__
+        needs_image = "Img2Img" in cls.__name__ or _inpaints(cls)
         if needs_image and not has_image:
             raise InvalidInputs(f"image: required by {cls.__name__}", field="image")
-        if "Inpaint" in cls.__name__ and not has_mask:
-            raise InvalidInputs(f"mask_image: required by {cls.__name__}", field="mask_image")
+        if _inpaints(cls) and not has_mask and self._fill_mode(request) == "none":
+            raise InvalidInputs(
+                f"mask_image: required by {cls.__name__} (or a fill_mode, to inpaint the transparent area)",
+                field="mask_image",
+            )
+        if asks_fill and not _inpaints(cls):
+            raise InvalidInputs(
+                f"fill_mode: pre-fills for inpainting, and {cls.__name__} does not inpaint", field="fill_mode"
+            )
         return cls
 
     def _server_pipeline(self) -> str | None:
@@ -391,6 +418,10 @@ class Runner:
         if request.request_id:
             meta["startRequestId"] = request.request_id
         return meta
+
+
+def _inpaints(pipe_cls: Any) -> bool:
+    return "Inpaint" in pipe_cls.__name__
 
 
 def _input_names(request: GenerateRequest) -> set[str]:

@@ -45,6 +45,7 @@ class Upscalers:
     def run(self, request: UpscaleRequest, timings: dict[str, float]) -> GenerateResult:
         if request.face_enhance:
             raise InvalidInputs(FACE_ENHANCE_UNAVAILABLE, field="face_enhance")
+        imaging.check_encodable(request.image_format)  # JXL without its plugin: refused before any work
         limits = {"max_bytes": self.settings.max_body_bytes, "max_pixels": self.settings.max_image_pixels}
         with phase(timings, "decode"):
             image = imaging.decode_image(request.image, "image", **limits)

@@ -41,6 +41,7 @@ ELSEWHERE = (
     *("MODEL_ID", "HF_MODEL_ID", "MODEL_REVISION", "MODEL_VARIANT", "MODEL_URL", "CHECKPOINT_URL", "PIPELINE"),
     *("SEND_URL", "lora_weights", "textual_inversions", "image", "init_image", "mask_image", "strength"),
     *("precision", "MODEL_PRECISION", "extra"),  # another precision is another model; extra, unknown arguments
+    *("checkpoint_config_url", "CHECKPOINT_CONFIG_URL", "attn_procs", "fill_mode", "FILL_MODE"),
     "ip_adapter",  # names an adapter and an image that are not on this server
 )
 DRAWN = settings(

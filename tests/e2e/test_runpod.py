@@ -150,6 +150,31 @@ def test_api_server_completes_a_controlnet_job(api: Process) -> None:
     assert png_size(body["output"]["images"][0]["data"]) == (32, 32)
 
 
+def test_api_server_outpaints_a_native_job(api: Process) -> None:
+    """A native request with fill_mode: the transparent half is pre-filled and inpainted; the answer in JPEG XL."""
+    import pillow_jxl  # noqa: F401  (registers JXL with Pillow)
+
+    half = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    half.paste((30, 160, 60, 255), (0, 0, 16, 32))
+    buffer = io.BytesIO()
+    half.save(buffer, "PNG")
+    job = {
+        "prompt": "a meadow",
+        "image": base64.b64encode(buffer.getvalue()).decode(),
+        "fill_mode": "edge",
+        "image_format": "jxl",
+        "num_inference_steps": 2,
+        "width": 32,
+        "height": 32,
+    }
+    body = httpx.post(f"{api.url}/runsync", json={"input": job}, timeout=180).json()
+    assert body["status"] == "COMPLETED", body
+    output = body["output"]
+    assert (output["meta"]["FILL_MODE"], output["images"][0]["format"]) == ("edge", "jxl")
+    with Image.open(io.BytesIO(base64.b64decode(output["images"][0]["data"]))) as image:
+        assert (image.format, image.size) == ("JXL", (32, 32))
+
+
 def test_api_server_upscales_with_the_legacy_use_extra(api: Process) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (10, 6), (200, 40, 90)).save(buffer, "PNG")

@@ -29,6 +29,9 @@ def files(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         lora = make_lora(ensure_builtin("builtin/tiny-sd", models_dir), made / "lora", seed=7)
         server.files["/style.safetensors"] = lora.read_bytes()
         server.files["/red.png"] = encode_image(Image.new("RGB", (64, 64), (200, 30, 30)))
+        half = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+        half.paste((200, 30, 30, 255), (0, 0, 16, 32))
+        server.files["/half.png"] = encode_image(half)  # the right half transparent: to outpaint
         yield server
 
 
@@ -79,3 +82,18 @@ def test_an_image_by_url_with_is_url(server: Process, files: FileServer) -> None
     )
     assert response.status_code == 422
     assert "answered HTTP 404" in response.json()["$error"]["message"]
+
+
+def test_outpainting_an_image_by_url_with_patchmatch_into_jxl(server: Process, files: FileServer) -> None:
+    """The original's outpainting (callInputs.FILL_MODE) on an image by URL, answered as JPEG XL."""
+    import pillow_jxl  # noqa: F401  (registers JXL with Pillow)
+
+    body = legacy(
+        server,
+        {"init_image": f"{files.url}/half.png", "width": 32, "height": 32, "num_inference_steps": 2},
+        {"is_url": True, "FILL_MODE": "patchmatch", "image_format": "JXL"},
+    )
+    assert (body["$meta"]["PIPELINE"], body["$meta"]["FILL_MODE"]) == ("StableDiffusionInpaintPipeline", "patchmatch")
+    assert {"download", "fill", "inference", "encode"} <= body["$timings"].keys()
+    with Image.open(io.BytesIO(base64.b64decode(body["image_base64"]))) as image:
+        assert (image.format, image.size) == ("JXL", (32, 32))

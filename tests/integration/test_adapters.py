@@ -128,6 +128,36 @@ def test_a_unet_only_lora_copies_the_unet_alone(files: FileServer, sd: Runner) -
     assert 0 < variant.bytes < base.bytes
 
 
+def attn_procs_layout(peft_lora: bytes) -> bytes:
+    """A UNet LoRA in the layout of diffusers' old `unet.save_attn_procs`, which docker-diffusers-api's
+    `attn_procs` loaded: `<attention>.processor.to_q_lora.down.weight`, without the `unet.` prefix."""
+    from safetensors.torch import load, save
+
+    old = {}
+    for key, tensor in load(peft_lora).items():  # unet.<attention>.to_q.lora_A.weight, ...to_out.0.lora_B.weight
+        name = key.removeprefix("unet.").replace(".to_out.0.", ".to_out.")
+        module, _, rest = name.rpartition(".to_")  # rest: q.lora_A.weight
+        target, _, lora = rest.partition(".lora_")  # q, A.weight
+        factor = {"A": "down", "B": "up"}[lora[0]]
+        old[f"{module}.processor.to_{target}_lora.{factor}{lora[1:]}"] = tensor
+    return save(old)
+
+
+def test_legacy_attn_procs_loads_the_old_layout_as_a_lora(files: FileServer, sd: Runner) -> None:
+    """callInputs.attn_procs names a LoRA file, as one more of lora_weights; a file in the old attn-procs layout
+    gives what the same LoRA in today's layout gives."""
+    files.files["/attn-procs.safetensors"] = attn_procs_layout(files.files["/sd-unet-only.safetensors"])
+    envelope = {
+        "modelInputs": {"prompt": "a red barn", "seed": 5, "num_inference_steps": STEPS},
+        "callInputs": {"attn_procs": f"{files.url}/attn-procs.safetensors"},
+    }
+    legacy = sd.run(from_legacy(envelope))
+    assert legacy.meta["LORA_WEIGHTS"] == [{"url": f"{files.url}/attn-procs.safetensors", "scale": 1.0}]
+    native = sd.run(ask(lora_weights=f"{files.url}/sd-unet-only.safetensors"))
+    assert np.array_equal(pixels(legacy), pixels(native))
+    assert not np.array_equal(pixels(legacy), pixels(sd.run(ask())))
+
+
 def test_the_legacy_scale_weighs_the_lora(files: FileServer, sd: Runner) -> None:
     """The original server weighed LoRAs with cross_attention_kwargs.scale: it is the LoRA's scale here."""
     url = f"{files.url}/sd.safetensors"

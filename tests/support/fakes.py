@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -21,9 +20,9 @@ def png_bytes(color: tuple[int, int, int] = (0, 128, 0), size: int = 8) -> bytes
 
 
 def image_bytes(image_format: str, color: tuple[int, int, int] = (0, 128, 0), size: int = 8) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buffer, format=image_format)
-    return buffer.getvalue()
+    from diffusers_api.imaging import encode_image
+
+    return encode_image(Image.new("RGB", (size, size), color), image_format)  # JXL: through its plugin
 
 
 @dataclass

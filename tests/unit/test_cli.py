@@ -19,6 +19,8 @@ MODEL_SOURCE_FLAGS = [
     "s3://bucket/",
     "--checkpoint-url",
     "https://example.com/model.safetensors",
+    "--checkpoint-config-url",
+    "https://example.com/v1-inference.yaml",
 ]
 
 
@@ -26,10 +28,11 @@ MODEL_SOURCE_FLAGS = [
 def test_every_model_command_takes_the_model_source_flags(command: str) -> None:
     args = build_parser().parse_args([command, "--model", "alias", *MODEL_SOURCE_FLAGS])
     settings = settings_from_args(args)
-    assert (settings.hf_model_id, settings.model_url, settings.checkpoint_url) == (
+    assert (settings.hf_model_id, settings.model_url, settings.checkpoint_url, settings.checkpoint_config_url) == (
         "acme/sd",
         "s3://bucket/",
         "https://example.com/model.safetensors",
+        "https://example.com/v1-inference.yaml",
     )
 
 

@@ -33,6 +33,19 @@ def test_new_limits_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatc
     assert settings.max_prompt_chars == 500
 
 
+def test_fill_mode_and_checkpoint_config_url_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FILL_MODE", "PatchMatch")
+    monkeypatch.setenv("CHECKPOINT_CONFIG_URL", "https://example.com/v1-inference.yaml")
+    settings = Settings()
+    assert (settings.fill_mode, settings.checkpoint_config_url) == (
+        "patchmatch",
+        "https://example.com/v1-inference.yaml",
+    )
+    assert Settings(_env_file=None, fill_mode="none").fill_mode == "none"
+    with pytest.raises(ValidationError, match="fill_mode"):
+        Settings(fill_mode="blur")
+
+
 def test_init_arguments_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PORT", "9000")
     assert Settings(port=1234).port == 1234

@@ -144,7 +144,4 @@ def test_the_request_inputs_table_names_every_field_and_legacy_key() -> None:
 
 
 # call inputs of the original server that this one refuses or ignores (the README's legacy API says which)
-_REFUSED_OR_IGNORED = (
-    "attn_procs",
-    "xformers_memory_efficient_attention",
-)
+_REFUSED_OR_IGNORED = ("xformers_memory_efficient_attention",)

@@ -122,8 +122,13 @@ def test_native_generate_json(client: TestClient) -> None:
 
 @pytest.mark.parametrize(
     ("accept", "media_type"),
-    [("image/png", "image/png"), ("image/jpeg", "image/jpeg"), ("image/webp, */*;q=0.1", "image/webp")],
-    ids=["png", "jpeg", "webp"],
+    [
+        ("image/png", "image/png"),
+        ("image/jpeg", "image/jpeg"),
+        ("image/webp, */*;q=0.1", "image/webp"),
+        ("image/jxl", "image/jxl"),
+    ],
+    ids=["png", "jpeg", "webp", "jxl"],
 )
 def test_native_generate_image_bytes(client: TestClient, engine: FakeEngine, accept: str, media_type: str) -> None:
     response = client.post("/v1/generate", json={"prompt": "x", "seed": 3}, headers={"accept": accept})
@@ -135,7 +140,7 @@ def test_native_generate_image_bytes(client: TestClient, engine: FakeEngine, acc
     assert Image.open(io.BytesIO(response.content)).format == media_type.split("/")[1].upper()
 
 
-@pytest.mark.parametrize("image_format", ["PNG", "JPEG", "WEBP"])
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG", "WEBP", "JXL"])
 def test_legacy_image_format_reaches_the_body(client: TestClient, image_format: str) -> None:
     envelope = {"modelInputs": {"prompt": "x"}, "callInputs": {"image_format": image_format}}
     body = client.post("/", json=envelope).json()

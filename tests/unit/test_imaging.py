@@ -100,7 +100,7 @@ SAMPLES: dict[str, Callable[[], tuple[Image.Image, tuple[int, ...], tuple[int, .
     "L": lambda: (two_halves("L", 50, 200), (50, 50, 50), (200, 200, 200)),
     "P": lambda: (palette_halves(), (255, 0, 0), (0, 0, 255)),
 }
-TOLERANCE = {"PNG": 0, "JPEG": 8, "WEBP": 8}
+TOLERANCE = {"PNG": 0, "JPEG": 8, "WEBP": 8, "JXL": 8}
 
 
 @pytest.mark.parametrize("mode", SAMPLES)
@@ -410,3 +410,28 @@ def test_invalid_seed_names_seed(seed: object) -> None:
 def test_image_count_must_be_positive(count: int) -> None:
     with pytest.raises(InvalidInputs, match="at least 1"):
         image_seeds(1, count)
+
+
+def test_jxl_is_written_and_read_with_its_plugin() -> None:
+    data = encode_image(two_halves("RGB", (200, 40, 90), (20, 180, 60)), "jxl", quality=95)
+    with Image.open(io.BytesIO(data)) as written:
+        assert written.format == "JXL"
+    assert mime_type("JXL") == "image/jxl"
+
+
+def test_without_its_plugin_jxl_is_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    jxl = encode_image(two_halves("RGB", (200, 40, 90), (20, 180, 60)), "JXL")
+    real_import = builtins.__import__
+
+    def no_plugin(name: str, *args: object, **kwargs: object) -> object:
+        if name == "pillow_jxl":
+            raise ImportError("No module named 'pillow_jxl'")
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", no_plugin)
+    with pytest.raises(InvalidInputs, match=r"JXL needs pillow-jxl-plugin.*choose PNG, JPEG or WEBP"):
+        encode_image(two_halves("RGB", 0, 1), "JXL")
+    with pytest.raises(InvalidImage, match="JPEG XL image, which this server cannot read"):
+        decode_image(to_base64(jxl), "image", **LIMITS)

@@ -39,6 +39,13 @@ def test_legacy_envelope_maps_onto_the_native_request() -> None:
         ("image_format", "jpg", "image_format", "JPEG"),
         ("image_quality", 80, "image_quality", 80),
         ("startRequestId", "abc", "request_id", "abc"),
+        (
+            "CHECKPOINT_CONFIG_URL",
+            "https://x/v1-inference.yaml",
+            "checkpoint_config_url",
+            "https://x/v1-inference.yaml",
+        ),
+        ("image_format", "jxl", "image_format", "JXL"),
     ],
     ids=lambda v: str(v),
 )
@@ -87,6 +94,19 @@ def test_bad_bodies_are_invalid_inputs(body: bytes, fragment: str) -> None:
         ({"modelInputs": {"generator": 1}, "callInputs": {}}, "set by the server"),
         ({"modelInputs": {"cross_attention_kwargs": "{bad"}, "callInputs": {}}, "not valid JSON"),
         ({"modelInputs": {}, "callInputs": {"image_format": "GIF"}}, "image_format"),
+        ({"modelInputs": {"image": "aGk="}, "callInputs": {"FILL_MODE": "blur"}}, "fill_mode: Input should be 'none'"),
+        (
+            {"modelInputs": {}, "callInputs": {"FILL_MODE": "patchmatch"}},
+            "fill_mode: pre-fills .* this request has none",
+        ),
+        (
+            {"modelInputs": {}, "callInputs": {"attn_procs": "lora.safetensors"}},
+            "attn_procs must be the http\\(s\\) URL",
+        ),
+        (
+            {"modelInputs": {}, "callInputs": {"attn_procs": 0}},
+            "attn_procs must be the http\\(s\\) URL",
+        ),
     ],
     ids=[
         "no-modelInputs",
@@ -107,6 +127,10 @@ def test_bad_bodies_are_invalid_inputs(body: bytes, fragment: str) -> None:
         "reserved-arg",
         "bad-cross-attention-json",
         "unknown-format",
+        "unknown-fill-mode",
+        "fill-mode-without-image",
+        "attn-procs-not-a-url",
+        "attn-procs-zero",
     ],
 )
 def test_bad_envelopes_name_the_problem(envelope: dict, fragment: str) -> None:
@@ -114,6 +138,29 @@ def test_bad_envelopes_name_the_problem(envelope: dict, fragment: str) -> None:
         from_legacy(envelope)
     assert caught.value.status == 422
     assert caught.value.code == "INVALID_INPUTS"
+
+
+def test_legacy_fill_mode_is_the_originals_call_input() -> None:
+    request = from_legacy({"modelInputs": {"init_image": "aGk="}, "callInputs": {"FILL_MODE": "PatchMatch"}})
+    assert (request.fill_mode, request.image) == ("patchmatch", "aGk=")
+
+
+@pytest.mark.parametrize(
+    ("call_inputs", "urls"),
+    [
+        ({"attn_procs": "https://x/a.safetensors"}, ["https://x/a.safetensors"]),
+        (
+            {"attn_procs": "https://x/a.safetensors", "lora_weights": "https://x/b"},
+            ["https://x/b", "https://x/a.safetensors"],
+        ),
+        ({"attn_procs": None, "lora_weights": ["https://x/b"]}, ["https://x/b"]),
+        ({"attn_procs": ""}, None),
+    ],
+    ids=["alone", "after-lora-weights", "null", "empty"],
+)
+def test_legacy_attn_procs_is_one_more_lora(call_inputs: dict, urls: list[str] | None) -> None:
+    request = from_legacy({"modelInputs": {}, "callInputs": call_inputs})
+    assert (urls is None and request.lora_weights is None) or [w.url for w in request.lora_weights or []] == urls
 
 
 def test_legacy_aliases_and_passthrough() -> None:
@@ -290,7 +337,7 @@ def test_strength_needs_an_image_and_the_schema_says_so() -> None:
     assert caught.value.message == message
     assert GenerateRequest(strength=0.5, image="aGk=").strength == 0.5
     schema = GenerateRequest.model_json_schema()
-    assert schema["dependentRequired"] == {"strength": ["image"], "mask_image": ["image"]}
+    assert schema["dependentRequired"] == {"strength": ["image"], "mask_image": ["image"], "fill_mode": ["image"]}
 
 
 @pytest.mark.parametrize("field", ["width", "height"])

@@ -31,7 +31,7 @@ def test_defaults_and_normalised_format() -> None:
         ({"image": "a", "scale": 0.5}, "scale: Input should be greater than or equal to 1"),
         ({"image": "a", "scale": 9}, "scale: Input should be less than or equal to 8"),
         ({"image": "a", "prompt": "x"}, "prompt: Extra inputs are not permitted"),
-        ({"image": "a", "image_format": "GIF"}, "image_format: Input should be 'PNG', 'JPEG' or 'WEBP'"),
+        ({"image": "a", "image_format": "GIF"}, "image_format: Input should be 'PNG', 'JPEG', 'WEBP' or 'JXL'"),
         ({"image": "a", "send_url": "ftp://x"}, "send_url: Value error, must be an http:// or https:// URL"),
     ],
     ids=["no-image", "empty-image", "scale-low", "scale-high", "unknown-field", "format", "send-url"],

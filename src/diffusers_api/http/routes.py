@@ -21,7 +21,7 @@ from .responses import run_request
 router = APIRouter(prefix="/v1", tags=["native"], dependencies=[Depends(require_api_key)])
 health_router = APIRouter(tags=["health"])
 
-_IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
+_IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP", "image/jxl": "JXL"}
 
 
 @router.post(
@@ -34,7 +34,7 @@ async def generate(
     body: GenerateRequest, request: Request, engine: EngineDep, hub: EventsDep, in_flight: InFlightDep
 ) -> Response:
     """Runs the request and returns its images as base64 JSON, or, when `Accept` names an image type
-    (image/png, image/jpeg, image/webp), the bytes of the single image it made."""
+    (image/png, image/jpeg, image/webp, image/jxl), the bytes of the single image it made."""
     wanted = _image_accept(request.headers.get("accept", ""))
     if wanted is not None:
         if body.image_count != 1:

@@ -6,9 +6,9 @@ the loaded model would change every request in flight, so a model with adapters 
 the modules they touch are copied, the adapters are loaded into the copies with diffusers' own loaders
 (`load_lora_weights`, `load_textual_inversion`), LoRAs are fused at their scales and their adapter layers removed
 again, so that the variant runs as fast as the plain model (its steps can be CUDA graphs or compiled like any
-UNet's). Everything else (VAE, scheduler config, untouched modules) stays shared. Requests with the same
-adapters share the variant and batch together; the store keeps a few variants per model (LORA_VARIANTS_KEPT)
-and drops them with it.
+UNet's). The original's `attn_procs` files (diffusers' old UNet-only layout) load the same way. Everything else
+(VAE, scheduler config, untouched modules) stays shared. Requests with the same adapters share the variant and
+batch together; the store keeps a few variants per model (LORA_VARIANTS_KEPT) and drops them with it.
 
 Files come from http(s) URLs only: checked like any URL a request brings (no private addresses unless
 ALLOW_PRIVATE_URLS), capped at LORA_MAX_BYTES, read as safetensors (never pickle), and kept in
@@ -109,7 +109,7 @@ def apply_loras(pipe: Any, loras: list[tuple[Path, float, str]]) -> set[str]:
     for index, (path, _, url) in enumerate(loras):
         name = f"lora_{index}"
         try:
-            pipe.load_lora_weights(load_file(str(path)), adapter_name=name)
+            pipe.load_lora_weights(_with_unet_prefix(load_file(str(path))), adapter_name=name)
         except (ValueError, RuntimeError, KeyError, TypeError) as exc:
             raise _invalid("LoRA", f"LoRA {url} does not fit this model: {exc}") from None
         if not any(name in adapters for adapters in pipe.get_list_adapters().values()):
@@ -121,6 +121,15 @@ def apply_loras(pipe: Any, loras: list[tuple[Path, float, str]]) -> set[str]:
     pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     log.info("fused %d LoRA(s) into %s in %.0f ms", len(loras), sorted(touched), (time.perf_counter() - started) * 1e3)
     return touched
+
+
+def _with_unet_prefix(state: dict[str, Any]) -> dict[str, Any]:
+    """docker-diffusers-api's `attn_procs` files (diffusers' old `unet.save_attn_procs` layout:
+    `down_blocks.0....attn1.processor.to_q_lora.down.weight`) name the UNet's modules without the `unet.` that the
+    pipeline's loader expects; given it, diffusers' own conversion reads them."""
+    if state and all(".processor." in key and "_lora." in key and not key.startswith("unet.") for key in state):
+        return {f"unet.{key}": value for key, value in state.items()}
+    return state
 
 
 # ---------------------------------------------------------------------------------------------- textual inversion

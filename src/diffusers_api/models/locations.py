@@ -114,7 +114,13 @@ def _s3(endpoint: str | None, path: str, model_key: str, settings: Settings, url
 # --------------------------------------------------------------------------------------------- local paths
 
 # (request field, ModelSpec attribute) of what may name a place on this machine
-_PATH_FIELDS = (("model", "model_id"), ("hf_model_id", "hf_model_id"), ("checkpoint_url", "checkpoint_url"))
+_PATH_FIELDS = (
+    ("model", "model_id"),
+    ("hf_model_id", "hf_model_id"),
+    ("checkpoint_url", "checkpoint_url"),
+    ("checkpoint_config_url", "checkpoint_config_url"),
+)
+_FILE_FIELDS = ("checkpoint_url", "checkpoint_config_url")
 
 
 def check_request_paths(spec: ModelSpec, configured: ModelSpec | None, settings: Settings) -> None:
@@ -127,7 +133,7 @@ def check_request_paths(spec: ModelSpec, configured: ModelSpec | None, settings:
         value = getattr(spec, attribute)
         if value is None or (configured is not None and value == getattr(configured, attribute)):
             continue
-        path = local_path(value, file=field == "checkpoint_url")
+        path = local_path(value, file=field in _FILE_FIELDS)
         if path is not None and not any(Path(os.path.realpath(path)).is_relative_to(root) for root in roots):
             raise InvalidInputs(
                 f"{field} {value!r} is a path outside MODELS_DIR and LOCAL_MODEL_ROOTS, the directories a request "

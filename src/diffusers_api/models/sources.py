@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -158,9 +158,7 @@ def _from_cloud_cache(spec: ModelSpec, settings: Settings, timings: dict[str, fl
             raise ModelNotFound(f"no model archive at {location}", requested=spec.model_id) from None
     log.info("%s is not in the cloud cache yet: building it from the model's source", location)
     source = _from_source(spec, settings, timings)
-    with phase(timings, "upload"):
-        _save_as_cache_entry(spec, source, target)
-        upload_archive(target, location, settings)
+    upload_archive(target, location, settings, timings, source=lambda: _save_as_cache_entry(spec, source, target))
     return target
 
 
@@ -201,15 +199,26 @@ def _save_as_cache_entry(spec: ModelSpec, source: Path, target: Path) -> None:
         disk.publish(staging, target)
 
 
-def upload_archive(directory: Path, location: S3Location | HTTPLocation, settings: Settings) -> None:
-    """Pack `directory` as .tar.zst (hashing as it writes) and upload it to `location` (S3 only)."""
+def upload_archive(
+    directory: Path,
+    location: S3Location | HTTPLocation,
+    settings: Settings,
+    timings: dict[str, float] | None = None,
+    source: Callable[[], None] | None = None,
+) -> None:
+    """Pack `directory` as .tar.zst (hashing as it writes) and upload it to `location` (S3 only). The original's
+    $timings names: `compress` (saving the directory first with `source`, if given, then packing it), `upload`."""
     if not isinstance(location, S3Location):
         raise StorageError(f"cannot upload to {location}: only s3:// MODEL_URLs are writable")
     with disk.temporary_file(settings.models_dir, Path(location.key).name) as packed:
-        with packed.open("wb") as out:
-            writer = disk.HashingWriter(out)
-            archive.pack(directory, writer)
-        transfer.s3_upload(location, packed, writer.digest.hexdigest(), settings)
+        with phase(timings, "compress"):
+            if source is not None:
+                source()
+            with packed.open("wb") as out:
+                writer = disk.HashingWriter(out)
+                archive.pack(directory, writer)
+        with phase(timings, "upload"):
+            transfer.s3_upload(location, packed, writer.digest.hexdigest(), settings)
 
 
 # --------------------------------------------------------------------------------------------- errors

@@ -24,6 +24,7 @@ class ModelSpec:
     precision: str = ""
     model_url: str | None = None
     checkpoint_url: str | None = None
+    checkpoint_config_url: str | None = None  # the original-SD .yaml that converts checkpoint_url
     # What a request adds (models/adapters.py), in its order; () for the model itself:
     loras: tuple[tuple[str, float], ...] = ()  # LoRAs fused into it: (url, scale)
     embeddings: tuple[tuple[str, str | None], ...] = ()  # textual inversions: (url, token)
@@ -40,6 +41,7 @@ class ModelSpec:
             precision=settings.model_precision,
             model_url=settings.model_url,
             checkpoint_url=settings.checkpoint_url,
+            checkpoint_config_url=settings.checkpoint_config_url,
         )
 
     def for_request(self, request: GenerateRequest) -> ModelSpec:
@@ -55,6 +57,7 @@ class ModelSpec:
             "precision": request.precision,
             "model_url": request.model_url,
             "checkpoint_url": request.checkpoint_url,
+            "checkpoint_config_url": request.checkpoint_config_url,
         }
         loras = tuple((lora.url, 1.0 if lora.scale is None else lora.scale) for lora in request.lora_weights or ())
         embeddings = tuple((item.url, item.token) for item in request.textual_inversions or ())

@@ -48,7 +48,7 @@ MAX_CONTROLS_KEPT = 4
 # IP-Adapter variants kept per model (each holds the adapter's layers and image encoder, not the UNet's weights).
 IP_ADAPTERS_KEPT = 2
 # $timings phases that the store reports apart from loadModel.
-TRANSFER_PHASES = ("download", "upload")
+TRANSFER_PHASES = ("download", "compress", "upload")
 
 
 class ModelStore:

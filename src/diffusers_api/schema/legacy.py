@@ -26,6 +26,7 @@ _LEGACY_CALL_INPUTS = {
     "MODEL_PRECISION": "precision",
     "MODEL_URL": "model_url",
     "CHECKPOINT_URL": "checkpoint_url",
+    "CHECKPOINT_CONFIG_URL": "checkpoint_config_url",
     "PIPELINE": "pipeline",
     "SCHEDULER": "scheduler",
     "safety_checker": "safety_checker",
@@ -37,10 +38,13 @@ _LEGACY_CALL_INPUTS = {
     "streamEvents": "stream_events",
     "lora_weights": "lora_weights",
     "textual_inversions": "textual_inversions",
+    "FILL_MODE": "fill_mode",
 }
+# The original's name for a LoRA file (it loaded it with `unet.load_attn_procs`): one more of lora_weights.
+_LEGACY_LORA_ALIAS = "attn_procs"
 # callInputs the server knows but this build does not act on: refused with a clear message rather than ignored,
 # so that nobody believes such an option was applied when it was not.
-_LEGACY_UNSUPPORTED = ("attn_procs",)
+_LEGACY_UNSUPPORTED: tuple[str, ...] = ()
 # use_extra: the original's extras, run instead of the pipeline. Only "upsample" exists here (`upscale_from_legacy`).
 USE_EXTRA = ("upsample",)
 # use_extra "upsample": modelInputs and callInputs it reads -> UpscaleRequest field
@@ -80,6 +84,10 @@ def legacy_envelope_schema(ref_template: str = "#/$defs/{model}") -> dict[str, A
         "type": "string",
         "description": "ControlNet model; modelInputs.image is its condition",
     }
+    call_inputs[_LEGACY_LORA_ALIAS] = {
+        "anyOf": [{"type": "string", "pattern": "^https?://"}, {"enum": [None, "", False]}],
+        "description": "URL of a LoRA file, as one more of lora_weights (the original's attn_procs)",
+    }
     call_inputs |= _LEGACY_PROMPT_INPUTS
     call_inputs |= {key: {"enum": [None, "", False], "description": "not supported"} for key in _LEGACY_UNSUPPORTED}
     call_inputs["use_extra"] = {
@@ -99,7 +107,7 @@ def legacy_envelope_schema(ref_template: str = "#/$defs/{model}") -> dict[str, A
                 "description": "the pipeline's __call__ arguments",
                 "properties": model_inputs,
                 "additionalProperties": True,
-                "dependentSchemas": {field: with_an_image for field in _NEEDS_IMAGE},
+                "dependentSchemas": {field: with_an_image for field in _NEEDS_IMAGE if field in model_inputs},
             },
             "callInputs": {
                 "type": "object",
@@ -192,6 +200,8 @@ def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:
             raise InvalidInputs("callInputs.dest_url applies to a training (callInputs.train: dreambooth)")
         elif key == "train":  # a training is read by train_from_legacy (POST /, the RunPod worker), not here
             raise InvalidInputs(f"callInputs.train {value!r} makes a training: send it to POST / or the RunPod worker")
+        elif key == _LEGACY_LORA_ALIAS:
+            continue  # added after the loop, to whatever lora_weights gives
         elif key == "use_extra":
             _check_no_extra(value)
         elif key in _LEGACY_IGNORED or key in _LEGACY_PROMPT_INPUTS:
@@ -200,9 +210,16 @@ def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:
             if value not in (None, "", False):
                 raise InvalidInputs(f"callInputs.{key} is not supported by this server yet")
         else:
-            known = [*_LEGACY_CALL_INPUTS, "is_url", "use_extra", "train", "dest_url", *_LEGACY_PROMPT_INPUTS]
-            known = sorted([*known, _CONTROLNET_KEY, *_LEGACY_UNSUPPORTED, *_LEGACY_IGNORED])
+            known = [*_LEGACY_CALL_INPUTS, "is_url", "use_extra", "train", "dest_url", _LEGACY_LORA_ALIAS]
+            known += [*_LEGACY_PROMPT_INPUTS, _CONTROLNET_KEY]
+            known = sorted([*known, *_LEGACY_UNSUPPORTED, *_LEGACY_IGNORED])
             raise InvalidInputs(f"callInputs.{key} is not a known call input", known=known)
+    attn_procs = call_inputs.get(_LEGACY_LORA_ALIAS)
+    if not (attn_procs is None or attn_procs is False or attn_procs == ""):  # 0 is no "off" (the schema says so)
+        if not is_http_url(attn_procs):
+            raise InvalidInputs(f"callInputs.{_LEGACY_LORA_ALIAS} must be the http(s) URL of a LoRA file")
+        loras = data.get("lora_weights") or []
+        data["lora_weights"] = [*(loras if isinstance(loras, list) else [loras]), attn_procs]
     return data
 
 
@@ -245,13 +262,14 @@ def _legacy_controlnet(model_id: object, data: dict[str, Any]) -> None:
 # them, since clients send their defaults with every call)
 _TRAIN_CALL_INPUTS = (
     *("MODEL_ID", "HF_MODEL_ID", "MODEL_REVISION", "MODEL_VARIANT", "MODEL_PRECISION", "MODEL_URL"),
-    *("CHECKPOINT_URL", "startRequestId", "SEND_URL", "SIGN_KEY"),
+    *("CHECKPOINT_URL", "CHECKPOINT_CONFIG_URL", "startRequestId", "SEND_URL", "SIGN_KEY"),
 )
 _NOT_FOR_TRAINING = (
     "lora_weights",
     "textual_inversions",
     "streamEvents",
     "use_extra",
+    _LEGACY_LORA_ALIAS,
     *_LEGACY_PROMPT_INPUTS,
     *_LEGACY_UNSUPPORTED,
 )

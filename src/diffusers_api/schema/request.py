@@ -28,7 +28,8 @@ from ..errors import InvalidInputs
 from .controls import MAX_CONTROLS, ControlInput, controls_schema
 from .ip_adapter import IPAdapter
 
-ImageFormat = Literal["PNG", "JPEG", "WEBP"]
+ImageFormat = Literal["PNG", "JPEG", "WEBP", "JXL"]
+FillMode = Literal["none", "patchmatch", "edge"]
 # The original server's community pipeline for long, A1111-weighted prompts: here a name for those two options.
 LPW_PIPELINE = "lpw_stable_diffusion"
 
@@ -172,6 +173,7 @@ class TextualInversion(_AdapterURL):
 _NEEDS_IMAGE = {
     "strength": "applies to an input image (img2img, inpainting)",
     "mask_image": "marks what to repaint in an input image",
+    "fill_mode": "pre-fills the transparent (or masked) area of an input image",
 }
 _SIZE = (
     "Image {side} in pixels: a multiple of 8 from 8 to 8192 (MAX_IMAGE_PIXELS bounds width x height), and at least"
@@ -219,6 +221,9 @@ class GenerateRequest(BaseModel):
     )
     model_url: str | None = Field(None, description="MODEL_URL: cloud-cache archive")
     checkpoint_url: str | None = Field(None, description="CHECKPOINT_URL: single-file checkpoint")
+    checkpoint_config_url: str | None = Field(
+        None, description="CHECKPOINT_CONFIG_URL: original-SD .yaml config to convert checkpoint_url with"
+    )
     pipeline: str | None = Field(None, description="Pipeline class, AutoPipelineFor*, or txt2img / img2img / inpaint")
     scheduler: str | None = Field(None, description="Scheduler class name or alias (e.g. 'Euler a', 'DPM++ 2M')")
     safety_checker: bool = Field(True, description="Run the model's safety checker, if it has one")
@@ -251,6 +256,12 @@ class GenerateRequest(BaseModel):
     mask_image: str | None = Field(
         None, description="Inpainting mask (base64, data URI or http(s) URL); white is repainted"
     )
+    fill_mode: FillMode | None = Field(
+        None,
+        description="Outpainting: before inpainting, fill the image's transparent area (else the mask's) with"
+        " patchmatch or edge (nearest opaque pixel); the transparent area is the mask when mask_image is absent."
+        " Default: the server's FILL_MODE for inpainting requests",
+    )
     ip_adapter: IPAdapter | None = Field(
         None, description="An image prompt: IP-Adapter, image(s) and scale (SD 1.x/2.x and SDXL models)"
     )
@@ -275,8 +286,8 @@ class GenerateRequest(BaseModel):
     )
 
     # --- output ----------------------------------------------------------------------------------------------
-    image_format: ImageFormat = "PNG"
-    image_quality: int | None = Field(None, ge=1, le=100, description="JPEG / WEBP quality")
+    image_format: ImageFormat = Field("PNG", description="PNG, JPEG, WEBP, or JXL (JPEG XL: needs pillow-jxl-plugin)")
+    image_quality: int | None = Field(None, ge=1, le=100, description="JPEG / WEBP / JXL quality")
 
     # --- bookkeeping and events ------------------------------------------------------------------------------
     request_id: str | None = Field(None, max_length=200, description="Echoed in meta (legacy startRequestId)")
@@ -361,6 +372,11 @@ class GenerateRequest(BaseModel):
             upper = value.strip().upper()
             return "JPEG" if upper == "JPG" else upper
         return value
+
+    @field_validator("fill_mode", mode="before")
+    @classmethod
+    def _lower_fill_mode(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("cross_attention_kwargs", mode="before")
     @classmethod

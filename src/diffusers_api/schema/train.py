@@ -70,6 +70,7 @@ class TrainRequest(BaseModel):
     precision: Literal["", "fp16", "bf16", "fp32"] | None = Field(None, description="MODEL_PRECISION")
     model_url: str | None = Field(None, description="MODEL_URL: cloud-cache archive of the model trained")
     checkpoint_url: str | None = Field(None, description="CHECKPOINT_URL of the model trained")
+    checkpoint_config_url: str | None = Field(None, description="CHECKPOINT_CONFIG_URL: its checkpoint's .yaml")
 
     # --- data ------------------------------------------------------------------------------------------------
     instance_images: list[str] = Field(
@@ -180,8 +181,11 @@ class TrainRequest(BaseModel):
 
     def model_request(self) -> dict[str, Any]:
         """The fields that name the model trained, as a GenerateRequest takes them."""
-        names = ("model", "hf_model_id", "revision", "variant", "precision", "model_url", "checkpoint_url")
+        names = ("model", "hf_model_id", "revision", "variant", "precision", "model_url", *CHECKPOINT_FIELDS)
         return {name: getattr(self, name) for name in names}
+
+
+CHECKPOINT_FIELDS = ("checkpoint_url", "checkpoint_config_url")
 
 
 def known_args() -> list[str]:
