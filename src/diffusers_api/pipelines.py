@@ -217,9 +217,13 @@ class ModelPipelines:
         optional = set(cls._optional_components) | _defaulted_params(cls)
         return [name for name in expected if self.components.get(name) is None and name not in optional]
 
-    def build(self, cls: Any, scheduler: SchedulerMixin, *, safety_checker: bool) -> DiffusionPipeline:
-        """A fresh pipeline of `cls` over the shared components, with its own scheduler."""
-        pipe = self._new(cls, self.components | {"scheduler": scheduler}, safety_checker=safety_checker)
+    def build(
+        self, cls: Any, scheduler: SchedulerMixin, *, safety_checker: bool, extra: dict[str, Any] | None = None
+    ) -> DiffusionPipeline:
+        """A fresh pipeline of `cls` over the shared components, with its own scheduler (and `extra` components: a
+        request's ControlNets or T2I-Adapters)."""
+        components = self.components | {"scheduler": scheduler} | (extra or {})
+        pipe = self._new(cls, components, safety_checker=safety_checker)
         for name, tokenizer in self._tokenizers.items():
             if getattr(pipe, name, None) is not None:
                 # object.__setattr__: DiffusionPipeline.__setattr__ would record the wrapper in the config

@@ -20,6 +20,7 @@ from .denoising.tasks import ProgressCallback
 from .devices import memory_usage
 from .errors import Cancelled, DiffusersAPIError, InvalidInputs, NotReady, PipelineError
 from .limits import check_images, check_input_images, check_prompts, check_size
+from .models.controls import control_arguments, control_modules, control_pipeline
 from .models.ip_adapter import check_family as check_ip_adapter_family
 from .models.store import LoadedModel, ModelStore
 from .pipelines import call_arguments, call_parameters
@@ -127,8 +128,11 @@ class Runner:
         timings = self._new_timings()
         request = self._server_pipeline_options(request)
         pipe_cls, scheduler = self._check_before_fetching(request, timings)
+        with_ip = request.ip_adapter is not None
+        control_cls = control_pipeline(pipe_cls, request.controlnet, with_ip) if request.controlnet else None
         # The store reports its own phases: loadModel, and download / upload when it had to fetch the model.
         model = self.store.get(request, timings)
+        extra = self._control_modules(request, model, control_cls, timings)
         fill = self._fill_mode(request) if _inpaints(pipe_cls) else "none"
         inputs = self._decode_inputs(request, timings, fill)
         check_input_images(inputs, model.pipelines, model.spec.model_id)
@@ -138,7 +142,8 @@ class Runner:
             ip_images = self._decode_ip_images(request.ip_adapter, timings)
             ip_adapter = self.store.ip_adapter(model, request.ip_adapter, timings)
             pipelines, scaled = ip_adapter.pipelines, ip_adapter.scaled(request.ip_adapter.scale)
-        pipe = pipelines.build(pipe_cls, scheduler, safety_checker=request.safety_checker)
+        pipe_cls = control_cls or pipe_cls
+        pipe = pipelines.build(pipe_cls, scheduler, safety_checker=request.safety_checker, extra=extra)
         seeds = imaging.image_seeds(request.seed, request.image_count)
         kwargs = self._call_kwargs(request, inputs, seeds)
         if request.prompt_weighting or request.long_prompts:
@@ -146,6 +151,10 @@ class Runner:
                 kwargs = prompts.encode(pipe, kwargs, request.prompt_weighting, request.long_prompts)
         if ip_adapter is not None:
             kwargs["ip_adapter_image"] = [ip_images]  # one IP-Adapter: its list of images
+        if request.controlnet:
+            images = self._control_images(request, model, timings)
+            kwargs = control_arguments(pipe_cls, request.controlnet, images, kwargs)
+        check_steps_left(pipe, kwargs)
         loop = self._loop(pipe, kwargs)
         with timings.phase("inference"), scaled:
             output = self._call(pipe, kwargs, progress, cancel, loop)
@@ -154,6 +163,10 @@ class Runner:
         nsfw = getattr(output, "nsfw_content_detected", None)
         meta = self._meta(model, pipe_cls, scheduler, request, seeds)
         meta["LOOP"] = loop
+        if request.controlnet:
+            meta["CONTROLNET"] = [
+                control.model_dump(exclude={"image"}, exclude_none=True) for control in request.controlnet
+            ]
         meta |= {"FILL_MODE": fill} if fill != "none" else {}
         if ip_adapter is not None and request.ip_adapter is not None:
             meta["IP_ADAPTER"] = {"model": ip_adapter.spec.describe(), "scale": request.ip_adapter.scale}
@@ -219,6 +232,28 @@ class Runner:
 
     def _fill_mode(self, request: GenerateRequest) -> str:
         return request.fill_mode or self.settings.fill_mode
+
+    def _control_modules(
+        self, request: GenerateRequest, model: LoadedModel, control_cls: Any, timings: Timings
+    ) -> dict[str, Any] | None:
+        """The request's ControlNets or T2I-Adapters, as the components of `control_cls` that carry them."""
+        if not request.controlnet:
+            return None
+        loaded = self.store.controls(request.controlnet, model, timings)
+        return control_modules(control_cls, [control.module for control in loaded])
+
+    def _control_images(self, request: GenerateRequest, model: LoadedModel, timings: Timings) -> list[Image.Image]:
+        """The conditioning images, decoded (and fetched, given as URLs) like the other image inputs."""
+        limits = {"max_bytes": self.settings.max_body_bytes, "max_pixels": self.settings.max_image_pixels}
+        images = []
+        for index, control in enumerate(request.controlnet or ()):
+            field = f"controlnet.{index}.image"
+            data = self._image_bytes(control.image, field, timings)
+            with timings.phase("decode"):
+                image = imaging.decode_image(data, field, **limits)
+            check_input_images({"image": image}, model.pipelines, model.spec.model_id)
+            images.append(image)
+        return images
 
     def _decode_ip_images(self, adapter: IPAdapter, timings: Timings) -> list[Image.Image]:
         """The image prompt(s), decoded like `image` (one list: they are the images of one IP-Adapter)."""
@@ -343,8 +378,13 @@ class Runner:
         self, pipe: Any, kwargs: dict[str, Any], progress: ProgressCallback | None, cancel: threading.Event | None
     ) -> Any:
         """The pipeline's own loop; its UNet calls still meet the others' when steps are shared."""
-        if "callback_on_step_end" in call_parameters(type(pipe)):
+        parameters = call_parameters(type(pipe))
+        if "callback_on_step_end" in parameters:
             kwargs["callback_on_step_end"] = _step_callback(progress, cancel)
+        elif {"callback", "callback_steps", "num_inference_steps"} <= parameters.keys():
+            # older pipelines (the T2I-Adapter ones) report each step through `callback` instead
+            steps = kwargs.get("num_inference_steps", parameters["num_inference_steps"].default)
+            kwargs |= {"callback": _legacy_step_callback(progress, cancel, steps), "callback_steps": 1}
         batched = self.steps.session(pipe) if self.steps and hasattr(pipe, "unet") else nullcontext()
         try:
             with batched:
@@ -388,6 +428,36 @@ def _input_names(request: GenerateRequest) -> set[str]:
     """The pipeline arguments a request gives (as `Runner._call_kwargs` will pass them)."""
     given = {name for name in (*CALL_FIELDS, "image", "mask_image") if getattr(request, name) is not None}
     return given | set(request.extra)
+
+
+def check_steps_left(pipe: Any, kwargs: dict[str, Any]) -> None:
+    """With a strength (SD and SDXL img2img, inpainting), int(strength x steps) steps are denoised: none left would
+    fail half-way (SDXL img2img with empty latents), so it is refused here, naming the cause."""
+    name, parameters = type(pipe).__name__, call_parameters(type(pipe))
+    if not name.startswith("StableDiffusion") or name.startswith("StableDiffusion3"):
+        return  # the flow-matching pipelines (SD3, Flux) round the steps up: any strength leaves one
+    if "strength" not in parameters or "num_inference_steps" not in parameters or kwargs.get("denoising_start"):
+        return
+    steps = kwargs.get("num_inference_steps", parameters["num_inference_steps"].default)
+    strength = kwargs.get("strength", parameters["strength"].default)
+    if isinstance(steps, int) and isinstance(strength, int | float) and int(steps * strength) < 1:
+        raise InvalidInputs(
+            f"strength {strength:g} x num_inference_steps {steps} = {steps * strength:g}: less than one denoising "
+            "step is left; raise strength or num_inference_steps",
+            field="strength",
+        )
+
+
+def _legacy_step_callback(
+    progress: ProgressCallback | None, cancel: threading.Event | None, steps: int
+) -> Callable[..., None]:
+    def on_step(step: int, timestep: Any, latents: Any) -> None:
+        if progress is not None:
+            progress(step + 1, steps)
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"request cancelled after step {step + 1}")
+
+    return on_step
 
 
 def _step_callback(progress: ProgressCallback | None, cancel: threading.Event | None) -> Callable[..., Any]:

@@ -137,6 +137,19 @@ def test_api_server_fails_a_bad_job_with_a_string_error(api: Process) -> None:
     assert body["error"].startswith("INVALID_INPUTS: width: Input should be a multiple of 8")
 
 
+def test_api_server_completes_a_controlnet_job(api: Process) -> None:
+    condition = Image.new("RGB", (32, 32), (0, 0, 0))
+    condition.paste((255, 255, 255), (8, 8, 24, 24))
+    buffer = io.BytesIO()
+    condition.save(buffer, format="PNG")
+    entry = {"model": "builtin/tiny-controlnet", "image": base64.b64encode(buffer.getvalue()).decode()}
+    job = {"prompt": "a red barn", "num_inference_steps": 2, "width": 32, "height": 32, "controlnet": entry}
+    body = httpx.post(f"{api.url}/runsync", json={"input": job}, timeout=180).json()
+    assert body["status"] == "COMPLETED", body
+    assert body["output"]["meta"]["PIPELINE"] == "StableDiffusionControlNetPipeline"
+    assert png_size(body["output"]["images"][0]["data"]) == (32, 32)
+
+
 def test_api_server_outpaints_a_native_job(api: Process) -> None:
     """A native request with fill_mode: the transparent half is pre-filled and inpainted; the answer in JPEG XL."""
     import pillow_jxl  # noqa: F401  (registers JXL with Pillow)

@@ -86,7 +86,7 @@ def test_unbatchable_calls_run_alone_within_the_round() -> None:
     unet, batcher = FakeUNet(), Rendezvous(max_wait_s=5.0)
     with ThreadPoolExecutor(max_workers=2) as pool:
         plain = pool.submit(loop, batcher, FakePipe(unet), 1.0, 3)
-        special = pool.submit(loop, batcher, FakePipe(unet), 5.0, 3, down_block_additional_residuals=None)
+        special = pool.submit(loop, batcher, FakePipe(unet), 5.0, 3, cross_attention_kwargs={"scale": 0.5})
         torch.testing.assert_close(plain.result(), expected(1.0, 3))
         torch.testing.assert_close(special.result(), expected(5.0, 3))
     assert max(unet.batches) == 2  # never merged

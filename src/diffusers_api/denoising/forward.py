@@ -9,6 +9,10 @@ The inputs are named as the models name them, in four parts: the latents (`sampl
 text embeddings (`hidden`), the model's other inputs with one row per latent row (`added`: a UNet's
 `added_cond_kwargs`, a transformer's `pooled_projections`, `guidance` or `encoder_attention_mask`), and inputs
 without a batch axis that every row takes as they are (`shared`: Flux's position ids).
+
+A UNet call may also carry a ControlNet's or T2I-Adapter's residuals (`Residuals`), rows like the sample: they are
+its request's own, and in a merged forward the rows of callers without them get zeros, which the UNet adds
+exactly (x + 0 == x), so those rows compute what they would alone.
 """
 
 from __future__ import annotations
@@ -107,6 +111,72 @@ class ForwardKey:
         return f"{rows} rows of {shape} {dtype} on {self.device}"
 
 
+@dataclass(frozen=True, eq=False)
+class Residuals:
+    """What a ControlNet (down and mid) or a T2I-Adapter (intrablock) adds inside a UNet forward, rows like its
+    sample."""
+
+    down: tuple[torch.Tensor, ...] = ()  # down_block_additional_residuals
+    mid: torch.Tensor | None = None  # mid_block_additional_residual
+    intrablock: tuple[torch.Tensor, ...] = ()  # down_intrablock_additional_residuals
+
+    KWARGS = (
+        "down_block_additional_residuals",
+        "mid_block_additional_residual",
+        "down_intrablock_additional_residuals",
+    )
+
+    @classmethod
+    def of_call(cls, kwargs: dict[str, Any]) -> Residuals | None:
+        """The residuals a diffusers pipeline passed to its UNet call, or None without any."""
+        down, mid = kwargs.get(cls.KWARGS[0]), kwargs.get(cls.KWARGS[1])
+        intrablock = kwargs.get(cls.KWARGS[2])
+        if down is None and mid is None and intrablock is None:
+            return None
+        if mid is None and intrablock is None:  # the UNet's older spelling of a T2I-Adapter's residuals
+            down, intrablock = None, down
+        return cls(tuple(down or ()), mid, tuple(intrablock or ()))
+
+    def kwargs(self) -> dict[str, Any]:
+        """As the UNet takes them (the intrablock list is consumed by the UNet: a new one per call)."""
+        named: dict[str, Any] = {}
+        if self.mid is not None:
+            named |= {self.KWARGS[0]: self.down, self.KWARGS[1]: self.mid}
+        if self.intrablock:
+            named[self.KWARGS[2]] = list(self.intrablock)
+        return named
+
+    @classmethod
+    def cat(cls, parts: Sequence[Residuals | None], rows: Sequence[int]) -> Residuals | None:
+        """The parts' residuals as one, zeros for the rows of parts without (None when no part has any)."""
+        import torch
+
+        controlnet = next((part for part in parts if part is not None and part.mid is not None), None)
+        adapter = next((part for part in parts if part is not None and part.intrablock), None)
+        if controlnet is None and adapter is None:
+            return None
+
+        def joined(reference: tuple[torch.Tensor, ...], own: Callable[[Residuals], tuple[torch.Tensor, ...]]) -> Any:
+            columns = []
+            for index, like in enumerate(reference):
+                pieces = [
+                    own(part)[index] if part is not None and own(part) else like.new_zeros((count, *like.shape[1:]))
+                    for part, count in zip(parts, rows, strict=True)
+                ]
+                columns.append(torch.cat(pieces))
+            return tuple(columns)
+
+        down = mid = None
+        if controlnet is not None:
+            assert controlnet.mid is not None
+            down_and_mid = joined(
+                (*controlnet.down, controlnet.mid), lambda part: (*part.down, part.mid) if part.mid is not None else ()
+            )
+            down, mid = down_and_mid[:-1], down_and_mid[-1]
+        intrablock = joined(adapter.intrablock, lambda part: part.intrablock) if adapter is not None else ()
+        return cls(down or (), mid, intrablock)
+
+
 @dataclass(frozen=True)
 class StepRows:
     """One part of a batched step: the model inputs of one caller (or one half of a guided request)."""
@@ -116,6 +186,7 @@ class StepRows:
     hidden: torch.Tensor
     added: dict[str, torch.Tensor] | None = None
     shared: SharedInputs | None = None
+    residuals: Residuals | None = None  # a UNet call's ControlNet / T2I-Adapter residuals
 
     @property
     def rows(self) -> int:
@@ -138,6 +209,7 @@ class StepRows:
             hidden=torch.cat([part.hidden for part in parts]),
             added=added,
             shared=parts[0].shared,  # equal keys: equal shared inputs, so the first part's serve all
+            residuals=Residuals.cat([part.residuals for part in parts], [part.rows for part in parts]),
         )
 
 
@@ -152,6 +224,7 @@ class StepBatch:
     added: dict[str, torch.Tensor] | None
     sizes: tuple[int, ...]
     shared: dict[str, torch.Tensor] | None = None
+    residuals: Residuals | None = None
 
     @classmethod
     def of(cls, parts: Sequence[StepRows]) -> StepBatch:
@@ -163,6 +236,7 @@ class StepBatch:
             added=whole.added,
             sizes=tuple(part.rows for part in parts),
             shared=whole.shared.tensors if whole.shared is not None else None,
+            residuals=whole.residuals,
         )
 
     @property
@@ -170,7 +244,13 @@ class StepBatch:
         return int(self.sample.shape[0])
 
     def run(self, forward: UNetForward, unet: Any) -> list[torch.Tensor]:
-        """The forward of all rows at once, split back into each part's rows."""
+        """The forward of all rows at once, split back into each part's rows. With residuals it runs eagerly (CUDA
+        graphs and compiled forwards take none)."""
+        if self.residuals is not None:
+            named = self.residuals.kwargs()
+            output = unet(self.sample, self.timesteps, encoder_hidden_states=self.hidden, added_cond_kwargs=self.added,
+                          return_dict=False, **named)[0]  # fmt: skip
+            return list(output.split(list(self.sizes)))
         output = forward(unet, self.sample, self.timesteps, self.hidden, self.added, self.shared)
         return list(output.split(list(self.sizes)))
 

@@ -27,11 +27,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .forward import ForwardKey, StepBatch, StepRows, UNetForward, eager_forward
+from .forward import ForwardKey, Residuals, StepBatch, StepRows, UNetForward, eager_forward
 
-# The UNet arguments a batched call may carry; anything else (ControlNet residuals, timestep_cond, attention
-# kwargs) runs the call on its own within the round.
-_BATCHABLE_KWARGS = {"encoder_hidden_states", "added_cond_kwargs", "return_dict"}
+# The UNet arguments a batched call may carry (ControlNet and T2I-Adapter residuals are the caller's own rows, zeros
+# for the other callers'); anything else (timestep_cond, attention kwargs) runs the call on its own within the round.
+_BATCHABLE_KWARGS = {"encoder_hidden_states", "added_cond_kwargs", "return_dict", *Residuals.KWARGS}
 _ALWAYS_NONE_OK = {"timestep_cond", "cross_attention_kwargs"}
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,11 @@ class _Call:
         if _batchable(args, kwargs):
             sample = args[0]
             rows = StepRows(
-                sample, _timesteps(sample, args[1]), kwargs["encoder_hidden_states"], kwargs.get("added_cond_kwargs")
+                sample,
+                _timesteps(sample, args[1]),
+                kwargs["encoder_hidden_states"],
+                kwargs.get("added_cond_kwargs"),
+                residuals=Residuals.of_call(kwargs),
             )
         return cls(unet, rows, args, kwargs)
 

@@ -104,6 +104,7 @@ SEED_TEXT_ENCODER = 2
 SEED_TEXT_ENCODER_2 = 3
 SEED_SAFETY_CHECKER = 4
 SEED_TEXT_ENCODER_3 = 5
+SEED_CONTROL = 6  # a ControlNet's or T2I-Adapter's own weights
 
 # torch's default RNG is global: builds in two threads at once would interleave their draws.
 _BUILD_LOCK = threading.Lock()
@@ -115,7 +116,8 @@ _ENSURE_LOCK = threading.Lock()
 
 
 def builtin_names() -> list[str]:
-    return [BUILTIN_PREFIX + name for name in _RECIPES]
+    """The built-in pipelines (a request's `model`)."""
+    return [BUILTIN_PREFIX + name for name in _RECIPES if BUILTIN_PREFIX + name not in CONTROL_BUILTINS]
 
 
 def is_builtin(model_id: str) -> bool:
@@ -127,7 +129,7 @@ def builtin_dir(model_id: str, models_dir: Path) -> Path:
     return Path(models_dir) / ("models--" + model_id.replace("/", "--"))
 
 
-def build_builtin(model_id: str) -> DiffusionPipeline:
+def build_builtin(model_id: str) -> Any:
     """Construct the pipeline in memory. Deterministic: the same recipe always gives the same weights."""
     recipe = _recipe(model_id)
     import torch
@@ -180,7 +182,7 @@ def _is_complete(directory: Path, model_id: str) -> bool:
 # ---------------------------------------------------------------------------------------------- recipes
 
 
-def _recipe(model_id: str) -> Callable[[], DiffusionPipeline]:
+def _recipe(model_id: str) -> Callable[[], Any]:
     recipe = _RECIPES.get(model_id.removeprefix(BUILTIN_PREFIX)) if is_builtin(model_id) else None
     if recipe is None:
         raise ModelNotFound(f"unknown builtin model {model_id!r}", requested=model_id, available=builtin_names())
@@ -345,7 +347,50 @@ def _build_tiny_pixart() -> DiffusionPipeline:
     )
 
 
-_RECIPES: dict[str, Callable[[], DiffusionPipeline]] = {
+def _build_tiny_controlnet() -> Any:
+    """A ControlNet for tiny-sd: its UNet's encoder (as ControlNetModel.from_unet makes one), whose zero-initialised
+    output convolutions get random weights, so that the condition changes the image as a trained one would."""
+    return _controlnet(_sd_unet(in_channels=4))
+
+
+def _build_tiny_controlnet_sdxl() -> Any:
+    """A ControlNet for tiny-sdxl (with its text-and-time embedding), made the same way."""
+    return _controlnet(_sdxl_unet())
+
+
+def _build_tiny_t2i_adapter() -> Any:
+    """A T2I-Adapter for tiny-sd: one feature map per down block of its UNet, at the shapes the UNet adds them
+    (32 channels after the first block's downsampling, 64 in the second block): the XL layout, whose second block
+    does not downsample, fits that; the pixels are unshuffled by 8 (the VAE's 4, then the first downsampling)."""
+    from diffusers import T2IAdapter
+
+    _seed(SEED_CONTROL)
+    return T2IAdapter(
+        in_channels=3, channels=list(UNET_CHANNELS), num_res_blocks=1, downscale_factor=8,
+        adapter_type="full_adapter_xl",
+    )  # fmt: skip
+
+
+def _controlnet(unet: Any) -> Any:
+    import torch
+    from diffusers import ControlNetModel
+
+    # The condition image is at pixel size: 2 stride-2 convolutions bring it to the latents' (VAE_SCALE_FACTOR 4).
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32))
+    _seed(SEED_CONTROL)
+    zero_convolutions = [
+        *controlnet.controlnet_down_blocks,
+        controlnet.controlnet_mid_block,
+        controlnet.controlnet_cond_embedding.conv_out,
+    ]
+    with torch.no_grad():
+        for conv in zero_convolutions:
+            conv.weight.normal_(std=0.2)
+            conv.bias.normal_(std=0.2)
+    return controlnet
+
+
+_RECIPES: dict[str, Callable[[], Any]] = {
     "tiny-sd": _build_tiny_sd,
     "tiny-sd-inpaint": _build_tiny_sd_inpaint,
     "tiny-sdxl": _build_tiny_sdxl,
@@ -353,7 +398,14 @@ _RECIPES: dict[str, Callable[[], DiffusionPipeline]] = {
     "tiny-sd3": _build_tiny_sd3,
     "tiny-flux": _build_tiny_flux,
     "tiny-pixart": _build_tiny_pixart,
+    # control models (models/controls.py): not pipelines, loaded only as a request's `controlnet`
+    "tiny-controlnet": _build_tiny_controlnet,
+    "tiny-controlnet-sdxl": _build_tiny_controlnet_sdxl,
+    "tiny-t2i-adapter": _build_tiny_t2i_adapter,
 }
+CONTROL_BUILTINS = frozenset(
+    BUILTIN_PREFIX + name for name in ("tiny-controlnet", "tiny-controlnet-sdxl", "tiny-t2i-adapter")
+)
 
 
 def build_tiny_upscaler() -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelLoadError, ModelNotFound, StorageError
 from . import archive, disk, transfer
-from .builtin import ensure_builtin, is_builtin
+from .builtin import CONTROL_BUILTINS, ensure_builtin, is_builtin
 from .locations import ARCHIVE_SUFFIX, HTTPLocation, S3Location, parse_model_url
 from .trained import is_trained_name, trained_model_dir
 
@@ -80,6 +80,11 @@ def _from_source(spec: ModelSpec, settings: Settings, timings: dict[str, float] 
         from .checkpoint import fetch_checkpoint
 
         return fetch_checkpoint(spec, settings, timings)
+    if spec.model_id in CONTROL_BUILTINS:
+        raise ModelNotFound(
+            f"{spec.model_id} is a control model, not a pipeline: name it in the request's `controlnet`",
+            requested=spec.model_id,
+        )
     if is_builtin(spec.model_id):
         return ensure_builtin(spec.model_id, settings.models_dir)
     if is_trained_name(spec.model_id):

@@ -24,6 +24,7 @@ from ..devices import free_device_memory, resolve_device
 from ..errors import ModelLoadError, ModelMismatch, ModelNotFound, NoModelId, PipelineError
 from . import archive, disk
 from .adapters import fetch_adapter
+from .controls import ControlSpec, LoadedControl, check_fits, fetch_control, load_control
 from .ip_adapter import IPAdapterSpec, IPAdapterVariant, fetch_ip_adapter, make_variant
 from .loaded import LoadedModel
 from .locations import check_request_paths
@@ -35,10 +36,14 @@ if TYPE_CHECKING:
     from ..config import Settings
     from ..pipelines import ModelPipelines
     from ..schema import GenerateRequest, IPAdapter
+    from ..schema.controls import ControlInput
 
 __all__ = ["LoadedModel", "ModelSpec", "ModelStore", "cached_models"]
 
 log = logging.getLogger(__name__)
+
+# Without MODEL_MEMORY_BUDGET, how many control models stay resident (those of the last requests).
+MAX_CONTROLS_KEPT = 4
 
 # IP-Adapter variants kept per model (each holds the adapter's layers and image encoder, not the UNet's weights).
 IP_ADAPTERS_KEPT = 2
@@ -57,6 +62,11 @@ class ModelStore:
         self._lock = threading.RLock()
         # variants being made, outside the lock: (id of the model, spec) -> the variant, once made
         self._making: dict[tuple[int, ModelSpec], Future[LoadedModel]] = {}
+        # Control models (ControlNets, T2I-Adapters: models/controls.py), least recently used first. They share
+        # MODEL_MEMORY_BUDGET with the models: `_last_used` orders both for eviction.
+        self._controls: OrderedDict[ControlSpec, LoadedControl] = OrderedDict()
+        self._last_used: dict[ModelSpec | ControlSpec, int] = {}
+        self._clock = 0
         # IP-Adapter variants are made one at a time, outside the store's lock
         self._ip_lock = threading.Lock()
 
@@ -78,7 +88,12 @@ class ModelStore:
         return list(self._resident.values())
 
     def resident_bytes(self) -> int:
-        return sum(model.total_bytes for model in self.resident)
+        return sum(model.total_bytes for model in self.resident) + sum(c.bytes for c in self._controls.values())
+
+    @property
+    def resident_controls(self) -> list[LoadedControl]:
+        """Resident control models, least recently used first."""
+        return list(self._controls.values())
 
     def load_default(self, timings: dict[str, float] | None = None) -> LoadedModel | None:
         """Load the configured model (at startup). Returns None when no model is configured. First clears what
@@ -117,6 +132,7 @@ class ModelStore:
             model = self._resident.get(spec)
             if model is not None:
                 self._resident.move_to_end(spec)
+                self._touch(spec)
                 return model
             if not self.settings.runtime_downloads:
                 raise self._mismatch(spec)
@@ -211,6 +227,7 @@ class ModelStore:
     # --- residency -------------------------------------------------------------------------------------------
 
     def _ensure(self, spec: ModelSpec, timings: dict[str, float] | None) -> LoadedModel:
+        self._touch(spec)
         if spec in self._resident:
             self._resident.move_to_end(spec)
             return self._resident[spec]
@@ -223,19 +240,91 @@ class ModelStore:
         return model
 
     def _make_room(self, incoming: int) -> None:
-        """Evict least recently used models until `incoming` more bytes fit (without a budget: all of them)."""
+        """Evict least recently used models (and control models) until `incoming` more bytes fit (without a
+        budget: all the models)."""
         budget = self.settings.model_memory_budget
-        while self._resident and (budget is None or self.resident_bytes() + incoming > budget):
-            self._evict(next(iter(self._resident)))
+        if budget is None:
+            while self._resident:
+                self._evict(next(iter(self._resident)))
+            return
+        while self.resident_bytes() + incoming > budget and self._evict_oldest(keep=set()):
+            pass
 
-    def _trim(self) -> None:
-        """Evict least recently used models while over budget; the newest one always stays."""
+    def _trim(self, keep: frozenset[ControlSpec] = frozenset()) -> None:
+        """Evict least recently used models and control models while over budget; the newest model always stays,
+        and so do the control models in `keep` (those of the request being served)."""
         budget = self.settings.model_memory_budget
-        while len(self._resident) > 1 and (budget is None or self.resident_bytes() > budget):
-            self._evict(next(iter(self._resident)))
+        if budget is None:
+            while len(self._resident) > 1:
+                self._evict(next(iter(self._resident)))
+            while len(self._controls) > MAX_CONTROLS_KEPT:
+                self._evict_control(next(iter(self._controls)))
+            return
+        newest = next(reversed(self._resident), None)
+        while self.resident_bytes() > budget and self._evict_oldest(keep={newest, *keep}):
+            pass
+
+    def _touch(self, spec: ModelSpec | ControlSpec) -> None:
+        self._clock += 1
+        self._last_used[spec] = self._clock
+
+    def _evict_oldest(self, keep: set[ModelSpec | ControlSpec | None]) -> bool:
+        """Evict the least recently used model or control model not in `keep`; False when none is left."""
+        candidates: list[ModelSpec | ControlSpec] = [*self._resident, *self._controls]
+        candidates = [spec for spec in candidates if spec not in keep]
+        if not candidates:
+            return False
+        oldest = min(candidates, key=lambda spec: self._last_used.get(spec, 0))
+        if isinstance(oldest, ControlSpec):
+            self._evict_control(oldest)
+        else:
+            self._evict(oldest)
+        return True
+
+    def _evict_control(self, spec: ControlSpec) -> None:
+        control = self._controls.pop(spec)
+        self._last_used.pop(spec, None)
+        log.info("evicting %s (%d bytes) to make room", spec.describe(), control.bytes)
+        del control
+        free_device_memory()
+
+    # --- control models ----------------------------------------------------------------------------------------
+
+    def controls(
+        self, controls: list[ControlInput], model: LoadedModel, timings: dict[str, float] | None = None
+    ) -> list[LoadedControl]:
+        """The control models of a request, resident in `model`'s dtype on its device (loaded on first use, as
+        RUNTIME_DOWNLOADS allows), each checked to fit its UNet. Records loadControl in `timings`."""
+        started = time.perf_counter()
+        transfers = _transfer_ms(timings)
+        specs = [ControlSpec.of(control, model.dtype, model.device) for control in controls]
+        try:
+            with self._lock:
+                loaded = [self._control(spec, timings) for spec in specs]
+                self._trim(keep=frozenset(specs))
+        finally:
+            if timings is not None:
+                elapsed = (time.perf_counter() - started) * 1000 - (_transfer_ms(timings) - transfers)
+                timings["loadControl"] = round(timings.get("loadControl", 0.0) + elapsed, 2)
+        unet = model.pipelines.components.get("unet")
+        for control in loaded:
+            if unet is not None:
+                check_fits(control, unet)
+        return loaded
+
+    def _control(self, spec: ControlSpec, timings: dict[str, float] | None) -> LoadedControl:
+        self._touch(spec)
+        control = self._controls.get(spec)
+        if control is not None:
+            self._controls.move_to_end(spec)
+            return control
+        control = load_control(spec, fetch_control(spec, self.settings, timings))
+        self._controls[spec] = control
+        return control
 
     def _evict(self, spec: ModelSpec) -> None:
         model = self._resident.pop(spec)
+        self._last_used.pop(spec, None)
         log.info("evicting %s (%d bytes) to make room", spec.describe(), model.bytes)
         del model
         free_device_memory()
@@ -288,6 +377,7 @@ class ModelStore:
         return {
             "loaded": [model.describe() for model in reversed(self.resident)],
             "cached": cached_models(self.settings.models_dir),
+            **({"controls": [c.describe() for c in reversed(self.resident_controls)]} if self._controls else {}),
             "resident_bytes": self.resident_bytes(),
             "memory_budget": self.settings.model_memory_budget,
         }

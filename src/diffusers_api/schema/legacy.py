@@ -80,6 +80,10 @@ def legacy_envelope_schema(ref_template: str = "#/$defs/{model}") -> dict[str, A
     model_inputs = {name: fields[name] for name in sorted(_TYPED_MODEL_INPUTS)} | {"init_image": fields["image"]}
     call_inputs = {key: fields[name] for key, name in _LEGACY_CALL_INPUTS.items()}
     call_inputs["is_url"] = {"type": "boolean", "description": "image and mask_image are http(s) URLs"}
+    call_inputs[_CONTROLNET_KEY] = {
+        "type": "string",
+        "description": "ControlNet model; modelInputs.image is its condition",
+    }
     call_inputs[_LEGACY_LORA_ALIAS] = {
         "anyOf": [{"type": "string", "pattern": "^https?://"}, {"enum": [None, "", False]}],
         "description": "URL of a LoRA file, as one more of lora_weights (the original's attn_procs)",
@@ -172,6 +176,8 @@ def from_legacy(envelope: dict[str, Any]) -> GenerateRequest:
     model_inputs, call_inputs = _envelope_parts(envelope)
     data = _legacy_call_inputs(call_inputs) | _legacy_model_inputs(model_inputs)
     data |= _prompt_options(call_inputs, data)
+    if call_inputs.get(_CONTROLNET_KEY):
+        _legacy_controlnet(call_inputs[_CONTROLNET_KEY], data)
     if call_inputs.get("is_url"):
         for field in ("image", "mask_image"):
             value = data.get(field)
@@ -188,8 +194,8 @@ def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:
     for key, value in call_inputs.items():
         if key in _LEGACY_CALL_INPUTS:
             data[_LEGACY_CALL_INPUTS[key]] = value
-        elif key == "is_url" or (key == "train" and value in (None, "", False)):
-            continue  # is_url is read by from_legacy: the image inputs are URLs
+        elif key in ("is_url", _CONTROLNET_KEY) or (key == "train" and value in (None, "", False)):
+            continue  # is_url and CONTROLNET_MODEL_ID are read by from_legacy
         elif key == "dest_url":
             raise InvalidInputs("callInputs.dest_url applies to a training (callInputs.train: dreambooth)")
         elif key == "train":  # a training is read by train_from_legacy (POST /, the RunPod worker), not here
@@ -205,7 +211,7 @@ def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:
                 raise InvalidInputs(f"callInputs.{key} is not supported by this server yet")
         else:
             known = [*_LEGACY_CALL_INPUTS, "is_url", "use_extra", "train", "dest_url", _LEGACY_LORA_ALIAS]
-            known += [*_LEGACY_PROMPT_INPUTS]
+            known += [*_LEGACY_PROMPT_INPUTS, _CONTROLNET_KEY]
             known = sorted([*known, *_LEGACY_UNSUPPORTED, *_LEGACY_IGNORED])
             raise InvalidInputs(f"callInputs.{key} is not a known call input", known=known)
     attn_procs = call_inputs.get(_LEGACY_LORA_ALIAS)
@@ -215,6 +221,41 @@ def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:
         loras = data.get("lora_weights") or []
         data["lora_weights"] = [*(loras if isinstance(loras, list) else [loras]), attn_procs]
     return data
+
+
+# The original ran StableDiffusionControlNet*Pipeline with callInputs.CONTROLNET_MODEL_ID and the condition in
+# modelInputs.image (txt2img) or modelInputs.control_image (img2img, inpaint: there `image` is the init image).
+_CONTROLNET_KEY = "CONTROLNET_MODEL_ID"
+_CONTROL_ARGS = {
+    "controlnet_conditioning_scale": "scale",
+    "control_guidance_start": "start",
+    "control_guidance_end": "end",
+}
+
+
+def _legacy_controlnet(model_id: object, data: dict[str, Any]) -> None:
+    """CONTROLNET_MODEL_ID and its modelInputs onto `controlnet` (one entry); a ControlNet PIPELINE name onto the
+    pipeline it conditions (StableDiffusionControlNetImg2ImgPipeline -> StableDiffusionImg2ImgPipeline)."""
+    if not isinstance(model_id, str):
+        raise InvalidInputs(f"callInputs.{_CONTROLNET_KEY} must be a string")
+    if data.get("controlnet") is not None:
+        raise InvalidInputs(f"give modelInputs.controlnet or callInputs.{_CONTROLNET_KEY}, not both")
+    pipeline, extra = data.get("pipeline"), data.get("extra") or {}
+    if isinstance(pipeline, str) and "ControlNet" in pipeline:
+        data["pipeline"] = pipeline.replace("ControlNet", "")
+    if "control_image" in extra:
+        condition = extra.pop("control_image")
+    elif data.get("mask_image") is not None or "Img2Img" in str(pipeline):
+        raise InvalidInputs(f"callInputs.{_CONTROLNET_KEY} with an init image: give the condition in control_image")
+    elif "image" in data:
+        condition = data.pop("image")
+    else:
+        raise InvalidInputs(f"callInputs.{_CONTROLNET_KEY}: modelInputs.image (the conditioning image) is missing")
+    control = {"model": model_id, "image": condition}
+    control |= {field: extra.pop(arg) for arg, field in _CONTROL_ARGS.items() if arg in extra}
+    data["controlnet"] = [control]
+    if "extra" in data and not extra:
+        del data["extra"]
 
 
 # callInputs a training takes (the others of _LEGACY_CALL_INPUTS choose how images are made: a training ignores

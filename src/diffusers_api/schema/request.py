@@ -25,6 +25,7 @@ from pydantic.json_schema import JsonDict
 from pydantic_core import PydanticCustomError
 
 from ..errors import InvalidInputs
+from .controls import MAX_CONTROLS, ControlInput, controls_schema
 from .ip_adapter import IPAdapter
 
 ImageFormat = Literal["PNG", "JPEG", "WEBP", "JXL"]
@@ -265,6 +266,13 @@ class GenerateRequest(BaseModel):
         None, description="An image prompt: IP-Adapter, image(s) and scale (SD 1.x/2.x and SDXL models)"
     )
     cross_attention_kwargs: dict[str, Any] | None = Field(None, json_schema_extra=_json_object_schema)
+    controlnet: list[ControlInput] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_CONTROLS,
+        description="ControlNets or T2I-Adapters with their conditioning images (one object, or a list of up to 4)",
+        json_schema_extra=controls_schema,
+    )
     prompt_weighting: Literal["compel", "a1111"] | None = Field(
         None,
         description="Read weights in the prompts: compel's syntax ((word)1.3, word++, .and(), .blend()) or A1111's"
@@ -297,6 +305,17 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         return _require_http(value) if value else None
+
+    @field_validator("controlnet", mode="before")
+    @classmethod
+    def _one_control(cls, value: object) -> object:
+        return [value] if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _one_control_type(self) -> GenerateRequest:
+        if self.controlnet and len({control.type for control in self.controlnet}) > 1:
+            raise ValueError("controlnet: give ControlNets or T2I-Adapters, not both in one request")
+        return self
 
     @field_validator("lora_weights", "textual_inversions", mode="before")
     @classmethod
