@@ -15,7 +15,8 @@ import pytest
 
 # The ML stack, and what serving needs only once it is used: the RunPod SDK, the S3 client (the cloud cache), the
 # metrics library (the first scrape), PEFT (the first LoRA), the download client (the first fetch), Ray (only
-# `serve run diffusers_api.ray:app` imports it), compel (the first weighted or long prompt).
+# `serve run diffusers_api.ray:app` imports it), compel (the first weighted or long prompt), spandrel and einops (the
+# first upscale), patchmatch (the first outpainting pre-fill), pillow_jxl (the first JXL image).
 HEAVY = (
     "torch",
     "diffusers",
@@ -31,6 +32,10 @@ HEAVY = (
     "scipy",
     "ray",
     "compel",
+    "spandrel",
+    "einops",
+    "patchmatch",
+    "pillow_jxl",
 )
 
 REPORT = f"""
