@@ -16,7 +16,7 @@ import weakref
 from typing import Any
 
 from .compiled import CompiledForward, CompileFailed, CompileTarget, compile_step
-from .forward import ForwardKey
+from .forward import ForwardKey, is_transformer
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def _compile_from_spec(spec: dict[str, Any]) -> None:
     inputs = (sample, timesteps, hidden, added)
     target = CompileTarget(key, weakref.ref(unet), inputs, spec["grad"], spec["inference"], shared)
     forward = CompiledForward(backend=spec["backend"], mode=spec["mode"], recompile_limit=spec["recompile_limit"])
-    if not compile_step(forward.compiler(), unet, target, forward.recompile_limit):
+    if not compile_step(forward.compiler(is_transformer(unet)), unet, target, forward.recompile_limit):
         raise SystemExit("dynamo left the step uncompiled (see its log)")
 
 
