@@ -71,7 +71,8 @@ class ToyTransformer(ToyUNet):
         text_embeds: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> tuple[torch.Tensor]:
-        assert timestep is not None and encoder_hidden_states is not None
+        assert timestep is not None
+        assert encoder_hidden_states is not None
         added = {"text_embeds": text_embeds} if text_embeds is not None else None
         return super().forward(hidden_states, timestep, encoder_hidden_states, added)
 
@@ -96,8 +97,8 @@ class ToyFlux(torch.nn.Module):
         guidance: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> tuple[torch.Tensor]:
-        assert encoder_hidden_states is not None and pooled_projections is not None and timestep is not None
-        assert img_ids is not None and txt_ids is not None and guidance is not None
+        for given in (encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance):
+            assert given is not None
         text = self.proj(encoder_hidden_states).mean(dim=1) + self.pooled(pooled_projections)
         positions = img_ids.sum(dim=1)[None, :, None] + txt_ids.sum()
         scale = (timestep * guidance)[:, None, None]
@@ -293,7 +294,9 @@ def test_a_compiled_step_that_raises_is_rerun_eagerly(unet: ToyUNet, caplog: pyt
     args = inputs(2)
     with caplog.at_level(logging.WARNING, logger="diffusers_api.denoising.compiled"):
         torch.testing.assert_close(step(forward, unet, args), step(eager_forward, unet, args), rtol=0, atol=0)
-    assert f"a compiled {kind(unet)} step failed (RuntimeError: illegal memory access); running it eagerly" in caplog.text
+    assert (
+        f"a compiled {kind(unet)} step failed (RuntimeError: illegal memory access); running it eagerly" in caplog.text
+    )
     step(forward, unet, args)  # that shape is eager from now on
     assert forward.summary()["shapes"]["eager"] == 1
     assert (forward.stats.compiled_steps, forward.stats.eager_steps) == (0, 3)

@@ -1,7 +1,7 @@
 """The compiling process of COMPILE=1 (see compiled.py): `python -m diffusers_api.denoising.compile_worker`
-reads a spec (JSON) on stdin, builds a UNet (or a diffusion transformer: SD3, Flux, PixArt) of that class and config
-with placeholder weights, and compiles the step for the spec's inputs, which fills inductor's on-disk caches; the server then loads from them. The server's
-side of it is `compile_in_subprocess`.
+reads a spec (JSON) on stdin, builds a UNet (or a diffusion transformer: SD3, Flux, PixArt) of that class and
+config with placeholder weights, and compiles the step for the spec's inputs, which fills inductor's on-disk
+caches; the server then loads from them. The server's side of it is `compile_in_subprocess`.
 """
 
 from __future__ import annotations

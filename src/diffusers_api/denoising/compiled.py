@@ -2,10 +2,10 @@
 PixArt, compiled off the request path.
 
 `CompiledForward` is a StepBatcher forward that wraps another one (eager, or `CudaGraphForward`). What follows
-says "UNet" for either kind of model. Compiling a UNet takes minutes and, in torch 2.x, is not safe beside other threads running modules: the FX tracing inside
-it (AOTAutograd's make_fx, inductor's pattern matcher) patches `torch.nn.Module.__call__` for the whole
-process while it runs, so a request thread's eager step lands in the tracer and fails ("module is not
-installed as a submodule", pytorch#112775). Hence:
+says "UNet" for either kind of model. Compiling a UNet takes minutes and, in torch 2.x, is not safe beside other
+threads running modules: the FX tracing inside it (AOTAutograd's make_fx, inductor's pattern matcher) patches
+`torch.nn.Module.__call__` for the whole process while it runs, so a request thread's eager step lands in the
+tracer and fails ("module is not installed as a submodule", pytorch#112775). Hence:
 
 - The first step of each new shape runs through the base forward as before (eagerly, or replayed as an eager
   CUDA graph) and queues a copy of its inputs for one background thread; steps of that shape keep running
@@ -223,8 +223,8 @@ def compile_step(compiler: Callable[..., Any], unet: Any, target: CompileTarget,
 
 class CompiledForward:
     """A StepBatcher forward: `base` until the model (UNet or transformer) is compiled for a step's shape, then
-    `base` over the compiled model. `backend` is a dynamo backend name or callable and `fill_cache` what fills its caches on a
-    miss (tests inject fast, slow and failing ones); `mode` applies to inductor."""
+    `base` over the compiled model. `backend` is a dynamo backend name or callable and `fill_cache` what fills its
+    caches on a miss (tests inject fast, slow and failing ones); `mode` applies to inductor."""
 
     def __init__(
         self,
@@ -401,7 +401,9 @@ class CompiledForward:
 
         if transformer not in self._compilers:
             backend = _counting(_backend(self.backend, self.mode), self._compiled_one)
-            self._compilers[transformer] = torch.compile(_transformer_step if transformer else _unet_step, backend=backend)
+            self._compilers[transformer] = torch.compile(
+                _transformer_step if transformer else _unet_step, backend=backend
+            )
         return self._compilers[transformer]
 
     def _compiled_one(self) -> None:
