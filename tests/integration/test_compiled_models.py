@@ -1,8 +1,10 @@
-"""torch.compile on the tiny models: requests run compiled once their shape is ready, with the eager result.
+"""torch.compile on the tiny models (UNets, and the SD3, Flux and PixArt transformers): requests run compiled once
+their shape is ready, with the eager result.
 
 The first tests compile with dynamo's "eager" backend (the same kernels, so the images are identical, and a
 compile takes seconds). The real inductor, cold, through the compiling process, takes about six minutes of CPU
-on two cores: that test runs with INDUCTOR_TESTS=1 (and on a GPU), and bench/compile_bench.py measures the same.
+on two cores (Flux's transformer about two and a half minutes): those tests run with INDUCTOR_TESTS=1 (and on a
+GPU), and bench/compile_bench.py measures the same for the UNet.
 """
 
 from __future__ import annotations
@@ -234,4 +236,34 @@ def test_cuda_graphs_capture_the_compiled_unet(
     assert (forward.stats.compiled_steps, forward.stats.fallbacks) == (2, 0)
     torch.testing.assert_close(replayed, compiled, rtol=0, atol=0)
     # cuDNN's TF32 convolutions and inductor's fused kernels round differently (as in test_graphs.py)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=5e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.inductor
+@pytest.mark.timeout(900)
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_capture_the_compiled_transformer(
+    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for the UNet: Flux's bucket graph is captured again from the compiled transformer (its position ids, which
+    are not padded, copied in at each replay) and replays it."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    model = FluxTransformer2DModel.from_pretrained(ensure_builtin("builtin/tiny-flux", models_dir) / "transformer")
+    model = model.to("cuda").eval()
+    (sample, timesteps, hidden, added), shared = flux_inputs(model, rows=3)
+    args = (sample.cuda(), timesteps.cuda(), hidden.cuda(), {name: value.cuda() for name, value in added.items()})
+    ids = {name: value.cuda() for name, value in shared.items()}
+    graphs = CudaGraphForward()
+    forward = CompiledForward(graphs, backend="inductor")
+    with torch.no_grad():
+        eager = forward(model, *args, ids)  # the eager graph of bucket 4; the compile for 4 rows is queued
+        assert graphs.captures == 1
+        assert forward.wait(600)
+        compiled = forward(model, *args, ids)
+        replayed = forward(model, *args, ids)
+    assert graphs.captures == 2
+    assert (forward.stats.compiled_steps, forward.stats.fallbacks) == (2, 0)
+    torch.testing.assert_close(replayed, compiled, rtol=0, atol=0)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=5e-3)
