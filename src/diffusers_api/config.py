@@ -195,8 +195,8 @@ class Settings(BaseSettings):
     compile: bool = Field(
         False,
         description=(
-            "torch.compile the UNet (not a diffusion transformer) in a background thread; eager steps serve until "
-            "each shape is compiled"
+            "torch.compile the UNet or diffusion transformer (SD3, Flux, PixArt) in the background; eager steps "
+            "serve until each shape is compiled"
         ),
     )
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(

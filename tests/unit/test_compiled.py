@@ -1,6 +1,6 @@
-"""CompiledForward over a toy UNet with fast dynamo backends: compiling never blocks a step, the eager path serves
-until a shape is compiled, a cold cache is filled elsewhere instead of tracing in the server, failures stay
-eager, evicted UNets are freed. The real inductor and the compiling process run in
+"""CompiledForward over a toy UNet and a toy diffusion transformer with fast dynamo backends: compiling never blocks a
+step, the eager path serves until a shape is compiled, a cold cache is filled elsewhere instead of tracing in the
+server, failures stay eager, evicted models are freed. The real inductor and the compiling process run in
 tests/integration/test_compiled_models.py and bench/compile_bench.py."""
 
 from __future__ import annotations
@@ -57,6 +57,70 @@ class ToyUNet(torch.nn.Module):
         if added_cond_kwargs:
             noise = noise + added_cond_kwargs["text_embeds"].mean(dim=1)[:, None, None, None]
         return (noise,)
+
+
+class ToyTransformer(ToyUNet):
+    """The same arithmetic called as a diffusion transformer is (SD3, Flux, PixArt: the latents as `hidden_states`,
+    every input by name; `text_embeds` stands for SD3's `pooled_projections`)."""
+
+    def forward(  # type: ignore[override]
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> tuple[torch.Tensor]:
+        assert timestep is not None
+        assert encoder_hidden_states is not None
+        added = {"text_embeds": text_embeds} if text_embeds is not None else None
+        return super().forward(hidden_states, timestep, encoder_hidden_states, added)
+
+
+class ToyFlux(torch.nn.Module):
+    """Flux's inputs: pooled text and guidance per row, position ids for image and text tokens without a batch axis
+    (the forward's shared inputs); the latents are tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 4)
+        self.pooled = torch.nn.Linear(6, 4)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        pooled_projections: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        img_ids: torch.Tensor | None = None,
+        txt_ids: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> tuple[torch.Tensor]:
+        for given in (encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance):
+            assert given is not None
+        text = self.proj(encoder_hidden_states).mean(dim=1) + self.pooled(pooled_projections)
+        positions = img_ids.sum(dim=1)[None, :, None] + txt_ids.sum()
+        scale = (timestep * guidance)[:, None, None]
+        return (hidden_states * scale + text[:, None, :] + positions,)
+
+
+class ToyPixArt(ToyTransformer):
+    """PixArt's call: an attention mask per row, and micro-conditions (`added_cond_kwargs`) the loop gives as None."""
+
+    def forward(  # type: ignore[override]
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, Any] | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> tuple[torch.Tensor]:
+        assert added_cond_kwargs == {"resolution": None, "aspect_ratio": None}
+        assert encoder_attention_mask is not None
+        masked = encoder_hidden_states * encoder_attention_mask[:, :, None]
+        return super().forward(hidden_states, timestep, masked)
 
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None]
@@ -133,9 +197,15 @@ def fresh_dynamo() -> Iterator[None]:
     torch._dynamo.reset()
 
 
-@pytest.fixture
-def unet() -> ToyUNet:
-    return ToyUNet().eval()
+@pytest.fixture(params=[ToyUNet, ToyTransformer], ids=["unet", "transformer"])
+def unet(request: pytest.FixtureRequest) -> ToyUNet:
+    """The tests' model: a UNet, and a diffusion transformer that compiles through the same paths."""
+    model: ToyUNet = request.param().eval()
+    return model
+
+
+def kind(model: torch.nn.Module) -> str:
+    return "transformer" if isinstance(model, ToyTransformer) else "UNet"
 
 
 def step(forward: Callable[..., Any], unet: torch.nn.Module, args: Inputs) -> torch.Tensor:
@@ -206,7 +276,7 @@ def test_a_shape_dynamo_will_not_compile_stays_eager(unet: ToyUNet, caplog: pyte
     with caplog.at_level(logging.WARNING, logger="diffusers_api.denoising.compiled"):
         step(forward, unet, inputs(2, size=12))  # another resolution needs a recompile: over the limit
         assert forward.wait(30)
-    assert "left UNet steps of 2 rows of (4, 12, 12)" in caplog.text
+    assert f"left {kind(unet)} steps of 2 rows of (4, 12, 12)" in caplog.text
     assert forward.summary()["shapes"] == {"queued": 0, "ready": 1, "eager": 1}
     assert forward.state is CompileState.READY  # the other shape still runs compiled
     for size in (12, 8):
@@ -224,7 +294,9 @@ def test_a_compiled_step_that_raises_is_rerun_eagerly(unet: ToyUNet, caplog: pyt
     args = inputs(2)
     with caplog.at_level(logging.WARNING, logger="diffusers_api.denoising.compiled"):
         torch.testing.assert_close(step(forward, unet, args), step(eager_forward, unet, args), rtol=0, atol=0)
-    assert "a compiled UNet step failed (RuntimeError: illegal memory access); running it eagerly" in caplog.text
+    assert (
+        f"a compiled {kind(unet)} step failed (RuntimeError: illegal memory access); running it eagerly" in caplog.text
+    )
     step(forward, unet, args)  # that shape is eager from now on
     assert forward.summary()["shapes"]["eager"] == 1
     assert (forward.stats.compiled_steps, forward.stats.eager_steps) == (0, 3)
@@ -306,8 +378,9 @@ def test_guards_that_fail_at_run_time_run_eagerly_instead_of_compiling(unet: Toy
     assert forward.stats.graphs == 1
 
 
-def test_an_evicted_unet_is_freed_with_its_compiled_state() -> None:
-    unet = ToyUNet().eval()
+@pytest.mark.parametrize("model_class", [ToyUNet, ToyTransformer], ids=["unet", "transformer"])
+def test_an_evicted_unet_is_freed_with_its_compiled_state(model_class: type[ToyUNet]) -> None:
+    unet = model_class().eval()
     forward = CompiledForward(backend="eager")
     step(forward, unet, inputs(2))
     assert forward.wait(30)
@@ -319,6 +392,51 @@ def test_an_evicted_unet_is_freed_with_its_compiled_state() -> None:
     assert freed() is None
     assert forward._unets == {}
     assert forward.summary()["shapes"] == {"queued": 0, "ready": 0, "eager": 0}
+
+
+def flux_inputs(rows: int, tokens: int = 16) -> tuple[Inputs, dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(rows * 100 + tokens)
+    sample, hidden = torch.randn(rows, tokens, 4, generator=generator), torch.randn(rows, 5, 8, generator=generator)
+    added = {"pooled_projections": torch.randn(rows, 6, generator=generator), "guidance": torch.full((rows,), 3.5)}
+    shared = {"img_ids": torch.randn(tokens, 3, generator=generator), "txt_ids": torch.zeros(5, 3)}
+    return (sample, torch.linspace(0.9, 0.1, rows), hidden, added), shared
+
+
+def test_a_transformer_compiles_with_inputs_shared_by_all_rows() -> None:
+    """Flux: the added inputs take the dynamic batch like the latents, the position ids (no batch axis) are
+    compiled at their shapes: another latent grid is another shape, and the compiled step gets the ids it is given."""
+    model, forward = ToyFlux().eval(), CompiledForward(backend="eager")
+
+    def flux_step(rows: int, tokens: int = 16) -> None:
+        args, shared = flux_inputs(rows, tokens)
+        with torch.no_grad():
+            expected = eager_forward(model, *args, shared)
+            torch.testing.assert_close(forward(model, *args, shared), expected, rtol=0, atol=0)
+
+    flux_step(2)
+    assert forward.wait(30)
+    flux_step(2)
+    flux_step(3)  # a new batch size: a new shape, checked in the background, covered by the same graph
+    assert forward.wait(30)
+    flux_step(3)
+    flux_step(2, tokens=24)  # another resolution: new position ids, another compile
+    assert forward.wait(30)
+    flux_step(2, tokens=24)
+    summary = forward.summary()
+    assert summary["shapes"] == {"queued": 0, "ready": 3, "eager": 0}
+    assert (summary["graphs"], summary["compiled_steps"], summary["eager_steps"], summary["fallbacks"]) == (2, 3, 3, 0)
+
+
+def test_pixart_gets_its_micro_conditions_and_mask_compiled() -> None:
+    model, forward = ToyPixArt().eval(), CompiledForward(backend="eager")
+    sample, timesteps, hidden, _ = inputs(2)
+    mask = {"encoder_attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])}
+    with torch.no_grad():
+        expected = eager_forward(model, sample, timesteps, hidden, mask)
+        forward(model, sample, timesteps, hidden, mask)
+        assert forward.wait(30)
+        torch.testing.assert_close(forward(model, sample, timesteps, hidden, mask), expected, rtol=0, atol=0)
+    assert (forward.stats.compiled_steps, forward.stats.fallbacks, forward.state) == (1, 0, CompileState.READY)
 
 
 def test_the_shape_compiled_is_the_one_cuda_graphs_capture() -> None:

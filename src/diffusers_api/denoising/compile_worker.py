@@ -1,7 +1,7 @@
 """The compiling process of COMPILE=1 (see compiled.py): `python -m diffusers_api.denoising.compile_worker`
-reads a spec (JSON) on stdin, builds a UNet of that class and config with placeholder weights, and compiles the
-step for the spec's inputs, which fills inductor's on-disk caches; the server then loads from them. The server's
-side of it is `compile_in_subprocess`.
+reads a spec (JSON) on stdin, builds a UNet (or a diffusion transformer: SD3, Flux, PixArt) of that class and
+config with placeholder weights, and compiles the step for the spec's inputs, which fills inductor's on-disk
+caches; the server then loads from them. The server's side of it is `compile_in_subprocess`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import weakref
 from typing import Any
 
 from .compiled import CompiledForward, CompileFailed, CompileTarget, compile_step
-from .forward import ForwardKey
+from .forward import ForwardKey, is_transformer
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,7 @@ def _spec(unet: Any, target: CompileTarget, forward: CompiledForward) -> dict[st
         "requires_grad": any(param.requires_grad for param in params),
         "inputs": [tensor(sample), tensor(timesteps), tensor(hidden)],
         "added": {name: tensor(value) for name, value in (added or {}).items()},
+        "shared": {name: tensor(value) for name, value in (target.shared or {}).items()},  # Flux's position ids
         "grad": target.grad,
         "inference": target.inference,
         "backend": forward.backend,
@@ -97,7 +98,8 @@ def _spec(unet: Any, target: CompileTarget, forward: CompiledForward) -> dict[st
 
 
 def _compile_from_spec(spec: dict[str, Any]) -> None:
-    """The compiling process: build the UNet the spec describes and compile the step for its inputs."""
+    """The compiling process: build the model the spec describes (a UNet or a transformer, by its class) and compile
+    its step for the spec's inputs."""
     import torch
 
     torch.set_num_threads(spec["threads"])
@@ -118,10 +120,12 @@ def _compile_from_spec(spec: dict[str, Any]) -> None:
 
     sample, timesteps, hidden = (tensor(described) for described in spec["inputs"])
     added = {name: tensor(described) for name, described in spec["added"].items()} or None
-    key = (int(sample.shape[0]), ForwardKey.of(unet, sample, hidden, added))
-    target = CompileTarget(key, weakref.ref(unet), (sample, timesteps, hidden, added), spec["grad"], spec["inference"])
+    shared = {name: tensor(described) for name, described in spec.get("shared", {}).items()} or None
+    key = (int(sample.shape[0]), ForwardKey.of(unet, sample, hidden, added), ())
+    inputs = (sample, timesteps, hidden, added)
+    target = CompileTarget(key, weakref.ref(unet), inputs, spec["grad"], spec["inference"], shared)
     forward = CompiledForward(backend=spec["backend"], mode=spec["mode"], recompile_limit=spec["recompile_limit"])
-    if not compile_step(forward.compiler(), unet, target, forward.recompile_limit):
+    if not compile_step(forward.compiler(is_transformer(unet)), unet, target, forward.recompile_limit):
         raise SystemExit("dynamo left the step uncompiled (see its log)")
 
 

@@ -1,10 +1,11 @@
-"""Optional `torch.compile` of the UNet (COMPILE=1), compiled off the request path.
+"""Optional `torch.compile` of the denoising model (COMPILE=1): the UNet, or the diffusion transformer of SD3, Flux and
+PixArt, compiled off the request path.
 
-`CompiledForward` is a StepBatcher forward that wraps another one (eager, or `CudaGraphForward`). Compiling a
-UNet takes minutes and, in torch 2.x, is not safe beside other threads running modules: the FX tracing inside
-it (AOTAutograd's make_fx, inductor's pattern matcher) patches `torch.nn.Module.__call__` for the whole
-process while it runs, so a request thread's eager step lands in the tracer and fails ("module is not
-installed as a submodule", pytorch#112775). Hence:
+`CompiledForward` is a StepBatcher forward that wraps another one (eager, or `CudaGraphForward`). What follows
+says "UNet" for either kind of model. Compiling a UNet takes minutes and, in torch 2.x, is not safe beside other
+threads running modules: the FX tracing inside it (AOTAutograd's make_fx, inductor's pattern matcher) patches
+`torch.nn.Module.__call__` for the whole process while it runs, so a request thread's eager step lands in the
+tracer and fails ("module is not installed as a submodule", pytorch#112775). Hence:
 
 - The first step of each new shape runs through the base forward as before (eagerly, or replayed as an eager
   CUDA graph) and queues a copy of its inputs for one background thread; steps of that shape keep running
@@ -27,8 +28,11 @@ installed as a submodule", pytorch#112775). Hence:
   (Inductor's own CUDA graphs, mode="reduce-overhead", are not used: they record one graph per distinct batch
   and belong to the thread that recorded them, while our steps run on the denoising loop's thread or on
   whichever thread completes a rendezvous round.)
-- UNets only: a diffusion transformer's steps (SD3, Flux, PixArt) always run through the base forward (eagerly, or as
-  CUDA graphs), never queued for compiling.
+- Transformers: the same, over a step that calls the model by name (`_transformer_step`, as `eager_forward`
+  does): its added inputs (SD3 and Flux's `pooled_projections`, Flux's `guidance`, PixArt's
+  `encoder_attention_mask`) have a batch axis, marked dynamic like the sample's; Flux's position ids (`img_ids`,
+  `txt_ids`, the forward's `shared` inputs) have none and are compiled at their shapes; PixArt's micro-conditions
+  (`added_cond_kwargs`, both None) are passed as `eager_forward` passes them.
 - Compiling can only make a step faster, never fail it: a compile that fails logs a warning and no new shape
   is compiled after it; a shape dynamo will not compile, or that runs out of memory, stays eager; a compiled
   step that raises is rerun eagerly.
@@ -54,8 +58,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from .forward import ForwardKey, UNetForward, eager_forward, is_transformer
-from .graphs import CudaGraphForward
+from .forward import ForwardKey, UNetForward, eager_forward, is_transformer, takes_micro_conditions
+from .graphs import CudaGraphForward, _shapes
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +67,12 @@ Backend = Callable[[Any, list[Any]], Callable[..., Any]]
 """A dynamo backend: (FX graph module, example inputs) -> the callable that runs the graph."""
 
 Inputs = tuple[Any, Any, Any, dict[str, Any] | None]
-"""A UNet step's inputs: sample, timesteps (one per row), encoder hidden states, added conditioning."""
+"""A step's inputs: sample, timesteps (one per row), encoder hidden states, added conditioning (a UNet's
+`added_cond_kwargs`, a transformer's other inputs with a batch axis)."""
 
-ShapeKey = tuple[int, ForwardKey]
-"""A compiled shape: the rows the UNet runs at, and what else its inputs' shapes are."""
+ShapeKey = tuple[int, ForwardKey, tuple[Any, ...]]
+"""A compiled shape: the rows the model runs at, what else its inputs' shapes are, and the shapes of the inputs
+without a batch axis (Flux's position ids)."""
 
 MODES = ("default", "max-autotune-no-cudagraphs")
 
@@ -105,16 +111,17 @@ class CompileStats:
 
 @dataclass
 class CompileTarget:
-    """A shape the background thread compiles the UNet for."""
+    """A shape the background thread compiles the model (UNet or transformer) for."""
 
     key: ShapeKey
     unet: weakref.ref[Any]
-    inputs: Inputs  # copies, at the batch the base forward runs the UNet at
+    inputs: Inputs  # copies, at the batch the base forward runs the model at
     grad: bool  # the request thread's modes, which are per thread and which dynamo guards on
     inference: bool
+    shared: dict[str, Any] | None = None  # a transformer's inputs without a batch axis (Flux's position ids)
 
     def describe(self) -> str:
-        rows, key = self.key
+        rows, key, _ = self.key
         return key.describe(rows)
 
 
@@ -126,8 +133,22 @@ CacheFiller = Callable[[Any, CompileTarget, "CompiledForward"], object]
 
 
 def _unet_step(unet: Any, sample: Any, timesteps: Any, hidden: Any, added: dict[str, Any] | None) -> Any:
-    """The function dynamo compiles; the same call as `eager_forward`, in a code object of its own."""
+    """The function dynamo compiles for a UNet; the same call as `eager_forward`, in a code object of its own."""
     return unet(sample, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
+
+
+def _transformer_step(model: Any, sample: Any, timesteps: Any, hidden: Any, named: dict[str, Any]) -> Any:
+    """The function dynamo compiles for a diffusion transformer: `eager_forward`'s call, its inputs by name
+    (`_named` gathers them)."""
+    return model(hidden_states=sample, timestep=timesteps, encoder_hidden_states=hidden, **named, return_dict=False)[0]
+
+
+def _named(model: Any, added: dict[str, Any] | None, shared: dict[str, Any] | None) -> dict[str, Any]:
+    """A transformer's inputs by name besides the sample, timesteps and text, as `eager_forward` passes them."""
+    named = (added or {}) | (shared or {})
+    if takes_micro_conditions(model):
+        named["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+    return named
 
 
 # Graphs the compiled code ran on this thread. The backend wraps every graph it compiles so that running it
@@ -170,14 +191,14 @@ def _backend(backend: str | Backend, mode: str) -> Backend:
 
 
 def compile_step(compiler: Callable[..., Any], unet: Any, target: CompileTarget, recompile_limit: int) -> bool:
-    """Run `compiler` (torch.compile of `_unet_step`) once on the target's inputs, which compiles them if no
-    earlier graph's guards cover them; True if the compiled code ran. The same call in both processes, so that
-    both trace the same graph and share its cache entries."""
+    """Run `compiler` (torch.compile of `_unet_step`, or of `_transformer_step` for a transformer) once on the
+    target's inputs, which compiles them if no earlier graph's guards cover them; True if the compiled code ran.
+    The same call in both processes, so that both trace the same graph and share its cache entries."""
     import torch
 
     sample, timesteps, hidden, added = target.inputs
     if sample.shape[0] > 1:  # a batch of one is always specialised; marking it dynamic changes nothing
-        for tensor in (sample, timesteps, hidden, *(added or {}).values()):
+        for tensor in (sample, timesteps, hidden, *(added or {}).values()):  # not the shared inputs: no batch axis
             torch._dynamo.maybe_mark_dynamic(tensor, 0)
     # only the batch is dynamic: automatic dynamic shapes would make a second resolution's graph depend on
     # what this process met before, which the compiling process cannot know
@@ -190,7 +211,10 @@ def compile_step(compiler: Callable[..., Any], unet: Any, target: CompileTarget,
         torch.set_grad_enabled(target.grad),
         torch._dynamo.config.patch(dynamo),
     ):
-        compiler(unet, sample, timesteps, hidden, added)
+        if is_transformer(unet):
+            compiler(unet, sample, timesteps, hidden, _named(unet, added, target.shared))
+        else:
+            compiler(unet, sample, timesteps, hidden, added)
     return _graphs_run() > before
 
 
@@ -198,9 +222,9 @@ def compile_step(compiler: Callable[..., Any], unet: Any, target: CompileTarget,
 
 
 class CompiledForward:
-    """A StepBatcher forward: `base` until the UNet is compiled for a step's shape, then `base` over the
-    compiled UNet. `backend` is a dynamo backend name or callable and `fill_cache` what fills its caches on a
-    miss (tests inject fast, slow and failing ones); `mode` applies to inductor."""
+    """A StepBatcher forward: `base` until the model (UNet or transformer) is compiled for a step's shape, then
+    `base` over the compiled model. `backend` is a dynamo backend name or callable and `fill_cache` what fills its
+    caches on a miss (tests inject fast, slow and failing ones); `mode` applies to inductor."""
 
     def __init__(
         self,
@@ -220,10 +244,10 @@ class CompiledForward:
         self.fill_cache = fill_cache or _compile_in_subprocess
         self.recompile_limit = recompile_limit
         self.stats = CompileStats()
-        self._run_only = torch._dynamo.run(_unet_step)
-        self._compiler: Callable[..., Any] | None = None
+        self._run_only = {False: torch._dynamo.run(_unet_step), True: torch._dynamo.run(_transformer_step)}
+        self._compilers: dict[bool, Callable[..., Any]] = {}  # by is_transformer
         self._shapes: dict[tuple[Any, ...], _Shape] = {}
-        self._unets: dict[int, _CompiledUNet] = {}
+        self._unets: dict[int, _CompiledUNet | _CompiledTransformer] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._pending = 0  # shapes queued or compiling
@@ -242,44 +266,46 @@ class CompiledForward:
         added: dict[str, Any] | None,
         shared: dict[str, Any] | None = None,
     ) -> Any:
-        if is_transformer(unet):
-            # Compiling covers UNets only (the compiling process and the compiled step call a UNet): a diffusion
-            # transformer's steps run through the base forward, as CUDA graphs where those are on.
-            self.stats.eager_steps += 1
-            return self.base(unet, sample, timesteps, hidden, added, shared)
-        key, state = self._shape(unet, sample, timesteps, hidden, added)
+        key, state = self._shape(unet, sample, timesteps, hidden, added, shared)
         if state is _Shape.READY:
             try:
-                output = self.base(self._unets[id(unet)], sample, timesteps, hidden, added)
+                output = self.base(self._unets[id(unet)], sample, timesteps, hidden, added, shared)
                 self.stats.compiled_steps += 1
                 return output
             except Exception as exc:  # compiling may only make a step faster, never fail it
-                log.warning("a compiled UNet step failed (%s); running it eagerly", _reason(exc))
+                log.warning("a compiled %s step failed (%s); running it eagerly", _kind(unet), _reason(exc))
                 log.debug("compiled step failure", exc_info=True)
                 with self._lock:
                     self._shapes[key] = _Shape.EAGER
         self.stats.eager_steps += 1
-        return self.base(unet, sample, timesteps, hidden, added)
+        return self.base(unet, sample, timesteps, hidden, added, shared)
 
     def _shape(
-        self, unet: Any, sample: Any, timesteps: Any, hidden: Any, added: dict[str, Any] | None
+        self,
+        unet: Any,
+        sample: Any,
+        timesteps: Any,
+        hidden: Any,
+        added: dict[str, Any] | None,
+        shared: dict[str, Any] | None,
     ) -> tuple[tuple[Any, ...], _Shape]:
         """This call's shape and its state; a shape met for the first time is queued for compiling."""
         rows = _module_rows(self.base, sample)
-        key = (rows, ForwardKey.of(unet, sample, hidden, added))
+        key = (rows, ForwardKey.of(unet, sample, hidden, added), _shapes(shared))
         with self._lock:
             state = self._shapes.get(key)
             if state is not None:
                 return key, state
             if id(unet) not in self._unets:
-                self._unets[id(unet)] = _CompiledUNet(unet, self)
+                stand_in = _CompiledTransformer if is_transformer(unet) else _CompiledUNet
+                self._unets[id(unet)] = stand_in(unet, self)
                 weakref.finalize(unet, self._forget, id(unet))
             if self._failed:
                 self._shapes[key] = _Shape.EAGER
                 return key, _Shape.EAGER
             self._shapes[key] = _Shape.QUEUED
             self._pending += 1
-        self._queue(key, unet, rows, (sample, timesteps, hidden, added))
+        self._queue(key, unet, rows, (sample, timesteps, hidden, added), shared)
         return key, _Shape.QUEUED
 
     def _forget(self, unet_id: int) -> None:
@@ -292,7 +318,7 @@ class CompiledForward:
 
     # --- the background thread -------------------------------------------------------------------------------
 
-    def _queue(self, key: ShapeKey, unet: Any, rows: int, inputs: Inputs) -> None:
+    def _queue(self, key: ShapeKey, unet: Any, rows: int, inputs: Inputs, shared: dict[str, Any] | None) -> None:
         import torch
 
         sample, timesteps, hidden, added = inputs
@@ -302,8 +328,9 @@ class CompiledForward:
             _rows(hidden, rows),
             {name: _rows(value, rows) for name, value in added.items()} if added else None,
         )
+        copies = {name: value.detach().clone() for name, value in shared.items()} if shared else None
         grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-        self._targets.put(CompileTarget(key, weakref.ref(unet), example, grad, inference))
+        self._targets.put(CompileTarget(key, weakref.ref(unet), example, grad, inference, copies))
         with self._lock:
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="torch-compile", daemon=True)
@@ -343,7 +370,7 @@ class CompiledForward:
         try:
             ran = self._load(unet, target)
         except ColdCache:
-            log.info("compiling the UNet for %s in a process of its own", target.describe())
+            log.info("compiling the %s for %s in a process of its own", _kind(unet), target.describe())
             self.stats.subprocesses += 1
             self.fill_cache(unet, target, self)
             try:
@@ -352,29 +379,32 @@ class CompiledForward:
                 log.warning("the compiling process left no cache entry for %s; it stays eager", target.describe())
                 return _Shape.EAGER
         if not ran:
-            log.warning("torch.compile left UNet steps of %s eager (see dynamo's log)", target.describe())
+            log.warning("torch.compile left %s steps of %s eager (see dynamo's log)", _kind(unet), target.describe())
             return _Shape.EAGER
-        log.info("UNet compiled for %s in %.1f s", target.describe(), time.perf_counter() - started)
+        log.info("%s compiled for %s in %.1f s", _kind(unet), target.describe(), time.perf_counter() - started)
         return _Shape.READY
 
     def _load(self, unet: Any, target: CompileTarget) -> bool:
         """Compile in this process from the caches only: raises ColdCache where it would have to trace."""
         try:
             with _no_tracing_here():
-                return compile_step(self.compiler(), unet, target, self.recompile_limit)
+                return compile_step(self.compiler(is_transformer(unet)), unet, target, self.recompile_limit)
         except Exception as exc:
             if _caused_by(exc, ColdCache):
                 raise ColdCache(str(exc)) from None
             raise
 
-    def compiler(self) -> Callable[..., Any]:
-        """torch.compile of the step with this forward's backend (built once: dynamo caches per function)."""
+    def compiler(self, transformer: bool = False) -> Callable[..., Any]:
+        """torch.compile of the UNet's or the transformer's step with this forward's backend (each built once:
+        dynamo caches per function)."""
         import torch
 
-        if self._compiler is None:
+        if transformer not in self._compilers:
             backend = _counting(_backend(self.backend, self.mode), self._compiled_one)
-            self._compiler = torch.compile(_unet_step, backend=backend)
-        return self._compiler
+            self._compilers[transformer] = torch.compile(
+                _transformer_step if transformer else _unet_step, backend=backend
+            )
+        return self._compilers[transformer]
 
     def _compiled_one(self) -> None:
         self.stats.graphs += 1
@@ -437,10 +467,40 @@ class _CompiledUNet:
         if unet is None:
             raise RuntimeError("the UNet behind this compiled stand-in was freed")
         before = _graphs_run()
-        output = self._owner._run_only(unet, sample, timestep, encoder_hidden_states, added_cond_kwargs)
+        output = self._owner._run_only[False](unet, sample, timestep, encoder_hidden_states, added_cond_kwargs)
         if _graphs_run() == before:
             self._owner.stats.fallbacks += 1
         return (output,)
+
+
+class _CompiledTransformer:
+    """`_CompiledUNet` for a diffusion transformer: called as `eager_forward` calls a transformer (by name; its
+    `forward` says so to `is_transformer`), it adds what `eager_forward` adds for the model itself (PixArt's
+    micro-conditions) and runs the compiled transformer step."""
+
+    def __init__(self, model: Any, owner: CompiledForward) -> None:
+        self._model = weakref.ref(model)
+        self._owner = owner
+
+    def forward(
+        self,
+        hidden_states: Any,
+        timestep: Any = None,
+        encoder_hidden_states: Any = None,
+        return_dict: bool = False,
+        **inputs: Any,
+    ) -> tuple[Any]:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the transformer behind this compiled stand-in was freed")
+        named = _named(model, inputs, None)
+        before = _graphs_run()
+        output = self._owner._run_only[True](model, hidden_states, timestep, encoder_hidden_states, named)
+        if _graphs_run() == before:
+            self._owner.stats.fallbacks += 1
+        return (output,)
+
+    __call__ = forward
 
 
 # --- compiling in a process of its own ---------------------------------------------------------------------------
@@ -493,6 +553,10 @@ def use_cache_dir(directory: Path) -> None:
     torch._inductor.config.fx_graph_cache = True
     if hasattr(torch._functorch.config, "enable_autograd_cache"):
         torch._functorch.config.enable_autograd_cache = True
+
+
+def _kind(model: Any) -> str:
+    return "transformer" if is_transformer(model) else "UNet"
 
 
 def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:

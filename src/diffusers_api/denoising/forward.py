@@ -49,6 +49,12 @@ def eager_forward(
     return model(sample, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
 
 
+def takes_micro_conditions(model: Any) -> bool:
+    """Whether `eager_forward` passes the model PixArt's micro-conditions (`added_cond_kwargs`)."""
+    model_class: Any = type(model)  # hashable (see is_transformer)
+    return _takes_micro_conditions(model_class)
+
+
 def is_transformer(model: Any) -> bool:
     model_class: Any = type(model)  # a class is hashable (typeshed's type[Any] is not seen as such)
     return _takes_hidden_states(model_class)

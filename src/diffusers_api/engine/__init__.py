@@ -26,7 +26,7 @@ def make_engine(settings: Settings) -> Engine:
 
     if settings.max_batch_size == 1:
         if settings.compile:
-            log.warning("COMPILE applies to the batching engine's UNet steps; MAX_BATCH_SIZE=1 runs without it")
+            log.warning("COMPILE applies to the batching engine's steps; MAX_BATCH_SIZE=1 runs without it")
         return SerialEngine(Runner(settings), max_queue=settings.max_queue)
     steps = SharedSteps.with_forward(_unet_forward(settings), max_wait_s=settings.batch_wait_ms / 1000)
     runner = Runner(settings, steps=steps)
@@ -34,7 +34,7 @@ def make_engine(settings: Settings) -> Engine:
 
 
 def _unet_forward(settings: Settings) -> UNetForward | None:
-    """How batched UNet steps run: eagerly, as CUDA graphs, compiled in the background, or both."""
+    """How batched UNet and transformer steps run: eagerly, as CUDA graphs, compiled in the background, or both."""
     from ..denoising.graphs import CudaGraphForward
 
     # CudaGraphForward runs eagerly off CUDA, so the same engine serves CPUs and GPUs
