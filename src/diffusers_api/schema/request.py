@@ -99,6 +99,19 @@ def _require_http(value: str) -> str:
     return value
 
 
+def optional_http_url(value: str | None) -> str | None:
+    """A webhook URL (`send_url`): http(s), or none (an empty one is none)."""
+    return _require_http(value) if value else None
+
+
+def upper_image_format(value: object) -> object:
+    """`image_format` in any case, `jpg` for JPEG."""
+    if isinstance(value, str):
+        upper = value.strip().upper()
+        return "JPEG" if upper == "JPG" else upper
+    return value
+
+
 class _AdapterURL(BaseModel):
     """An adapter file's URL. The original server read options after it (`#fname=x.safetensors&scale=0.7`,
     `&token=...`): they are split off here (`_options`), leaving the URL that is downloaded and names the file."""
@@ -301,10 +314,7 @@ class GenerateRequest(BaseModel):
     stream_events: bool = Field(False, description="Answer with NDJSON: events, progress, then the result")
     callback_steps: int | None = Field(None, ge=1, le=1000, description="A progress event every N steps")
 
-    @field_validator("send_url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        return _require_http(value) if value else None
+    _http_url = field_validator("send_url")(optional_http_url)
 
     @field_validator("controlnet", mode="before")
     @classmethod
@@ -365,13 +375,7 @@ class GenerateRequest(BaseModel):
             raise PydanticCustomError("needs_image", message)
         return self
 
-    @field_validator("image_format", mode="before")
-    @classmethod
-    def _upper_format(cls, value: object) -> object:
-        if isinstance(value, str):
-            upper = value.strip().upper()
-            return "JPEG" if upper == "JPG" else upper
-        return value
+    _upper_format = field_validator("image_format", mode="before")(upper_image_format)
 
     @field_validator("fill_mode", mode="before")
     @classmethod
