@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InvalidInputs, ModelLoadError, ModelMismatch, ModelNotFound
 from . import archive, disk, transfer
 from .builtin import CONTROL_BUILTINS, ensure_builtin, is_builtin
-from .locations import ARCHIVE_SUFFIX, S3Location, local_path, parse_model_url
+from .locations import ARCHIVE_SUFFIX, local_path, parse_model_url
 from .sizes import module_bytes
 from .sources import DOWNLOAD_HINT, cached_or_downloaded, caused_by, not_found_errors, phase
 
@@ -177,10 +177,7 @@ def _from_archive(spec: ControlSpec, settings: Settings, timings: dict[str, floa
     location = parse_model_url(spec.source, target.name + ARCHIVE_SUFFIX, settings)
     with phase(timings, "download"), disk.temporary_file(settings.models_dir, target.name) as part:
         try:
-            if isinstance(location, S3Location):
-                transfer.s3_download(location, part, settings)
-            else:
-                transfer.http_download(location.url, part, settings)
+            transfer.download(location, part, settings)
         except transfer.Missing:
             raise ModelNotFound(f"controlnet: no archive at {location}", requested=spec.source) from None
         with disk.staged_directory(target) as staging, part.open("rb") as source:

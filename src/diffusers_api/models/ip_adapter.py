@@ -241,10 +241,7 @@ def _from_cloud_cache(spec: IPAdapterSpec, settings: Settings, timings: dict[str
         raise InvalidInputs(exc.message.replace("MODEL_URL", f"{FIELD}.url"), field=f"{FIELD}.url") from None
     try:
         with phase(timings, "download"), disk.temporary_file(settings.models_dir, target.name) as part:
-            if isinstance(location, S3Location):
-                transfer.s3_download(location, part, settings)
-            else:
-                transfer.http_download(location.url, part, settings)
+            transfer.download(location, part, settings)
             with disk.staged_directory(target) as staging, part.open("rb") as source:
                 archive.unpack(source, staging)
                 (staging / CACHE_MARKER).write_text(json.dumps({"model": spec.model}) + "\n")

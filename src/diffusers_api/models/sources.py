@@ -192,10 +192,7 @@ def _from_cloud_cache(spec: ModelSpec, settings: Settings, timings: dict[str, fl
 def _download_archive(location: S3Location | HTTPLocation, target: Path, settings: Settings) -> None:
     """Download, verify and unpack into a staging directory, then publish it under `target`."""
     with disk.temporary_file(settings.models_dir, Path(_key(location)).name) as part:
-        if isinstance(location, S3Location):
-            transfer.s3_download(location, part, settings)
-        else:
-            transfer.http_download(location.url, part, settings)
+        transfer.download(location, part, settings)
         with disk.staged_directory(target) as staging, part.open("rb") as source:
             archive.unpack(source, staging)
             if not disk.is_published(staging):
