@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import parse_qs
 
 from pydantic import (
@@ -59,6 +59,8 @@ def is_http_url(value: object) -> bool:
     a data URI starts with data:)."""
     return isinstance(value, str) and value.startswith(("http://", "https://"))
 
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 # The same rule in the JSON schema (pattern only constrains strings, so it also suits an optional field); a
 # pattern in Field would replace the validator's message with "String should match pattern".
@@ -409,8 +411,13 @@ class GenerateRequest(BaseModel):
 
 def parse_request(data: Any) -> GenerateRequest:
     """Validate a native request, reporting every problem at once as INVALID_INPUTS."""
+    return validate_inputs(GenerateRequest, data)
+
+
+def validate_inputs(model: type[ModelT], data: Any) -> ModelT:
+    """`model.model_validate(data)`, every problem at once as INVALID_INPUTS (`invalid_inputs`)."""
     try:
-        return GenerateRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise invalid_inputs(exc) from None
 

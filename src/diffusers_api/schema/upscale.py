@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from .request import _HTTP_PATTERN, ImageFormat, invalid_inputs, optional_http_url, upper_image_format
+from .request import _HTTP_PATTERN, ImageFormat, optional_http_url, upper_image_format, validate_inputs
 from .response import EncodedImage, GenerateResult, ImagesResponse
 
 DEFAULT_UPSCALER = "RealESRGAN_x4plus"
@@ -75,10 +75,7 @@ class UpscaleRequest(BaseModel):
 
 def parse_upscale_request(data: Any) -> UpscaleRequest:
     """Validate an upscale request, reporting every problem at once as INVALID_INPUTS."""
-    try:
-        return UpscaleRequest.model_validate(data)
-    except ValidationError as exc:
-        raise invalid_inputs(exc) from None
+    return validate_inputs(UpscaleRequest, data)
 
 
 class UpscaledImage(EncodedImage):
