@@ -13,7 +13,7 @@ import pytest
 from diffusers_api.config import Settings
 from diffusers_api.runner import Runner
 from diffusers_api.schema import GenerateRequest
-from support.servers import ACCESS_KEY, REGION, SECRET_KEY, free_port, moto_s3, s3_client
+from support.servers import ACCESS_KEY, REGION, SECRET_KEY, free_port, moto_s3
 
 pytestmark = pytest.mark.e2e
 
@@ -22,8 +22,7 @@ BUCKET = "build-cache"
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    with moto_s3() as endpoint:
-        s3_client(endpoint).create_bucket(Bucket=BUCKET)  # type: ignore[attr-defined]
+    with moto_s3(BUCKET) as endpoint:
         yield endpoint
 
 

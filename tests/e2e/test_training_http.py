@@ -27,8 +27,7 @@ WAIT_S = 120
 
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
-    with moto_s3() as url:
-        s3_client(url).create_bucket(Bucket=BUCKET)  # type: ignore[attr-defined]
+    with moto_s3(BUCKET) as url:
         yield url
 
 

@@ -29,8 +29,7 @@ TINY_KEY = "models--builtin--tiny-sd.tar.zst"
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    with moto_s3() as endpoint:
-        s3_client(endpoint).create_bucket(Bucket=BUCKET)  # type: ignore[attr-defined]
+    with moto_s3(BUCKET) as endpoint:
         yield endpoint
 
 

@@ -47,8 +47,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def endpoint() -> Iterator[str]:
-    with moto_s3() as url:
-        s3_client(url).create_bucket(Bucket=BUCKET)  # type: ignore[attr-defined]
+    with moto_s3(BUCKET) as url:
         yield url
 
 

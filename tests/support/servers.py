@@ -22,15 +22,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def moto_s3() -> Iterator[str]:
-    """A moto S3 server on 127.0.0.1 and a free port; yields its endpoint URL."""
+def moto_s3(*buckets: str) -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 and a free port, with `buckets` created; yields its endpoint URL."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
-        yield f"http://127.0.0.1:{port}"
+        endpoint = f"http://127.0.0.1:{port}"
+        for bucket in buckets:
+            s3_client(endpoint).create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
+        yield endpoint
     finally:
         server.stop()
 

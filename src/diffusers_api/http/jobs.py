@@ -33,21 +33,21 @@ KEEP_ALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing an i
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require_api_key)])
 _ERRORS = errors(401, 404, 422)  # a job's routes; 422 stands in for FastAPI's own (it never has a body to refuse)
+_QUEUED_RESPONSES = {202: {"links": JOB_LINKS}, **errors(401, 413, 422, 503)}  # the routes that queue a job
 
 
 @router.post(
     "",
     status_code=202,
     response_model=JobStatus,
-    responses={202: {"links": JOB_LINKS}, **errors(401, 413, 422, 503)},
+    responses=_QUEUED_RESPONSES,
     summary="Queue a request as a job",
 )
 async def create_job(body: GenerateRequest, jobs: JobsDep, engine: EngineDep, events: EventsDep) -> JSONResponse:
     """Queues the same request as POST /v1/generate and answers at once with the job's id (also in
     `Location`). Input errors the request's fields show are refused here (422); those found when it runs
     (an unknown model or pipeline, a bad image) end the job FAILED with the same error body."""
-    job = await jobs.submit(engine, events, body)
-    return JSONResponse(job.describe(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+    return _queued(await jobs.submit(engine, events, body))
 
 
 # The body is read by parse_train_request, so that an unknown argument is refused with the list of known ones.
@@ -64,7 +64,7 @@ train_router = APIRouter(prefix="/v1", tags=["jobs"], dependencies=[Depends(requ
     "/train",
     status_code=202,
     response_model=JobStatus,
-    responses={202: {"links": JOB_LINKS}, **errors(401, 413, 422, 503)},
+    responses=_QUEUED_RESPONSES,
     summary="Queue a training (DreamBooth: a LoRA, or a full UNet fine-tune) as a job",
     openapi_extra=_TRAIN_BODY,
 )
@@ -73,7 +73,11 @@ async def create_training(request: Request, jobs: JobsDep, engine: EngineDep, ev
     device when its turn comes (requests sent meanwhile wait), reports `training` progress per optimizer step,
     then uploads the result to `dest_url` and/or keeps it as `trained/<name>`; its result says where it went.
     `DELETE /v1/jobs/{id}` stops it within a step."""
-    job = await jobs.submit_training(engine, events, parse_train_request(_json_body(await request.body())))
+    return _queued(await jobs.submit_training(engine, events, parse_train_request(_json_body(await request.body()))))
+
+
+def _queued(job: Job) -> JSONResponse:
+    """202 with the new job's status, and its URL in `Location`."""
     return JSONResponse(job.describe(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 

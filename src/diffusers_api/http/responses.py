@@ -14,6 +14,7 @@ from starlette.routing import Match, Mount
 from ..errors import DiffusersAPIError, InvalidInputs, MethodNotAllowed, NotFound
 from ..events import EventQueue, ndjson_stream
 from ..generation import Generation, InFlight
+from .openapi import INFERENCE_ERRORS, NDJSON, Responses, errors
 
 if TYPE_CHECKING:
     from ..engine import Engine
@@ -25,6 +26,11 @@ def error_body(path: str, error: DiffusersAPIError, debug: bool = False) -> dict
     """`{"error": {...}}` on the native API (/v1), `{"$error": {...}}` on the legacy one."""
     key = "error" if path.startswith("/v1") else "$error"
     return {key: error.to_wire(debug)}
+
+
+def native_error(error: DiffusersAPIError, debug: bool = False) -> dict[str, Any]:
+    """The error body of the native API (/v1): `{"error": {...}}`."""
+    return {"error": error.to_wire(debug)}
 
 
 def error_response(path: str, error: DiffusersAPIError, debug: bool = False) -> JSONResponse:
@@ -94,3 +100,24 @@ async def run_request(
     debug = hub.settings.debug
     lines = ndjson_stream(work(), stream, lambda error: render_error(error, debug))
     return StreamingResponse(lines, media_type="application/x-ndjson")
+
+
+# --- images as bytes (`Accept: image/*`) -------------------------------------------------------------------
+
+IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP", "image/jxl": "JXL"}
+# The OpenAPI responses of a route that answers JSON, NDJSON or, as Accept asks, the image's bytes.
+IMAGE_RESPONSES: Responses = {
+    **errors(*INFERENCE_ERRORS),
+    200: {"content": {mime: {} for mime in IMAGE_TYPES} | NDJSON},
+}
+
+
+def image_accept(accept: str) -> str | None:
+    """The image format an Accept header asks for, if it asks for an image rather than JSON."""
+    for part in accept.split(","):
+        mime = part.split(";")[0].strip().lower()
+        if mime in IMAGE_TYPES:
+            return IMAGE_TYPES[mime]
+        if mime in ("application/json", "*/*"):
+            return None
+    return None

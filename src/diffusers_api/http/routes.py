@@ -10,24 +10,22 @@ from fastapi.responses import JSONResponse
 from .. import generation
 from ..engine import Health
 from ..engine.base import probe_device_memory
-from ..errors import DiffusersAPIError, InvalidInputs
+from ..errors import InvalidInputs
 from ..imaging import mime_type
 from ..schema import GenerateRequest, GenerateResponse, GenerateResult
 from .deps import EngineDep, EventsDep, InFlightDep, require_api_key
-from .openapi import INFERENCE_ERRORS, NDJSON, LegacyHealth, Ping, errors
 from .openapi import Health as HealthBody
-from .responses import run_request
+from .openapi import LegacyHealth, Ping, errors
+from .responses import IMAGE_RESPONSES, image_accept, native_error, run_request
 
 router = APIRouter(prefix="/v1", tags=["native"], dependencies=[Depends(require_api_key)])
 health_router = APIRouter(tags=["health"])
-
-_IMAGE_TYPES = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP", "image/jxl": "JXL"}
 
 
 @router.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={**errors(*INFERENCE_ERRORS), 200: {"content": {mime: {} for mime in _IMAGE_TYPES} | NDJSON}},
+    responses=IMAGE_RESPONSES,
     summary="Generate images and wait for them",
 )
 async def generate(
@@ -35,7 +33,7 @@ async def generate(
 ) -> Response:
     """Runs the request and returns its images as base64 JSON, or, when `Accept` names an image type
     (image/png, image/jpeg, image/webp, image/jxl), the bytes of the single image it made."""
-    wanted = _image_accept(request.headers.get("accept", ""))
+    wanted = image_accept(request.headers.get("accept", ""))
     if wanted is not None:
         if body.image_count != 1:
             raise InvalidInputs(f"Accept: image/* returns one image, but this request makes {body.image_count}")
@@ -45,26 +43,11 @@ async def generate(
         result = await in_flight.generate(engine, generation.Generation(body, await hub.for_request(body)))
         headers = {"X-Seed": str(result.seeds[0]), "X-Model": str(result.meta.get("MODEL_ID", ""))}
         return Response(result.images[0], media_type=mime_type(result.image_format), headers=headers)
-    return await run_request(engine, hub, body, _native_body, _native_error, in_flight)
+    return await run_request(engine, hub, body, _native_body, native_error, in_flight)
 
 
 def _native_body(result: GenerateResult) -> dict[str, Any]:
     return GenerateResponse.from_result(result).model_dump()
-
-
-def _native_error(error: DiffusersAPIError, debug: bool = False) -> dict[str, Any]:
-    return {"error": error.to_wire(debug)}
-
-
-def _image_accept(accept: str) -> str | None:
-    """The image format an Accept header asks for, if it asks for an image rather than JSON."""
-    for part in accept.split(","):
-        mime = part.split(";")[0].strip().lower()
-        if mime in _IMAGE_TYPES:
-            return _IMAGE_TYPES[mime]
-        if mime in ("application/json", "*/*"):
-            return None
-    return None
 
 
 @router.get("/models", responses=errors(401), summary="Loaded and cached models")

@@ -11,9 +11,7 @@ from ..errors import InvalidInputs
 from ..imaging import mime_type
 from ..schema import GenerateResult, UpscaleRequest, UpscaleResponse
 from .deps import EngineDep, EventsDep, InFlightDep, require_api_key
-from .openapi import INFERENCE_ERRORS, NDJSON, errors
-from .responses import run_request
-from .routes import _IMAGE_TYPES, _image_accept, _native_error
+from .responses import IMAGE_RESPONSES, image_accept, native_error, run_request
 
 router = APIRouter(prefix="/v1", tags=["native"], dependencies=[Depends(require_api_key)])
 
@@ -21,7 +19,7 @@ router = APIRouter(prefix="/v1", tags=["native"], dependencies=[Depends(require_
 @router.post(
     "/upscale",
     response_model=UpscaleResponse,
-    responses={**errors(*INFERENCE_ERRORS), 200: {"content": {mime: {} for mime in _IMAGE_TYPES} | NDJSON}},
+    responses=IMAGE_RESPONSES,
     summary="Upscale an image and wait for it",
 )
 async def upscale(
@@ -30,9 +28,9 @@ async def upscale(
     """Upscales `image` with the upscaler `model` (Real-ESRGAN x4 by default) on the engine, like a generation,
     and returns it as base64 JSON, or, when `Accept` names an image type (image/png, image/jpeg, image/webp),
     its bytes."""
-    wanted = _image_accept(request.headers.get("accept", ""))
+    wanted = image_accept(request.headers.get("accept", ""))
     if wanted is None:
-        return await run_request(engine, hub, body, _upscale_body, _native_error, in_flight)
+        return await run_request(engine, hub, body, _upscale_body, native_error, in_flight)
     if body.stream_events:
         raise InvalidInputs("stream_events answers NDJSON; it cannot be combined with Accept: image/*")
     body = body.model_copy(update={"image_format": wanted})

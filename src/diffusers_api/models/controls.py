@@ -12,6 +12,7 @@ model's components with the control modules added (`control_pipeline`, `control_
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -21,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidInputs, ModelLoadError, ModelMismatch, ModelNotFound, StorageError
+from ..errors import InvalidInputs, ModelLoadError, ModelMismatch, ModelNotFound
 from . import archive, disk, transfer
 from .builtin import CONTROL_BUILTINS, ensure_builtin, is_builtin
-from .locations import ARCHIVE_SUFFIX, S3Location, local_path, parse_model_url
+from .locations import ARCHIVE_SUFFIX, local_path, parse_model_url
 from .sizes import module_bytes
-from .sources import DOWNLOAD_HINT, caused_by, not_found_errors, phase
+from .sources import DOWNLOAD_HINT, cached_or_downloaded, caused_by, not_found_errors, phase
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -134,20 +135,14 @@ def _not_on_disk(spec: ControlSpec, settings: Settings) -> None:
 
 
 def _from_hub(spec: ControlSpec, settings: Settings, timings: dict[str, float] | None) -> Path:
-    try:
-        return _hub_download(spec, settings, local_files_only=True)
-    except (OSError, ValueError):
-        pass  # not (completely) on disk yet
-    _not_on_disk(spec, settings)
-    with phase(timings, "download"):
-        try:
-            return _hub_download(spec, settings, local_files_only=False)
-        except (OSError, ValueError) as exc:
-            if caused_by(exc, not_found_errors()):
-                raise ModelNotFound(
-                    f"controlnet: {spec.source} is not on disk and not on the hub: {exc}", requested=spec.source
-                ) from exc
-            raise StorageError(f"hub download of controlnet {spec.source} failed: {exc}") from exc
+    return cached_or_downloaded(
+        functools.partial(_hub_download, spec, settings),
+        refuse=functools.partial(_not_on_disk, spec, settings),
+        timings=timings,
+        name=f"controlnet {spec.source}",
+        requested=spec.source,
+        not_found=lambda exc: f"controlnet: {spec.source} is not on disk and not on the hub: {exc}",
+    )
 
 
 def _hub_download(spec: ControlSpec, settings: Settings, *, local_files_only: bool) -> Path:
@@ -182,10 +177,7 @@ def _from_archive(spec: ControlSpec, settings: Settings, timings: dict[str, floa
     location = parse_model_url(spec.source, target.name + ARCHIVE_SUFFIX, settings)
     with phase(timings, "download"), disk.temporary_file(settings.models_dir, target.name) as part:
         try:
-            if isinstance(location, S3Location):
-                transfer.s3_download(location, part, settings)
-            else:
-                transfer.http_download(location.url, part, settings)
+            transfer.download(location, part, settings)
         except transfer.Missing:
             raise ModelNotFound(f"controlnet: no archive at {location}", requested=spec.source) from None
         with disk.staged_directory(target) as staging, part.open("rb") as source:

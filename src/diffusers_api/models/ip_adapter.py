@@ -19,6 +19,7 @@ Weights load from .safetensors only (never pickle).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -31,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidInputs, ModelMismatch, ModelNotFound, StorageError
+from ..errors import InvalidInputs, ModelMismatch, ModelNotFound
 from .builtin import is_builtin
 from .builtin_ip_adapter import ensure_builtin_ip_adapter
 from .locations import local_path
-from .sources import caused_by, not_found_errors, phase
+from .sources import cached_or_downloaded, phase
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -179,20 +180,16 @@ def _from_hub(spec: IPAdapterSpec, settings: Settings, timings: dict[str, float]
             f"{FIELD}.weight_name: required for the hub repository {spec.model} (e.g. ip-adapter_sd15.safetensors)",
             field=f"{FIELD}.weight_name",
         )
-    try:
-        directory = _hub_download(spec, settings, local_files_only=True)
-        if (directory / spec.subfolder / spec.weight_name).is_file():
-            return directory
-    except (OSError, ValueError):
-        pass  # not (completely) on disk yet
-    _forbid_download(spec, settings)
-    with phase(timings, "download"):
-        try:
-            return _hub_download(spec, settings, local_files_only=False)
-        except (OSError, ValueError) as exc:
-            if caused_by(exc, not_found_errors()):
-                raise ModelNotFound(f"IP-Adapter {spec.describe()} not found: {exc}", requested=spec.model) from exc
-            raise StorageError(f"hub download of IP-Adapter {spec.describe()} failed: {exc}") from exc
+    weight_name = spec.weight_name
+    return cached_or_downloaded(
+        functools.partial(_hub_download, spec, settings),
+        refuse=functools.partial(_forbid_download, spec, settings),
+        timings=timings,
+        name=f"IP-Adapter {spec.describe()}",
+        requested=spec.model,
+        not_found=lambda exc: f"IP-Adapter {spec.describe()} not found: {exc}",
+        complete=lambda directory: (directory / spec.subfolder / weight_name).is_file(),
+    )
 
 
 def _forbid_download(spec: IPAdapterSpec, settings: Settings) -> None:
@@ -244,10 +241,7 @@ def _from_cloud_cache(spec: IPAdapterSpec, settings: Settings, timings: dict[str
         raise InvalidInputs(exc.message.replace("MODEL_URL", f"{FIELD}.url"), field=f"{FIELD}.url") from None
     try:
         with phase(timings, "download"), disk.temporary_file(settings.models_dir, target.name) as part:
-            if isinstance(location, S3Location):
-                transfer.s3_download(location, part, settings)
-            else:
-                transfer.http_download(location.url, part, settings)
+            transfer.download(location, part, settings)
             with disk.staged_directory(target) as staging, part.open("rb") as source:
                 archive.unpack(source, staging)
                 (staging / CACHE_MARKER).write_text(json.dumps({"model": spec.model}) + "\n")

@@ -15,6 +15,7 @@ error that names the command that fixes it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -106,21 +107,47 @@ def _from_source(spec: ModelSpec, settings: Settings, timings: dict[str, float] 
 
 
 def _from_hub(spec: ModelSpec, settings: Settings, timings: dict[str, float] | None) -> Path:
+    return cached_or_downloaded(
+        functools.partial(_hub_download, spec, settings),
+        refuse=functools.partial(require_online, spec, settings),
+        timings=timings,
+        name=spec.describe(),
+        requested=spec.model_id,
+        not_found=lambda exc: (
+            f"model {spec.describe()} is not on disk and not available from the hub: {exc}; {DOWNLOAD_HINT}"
+        ),
+    )
+
+
+def cached_or_downloaded(
+    download: Callable[..., Path],
+    *,
+    refuse: Callable[[], None],
+    timings: dict[str, float] | None,
+    name: str,
+    requested: str,
+    not_found: Callable[[BaseException], str],
+    complete: Callable[[Path], bool] = lambda directory: True,
+) -> Path:
+    """A hub download that takes the copy already on disk without any network call: `download(local_files_only=)`
+    first from the cache (a copy `complete` refuses is downloaded again), then, unless `refuse` raises (OFFLINE=1,
+    RUNTIME_DOWNLOADS=0), from the hub, timed as the "download" phase. A repository or file the hub does not have
+    is ModelNotFound (`not_found(exc)` its message, `requested` its model); any other failure a StorageError that
+    names `name`."""
     try:
-        return _hub_download(spec, settings, local_files_only=True)
+        directory = download(local_files_only=True)
+        if complete(directory):
+            return directory
     except (OSError, ValueError):
         pass  # not (completely) on disk yet
-    require_online(spec, settings)
+    refuse()
     with phase(timings, "download"):
         try:
-            return _hub_download(spec, settings, local_files_only=False)
+            return download(local_files_only=False)
         except (OSError, ValueError) as exc:
             if caused_by(exc, not_found_errors()):
-                raise ModelNotFound(
-                    f"model {spec.describe()} is not on disk and not available from the hub: {exc}; {DOWNLOAD_HINT}",
-                    requested=spec.model_id,
-                ) from exc
-            raise StorageError(f"hub download of {spec.describe()} failed: {exc}") from exc
+                raise ModelNotFound(not_found(exc), requested=requested) from exc
+            raise StorageError(f"hub download of {name} failed: {exc}") from exc
 
 
 def _hub_download(spec: ModelSpec, settings: Settings, *, local_files_only: bool) -> Path:
@@ -165,10 +192,7 @@ def _from_cloud_cache(spec: ModelSpec, settings: Settings, timings: dict[str, fl
 def _download_archive(location: S3Location | HTTPLocation, target: Path, settings: Settings) -> None:
     """Download, verify and unpack into a staging directory, then publish it under `target`."""
     with disk.temporary_file(settings.models_dir, Path(_key(location)).name) as part:
-        if isinstance(location, S3Location):
-            transfer.s3_download(location, part, settings)
-        else:
-            transfer.http_download(location.url, part, settings)
+        transfer.download(location, part, settings)
         with disk.staged_directory(target) as staging, part.open("rb") as source:
             archive.unpack(source, staging)
             if not disk.is_published(staging):

@@ -18,7 +18,7 @@ from ..errors import InvalidInputs, StorageError
 
 if TYPE_CHECKING:
     from ..config import Settings
-    from .locations import S3Location
+    from .locations import HTTPLocation, S3Location
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,16 @@ def progress_bar(total: int | None, description: str) -> Any:
 
     # On a terminal only: in logs a bar is noise, and a line per transfer is logged instead.
     return tqdm(total=total, desc=description, unit="B", unit_scale=True, disable=not sys.stderr.isatty())
+
+
+def download(location: S3Location | HTTPLocation, dest: Path, settings: Settings) -> None:
+    """Download a parsed MODEL_URL-style location (an S3 object or an http(s) URL) into `dest`."""
+    from .locations import S3Location
+
+    if isinstance(location, S3Location):
+        s3_download(location, dest, settings)
+    else:
+        http_download(location.url, dest, settings)
 
 
 # --------------------------------------------------------------------------------------------- HTTP

@@ -7,12 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import (
-    ValidationError,
-)
-
 from ..errors import InvalidInputs
-from .request import _NEEDS_IMAGE, LPW_PIPELINE, GenerateRequest, invalid_inputs, is_http_url
+from .request import _NEEDS_IMAGE, LPW_PIPELINE, GenerateRequest, is_http_url, validate_inputs
 from .response import GenerateResult
 from .train import TrainRequest, TrainResult, parse_train_request
 from .upscale import UpscaleRequest, parse_upscale_request
@@ -183,10 +179,7 @@ def from_legacy(envelope: dict[str, Any]) -> GenerateRequest:
             value = data.get(field)
             if value is not None and not is_http_url(value):
                 raise InvalidInputs(f"callInputs.is_url is true, so modelInputs.{field} must be an http(s) URL")
-    try:
-        return GenerateRequest.model_validate(data)
-    except ValidationError as exc:
-        raise invalid_inputs(exc) from None
+    return validate_inputs(GenerateRequest, data)
 
 
 def _legacy_call_inputs(call_inputs: dict[str, Any]) -> dict[str, Any]:

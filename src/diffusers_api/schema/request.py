@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import parse_qs
 
 from pydantic import (
@@ -60,6 +60,8 @@ def is_http_url(value: object) -> bool:
     return isinstance(value, str) and value.startswith(("http://", "https://"))
 
 
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
 # The same rule in the JSON schema (pattern only constrains strings, so it also suits an optional field); a
 # pattern in Field would replace the validator's message with "String should match pattern".
 _HTTP_PATTERN: JsonDict = {"pattern": "^https?://"}
@@ -96,6 +98,19 @@ def _json_object_schema(schema: dict[str, Any]) -> None:
 def _require_http(value: str) -> str:
     if not is_http_url(value):
         raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+def optional_http_url(value: str | None) -> str | None:
+    """A webhook URL (`send_url`): http(s), or none (an empty one is none)."""
+    return _require_http(value) if value else None
+
+
+def upper_image_format(value: object) -> object:
+    """`image_format` in any case, `jpg` for JPEG."""
+    if isinstance(value, str):
+        upper = value.strip().upper()
+        return "JPEG" if upper == "JPG" else upper
     return value
 
 
@@ -301,10 +316,7 @@ class GenerateRequest(BaseModel):
     stream_events: bool = Field(False, description="Answer with NDJSON: events, progress, then the result")
     callback_steps: int | None = Field(None, ge=1, le=1000, description="A progress event every N steps")
 
-    @field_validator("send_url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        return _require_http(value) if value else None
+    _http_url = field_validator("send_url")(optional_http_url)
 
     @field_validator("controlnet", mode="before")
     @classmethod
@@ -365,13 +377,7 @@ class GenerateRequest(BaseModel):
             raise PydanticCustomError("needs_image", message)
         return self
 
-    @field_validator("image_format", mode="before")
-    @classmethod
-    def _upper_format(cls, value: object) -> object:
-        if isinstance(value, str):
-            upper = value.strip().upper()
-            return "JPEG" if upper == "JPG" else upper
-        return value
+    _upper_format = field_validator("image_format", mode="before")(upper_image_format)
 
     @field_validator("fill_mode", mode="before")
     @classmethod
@@ -405,8 +411,13 @@ class GenerateRequest(BaseModel):
 
 def parse_request(data: Any) -> GenerateRequest:
     """Validate a native request, reporting every problem at once as INVALID_INPUTS."""
+    return validate_inputs(GenerateRequest, data)
+
+
+def validate_inputs(model: type[ModelT], data: Any) -> ModelT:
+    """`model.model_validate(data)`, every problem at once as INVALID_INPUTS (`invalid_inputs`)."""
     try:
-        return GenerateRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise invalid_inputs(exc) from None
 

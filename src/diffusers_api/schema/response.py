@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -27,19 +27,30 @@ class GenerateResult:
     mem_usage: float = 0.0
 
 
-class ImageOut(BaseModel):
+class EncodedImage(BaseModel):
     data: str = Field(description="base64 of the encoded image")
     format: str
+
+
+class ImageOut(EncodedImage):
     seed: int
     nsfw: bool | None = None
 
 
-class GenerateResponse(BaseModel):
-    images: list[ImageOut]
+ImageT = TypeVar("ImageT", bound=EncodedImage)
+
+
+class ImagesResponse(BaseModel, Generic[ImageT]):
+    """The native answer's shape: the images (a kind of EncodedImage each), the request's meta, timings and
+    memory use (`/v1/generate`, `/v1/upscale`)."""
+
+    images: list[ImageT]
     meta: dict[str, Any]
     timings: dict[str, float]
     mem_usage: float
 
+
+class GenerateResponse(ImagesResponse[ImageOut]):
     @classmethod
     def from_result(cls, result: GenerateResult) -> GenerateResponse:
         from ..imaging import to_base64

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from ..errors import InvalidInputs
-from .request import _HTTP_PATTERN, NAME_PATTERN, TRAINED_PREFIX, _require_http, invalid_inputs, is_trained_name
+from .request import _HTTP_PATTERN, NAME_PATTERN, TRAINED_PREFIX, _require_http, is_trained_name, validate_inputs
 
 __all__ = ["TRAINED_PREFIX", "TrainRequest", "TrainResult", "is_trained_name", "parse_train_request"]
 
@@ -201,10 +201,7 @@ def parse_train_request(data: Any) -> TrainRequest:
             raise InvalidInputs(
                 f"unknown training arguments: {', '.join(unknown)}", unknown=unknown, known=known_args()
             )
-    try:
-        return TrainRequest.model_validate(data)
-    except ValidationError as exc:
-        raise invalid_inputs(exc) from None
+    return validate_inputs(TrainRequest, data)
 
 
 class TrainResult(BaseModel):

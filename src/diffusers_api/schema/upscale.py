@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-from .request import _HTTP_PATTERN, ImageFormat, _require_http, invalid_inputs
-from .response import GenerateResult
+from .request import _HTTP_PATTERN, ImageFormat, optional_http_url, upper_image_format, validate_inputs
+from .response import EncodedImage, GenerateResult, ImagesResponse
 
 DEFAULT_UPSCALER = "RealESRGAN_x4plus"
 # A tiny 8x8 PNG, so that the examples run as they are (tests/integration/test_openapi_examples.py runs them).
@@ -59,18 +59,8 @@ class UpscaleRequest(BaseModel):
     sign_key: SecretStr | None = Field(None, description="HMAC-SHA256 key for this request's webhooks (SIGN_KEY)")
     stream_events: bool = Field(False, description="Answer with NDJSON: events, then the result")
 
-    @field_validator("send_url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        return _require_http(value) if value else None
-
-    @field_validator("image_format", mode="before")
-    @classmethod
-    def _upper_format(cls, value: object) -> object:
-        if isinstance(value, str):
-            upper = value.strip().upper()
-            return "JPEG" if upper == "JPG" else upper
-        return value
+    _http_url = field_validator("send_url")(optional_http_url)
+    _upper_format = field_validator("image_format", mode="before")(upper_image_format)
 
     @property
     def image_count(self) -> int:
@@ -85,25 +75,15 @@ class UpscaleRequest(BaseModel):
 
 def parse_upscale_request(data: Any) -> UpscaleRequest:
     """Validate an upscale request, reporting every problem at once as INVALID_INPUTS."""
-    try:
-        return UpscaleRequest.model_validate(data)
-    except ValidationError as exc:
-        raise invalid_inputs(exc) from None
+    return validate_inputs(UpscaleRequest, data)
 
 
-class UpscaledImage(BaseModel):
-    data: str = Field(description="base64 of the encoded image")
-    format: str
+class UpscaledImage(EncodedImage):
     width: int
     height: int
 
 
-class UpscaleResponse(BaseModel):
-    images: list[UpscaledImage]
-    meta: dict[str, Any]
-    timings: dict[str, float]
-    mem_usage: float
-
+class UpscaleResponse(ImagesResponse[UpscaledImage]):
     @classmethod
     def from_result(cls, result: GenerateResult) -> UpscaleResponse:
         from ..imaging import to_base64
