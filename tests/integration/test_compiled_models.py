@@ -69,10 +69,12 @@ def test_requests_run_compiled_once_ready_with_the_eager_result(runner: Runner) 
     compiling = sharing(runner, Rendezvous(forward=forward, max_wait_s=5.0))
     while_compiling = compiling.run(request)
     assert forward.wait(300)
+    # the compile may be ready before the request above ends, so some of its steps may already have run compiled
+    before = forward.stats.compiled_steps
     compiled = compiling.run(request)
     assert forward.state is CompileState.READY
     # the request's own steps (grad off, CFG rows, the batcher's concatenated inputs) pass dynamo's guards
-    assert forward.stats.compiled_steps == 4
+    assert forward.stats.compiled_steps - before == 4
     assert forward.stats.fallbacks == 0
     np.testing.assert_array_equal(pixels(while_compiling), pixels(eager))
     np.testing.assert_array_equal(pixels(compiled), pixels(eager))
@@ -104,11 +106,14 @@ def test_transformer_requests_run_compiled_once_ready_with_the_eager_result(mode
     )
     while_compiling = compiling.run(request)
     assert forward.wait(300)
+    # the compile may be ready before the request above ends, so some of its steps may already have run compiled
+    before = forward.stats.compiled_steps
     compiled = compiling.run(request)
     assert compiled.meta["LOOP"] == "batched"
     assert forward.state is CompileState.READY
     assert forward.summary()["shapes"] == {"queued": 0, "ready": 1, "eager": 0}
-    assert (forward.stats.compiled_steps, forward.stats.fallbacks) == (3, 0)  # the request's inputs pass the guards
+    # all 3 steps of the request run compiled: its inputs pass the guards
+    assert (forward.stats.compiled_steps - before, forward.stats.fallbacks) == (3, 0)
     np.testing.assert_array_equal(pixels(while_compiling), pixels(eager))
     np.testing.assert_array_equal(pixels(compiled), pixels(eager))
 
