@@ -463,14 +463,8 @@ class _CompiledUNet:
         added_cond_kwargs: dict[str, Any] | None = None,
         return_dict: bool = False,
     ) -> tuple[Any]:
-        unet = self._unet()
-        if unet is None:
-            raise RuntimeError("the UNet behind this compiled stand-in was freed")
-        before = _graphs_run()
-        output = self._owner._run_only[False](unet, sample, timestep, encoder_hidden_states, added_cond_kwargs)
-        if _graphs_run() == before:
-            self._owner.stats.fallbacks += 1
-        return (output,)
+        unet = _alive(self._unet, "UNet")
+        return (_run_counted(self._owner, False, unet, sample, timestep, encoder_hidden_states, added_cond_kwargs),)
 
 
 class _CompiledTransformer:
@@ -490,17 +484,28 @@ class _CompiledTransformer:
         return_dict: bool = False,
         **inputs: Any,
     ) -> tuple[Any]:
-        model = self._model()
-        if model is None:
-            raise RuntimeError("the transformer behind this compiled stand-in was freed")
+        model = _alive(self._model, "transformer")
         named = _named(model, inputs, None)
-        before = _graphs_run()
-        output = self._owner._run_only[True](model, hidden_states, timestep, encoder_hidden_states, named)
-        if _graphs_run() == before:
-            self._owner.stats.fallbacks += 1
-        return (output,)
+        return (_run_counted(self._owner, True, model, hidden_states, timestep, encoder_hidden_states, named),)
 
     __call__ = forward
+
+
+def _alive(ref: weakref.ref[Any], what: str) -> Any:
+    """The model behind a compiled stand-in, which holds it weakly."""
+    model = ref()
+    if model is None:
+        raise RuntimeError(f"the {what} behind this compiled stand-in was freed")
+    return model
+
+
+def _run_counted(owner: CompiledForward, transformer: bool, model: Any, *args: Any) -> Any:
+    """The compiled step of `model`, counted as a fallback where dynamo's guards sent it to the eager code."""
+    before = _graphs_run()
+    output = owner._run_only[transformer](model, *args)
+    if _graphs_run() == before:
+        owner.stats.fallbacks += 1
+    return output
 
 
 # --- compiling in a process of its own ---------------------------------------------------------------------------
