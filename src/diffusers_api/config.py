@@ -192,6 +192,13 @@ class Settings(BaseSettings):
     batch_wait_ms: int = Field(
         250, ge=1, le=10_000, description="Longest a step waits for a request still busy between its steps"
     )
+    decode_batch_max: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Most images that one VAE call decodes for requests finishing their steps together; 1: each"
+        " request decodes alone",
+    )
     compile: bool = Field(
         False,
         description=(

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 
+    from .denoising.decoding import DecodeStats
     from .denoising.loop import LoopStats
     from .denoising.rendezvous import BatchStats
     from .engine import Engine
@@ -188,6 +189,7 @@ def _engine_families(engine: Engine) -> Iterator[Metric]:
     if stats is not None:
         yield from _batcher_families(stats.batch)
         yield from _loop_families(stats.loop)
+        yield from _decode_families(stats.decode)
     memory = probe_device_memory(state)
     if memory is not None:
         yield _gpu_memory_family(memory)
@@ -223,6 +225,20 @@ def _loop_families(stats: LoopStats) -> Iterator[Metric]:
     yield GaugeMetricFamily("diffusers_api_loop_max_jobs", "Most requests stepped in one round.", stats.max_jobs)
     yield CounterMetricFamily(
         "diffusers_api_loop_out_of_memory", "Steps that ran out of memory and were split.", stats.out_of_memory
+    )
+
+
+def _decode_families(stats: DecodeStats) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily
+
+    yield CounterMetricFamily(
+        "diffusers_api_decode_batches", "VAE calls that decoded requests finishing together.", stats.batches
+    )
+    yield CounterMetricFamily("diffusers_api_decode_batched_images", "Images those VAE calls decoded.", stats.images)
+    yield CounterMetricFamily(
+        "diffusers_api_decode_fallbacks",
+        "Batched VAE calls that failed (out of memory, ...), after which each request decoded alone.",
+        stats.fallbacks,
     )
 
 

@@ -3,6 +3,7 @@
 - `tasks.py`: one request as a `DenoiseTask` (SD and SDXL prepared and finished as their pipelines do); `dit.py`:
   the diffusion transformers (SD3, Flux, PixArt-Sigma) likewise;
 - `loop.py`: the `Denoiser`, one thread stepping every task, batched step by step;
+- `decoding.py`: tasks that finish in the same round decode in one VAE call;
 - `rendezvous.py`: where UNet calls meet, from our loop and from diffusers' own loop (other pipelines);
 - `forward.py`: which rows may share a forward (`ForwardKey`) and the rows of one (`StepBatch`);
 - `graphs.py`, `compiled.py`: how a forward runs (CUDA graphs per bucket, torch.compile in the background).
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInputs
+from .decoding import DecodeStats
 from .forward import UNetForward
 from .loop import Denoiser, LoopStats
 from .rendezvous import BatchStats, Rendezvous
@@ -35,26 +37,29 @@ class StepStats:
 
     batch: BatchStats  # the rendezvous: rounds, forwards and their rows
     loop: LoopStats  # our loop: rounds and requests stepped
+    decode: DecodeStats  # VAE calls that decoded requests finishing together
     compile: dict[str, Any]  # torch.compile's state (COMPILE=1), or {"state": "off"}
 
     def summary(self) -> dict[str, Any]:
-        return {"batching": self.batch.summary() | {"loop": self.loop.summary()}, "compile": self.compile}
+        loop = {"loop": self.loop.summary(), "decode": self.decode.summary()}
+        return {"batching": self.batch.summary() | loop, "compile": self.compile}
 
 
 class SharedSteps:
     """Batched steps for the runner: SD, SDXL, SD3, Flux and PixArt-Sigma requests run in our loop, other UNet
     pipelines' calls meet theirs at the rendezvous."""
 
-    def __init__(self, rendezvous: Rendezvous | None = None, own_loop: bool = True) -> None:
+    def __init__(self, rendezvous: Rendezvous | None = None, own_loop: bool = True, decode_batch_max: int = 8) -> None:
         """`own_loop=False` runs every request in diffusers' own loop, its UNet calls meeting the others' at the
-        rendezvous (what other pipelines always do; the tests compare the two loops with it)."""
+        rendezvous (what other pipelines always do; the tests compare the two loops with it).
+        `decode_batch_max`: most images that one VAE call decodes for requests of our loop finishing together."""
         self.rendezvous = rendezvous or Rendezvous()
-        self.denoiser = Denoiser(self.rendezvous)
+        self.denoiser = Denoiser(self.rendezvous, decode_batch_max=decode_batch_max)
         self.own_loop = own_loop
 
     @classmethod
-    def with_forward(cls, forward: UNetForward | None, max_wait_s: float) -> SharedSteps:
-        return cls(Rendezvous(forward=forward, max_wait_s=max_wait_s))
+    def with_forward(cls, forward: UNetForward | None, max_wait_s: float, decode_batch_max: int = 8) -> SharedSteps:
+        return cls(Rendezvous(forward=forward, max_wait_s=max_wait_s), decode_batch_max=decode_batch_max)
 
     def supports(self, pipe: Any, kwargs: dict[str, Any]) -> bool:
         """Whether our loop runs `pipe(**kwargs)` (it reproduces it exactly)."""
@@ -90,7 +95,7 @@ class SharedSteps:
 
         forward = self.rendezvous.forward
         compiled = forward.summary() if isinstance(forward, CompiledForward) else {"state": "off"}
-        return StepStats(self.rendezvous.stats, self.denoiser.stats, compiled)
+        return StepStats(self.rendezvous.stats, self.denoiser.stats, self.denoiser.decode_stats, compiled)
 
     def stop(self) -> None:
         self.denoiser.stop()

@@ -2,7 +2,8 @@
 pipelines do.
 
 As for SD and SDXL (tasks.py), `prepare` runs what `__call__` does before its first step, with the pipeline's own
-methods, and `decode` what it does after its last; the loop steps the task in between. What differs from a UNet:
+methods, and `vae_input` and `finish` what it does after its last, around the VAE's call (tasks.decode, which may
+decode several requests in one call); the loop steps the task in between. What differs from a UNet:
 
 - the model is a transformer, called with its inputs by name (forward.py's `eager_forward`);
 - flow matching: the scheduler scales no model input, and its timesteps may be shifted by the image's size (`mu`);
@@ -55,17 +56,25 @@ def prepare(pipe: Any, args: dict[str, Any], family: Family, mode: Mode) -> Deno
     return _prepare_flux(pipe, args, mode)
 
 
-def decode(pipe: Any, task: DenoiseTask) -> list[Any]:
-    """What the pipeline does after its last step: unpack (Flux), undo the VAE's scaling and shift, decode."""
+def vae_input(pipe: Any, task: DenoiseTask) -> Any:
+    """What the pipeline does to its latents after its last step, before the VAE: unpack them (Flux) and undo the
+    VAE's scaling and shift (PixArt's VAE has no shift; its latents are cast to the VAE's dtype)."""
     latents, vae = task.latents, pipe.vae
     if task.family is Family.PIXART:
-        return _decode_pixart(pipe, task)
+        return latents.to(vae.dtype) / vae.config.scaling_factor
     if task.family is Family.FLUX:
         assert task.size is not None
         height, width = task.size
         latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-    latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
-    image = vae.decode(latents, return_dict=False)[0]
+    return (latents / vae.config.scaling_factor) + vae.config.shift_factor
+
+
+def finish(pipe: Any, task: DenoiseTask, image: Any) -> list[Any]:
+    """What the pipeline does after the VAE: PixArt resizes and crops a binned resolution to the size asked for;
+    then the images are post-processed."""
+    if task.family is Family.PIXART and task.size is not None:
+        height, width = task.size
+        image = pipe.image_processor.resize_and_crop_tensor(image, width, height)
     images: list[Any] = pipe.image_processor.postprocess(image, output_type="pil")
     return images
 
@@ -247,17 +256,6 @@ def _prepare_pixart(pipe: Any, args: dict[str, Any]) -> DenoiseTask:
     task.learned_sigma = config.out_channels // 2 == channels
     task.size = asked if args["use_resolution_binning"] else None
     return task
-
-
-def _decode_pixart(pipe: Any, task: DenoiseTask) -> list[Any]:
-    """Decode; a binned resolution is resized and cropped to the size asked for."""
-    vae = pipe.vae
-    image = vae.decode(task.latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    if task.size is not None:
-        height, width = task.size
-        image = pipe.image_processor.resize_and_crop_tensor(image, width, height)
-    images: list[Any] = pipe.image_processor.postprocess(image, output_type="pil")
-    return images
 
 
 # ---------------------------------------------------------------------------------------------- the task

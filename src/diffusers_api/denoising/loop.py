@@ -11,7 +11,9 @@ Requests arrive as `DenoiseTask`s (denoising/tasks.py), prepared on their own th
 3. classifier-free guidance is one tensor operation for the whole group, with each task's own guidance scale;
 4. each task's own scheduler steps its own latents (schedulers keep per-request history: steps, solver state,
    noise generators), then its progress is reported; a task whose steps are done leaves at once, and its
-   request thread decodes the image while the loop goes on with the others.
+   request thread decodes the image while the loop goes on with the others. The tasks that leave in one round
+   and can share a VAE call are put in decode groups first (denoising/decoding.py): the first of their request
+   threads to get there decodes them all in one call.
 
 Every task steps in every round, so none starves; how many images are in flight at once is bounded by the
 engine's admission (MAX_BATCH_SIZE), and how many rows one forward takes by the device's memory: a forward
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING
 
 from ..devices import is_out_of_memory
 from ..errors import Cancelled, NotReady
+from .decoding import DecodeStats, group_decodes
 from .forward import ForwardKey, StepRows
 
 if TYPE_CHECKING:
@@ -68,9 +71,13 @@ class LoopStats:
 class Denoiser:
     """Runs `DenoiseTask`s to their last step on one thread, batching them step by step."""
 
-    def __init__(self, rendezvous: Rendezvous) -> None:
+    def __init__(self, rendezvous: Rendezvous, decode_batch_max: int = 8) -> None:
+        """`decode_batch_max`: most images of tasks finishing in one round that decode in one VAE call (1: each
+        decodes alone)."""
         self.rendezvous = rendezvous
         self.stats = LoopStats()
+        self.decode_batch_max = decode_batch_max
+        self.decode_stats = DecodeStats()
         self._cond = threading.Condition()
         self._inbox: list[DenoiseTask] = []
         self._active: list[DenoiseTask] = []
@@ -147,14 +154,23 @@ class Denoiser:
         self.stats.max_jobs = max(self.stats.max_jobs, len(self._active))
         for group in _groups(self._active):
             self._step(group)
-        still = []
-        for task in self._active:
-            if task.error is not None or task.finished:
-                task.done.set()
-            else:
-                still.append(task)
-        self._active = still
+        leaving = [task for task in self._active if task.error is not None or task.finished]
+        self._active = [task for task in self._active if task.error is None and not task.finished]
+        self._group_decodes([task for task in leaving if task.error is None])
+        for task in leaving:
+            task.done.set()
         self._participate(bool(self._active))
+
+    def _group_decodes(self, finished: list[DenoiseTask]) -> None:
+        """Put the tasks finished in this round into decode groups, before their request threads wake up."""
+        if len(finished) < 2 or self.decode_batch_max < 2:
+            return
+        try:
+            group_decodes(finished, self.decode_batch_max, self.decode_stats)
+        except Exception:  # grouping only saves time: the tasks decode alone, as without it
+            log.exception("grouping finished requests for a batched decode failed")
+            for task in finished:
+                task.decode_group = None
 
     def _participate(self, busy: bool) -> None:
         """The loop counts as one participant of the rendezvous while it has tasks, so that requests on

@@ -11,6 +11,7 @@ requests at once:
   as one UNet forward; guidance is one tensor operation for all of them; then each task's own scheduler steps
   its own latents (schedulers keep per-request history, so this stays per task).
 - `finish` (on the request's thread again): VAE decode, safety checker, post-processing, as the pipeline does.
+  Requests whose last steps ran in the same round decode in one VAE call (denoising/decoding.py).
 
 Supported here: `StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline`, `StableDiffusionInpaintPipeline`,
 `StableDiffusionXLPipeline`, `StableDiffusionXLImg2ImgPipeline` and `StableDiffusionXLInpaintPipeline` (for both
@@ -39,6 +40,8 @@ from .forward import ForwardKey, SharedInputs
 
 if TYPE_CHECKING:
     import torch
+
+    from .decoding import DecodeGroup
 
 ProgressCallback = Callable[[int, int], None]
 """Called after each denoising step with (step, steps)."""
@@ -214,6 +217,9 @@ class DenoiseTask:
     cancel: threading.Event | None = None
     step: int = 0
     error: BaseException | None = None
+    pipe: Any = None  # the request's pipeline, whose VAE decodes the latents (set by `prepare`)
+    # The tasks that decode with this one in one VAE call, attached by the loop before `done` is set (None: alone)
+    decode_group: DecodeGroup | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -355,12 +361,15 @@ def prepare(pipe: Any, kwargs: dict[str, Any]) -> DenoiseTask:
     args = _arguments(pipe, kwargs)
     with torch.inference_mode():
         if entry.family is Family.SD:
-            return _prepare_sd(pipe, args, entry.mode)
-        if entry.family is Family.SDXL:
-            return _prepare_sdxl(pipe, args, entry.mode)
-        from . import dit
+            task = _prepare_sd(pipe, args, entry.mode)
+        elif entry.family is Family.SDXL:
+            task = _prepare_sdxl(pipe, args, entry.mode)
+        else:
+            from . import dit
 
-        return dit.prepare(pipe, args, entry.family, entry.mode)
+            task = dit.prepare(pipe, args, entry.family, entry.mode)
+    task.pipe = pipe
+    return task
 
 
 def _start(pipe: Any, args: dict[str, Any]) -> None:
@@ -622,39 +631,62 @@ def finish(pipe: Any, task: DenoiseTask, kwargs: dict[str, Any]) -> Output:
             return _finish_sdxl(pipe, task)
         from . import dit
 
-        return Output(dit.decode(pipe, task))
+        return Output(dit.finish(pipe, task, decode(pipe, task)))
+
+
+def decode(pipe: Any, task: DenoiseTask, **options: Any) -> torch.Tensor:
+    """The VAE's output for `task`'s latents: its rows of its decode group's one call, else a call of its own
+    (with `options`: SD's pipelines pass their generator, which the VAEs that decode in groups do not use)."""
+    if task.decode_group is not None:
+        image = task.decode_group.images_of(task)
+        if image is not None:
+            return image
+    vae, latents = vae_input(pipe, task)
+    decoded: torch.Tensor = vae.decode(latents, return_dict=False, **options)[0]
+    return decoded
+
+
+def vae_input(pipe: Any, task: DenoiseTask) -> tuple[Any, torch.Tensor]:
+    """(the VAE that decodes `task`'s latents, its input): the family's own unpacking, scaling and shift, per task.
+    SDXL's fp16 VAE decodes with its float32 copy, from float32 latents."""
+    vae = pipe.vae
+    if task.family is Family.SD:
+        return vae, task.latents / vae.config.scaling_factor
+    if task.family is Family.SDXL:
+        latents = task.latents
+        if _needs_upcast(vae):
+            vae = float32_vae(vae)
+            latents = latents.float()
+        return vae, _sdxl_vae_input(vae, latents)
+    from . import dit
+
+    return vae, dit.vae_input(pipe, task)
 
 
 def _finish_sd(pipe: Any, task: DenoiseTask, generator: Any) -> Output:
-    latents = task.latents / pipe.vae.config.scaling_factor
-    image = pipe.vae.decode(latents, return_dict=False, generator=generator)[0]
+    image = decode(pipe, task, generator=generator)
     image, nsfw = pipe.run_safety_checker(image, execution_device(pipe), task.hidden.dtype)
     denormalize = [True] * image.shape[0] if nsfw is None else [not flag for flag in nsfw]
     return Output(pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=denormalize), nsfw)
 
 
 def _finish_sdxl(pipe: Any, task: DenoiseTask) -> Output:
-    latents, vae = task.latents, pipe.vae
-    if _needs_upcast(vae):
-        vae = float32_vae(vae)
-        latents = latents.float()
-    image = _decode_sdxl(vae, latents)
+    image = decode(pipe, task)
     if pipe.watermark is not None:
         image = pipe.watermark.apply_watermark(image)
     return Output(pipe.image_processor.postprocess(image, output_type="pil"))
 
 
-def _decode_sdxl(vae: Any, latents: Any) -> Any:
+def _sdxl_vae_input(vae: Any, latents: Any) -> Any:
+    """SDXL's latents undone: with the VAE's latents_mean and latents_std where it has them, else its scaling."""
     import torch
 
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
     if mean is not None and std is not None:
         mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
         std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-        latents = latents * std / vae.config.scaling_factor + mean
-    else:
-        latents = latents / vae.config.scaling_factor
-    return vae.decode(latents, return_dict=False)[0]
+        return latents * std / vae.config.scaling_factor + mean
+    return latents / vae.config.scaling_factor
 
 
 # ---------------------------------------------------------------------------------------------- fp16 SDXL VAE

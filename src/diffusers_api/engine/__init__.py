@@ -28,7 +28,11 @@ def make_engine(settings: Settings) -> Engine:
         if settings.compile:
             log.warning("COMPILE applies to the batching engine's steps; MAX_BATCH_SIZE=1 runs without it")
         return SerialEngine(Runner(settings), max_queue=settings.max_queue)
-    steps = SharedSteps.with_forward(_unet_forward(settings), max_wait_s=settings.batch_wait_ms / 1000)
+    steps = SharedSteps.with_forward(
+        _unet_forward(settings),
+        max_wait_s=settings.batch_wait_ms / 1000,
+        decode_batch_max=settings.decode_batch_max,
+    )
     runner = Runner(settings, steps=steps)
     return BatchingEngine(runner, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue)
 
