@@ -10,7 +10,10 @@ Rendezvous with CUDA graphs), each timed with the device synchronised:
 - `graph_forward_s` / `eager_forward_s`: the UNet forward alone on the same 2N rows, replayed as a CUDA graph
   (padded to its bucket) and eagerly; `loop_round_s` minus the forward is the loop's own cost per round;
 - `decode_each_s` / `decode_batched_s`: the N images decoded one call each, and in one batched VAE call;
-- `finish_each_s`: what a request thread does after the loop, per request (decode, post-processing to PIL).
+- `finish_grouped_s`: what the request threads do after the loop, per request (decode, post-processing to PIL),
+  with the decode groups the loop formed (`grouped_jobs` of the N finished in a round with others; at most
+  DECODE_BATCH_MAX, 8, images per VAE call), as the engine runs them;
+- `finish_each_s`: the same with each request decoding alone (the engine before decode groups).
 Then, for a range of row counts, the UNet forward eagerly and as a CUDA graph (which wins where), and for a few
 of them, with the VAE decode of one image, without and with cuDNN timing its algorithms (cudnn.benchmark).
 """
@@ -116,6 +119,10 @@ def in_flight(engine: Engine, n: int, size: int) -> dict[str, Any]:
     latents = torch.cat([job.latents for job in jobs]) / vae.config.scaling_factor
     each_s = median_time(lambda: [vae.decode(latents[i : i + 1], return_dict=False) for i in range(n)], 3)
     batched_s = median_time(lambda: vae.decode(latents, return_dict=False), 3)
+    grouped = sum(job.decode_group is not None for job in jobs)
+    grouped_s = median_time(lambda: [denoise.finish(engine.pipes[id(job)], job, {}) for job in jobs], 1)
+    for job in jobs:
+        job.decode_group = None  # each alone
     finish_s = median_time(lambda: [denoise.finish(engine.pipes[id(job)], job, {}) for job in jobs], 1)
     engine.pipes.clear()
     return {
@@ -129,6 +136,8 @@ def in_flight(engine: Engine, n: int, size: int) -> dict[str, Any]:
         "loop_overhead_per_job_ms": round((loop_s / rounds - min(graph_s, eager_s)) / n * 1000, 3),
         "decode_each_s": round(each_s, 4),
         "decode_batched_s": round(batched_s, 4),
+        "grouped_jobs": grouped,
+        "finish_grouped_s": round(grouped_s / n, 4),
         "finish_each_s": round(finish_s / n, 4),
     }
 
