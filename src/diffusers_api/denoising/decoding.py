@@ -130,6 +130,7 @@ class DecodeGroup:
             if not self._decoded:
                 self._decoded = True
                 self._decode()
+                self.tasks = []  # no longer needed: members' other tensors are not held for the others
             return self._images.pop(id(task), None)
 
     def _decode(self) -> None:
