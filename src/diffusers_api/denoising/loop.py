@@ -99,7 +99,7 @@ class Denoiser:
 
     def submit(self, *tasks: DenoiseTask) -> None:
         """Hand `tasks` to the loop without waiting for them (`done` tells when each ends): they join the same
-        round. (The benchmarks and tests start requests together with it.)"""
+        round. (Tests start requests together with it.)"""
         with self._cond:
             if self._stopped:
                 raise NotReady("the server is stopping", state="STOPPING")
