@@ -9,6 +9,7 @@ test_batching.py: at most one 8-bit level apart, on at most 1% of the pixels.
 from __future__ import annotations
 
 import copy
+import io
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from diffusers_api.config import Settings
 from diffusers_api.denoising import Denoiser, Rendezvous, SharedSteps
@@ -24,7 +26,9 @@ from diffusers_api.denoising import tasks as denoise
 from diffusers_api.denoising.tasks import DenoiseTask, float32_vae
 from diffusers_api.engine import make_engine
 from diffusers_api.models.store import LoadedModel, ModelStore
-from diffusers_api.schema import GenerateRequest
+from diffusers_api.runner import Runner
+from diffusers_api.schema import GenerateRequest, GenerateResult
+from support.together import in_one_batch
 
 MAX_LEVEL_DIFFERENCE = 1  # as tests/integration/test_batching.py
 MAX_DIFFERING_SHARE = 0.01
@@ -231,3 +235,30 @@ def test_the_setting_reaches_the_loop_and_its_counters_are_reported(models_dir: 
         "fallbacks": 0,
     }
     steps.stop()
+
+
+def test_runner_requests_that_finish_together_share_a_decode(models_dir: Path) -> None:
+    """Through the runner, as the engine serves them (safety checker and post-processing per request)."""
+    settings = Settings(model_id="builtin/tiny-sd", models_dir=models_dir)
+    alone = Runner(settings)
+    alone.start()
+    requests = [GenerateRequest(prompt=f"a red barn {i}", seed=i, num_inference_steps=3) for i in range(3)]
+    expected = [alone.run(request) for request in requests]
+    steps = SharedSteps(Rendezvous(max_wait_s=5.0))
+    runner = Runner(settings, store=alone.store, steps=steps)
+    try:
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            futures = in_one_batch(steps, 3, lambda: [pool.submit(runner.run, request) for request in requests])
+            results = [future.result() for future in futures]
+    finally:
+        steps.stop()
+    decode = steps.stats().decode
+    assert decode.batches >= 1  # the first request may lead the others by a round (support/together.py)
+    assert decode.images >= 2
+    for result, solo in zip(results, expected, strict=True):
+        assert result.meta["LOOP"] == "batched"
+        assert_close(pixels(result), pixels(solo))
+
+
+def pixels(result: GenerateResult) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(result.images[0]))).astype(int)
