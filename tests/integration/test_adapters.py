@@ -24,7 +24,7 @@ from diffusers_api.runner import Runner
 from diffusers_api.schema import GenerateRequest, GenerateResult, from_legacy
 from support.adapters import make_embedding, make_lora
 from support.servers import FileServer, file_server
-from support.together import in_one_batch
+from support.together import run_together
 
 SD, SDXL = "builtin/tiny-sd", "builtin/tiny-sdxl"
 STEPS = 4
@@ -180,17 +180,8 @@ def test_lora_requests_batch_together(files: FileServer, sd: Runner) -> None:
     requests = [ask(lora_weights=url, seed=seed) for seed in (11, 12)] + [ask(seed=13)]
     alone = [sd.run(request) for request in requests]
     batcher = Rendezvous(max_wait_s=5.0)
-    batched = Runner(sd.settings, store=sd.store, steps=SharedSteps(batcher))
-    try:
-        with ThreadPoolExecutor(max_workers=3) as pool:
-            futures = in_one_batch(
-                batched.steps,  # type: ignore[arg-type]
-                len(requests),
-                lambda: [pool.submit(batched.run, request) for request in requests],
-            )
-            together = [future.result() for future in futures]
-    finally:
-        batched.steps.stop()  # type: ignore[union-attr]
+    steps = SharedSteps(batcher)
+    together = run_together(Runner(sd.settings, store=sd.store, steps=steps), steps, requests)
     assert {result.meta["LOOP"] for result in together} == {"batched"}
     assert max(batcher.stats.rows) >= 4  # the two LoRA requests (two rows each with guidance) in one forward
     for batched, solo in zip(together, alone, strict=True):

@@ -28,7 +28,7 @@ from diffusers_api.engine import make_engine
 from diffusers_api.models.store import LoadedModel, ModelStore
 from diffusers_api.runner import Runner
 from diffusers_api.schema import GenerateRequest, GenerateResult
-from support.together import in_one_batch
+from support.together import run_together
 
 MAX_LEVEL_DIFFERENCE = 1  # as tests/integration/test_batching.py
 MAX_DIFFERING_SHARE = 0.01
@@ -246,12 +246,7 @@ def test_runner_requests_that_finish_together_share_a_decode(models_dir: Path) -
     expected = [alone.run(request) for request in requests]
     steps = SharedSteps(Rendezvous(max_wait_s=5.0))
     runner = Runner(settings, store=alone.store, steps=steps)
-    try:
-        with ThreadPoolExecutor(max_workers=3) as pool:
-            futures = in_one_batch(steps, 3, lambda: [pool.submit(runner.run, request) for request in requests])
-            results = [future.result() for future in futures]
-    finally:
-        steps.stop()
+    results = run_together(runner, steps, requests)
     decode = steps.stats().decode
     assert decode.batches >= 1  # the first request may lead the others by a round (support/together.py)
     assert decode.images >= 2

@@ -7,7 +7,6 @@ import io
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from diffusers_api.denoising.tasks import DenoiseTask
 from diffusers_api.errors import InvalidInputs
 from diffusers_api.runner import Runner
 from diffusers_api.schema import GenerateRequest
-from support.together import in_one_batch
+from support.together import run_together
 
 MODEL_ID = "builtin/tiny-pixart"
 BATCHED_RTOL = 1e-5  # as tests/integration/test_denoise.py bounds SD3 and Flux
@@ -193,12 +192,7 @@ def test_runner_batches_pixart_requests(runner: Runner) -> None:
     assert {result.meta["LOOP"] for result in alone} == {"diffusers"}
     steps = SharedSteps(Rendezvous(max_wait_s=5.0))
     batched = Runner(runner.settings, store=runner.store, steps=steps)
-    try:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            futures = in_one_batch(steps, 2, lambda: [pool.submit(batched.run, request) for request in requests])
-            together = [future.result() for future in futures]
-    finally:
-        steps.stop()
+    together = run_together(batched, steps, requests)
     assert [result.meta["LOOP"] for result in together] == ["batched", "batched"]
     assert together[0].meta["PIPELINE"] == "PixArtSigmaPipeline"
     assert steps.denoiser.stats.max_jobs == 2

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, TypeVar
 
 from diffusers_api.denoising import SharedSteps
+
+if TYPE_CHECKING:
+    from diffusers_api.runner import Runner
+    from diffusers_api.schema import GenerateRequest, GenerateResult
 
 T = TypeVar("T")
 
@@ -23,3 +28,14 @@ def in_one_batch(steps: SharedSteps, requests: int, submit: Callable[[], T], tim
         while steps.denoiser.stats.jobs < before + requests and time.monotonic() < deadline:
             time.sleep(0.005)
     return started
+
+
+def run_together(runner: Runner, steps: SharedSteps, requests: list[GenerateRequest]) -> list[GenerateResult]:
+    """Run `requests` through `runner` (built with `steps`) at once, in one batch (`in_one_batch`), each on its own
+    thread as the engine runs them; then stop the loop. Their results, in order."""
+    try:
+        with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+            futures = in_one_batch(steps, len(requests), lambda: [pool.submit(runner.run, r) for r in requests])
+            return [future.result() for future in futures]
+    finally:
+        steps.stop()
