@@ -199,6 +199,13 @@ class Settings(BaseSettings):
         description="Most images that one VAE call decodes for requests finishing their steps together; 1: each"
         " request decodes alone",
     )
+    encode_batch_max: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Most prompts that one text-encoder call encodes for requests arriving while an encode runs; 1:"
+        " each request encodes alone",
+    )
     compile: bool = Field(
         False,
         description=(

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 
-    from .denoising.decoding import DecodeStats
+    from .denoising.groups import GroupStats
     from .denoising.loop import LoopStats
     from .denoising.rendezvous import BatchStats
     from .engine import Engine
@@ -189,7 +189,8 @@ def _engine_families(engine: Engine) -> Iterator[Metric]:
     if stats is not None:
         yield from _batcher_families(stats.batch)
         yield from _loop_families(stats.loop)
-        yield from _decode_families(stats.decode)
+        yield from _group_families(stats.decode, "decode", "VAE calls that decoded requests finishing together")
+        yield from _group_families(stats.encode, "encode", "Text-encoder calls that encoded requests arriving together")
     memory = probe_device_memory(state)
     if memory is not None:
         yield _gpu_memory_family(memory)
@@ -228,16 +229,17 @@ def _loop_families(stats: LoopStats) -> Iterator[Metric]:
     )
 
 
-def _decode_families(stats: DecodeStats) -> Iterator[Metric]:
+def _group_families(stats: GroupStats, kind: str, calls: str) -> Iterator[Metric]:
+    """The counters of one kind of batched call (decode, encode): `diffusers_api_{kind}_*`."""
     from prometheus_client.core import CounterMetricFamily
 
+    yield CounterMetricFamily(f"diffusers_api_{kind}_batches", f"{calls}.", stats.batches)
     yield CounterMetricFamily(
-        "diffusers_api_decode_batches", "VAE calls that decoded requests finishing together.", stats.batches
+        f"diffusers_api_{kind}_batched_{stats.unit}", f"The {stats.unit} those calls did.", stats.items
     )
-    yield CounterMetricFamily("diffusers_api_decode_batched_images", "Images those VAE calls decoded.", stats.images)
     yield CounterMetricFamily(
-        "diffusers_api_decode_fallbacks",
-        "Batched VAE calls that failed (out of memory, ...), after which each request decoded alone.",
+        f"diffusers_api_{kind}_fallbacks",
+        f"Batched calls of this kind ({kind}) that failed (out of memory, ...), after which each request called alone.",
         stats.fallbacks,
     )
 

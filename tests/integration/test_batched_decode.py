@@ -2,8 +2,7 @@
 the images it gets decoding alone, and the call really is one (the VAE's decode is counted).
 
 The batched VAE call is not bit-identical to one call per request on a CPU (measured on the tiny VAEs: up to 8e-6
-apart in the VAE's output), so the images are held to the bound the batched UNet steps are held to in
-test_batching.py: at most one 8-bit level apart, on at most 1% of the pixels.
+apart in the VAE's output), so the images are held to support/tiny.py's bound, the batched UNet steps' bound.
 """
 
 from __future__ import annotations
@@ -25,45 +24,11 @@ from diffusers_api.denoising import Denoiser, Rendezvous, SharedSteps
 from diffusers_api.denoising import tasks as denoise
 from diffusers_api.denoising.tasks import DenoiseTask, float32_vae
 from diffusers_api.engine import make_engine
-from diffusers_api.models.store import LoadedModel, ModelStore
+from diffusers_api.models.store import LoadedModel
 from diffusers_api.runner import Runner
 from diffusers_api.schema import GenerateRequest, GenerateResult
+from support.tiny import MODELS, assert_close, call, model, new_pipe
 from support.together import run_together
-
-MAX_LEVEL_DIFFERENCE = 1  # as tests/integration/test_batching.py
-MAX_DIFFERING_SHARE = 0.01
-
-# model -> the arguments of its requests: small images, two steps
-MODELS = {
-    "builtin/tiny-sd": {},
-    "builtin/tiny-sdxl": {},
-    "builtin/tiny-sd3": {"height": 32, "width": 32},
-    "builtin/tiny-flux": {"height": 32, "width": 32},
-    "builtin/tiny-pixart": {"height": 32, "width": 32, "use_resolution_binning": False, "clean_caption": False},
-}
-_MODELS: dict[str, LoadedModel] = {}
-
-
-def model(models_dir: Path, model_id: str) -> LoadedModel:
-    """Each tiny model loaded once for this module."""
-    if model_id not in _MODELS:
-        store = ModelStore(Settings(model_id=model_id, models_dir=models_dir))
-        store.load_default()
-        _MODELS[model_id] = store.get(GenerateRequest(prompt="x"))
-    return _MODELS[model_id]
-
-
-def new_pipe(loaded: LoadedModel) -> Any:
-    """A request's own pipeline over the model's shared components (the VAE among them)."""
-    pipelines = loaded.pipelines
-    scheduler = pipelines.scheduler(type(pipelines.base.scheduler).__name__)
-    return pipelines.build(pipelines.resolve("txt2img"), scheduler, safety_checker=False)
-
-
-def call(seed: int, images: int = 1, **kwargs: Any) -> dict[str, Any]:
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(images)]
-    defaults = {"prompt": f"a red barn {seed}", "num_inference_steps": 2}
-    return defaults | {"num_images_per_prompt": images, "generator": generators} | kwargs
 
 
 class Requests:
@@ -115,12 +80,6 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> Any:
         return rows
 
     return watch
-
-
-def assert_close(batched: np.ndarray, alone: np.ndarray) -> None:
-    difference = np.abs(batched - alone)
-    assert difference.max() <= MAX_LEVEL_DIFFERENCE
-    assert (difference > 0).mean() <= MAX_DIFFERING_SHARE
 
 
 @pytest.mark.parametrize("model_id", list(MODELS), ids=lambda name: name.removeprefix("builtin/"))
@@ -249,7 +208,7 @@ def test_runner_requests_that_finish_together_share_a_decode(models_dir: Path) -
     results = run_together(runner, steps, requests)
     decode = steps.stats().decode
     assert decode.batches >= 1  # the first request may lead the others by a round (support/together.py)
-    assert decode.images >= 2
+    assert decode.items >= 2
     for result, solo in zip(results, expected, strict=True):
         assert result.meta["LOOP"] == "batched"
         assert_close(pixels(result), pixels(solo))

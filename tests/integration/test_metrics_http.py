@@ -51,4 +51,7 @@ def test_a_real_request_shows_in_the_metrics(models_dir: Path) -> None:
     assert values["diffusers_api_unet_forward_rows_sum"].value == batching["rows_total"]
     assert values["diffusers_api_loop_jobs_total"].value == 1.0
     assert values["diffusers_api_loop_job_steps_total"].value == STEPS
+    # one request: it encoded and decoded alone
+    assert batching["encode"] == {"batches": 0, "prompts": 0, "mean_prompts": 0.0, "fallbacks": 0}
+    assert values["diffusers_api_encode_batches_total"].value == 0.0
     assert "diffusers_api_gpu_memory_bytes" not in families  # CPU

@@ -242,21 +242,25 @@ def test_denoising_loop_counters() -> None:
     assert parsed["diffusers_api_loop_max_jobs"] == {(): 3.0}
 
 
-def test_batched_decode_counters() -> None:
+def test_batched_decode_and_encode_counters() -> None:
     engine = batching_fake()
     decode = engine.shared.denoiser.decode_stats  # type: ignore[union-attr]
     decode.count(8)
     decode.count(3)
     decode.count_fallback()
+    engine.shared.encodes.stats.count(5)  # type: ignore[union-attr]
     parsed = scrape(Metrics(engine))
     assert parsed["diffusers_api_decode_batches_total"] == {(): 2.0}
     assert parsed["diffusers_api_decode_batched_images_total"] == {(): 11.0}
     assert parsed["diffusers_api_decode_fallbacks_total"] == {(): 1.0}
+    assert parsed["diffusers_api_encode_batches_total"] == {(): 1.0}
+    assert parsed["diffusers_api_encode_batched_prompts_total"] == {(): 5.0}
+    assert parsed["diffusers_api_encode_fallbacks_total"] == {(): 0.0}
 
 
 def test_the_serial_engine_has_no_batch_metrics() -> None:
     parsed = scrape(Metrics(FakeEngine()))  # no batcher, no denoiser: as the serial engine
-    prefixes = ("diffusers_api_batch", "diffusers_api_loop", "diffusers_api_decode")
+    prefixes = ("diffusers_api_batch", "diffusers_api_loop", "diffusers_api_decode", "diffusers_api_encode")
     assert not [name for name in parsed if name.startswith(prefixes)]
     assert "diffusers_api_unet_forward_rows_count" not in parsed
 

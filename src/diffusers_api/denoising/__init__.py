@@ -3,7 +3,8 @@
 - `tasks.py`: one request as a `DenoiseTask` (SD and SDXL prepared and finished as their pipelines do); `dit.py`:
   the diffusion transformers (SD3, Flux, PixArt-Sigma) likewise;
 - `loop.py`: the `Denoiser`, one thread stepping every task, batched step by step;
-- `decoding.py`: tasks that finish in the same round decode in one VAE call;
+- `encoding.py`: requests that arrive while a prompt encode runs encode together, in one text-encoder call;
+- `decoding.py`: tasks that finish in the same round decode in one VAE call (`groups.py`: what both count);
 - `rendezvous.py`: where UNet calls meet, from our loop and from diffusers' own loop (other pipelines);
 - `forward.py`: which rows may share a forward (`ForwardKey`) and the rows of one (`StepBatch`);
 - `graphs.py`, `compiled.py`: how a forward runs (CUDA graphs per bucket, torch.compile in the background).
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInputs
-from .decoding import DecodeStats
+from .encoding import EncodeGroups
 from .forward import UNetForward
+from .groups import GroupStats
 from .loop import Denoiser, LoopStats
 from .rendezvous import BatchStats, Rendezvous
 
@@ -37,11 +39,12 @@ class StepStats:
 
     batch: BatchStats  # the rendezvous: rounds, forwards and their rows
     loop: LoopStats  # our loop: rounds and requests stepped
-    decode: DecodeStats  # VAE calls that decoded requests finishing together
+    decode: GroupStats  # VAE calls that decoded requests finishing together
+    encode: GroupStats  # text-encoder calls that encoded requests arriving together
     compile: dict[str, Any]  # torch.compile's state (COMPILE=1), or {"state": "off"}
 
     def summary(self) -> dict[str, Any]:
-        loop = {"loop": self.loop.summary(), "decode": self.decode.summary()}
+        loop = {"loop": self.loop.summary(), "decode": self.decode.summary(), "encode": self.encode.summary()}
         return {"batching": self.batch.summary() | loop, "compile": self.compile}
 
 
@@ -49,17 +52,28 @@ class SharedSteps:
     """Batched steps for the runner: SD, SDXL, SD3, Flux and PixArt-Sigma requests run in our loop, other UNet
     pipelines' calls meet theirs at the rendezvous."""
 
-    def __init__(self, rendezvous: Rendezvous | None = None, own_loop: bool = True, decode_batch_max: int = 8) -> None:
+    def __init__(
+        self,
+        rendezvous: Rendezvous | None = None,
+        own_loop: bool = True,
+        decode_batch_max: int = 8,
+        encode_batch_max: int = 8,
+    ) -> None:
         """`own_loop=False` runs every request in diffusers' own loop, its UNet calls meeting the others' at the
         rendezvous (what other pipelines always do; the tests compare the two loops with it).
-        `decode_batch_max`: most images that one VAE call decodes for requests of our loop finishing together."""
+        `decode_batch_max`: most images that one VAE call decodes for requests of our loop finishing together;
+        `encode_batch_max`: most prompts that one text-encoder call encodes for requests arriving together."""
         self.rendezvous = rendezvous or Rendezvous()
         self.denoiser = Denoiser(self.rendezvous, decode_batch_max=decode_batch_max)
+        self.encodes = EncodeGroups(encode_batch_max)
         self.own_loop = own_loop
 
     @classmethod
-    def with_forward(cls, forward: UNetForward | None, max_wait_s: float, decode_batch_max: int = 8) -> SharedSteps:
-        return cls(Rendezvous(forward=forward, max_wait_s=max_wait_s), decode_batch_max=decode_batch_max)
+    def with_forward(
+        cls, forward: UNetForward | None, max_wait_s: float, decode_batch_max: int = 8, encode_batch_max: int = 8
+    ) -> SharedSteps:
+        rendezvous = Rendezvous(forward=forward, max_wait_s=max_wait_s)
+        return cls(rendezvous, decode_batch_max=decode_batch_max, encode_batch_max=encode_batch_max)
 
     def supports(self, pipe: Any, kwargs: dict[str, Any]) -> bool:
         """Whether our loop runs `pipe(**kwargs)` (it reproduces it exactly)."""
@@ -74,12 +88,12 @@ class SharedSteps:
         progress: ProgressCallback | None,
         cancel: threading.Event | None,
     ) -> Output:
-        """`pipe(**kwargs)` through our loop: prepare on this thread, step in the shared loop, finish here.
-        Inputs the pipeline would refuse are InvalidInputs."""
+        """`pipe(**kwargs)` through our loop: prepare on this thread (its prompts encoded with the requests that
+        arrive with it), step in the shared loop, finish here. Inputs the pipeline would refuse are InvalidInputs."""
         from . import tasks
 
         try:
-            task = tasks.prepare(pipe, kwargs)
+            task = tasks.prepare(pipe, kwargs, self.encodes, cancel)
         except (ValueError, TypeError) as exc:
             raise InvalidInputs(f"{type(pipe).__name__} rejected the inputs: {exc}") from exc
         task.progress, task.cancel = progress, cancel
@@ -95,7 +109,8 @@ class SharedSteps:
 
         forward = self.rendezvous.forward
         compiled = forward.summary() if isinstance(forward, CompiledForward) else {"state": "off"}
-        return StepStats(self.rendezvous.stats, self.denoiser.stats, self.denoiser.decode_stats, compiled)
+        denoiser = self.denoiser
+        return StepStats(self.rendezvous.stats, denoiser.stats, denoiser.decode_stats, self.encodes.stats, compiled)
 
     def stop(self) -> None:
         self.denoiser.stop()

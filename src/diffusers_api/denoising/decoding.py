@@ -22,13 +22,12 @@ round differently; the tests bound it as the batched UNet steps are bounded).
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..devices import is_out_of_memory
+from .groups import GroupStats, give_up
 
 if TYPE_CHECKING:
     import torch
@@ -40,34 +39,6 @@ log = logging.getLogger(__name__)
 # VAE classes whose decode works row by row (and takes no generator): rows of several requests decode as alone.
 # (A ConsistencyDecoderVAE samples with the request's generator, so its requests decode alone.)
 _BATCHABLE_VAES = frozenset({"AutoencoderKL"})
-
-
-@dataclass
-class DecodeStats:
-    """What the batched VAE calls did so far; members of different groups update it from their own threads."""
-
-    batches: int = 0  # VAE calls that decoded a group
-    images: int = 0  # the images those calls decoded
-    fallbacks: int = 0  # groups whose batched call failed, and whose members then decoded alone
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def count(self, images: int) -> None:
-        with self._lock:
-            self.batches += 1
-            self.images += images
-
-    def count_fallback(self) -> None:
-        with self._lock:
-            self.fallbacks += 1
-
-    def summary(self) -> dict[str, float]:
-        mean = self.images / self.batches if self.batches else 0.0
-        return {
-            "batches": self.batches,
-            "images": self.images,
-            "mean_images": round(mean, 2),
-            "fallbacks": self.fallbacks,
-        }
 
 
 def decode_key(task: DenoiseTask) -> tuple[Any, ...] | None:
@@ -84,7 +55,7 @@ def decode_key(task: DenoiseTask) -> tuple[Any, ...] | None:
     return (vae, task.family, tuple(latents.shape[1:]), latents.dtype, latents.device, size)
 
 
-def group_decodes(tasks: list[DenoiseTask], max_images: int, stats: DecodeStats) -> None:
+def group_decodes(tasks: list[DenoiseTask], max_images: int, stats: GroupStats) -> None:
     """Attach a shared `DecodeGroup` to the `tasks` (finished in one round) that can decode together, in groups of
     at most `max_images` images. A task left alone gets none."""
     groups: dict[tuple[Any, ...], list[DenoiseTask]] = {}
@@ -116,7 +87,7 @@ def _chunks(tasks: list[DenoiseTask], max_images: int) -> list[list[DenoiseTask]
 class DecodeGroup:
     """Tasks that decode in one VAE call, made by the first of them to ask (`images_of`)."""
 
-    def __init__(self, tasks: list[DenoiseTask], stats: DecodeStats) -> None:
+    def __init__(self, tasks: list[DenoiseTask], stats: GroupStats) -> None:
         self.tasks = tasks
         self._stats = stats
         self._lock = threading.Lock()
@@ -157,19 +128,9 @@ class DecodeGroup:
             failure, out_of_memory = f"{type(exc).__name__}: {exc}", is_out_of_memory(exc)
         if failure is not None:
             # Handled outside the except block: its traceback holds the failed call's tensors until it ends.
-            self._give_up(len(inputs), failure, out_of_memory)
+            give_up(self._stats, "VAE decode", len(inputs), failure, out_of_memory)
             return
         images = [task.images for task, _, _ in inputs]
         self._stats.count(sum(images))
         for (task, _, _), rows in zip(inputs, decoded.split(images), strict=True):
             self._images[id(task)] = rows
-
-    def _give_up(self, members: int, failure: str, out_of_memory: bool) -> None:
-        import torch
-
-        self._stats.count_fallback()
-        log.warning("a batched VAE decode of %d requests failed (%s); each decodes alone", members, failure)
-        if out_of_memory:
-            gc.collect()  # what the failed call allocated may still sit in reference cycles
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()

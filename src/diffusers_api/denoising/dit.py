@@ -30,7 +30,7 @@ from __future__ import annotations
 from typing import Any
 
 from .forward import SharedInputs
-from .tasks import DenoiseTask, Family, Mode, batch_size, execution_device, find_first_step
+from .tasks import DenoiseTask, Encode, Family, Mode, batch_size, execution_device, find_first_step
 
 
 def supports_transformer(pipe: Any, family: Family, kwargs: dict[str, Any]) -> bool:
@@ -45,15 +45,16 @@ def supports_transformer(pipe: Any, family: Family, kwargs: dict[str, Any]) -> b
     return True
 
 
-def prepare(pipe: Any, args: dict[str, Any], family: Family, mode: Mode) -> DenoiseTask:
-    """Everything `pipe(**args)` does before its first step (`args` has the pipeline's defaults filled in)."""
+def prepare(pipe: Any, args: dict[str, Any], family: Family, mode: Mode, encode: Encode) -> DenoiseTask:
+    """Everything `pipe(**args)` does before its first step (`args` has the pipeline's defaults filled in), its
+    prompts encoded with `encode` (tasks.prepare's)."""
     if family is Family.PIXART:
-        return _prepare_pixart(pipe, args)
+        return _prepare_pixart(pipe, args, encode)
     args["height"] = args["height"] or pipe.default_sample_size * pipe.vae_scale_factor
     args["width"] = args["width"] or pipe.default_sample_size * pipe.vae_scale_factor
     if family is Family.SD3:
-        return _prepare_sd3(pipe, args, mode)
-    return _prepare_flux(pipe, args, mode)
+        return _prepare_sd3(pipe, args, mode, encode)
+    return _prepare_flux(pipe, args, mode, encode)
 
 
 def vae_input(pipe: Any, task: DenoiseTask) -> Any:
@@ -82,19 +83,19 @@ def finish(pipe: Any, task: DenoiseTask, image: Any) -> list[Any]:
 # ---------------------------------------------------------------------------------------------- SD3
 
 
-def _prepare_sd3(pipe: Any, args: dict[str, Any], mode: Mode) -> DenoiseTask:
+def _prepare_sd3(pipe: Any, args: dict[str, Any], mode: Mode, encode: Encode) -> DenoiseTask:
     import torch
 
-    prompts = [args[name] for name in ("prompt", "prompt_2", "prompt_3")]
+    prompts = {name: args[name] for name in ("prompt", "prompt_2", "prompt_3")}
     negatives = {name: args[name] for name in ("negative_prompt", "negative_prompt_2", "negative_prompt_3")}
     size = (args["height"], args["width"])
     strength = [args["strength"]] if mode is Mode.IMG2IMG else []
-    pipe.check_inputs(*prompts, *size, *strength, **negatives, max_sequence_length=args["max_sequence_length"])
+    pipe.check_inputs(*prompts.values(), *size, *strength, **negatives, max_sequence_length=args["max_sequence_length"])
     pipe._guidance_scale, pipe._clip_skip = args["guidance_scale"], args["clip_skip"]
     pipe._joint_attention_kwargs, pipe._interrupt = None, False
     device, images = execution_device(pipe), batch_size(args["prompt"]) * args["num_images_per_prompt"]
-    positive, negative, pooled, negative_pooled = pipe.encode_prompt(
-        *prompts, **negatives, device=device, num_images_per_prompt=args["num_images_per_prompt"],
+    positive, negative, pooled, negative_pooled = encode(
+        **prompts, **negatives, device=device, num_images_per_prompt=args["num_images_per_prompt"],
         do_classifier_free_guidance=pipe.do_classifier_free_guidance, clip_skip=pipe.clip_skip,
         max_sequence_length=args["max_sequence_length"],
     )  # fmt: skip
@@ -143,14 +144,14 @@ def _strength_tail(pipe: Any, args: dict[str, Any], schedule: tuple[Any, int], d
 # ---------------------------------------------------------------------------------------------- Flux
 
 
-def _prepare_flux(pipe: Any, args: dict[str, Any], mode: Mode) -> DenoiseTask:
+def _prepare_flux(pipe: Any, args: dict[str, Any], mode: Mode, encode: Encode) -> DenoiseTask:
     import torch
 
-    prompts = (args["prompt"], args["prompt_2"])
+    prompts = {name: args[name] for name in ("prompt", "prompt_2")}
     negatives = {name: args[name] for name in ("negative_prompt", "negative_prompt_2")}
     size = (args["height"], args["width"])
     strength = [args["strength"]] if mode is Mode.IMG2IMG else []
-    pipe.check_inputs(*prompts, *strength, *size, **negatives, max_sequence_length=args["max_sequence_length"])
+    pipe.check_inputs(*prompts.values(), *strength, *size, **negatives, max_sequence_length=args["max_sequence_length"])
     pipe._guidance_scale, pipe._joint_attention_kwargs = args["guidance_scale"], None
     pipe._current_timestep, pipe._interrupt = None, False
     init_image = None
@@ -158,8 +159,8 @@ def _prepare_flux(pipe: Any, args: dict[str, Any], mode: Mode) -> DenoiseTask:
         init_image = pipe.image_processor.preprocess(args["image"], height=size[0], width=size[1])
         init_image = init_image.to(dtype=torch.float32)
     device, images = execution_device(pipe), batch_size(args["prompt"]) * args["num_images_per_prompt"]
-    hidden, pooled, text_ids = pipe.encode_prompt(
-        *prompts, device=device, num_images_per_prompt=args["num_images_per_prompt"],
+    hidden, pooled, text_ids = encode(
+        **prompts, device=device, num_images_per_prompt=args["num_images_per_prompt"],
         max_sequence_length=args["max_sequence_length"],
     )  # fmt: skip
     channels = pipe.transformer.config.in_channels // 4
@@ -217,7 +218,7 @@ _PIXART_BINS = {
 }
 
 
-def _prepare_pixart(pipe: Any, args: dict[str, Any]) -> DenoiseTask:
+def _prepare_pixart(pipe: Any, args: dict[str, Any], encode: Encode) -> DenoiseTask:
     import torch
     from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as sigma
 
@@ -239,8 +240,8 @@ def _prepare_pixart(pipe: Any, args: dict[str, Any]) -> DenoiseTask:
         raise ValueError(f"`max_sequence_length` has to be a positive integer, not {length!r}")
     guided = args["guidance_scale"] > 1.0
     device, images = execution_device(pipe), batch_size(args["prompt"]) * args["num_images_per_prompt"]
-    positive, mask, negative, negative_mask = pipe.encode_prompt(
-        args["prompt"], guided, negative_prompt=args["negative_prompt"],
+    positive, mask, negative, negative_mask = encode(
+        prompt=args["prompt"], do_classifier_free_guidance=guided, negative_prompt=args["negative_prompt"],
         num_images_per_prompt=args["num_images_per_prompt"], device=device, clean_caption=False,
         max_sequence_length=args["max_sequence_length"],
     )  # fmt: skip

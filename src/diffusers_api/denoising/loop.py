@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING
 
 from ..devices import is_out_of_memory
 from ..errors import Cancelled, NotReady
-from .decoding import DecodeStats, group_decodes
+from .decoding import group_decodes
 from .forward import ForwardKey, StepRows
+from .groups import GroupStats
 
 if TYPE_CHECKING:
     import torch
@@ -77,7 +78,7 @@ class Denoiser:
         self.rendezvous = rendezvous
         self.stats = LoopStats()
         self.decode_batch_max = decode_batch_max
-        self.decode_stats = DecodeStats()
+        self.decode_stats = GroupStats("images")
         self._cond = threading.Condition()
         self._inbox: list[DenoiseTask] = []
         self._active: list[DenoiseTask] = []

@@ -6,6 +6,7 @@ requests at once:
 
 - `prepare` (on the request's thread): check the inputs, encode the prompts, set the scheduler's timesteps,
   draw the initial latents (or encode the init image), exactly as the pipeline does, with its own methods.
+  Requests that arrive while another encode runs encode their prompts in one call (denoising/encoding.py).
   The result is a `DenoiseTask`: everything the loop needs, as an object.
 - the loop (`denoising/loop.py`, one thread for all requests): each step, the tasks of one model and shape run
   as one UNet forward; guidance is one tensor operation for all of them; then each task's own scheduler steps
@@ -42,9 +43,12 @@ if TYPE_CHECKING:
     import torch
 
     from .decoding import DecodeGroup
+    from .encoding import EncodeGroups
 
 ProgressCallback = Callable[[int, int], None]
 """Called after each denoising step with (step, steps)."""
+Encode = Callable[..., Any]
+"""A request's `pipe.encode_prompt`, called with keyword arguments (through its encode group, if any)."""
 
 
 class Family(enum.Enum):
@@ -353,21 +357,26 @@ def denoising_model(pipe: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- prepare
 
 
-def prepare(pipe: Any, kwargs: dict[str, Any]) -> DenoiseTask:
-    """Everything `pipe(**kwargs)` does before its first step. Raises ValueError/TypeError as the pipeline does."""
+def prepare(
+    pipe: Any, kwargs: dict[str, Any], encodes: EncodeGroups | None = None, cancel: threading.Event | None = None
+) -> DenoiseTask:
+    """Everything `pipe(**kwargs)` does before its first step, its prompts encoded through `encodes` (with the
+    requests arriving together; None: alone). Raises ValueError/TypeError as the pipeline does, and Cancelled
+    when `cancel` is set while its encode waits."""
     import torch
 
     entry = _SUPPORTED[type(pipe).__name__]
     args = _arguments(pipe, kwargs)
+    encode = pipe.encode_prompt if encodes is None else encodes.encoder(pipe, entry.family, cancel)
     with torch.inference_mode():
         if entry.family is Family.SD:
-            task = _prepare_sd(pipe, args, entry.mode)
+            task = _prepare_sd(pipe, args, entry.mode, encode)
         elif entry.family is Family.SDXL:
-            task = _prepare_sdxl(pipe, args, entry.mode)
+            task = _prepare_sdxl(pipe, args, entry.mode, encode)
         else:
             from . import dit
 
-            task = dit.prepare(pipe, args, entry.family, entry.mode)
+            task = dit.prepare(pipe, args, entry.family, entry.mode, encode)
     task.pipe = pipe
     return task
 
@@ -394,7 +403,7 @@ def _prompts(args: dict[str, Any]) -> int:
     return batch_size(args["prompt"])
 
 
-def _prepare_sd(pipe: Any, args: dict[str, Any], mode: Mode) -> DenoiseTask:
+def _prepare_sd(pipe: Any, args: dict[str, Any], mode: Mode, encode: Encode) -> DenoiseTask:
     import torch
 
     if mode in (Mode.TXT2IMG, Mode.INPAINT):
@@ -412,12 +421,12 @@ def _prepare_sd(pipe: Any, args: dict[str, Any], mode: Mode) -> DenoiseTask:
         pipe.check_inputs(args["prompt"], args["strength"], None, args["negative_prompt"], **embeds)
     _start(pipe, args)
     device, images = execution_device(pipe), _prompts(args) * args["num_images_per_prompt"]
-    positive, negative = pipe.encode_prompt(
-        args["prompt"],
-        device,
-        args["num_images_per_prompt"],
-        pipe.do_classifier_free_guidance,
-        args["negative_prompt"],
+    positive, negative = encode(
+        prompt=args["prompt"],
+        device=device,
+        num_images_per_prompt=args["num_images_per_prompt"],
+        do_classifier_free_guidance=pipe.do_classifier_free_guidance,
+        negative_prompt=args["negative_prompt"],
         clip_skip=pipe.clip_skip,
         **embeds,
     )
@@ -482,7 +491,7 @@ def _inpaint_latents(pipe: Any, args: dict[str, Any], images: int, dtype: Any, d
     return _Latents(timesteps, latents, blend=Blend(image_latents=outputs[2], noise=noise, mask=mask[:images]))
 
 
-def _prepare_sdxl(pipe: Any, args: dict[str, Any], mode: Mode) -> DenoiseTask:
+def _prepare_sdxl(pipe: Any, args: dict[str, Any], mode: Mode, encode: Encode) -> DenoiseTask:
     import torch
 
     embeds = {name: args[name] for name in ("prompt_embeds", "negative_prompt_embeds")}
@@ -508,7 +517,7 @@ def _prepare_sdxl(pipe: Any, args: dict[str, Any], mode: Mode) -> DenoiseTask:
         )  # fmt: skip
     _start(pipe, args)
     device, images = execution_device(pipe), _prompts(args) * args["num_images_per_prompt"]
-    positive, negative, pooled, negative_pooled = pipe.encode_prompt(
+    positive, negative, pooled, negative_pooled = encode(
         prompt=args["prompt"],
         prompt_2=args["prompt_2"],
         device=device,

@@ -32,6 +32,7 @@ def make_engine(settings: Settings) -> Engine:
         _unet_forward(settings),
         max_wait_s=settings.batch_wait_ms / 1000,
         decode_batch_max=settings.decode_batch_max,
+        encode_batch_max=settings.encode_batch_max,
     )
     runner = Runner(settings, steps=steps)
     return BatchingEngine(runner, max_batch_size=settings.max_batch_size, max_queue=settings.max_queue)

@@ -1,0 +1,54 @@
+"""What the decode groups (decoding.py) and the encode groups (encoding.py) share: the counters of their batched
+calls, and how a batched call that failed is given up (its members then call alone, as without groups)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GroupStats:
+    """What the batched calls of one kind did so far (VAE decodes, prompt encodes); members of different groups
+    update it from their own threads."""
+
+    unit: str  # what a call is counted in, on the wire: "images" (decodes), "prompts" (encodes)
+    batches: int = 0  # calls made for a group
+    items: int = 0  # the images (prompts) those calls did
+    fallbacks: int = 0  # groups whose batched call failed, and whose members then called alone
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(self, items: int) -> None:
+        with self._lock:
+            self.batches += 1
+            self.items += items
+
+    def count_fallback(self) -> None:
+        with self._lock:
+            self.fallbacks += 1
+
+    def summary(self) -> dict[str, float]:
+        mean = self.items / self.batches if self.batches else 0.0
+        return {
+            "batches": self.batches,
+            self.unit: self.items,
+            f"mean_{self.unit}": round(mean, 2),
+            "fallbacks": self.fallbacks,
+        }
+
+
+def give_up(stats: GroupStats, call: str, members: int, failure: str, out_of_memory: bool) -> None:
+    """Count and log a failed batched `call` of `members` requests; after running out of memory, free what the
+    failed call may still hold. (Called outside the `except` block: its traceback holds the call's tensors.)"""
+    import torch
+
+    stats.count_fallback()
+    log.warning("a batched %s of %d requests failed (%s); each calls alone", call, members, failure)
+    if out_of_memory:
+        gc.collect()  # what the failed call allocated may still sit in reference cycles
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
