@@ -5,7 +5,11 @@
 
 For N jobs in flight (1, 8, 32), with the engine's own pieces (ModelPipelines, denoise.prepare, the Denoiser, the
 Rendezvous with CUDA graphs), each timed with the device synchronised:
-- `prepare_s`: N requests prepared one after the other (prompt encoding, timesteps, initial latents);
+- `prepare_each_s`: per request, N requests prepared one after the other (prompt encoding, timesteps, initial
+  latents), each encoding its prompts alone (the engine before encode groups);
+- `prepare_grouped_s`: per request, the N prepared on N threads started together, their prompts encoded through
+  the encode groups as the engine runs them (`encode_batches` calls encoded `encode_grouped_jobs` of the N; the
+  first to arrive encodes alone, at most ENCODE_BATCH_MAX, 8, per call);
 - `loop_round_s`: one round of the Denoiser stepping all N jobs (forward, guidance, N scheduler steps);
 - `graph_forward_s` / `eager_forward_s`: the UNet forward alone on the same 2N rows, replayed as a CUDA graph
   (padded to its bucket) and eagerly; `loop_round_s` minus the forward is the loop's own cost per round;
@@ -27,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
 from gpu_bench import PROMPT, build_and_save, environment, free_memory, sd21_base, section, sync, timed  # noqa: E402
+
+PREPARE_RUNS = 3  # the N requests are prepared this many times, each way (the median is reported)
 
 
 def median_time(fn: Callable[[], Any], runs: int) -> float:
@@ -67,9 +74,34 @@ class Engine:
         self.pipes: dict[int, Any] = {}  # id(job) -> its request's pipeline
 
     def jobs(self, n: int, size: int) -> list[Any]:
+        """`n` requests prepared one after the other, each encoding alone."""
         from diffusers_api.denoising import tasks as denoise
 
         jobs = []
+        for pipe, kwargs in self.requests(n, size):
+            jobs.append(denoise.prepare(pipe, kwargs))
+            self.pipes[id(jobs[-1])] = pipe
+        return jobs
+
+    def jobs_together(self, n: int, size: int, encodes: Any) -> list[Any]:
+        """`n` requests prepared on `n` threads started together, encoding through `encodes` (EncodeGroups)."""
+        from diffusers_api.denoising import tasks as denoise
+
+        requests = self.requests(n, size)
+        start = threading.Barrier(n)
+
+        def prepare(pipe: Any, kwargs: dict[str, Any]) -> Any:
+            start.wait()
+            return denoise.prepare(pipe, kwargs, encodes)
+
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            jobs = list(pool.map(lambda request: prepare(*request), requests))
+        sync()
+        return jobs
+
+    def requests(self, n: int, size: int) -> list[tuple[Any, dict[str, Any]]]:
+        """`n` requests: each its own pipeline and arguments."""
+        requests = []
         for i in range(n):
             pipe = self.pipelines.build(self.cls, self.pipelines.scheduler("DPM++ 2M"), safety_checker=False)
             kwargs = {
@@ -80,9 +112,8 @@ class Engine:
                 "height": size,
                 "generator": torch.Generator("cpu").manual_seed(i),
             }
-            jobs.append(denoise.prepare(pipe, kwargs))
-            self.pipes[id(jobs[-1])] = pipe
-        return jobs
+            requests.append((pipe, kwargs))
+        return requests
 
     def run(self, jobs: list[Any]) -> None:
         threads = [threading.Thread(target=self.denoiser.run, args=(job,)) for job in jobs]
@@ -102,10 +133,13 @@ def forward_inputs(jobs: list[Any]) -> tuple[Any, Any, Any]:
 
 def in_flight(engine: Engine, n: int, size: int) -> dict[str, Any]:
     from diffusers_api.denoising import tasks as denoise
+    from diffusers_api.denoising.encoding import EncodeGroups
     from diffusers_api.denoising.forward import eager_forward
 
     unet, vae = engine.pipelines.components["unet"], engine.pipelines.components["vae"]
-    prepare_s = median_time(lambda: engine.jobs(n, size), 1)
+    prepare_s = median_time(lambda: engine.jobs(n, size), PREPARE_RUNS)
+    encodes = EncodeGroups()
+    prepared_s = median_time(lambda: engine.jobs_together(n, size, encodes), PREPARE_RUNS)
     engine.run(engine.jobs(n, size))  # warm-up: captures this bucket's graph
     jobs = engine.jobs(n, size)
     rounds_before = engine.denoiser.stats.rounds
@@ -129,6 +163,9 @@ def in_flight(engine: Engine, n: int, size: int) -> dict[str, Any]:
         "jobs": n,
         "rows": 2 * n,
         "prepare_each_s": round(prepare_s / n, 4),
+        "prepare_grouped_s": round(prepared_s / n, 4),
+        "encode_batches": round(encodes.stats.batches / PREPARE_RUNS, 2),  # per run
+        "encode_grouped_jobs": round(encodes.stats.items / PREPARE_RUNS, 2),
         "rounds": rounds,
         "loop_round_s": round(loop_s / rounds, 4),
         "graph_forward_s": round(graph_s, 4),

@@ -181,18 +181,18 @@ def test_decode_batch_max_caps_the_images_of_a_call(models_dir: Path, decodes: A
     assert all(task.decode_group is None for task in off.tasks)
 
 
-def test_the_setting_reaches_the_loop_and_its_counters_are_reported(models_dir: Path) -> None:
-    engine = make_engine(Settings(model_id="builtin/tiny-sd", models_dir=models_dir, decode_batch_max=3))
-    steps = engine.runner.steps  # type: ignore[attr-defined]
+def test_the_settings_reach_the_shared_steps_and_their_counters_are_reported(models_dir: Path) -> None:
+    """DECODE_BATCH_MAX and ENCODE_BATCH_MAX (test_batched_encode.py), and /health's counters of both."""
+    settings = Settings(model_id="builtin/tiny-sd", models_dir=models_dir, decode_batch_max=3, encode_batch_max=4)
+    steps = make_engine(settings).runner.steps  # type: ignore[attr-defined]
     assert isinstance(steps, SharedSteps)
-    assert steps.denoiser.decode_batch_max == 3
+    assert (steps.denoiser.decode_batch_max, steps.encodes.max_prompts) == (3, 4)
     steps.denoiser.decode_stats.count(3)
-    assert steps.stats().summary()["batching"]["decode"] == {
-        "batches": 1,
-        "images": 3,
-        "mean_images": 3.0,
-        "fallbacks": 0,
-    }
+    steps.encodes.stats.count(4)
+    steps.encodes.stats.count_fallback()
+    batching = steps.stats().summary()["batching"]
+    assert batching["decode"] == {"batches": 1, "images": 3, "mean_images": 3.0, "fallbacks": 0}
+    assert batching["encode"] == {"batches": 1, "prompts": 4, "mean_prompts": 4.0, "fallbacks": 1}
     steps.stop()
 
 

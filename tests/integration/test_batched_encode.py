@@ -6,11 +6,13 @@ Arrival is made deterministic rather than left to timing: the first request's en
 encoder's first forward until the others have queued behind it (and those of other keys have started encoding
 alone). The first request then encodes alone, with the call made without groups (its images are bit-identical to
 before), and the queued ones in the next call. Every run's tasks step together in one loop and decode alone, so
-images differ only by their encodes; a batched call's are held to support/tiny.py's bound.
+images differ only by their encodes; a batched call's are held to support/tiny.py's bound. (ENCODE_BATCH_MAX's way
+to the shared steps, and /health's counters, are tested with DECODE_BATCH_MAX's in test_batched_decode.py.)
 """
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,15 +23,18 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from diffusers_api.config import Settings
 from diffusers_api.denoising import Denoiser, Rendezvous, SharedSteps
 from diffusers_api.denoising import tasks as denoise
 from diffusers_api.denoising.encoding import EncodeGroups
-from diffusers_api.engine import make_engine
 from diffusers_api.errors import Cancelled
 from diffusers_api.models.store import LoadedModel
+from diffusers_api.runner import Runner
+from diffusers_api.schema import GenerateRequest, GenerateResult
 from support.tiny import MODELS, assert_close, call, model, new_pipe
+from support.together import run_together
 
 HOLD_S = 30  # the longest the first encode is held for its company (a test whose company never comes fails)
 
@@ -244,17 +249,27 @@ def test_encode_batch_max_caps_the_prompts_of_a_call(
     assert off.stats.batches == 0
 
 
-def test_the_setting_reaches_the_shared_steps_and_its_counters_are_reported(models_dir: Path) -> None:
-    engine = make_engine(Settings(model_id="builtin/tiny-sd", models_dir=models_dir, encode_batch_max=3))
-    steps = engine.runner.steps  # type: ignore[attr-defined]
-    assert isinstance(steps, SharedSteps)
-    assert steps.encodes.max_prompts == 3
-    steps.encodes.stats.count(3)
-    steps.encodes.stats.count_fallback()
-    assert steps.stats().summary()["batching"]["encode"] == {
-        "batches": 1,
-        "prompts": 3,
-        "mean_prompts": 3.0,
-        "fallbacks": 1,
-    }
-    steps.stop()
+def test_runner_requests_that_arrive_together_share_an_encode(
+    models_dir: Path, text_encoder: Callable[..., TextEncoder]
+) -> None:
+    """Through the runner, as the engine serves them: whichever request encodes first is held until the other two
+    have queued behind it."""
+    settings = Settings(model_id="builtin/tiny-sd", models_dir=models_dir)
+    alone = Runner(settings)
+    alone.start()
+    requests = [GenerateRequest(prompt=f"a red barn {i}", seed=i, num_inference_steps=3) for i in range(3)]
+    expected = [alone.run(request) for request in requests]
+    steps = SharedSteps(Rendezvous(max_wait_s=5.0))
+    runner = Runner(settings, store=alone.store, steps=steps)
+    loaded = runner.store.get(requests[0])
+    held = text_encoder(loaded, until=lambda: steps.encodes.queued == 2)
+    results = run_together(runner, steps, requests)
+    assert max(held.rows) == 2
+    assert steps.stats().encode.summary() == {"batches": 1, "prompts": 2, "mean_prompts": 2.0, "fallbacks": 0}
+    for result, solo in zip(results, expected, strict=True):
+        assert result.meta["LOOP"] == "batched"
+        assert_close(pixels(result), pixels(solo))
+
+
+def pixels(result: GenerateResult) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(result.images[0]))).astype(int)
