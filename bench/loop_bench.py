@@ -13,6 +13,8 @@ Rendezvous with CUDA graphs), each timed with the device synchronised:
 - `loop_round_s`: one round of the Denoiser stepping all N jobs (forward, guidance, N scheduler steps);
 - `graph_forward_s` / `eager_forward_s`: the UNet forward alone on the same 2N rows, replayed as a CUDA graph
   (padded to its bucket) and eagerly; `loop_round_s` minus the forward is the loop's own cost per round;
+- `encode_each_s` / `encode_batched_s`: the N prompts (with guidance: and N empty negatives) encoded one
+  `encode_prompt` call each, and in one call with lists;
 - `decode_each_s` / `decode_batched_s`: the N images decoded one call each, and in one batched VAE call;
 - `finish_grouped_s`: what the request threads do after the loop, per request (decode, post-processing to PIL),
   with the decode groups the loop formed (`grouped_jobs` of the N finished in a round with others; at most
@@ -150,6 +152,7 @@ def in_flight(engine: Engine, n: int, size: int) -> dict[str, Any]:
     sample, timesteps, hidden = forward_inputs(jobs)
     graph_s = median_time(lambda: engine.forward(unet, sample, timesteps, hidden, None), 5)
     eager_s = median_time(lambda: eager_forward(unet, sample, timesteps, hidden, None), 5)
+    each_encode_s, batched_encode_s = encode_times(engine.pipes[id(jobs[0])], n, engine.args.device)
     latents = torch.cat([job.latents for job in jobs]) / vae.config.scaling_factor
     each_s = median_time(lambda: [vae.decode(latents[i : i + 1], return_dict=False) for i in range(n)], 3)
     batched_s = median_time(lambda: vae.decode(latents, return_dict=False), 3)
@@ -171,12 +174,26 @@ def in_flight(engine: Engine, n: int, size: int) -> dict[str, Any]:
         "graph_forward_s": round(graph_s, 4),
         "eager_forward_s": round(eager_s, 4),
         "loop_overhead_per_job_ms": round((loop_s / rounds - min(graph_s, eager_s)) / n * 1000, 3),
+        "encode_each_s": round(each_encode_s, 4),
+        "encode_batched_s": round(batched_encode_s, 4),
         "decode_each_s": round(each_s, 4),
         "decode_batched_s": round(batched_s, 4),
         "grouped_jobs": grouped,
         "finish_grouped_s": round(grouped_s / n, 4),
         "finish_each_s": round(finish_s / n, 4),
     }
+
+
+def encode_times(pipe: Any, n: int, device: str) -> tuple[float, float]:
+    """`n` prompts encoded (with guidance) one `encode_prompt` call each, and in one call with a list of them."""
+    prompts = [f"{PROMPT} {i}" for i in range(n)]
+
+    def encode(prompt: str | list[str]) -> Any:
+        return pipe.encode_prompt(
+            prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
+
+    return median_time(lambda: [encode(p) for p in prompts], 3), median_time(lambda: encode(prompts), 3)
 
 
 def forwards(engine: Engine, rows_list: list[int], size: int) -> dict[str, Any]:

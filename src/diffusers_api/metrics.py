@@ -230,16 +230,16 @@ def _loop_families(stats: LoopStats) -> Iterator[Metric]:
 
 
 def _group_families(stats: GroupStats, kind: str, calls: str) -> Iterator[Metric]:
-    """The counters of one kind of batched call (decode, encode): `diffusers_api_{kind}_*`."""
+    """The counters of one kind of batched call (`kind`: decode, encode), `diffusers_api_{kind}_*`."""
     from prometheus_client.core import CounterMetricFamily
 
     yield CounterMetricFamily(f"diffusers_api_{kind}_batches", f"{calls}.", stats.batches)
     yield CounterMetricFamily(
-        f"diffusers_api_{kind}_batched_{stats.unit}", f"The {stats.unit} those calls did.", stats.items
+        f"diffusers_api_{kind}_batched_{stats.unit}", f"The {stats.unit} those calls {kind}d.", stats.items
     )
     yield CounterMetricFamily(
         f"diffusers_api_{kind}_fallbacks",
-        f"Batched calls of this kind ({kind}) that failed (out of memory, ...), after which each request called alone.",
+        f"Batched calls that failed (out of memory, ...), after which each request {kind}d alone.",
         stats.fallbacks,
     )
 

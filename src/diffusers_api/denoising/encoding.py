@@ -77,9 +77,10 @@ def encode_key(pipe: Any, family: Family, call: dict[str, Any]) -> tuple[Any, ..
     others = tuple(
         sorted((name, value) for name, value in call.items() if name not in _TEXTS | {"num_images_per_prompt"})
     )
-    modules = tuple((id(module), getattr(module, "dtype", None)) for module in _modules(pipe))
+    modules = [getattr(pipe, name, None) for name in _MODULES]
+    identities = tuple((id(module), getattr(module, "dtype", None)) for module in modules)
     force_zeros = getattr(pipe.config, "force_zeros_for_empty_prompt", None)  # SDXL: None negative -> zeros
-    key = (type(pipe), family, modules, given, others, force_zeros)
+    key = (type(pipe), family, identities, given, others, force_zeros)
     try:
         hash(key)
     except TypeError:  # an argument this grouping does not know (a tensor, a list): alone
@@ -89,10 +90,6 @@ def encode_key(pipe: Any, family: Family, call: dict[str, Any]) -> tuple[Any, ..
 
 def _given(name: str, text: str | None) -> bool:
     return bool(text) if name in _FALLBACK_TEXTS else text is not None
-
-
-def _modules(pipe: Any) -> list[Any]:
-    return [getattr(pipe, name, None) for name in _MODULES]
 
 
 @dataclass(eq=False)
@@ -136,7 +133,12 @@ class EncodeGroups:
 
     def encode(self, pipe: Any, family: Family, call: dict[str, Any], cancel: threading.Event | None = None) -> Any:
         """`pipe.encode_prompt(**call)`, or this request's rows of a call that encodes it with others."""
-        key = encode_key(pipe, family, call) if self.max_prompts > 1 else None
+        key = None
+        if self.max_prompts > 1:
+            try:
+                key = encode_key(pipe, family, call)
+            except Exception:  # grouping only saves time: this request encodes alone, as without it
+                log.exception("keying a prompt encode for a batched call failed; it encodes alone")
         if key is None:
             return pipe.encode_prompt(**call)
         member = _Member(pipe, call, cancel)
