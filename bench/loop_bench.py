@@ -10,6 +10,8 @@ Rendezvous with CUDA graphs), each timed with the device synchronised:
 - `prepare_grouped_s`: per request, the N prepared on N threads started together, their prompts encoded through
   the encode groups as the engine runs them (`encode_batches` calls encoded `encode_grouped_jobs` of the N; the
   first to arrive encodes alone, at most ENCODE_BATCH_MAX, 8, per call);
+- `prepare_threads_alone_s`: the same N threads with each encoding alone (ENCODE_BATCH_MAX=1): how concurrent
+  requests prepared before encode groups;
 - `loop_round_s`: one round of the Denoiser stepping all N jobs (forward, guidance, N scheduler steps);
 - `graph_forward_s` / `eager_forward_s`: the UNet forward alone on the same 2N rows, replayed as a CUDA graph
   (padded to its bucket) and eagerly; `loop_round_s` minus the forward is the loop's own cost per round;
@@ -142,6 +144,7 @@ def in_flight(engine: Engine, n: int, size: int) -> dict[str, Any]:
     prepare_s = median_time(lambda: engine.jobs(n, size), PREPARE_RUNS)
     encodes = EncodeGroups()
     prepared_s = median_time(lambda: engine.jobs_together(n, size, encodes), PREPARE_RUNS)
+    threads_s = median_time(lambda: engine.jobs_together(n, size, EncodeGroups(1)), PREPARE_RUNS)
     engine.run(engine.jobs(n, size))  # warm-up: captures this bucket's graph
     jobs = engine.jobs(n, size)
     rounds_before = engine.denoiser.stats.rounds
@@ -167,6 +170,7 @@ def in_flight(engine: Engine, n: int, size: int) -> dict[str, Any]:
         "rows": 2 * n,
         "prepare_each_s": round(prepare_s / n, 4),
         "prepare_grouped_s": round(prepared_s / n, 4),
+        "prepare_threads_alone_s": round(threads_s / n, 4),
         "encode_batches": round(encodes.stats.batches / PREPARE_RUNS, 2),  # per run
         "encode_grouped_jobs": round(encodes.stats.items / PREPARE_RUNS, 2),
         "rounds": rounds,
