@@ -8,7 +8,6 @@ apart in the VAE's output), so the images are held to support/tiny.py's bound, t
 from __future__ import annotations
 
 import copy
-import io
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from diffusers_api.config import Settings
 from diffusers_api.denoising import Denoiser, Rendezvous, SharedSteps
@@ -25,9 +23,8 @@ from diffusers_api.denoising import tasks as denoise
 from diffusers_api.denoising.tasks import DenoiseTask, float32_vae
 from diffusers_api.engine import make_engine
 from diffusers_api.models.store import LoadedModel
-from diffusers_api.runner import Runner
-from diffusers_api.schema import GenerateRequest, GenerateResult
-from support.tiny import MODELS, assert_close, call, model, new_pipe
+from diffusers_api.schema import GenerateRequest
+from support.tiny import MODELS, assert_as_alone, assert_close, call, model, new_pipe, shared_runner
 from support.together import run_together
 
 
@@ -198,21 +195,10 @@ def test_the_settings_reach_the_shared_steps_and_their_counters_are_reported(mod
 
 def test_runner_requests_that_finish_together_share_a_decode(models_dir: Path) -> None:
     """Through the runner, as the engine serves them (safety checker and post-processing per request)."""
-    settings = Settings(model_id="builtin/tiny-sd", models_dir=models_dir)
-    alone = Runner(settings)
-    alone.start()
     requests = [GenerateRequest(prompt=f"a red barn {i}", seed=i, num_inference_steps=3) for i in range(3)]
-    expected = [alone.run(request) for request in requests]
-    steps = SharedSteps(Rendezvous(max_wait_s=5.0))
-    runner = Runner(settings, store=alone.store, steps=steps)
+    runner, steps, expected = shared_runner(models_dir, requests)
     results = run_together(runner, steps, requests)
     decode = steps.stats().decode
     assert decode.batches >= 1  # the first request may lead the others by a round (support/together.py)
     assert decode.items >= 2
-    for result, solo in zip(results, expected, strict=True):
-        assert result.meta["LOOP"] == "batched"
-        assert_close(pixels(result), pixels(solo))
-
-
-def pixels(result: GenerateResult) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(result.images[0]))).astype(int)
+    assert_as_alone(results, expected)

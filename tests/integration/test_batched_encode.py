@@ -12,7 +12,6 @@ to the shared steps, and /health's counters, are tested with DECODE_BATCH_MAX's 
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,17 +22,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from diffusers_api.config import Settings
-from diffusers_api.denoising import Denoiser, Rendezvous, SharedSteps
+from diffusers_api.denoising import Denoiser, Rendezvous
 from diffusers_api.denoising import tasks as denoise
 from diffusers_api.denoising.encoding import EncodeGroups
 from diffusers_api.errors import Cancelled
 from diffusers_api.models.store import LoadedModel
-from diffusers_api.runner import Runner
-from diffusers_api.schema import GenerateRequest, GenerateResult
-from support.tiny import MODELS, assert_close, call, model, new_pipe
+from diffusers_api.schema import GenerateRequest
+from support.tiny import MODELS, assert_as_alone, assert_close, call, model, new_pipe, shared_runner
 from support.together import run_together
 
 HOLD_S = 30  # the longest the first encode is held for its company (a test whose company never comes fails)
@@ -254,22 +250,10 @@ def test_runner_requests_that_arrive_together_share_an_encode(
 ) -> None:
     """Through the runner, as the engine serves them: whichever request encodes first is held until the other two
     have queued behind it."""
-    settings = Settings(model_id="builtin/tiny-sd", models_dir=models_dir)
-    alone = Runner(settings)
-    alone.start()
     requests = [GenerateRequest(prompt=f"a red barn {i}", seed=i, num_inference_steps=3) for i in range(3)]
-    expected = [alone.run(request) for request in requests]
-    steps = SharedSteps(Rendezvous(max_wait_s=5.0))
-    runner = Runner(settings, store=alone.store, steps=steps)
-    loaded = runner.store.get(requests[0])
-    held = text_encoder(loaded, until=lambda: steps.encodes.queued == 2)
+    runner, steps, expected = shared_runner(models_dir, requests)
+    held = text_encoder(runner.store.get(requests[0]), until=lambda: steps.encodes.queued == 2)
     results = run_together(runner, steps, requests)
     assert max(held.rows) == 2
     assert steps.stats().encode.summary() == {"batches": 1, "prompts": 2, "mean_prompts": 2.0, "fallbacks": 0}
-    for result, solo in zip(results, expected, strict=True):
-        assert result.meta["LOOP"] == "batched"
-        assert_close(pixels(result), pixels(solo))
-
-
-def pixels(result: GenerateResult) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(result.images[0]))).astype(int)
+    assert_as_alone(results, expected)

@@ -9,15 +9,19 @@ at most one 8-bit level apart, on at most 1% of the pixels.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from diffusers_api.config import Settings
+from diffusers_api.denoising import Rendezvous, SharedSteps
 from diffusers_api.models.store import LoadedModel, ModelStore
-from diffusers_api.schema import GenerateRequest
+from diffusers_api.runner import Runner
+from diffusers_api.schema import GenerateRequest, GenerateResult
 
 MAX_LEVEL_DIFFERENCE = 1  # as tests/integration/test_batching.py
 MAX_DIFFERING_SHARE = 0.01
@@ -60,3 +64,27 @@ def assert_close(batched: np.ndarray, alone: np.ndarray) -> None:
     difference = np.abs(batched - alone)
     assert difference.max() <= MAX_LEVEL_DIFFERENCE
     assert (difference > 0).mean() <= MAX_DIFFERING_SHARE
+
+
+def shared_runner(
+    models_dir: Path, requests: list[GenerateRequest]
+) -> tuple[Runner, SharedSteps, list[GenerateResult]]:
+    """A runner over tiny-sd whose requests share steps (as the engine serves them), its `SharedSteps`, and the
+    `requests`' results run alone (diffusers' own call) on the same store, the reference."""
+    settings = Settings(model_id="builtin/tiny-sd", models_dir=models_dir)
+    alone = Runner(settings)
+    alone.start()
+    expected = [alone.run(request) for request in requests]
+    steps = SharedSteps(Rendezvous(max_wait_s=5.0))
+    return Runner(settings, store=alone.store, steps=steps), steps, expected
+
+
+def assert_as_alone(results: list[GenerateResult], expected: list[GenerateResult]) -> None:
+    """Results of our loop, each within the bound of its request's result alone."""
+    for result, solo in zip(results, expected, strict=True):
+        assert result.meta["LOOP"] == "batched"
+        assert_close(pixels(result), pixels(solo))
+
+
+def pixels(result: GenerateResult) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(result.images[0]))).astype(int)
