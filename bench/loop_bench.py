@@ -21,7 +21,9 @@ Rendezvous with CUDA graphs), each timed with the device synchronised:
 - `finish_grouped_s`: what the request threads do after the loop, per request (decode, post-processing to PIL),
   with the decode groups the loop formed (`grouped_jobs` of the N finished in a round with others; at most
   DECODE_BATCH_MAX, 8, images per VAE call), as the engine runs them;
-- `finish_each_s`: the same with each request decoding alone (the engine before decode groups).
+- `finish_each_s`: the same with each request decoding alone (the engine before decode groups);
+- `loop_host_round_ms` / `loop_host_per_job_ms` (sections `loop_host_N_jobs`): the loop's own host cost, the
+  same N jobs stepped with a forward that does nothing (best of 3 runs).
 Then, for a range of row counts, the UNet forward eagerly and as a CUDA graph (which wins where), and for a few
 of them, with the VAE decode of one image, without and with cuDNN timing its algorithms (cudnn.benchmark).
 """
@@ -126,6 +128,36 @@ class Engine:
         for thread in threads:
             thread.join()
         sync()
+
+
+def null_forward(model: Any, sample: Any, timesteps: Any, hidden: Any, added: Any, shared: Any = None) -> Any:
+    """A forward with no work: zeros of the sample's shape (the guidance and scheduler steps still run on them)."""
+    return torch.zeros_like(sample)
+
+
+def loop_host(engine: Engine, n: int, size: int) -> dict[str, Any]:
+    """The loop thread's own cost: `n` jobs stepped by a Denoiser whose forward does nothing (`null_forward`), so
+    what is timed is the loop (admitting, grouping, concatenating the rows, guidance, `n` scheduler steps, progress)
+    launching its work, to the device's end. Issue #16 asks for under 1 ms per request and round."""
+    from diffusers_api.denoising import Denoiser, Rendezvous
+
+    denoiser = Denoiser(Rendezvous(forward=null_forward), decode_batch_max=1)
+    per_round = []
+    for _ in range(3):
+        jobs = engine.jobs(n, size)
+        rounds = denoiser.stats.rounds
+        with torch.inference_mode():
+            sync()
+            started = time.perf_counter()
+            denoiser.submit(*jobs)
+            for job in jobs:
+                job.done.wait()
+            sync()
+        per_round.append((time.perf_counter() - started) / (denoiser.stats.rounds - rounds))
+    denoiser.stop()
+    engine.pipes.clear()
+    best = min(per_round)
+    return {"jobs": n, "loop_host_round_ms": round(best * 1000, 3), "loop_host_per_job_ms": round(best / n * 1000, 3)}
 
 
 def forward_inputs(jobs: list[Any]) -> tuple[Any, Any, Any]:
@@ -258,6 +290,9 @@ def main() -> None:
     for n in (int(x) for x in args.jobs.split(",")):
         section(f"loop_{n}_jobs", lambda n=n: {"what": f"loop_{n}_jobs"} | in_flight(engine, n, size), args, env)
         free_memory()
+        section(
+            f"loop_host_{n}_jobs", lambda n=n: {"what": f"loop_host_{n}_jobs"} | loop_host(engine, n, size), args, env
+        )
     rows = [int(x) for x in args.rows.split(",")]
     section("loop_unet_forward_by_rows", lambda: forwards(engine, rows, size), args, env)
     cudnn_rows = [int(x) for x in args.cudnn_rows.split(",")]
