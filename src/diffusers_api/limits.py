@@ -89,6 +89,30 @@ def check_size(request: GenerateRequest, pipelines: ModelPipelines, model_id: st
         _check_side(field, "", getattr(request, field), pipelines, model_id)
 
 
+def check_clip_skip(request: GenerateRequest, pipelines: ModelPipelines, model_id: str) -> None:
+    """`clip_skip` (an `extra` argument) skips whole layers of the model's CLIP text encoders, at least one of whose
+    layers must remain; diffusers indexes their hidden states with it unchecked (a 100 was an IndexError)."""
+    value = request.extra.get("clip_skip")
+    if value is None:
+        return
+    depths = [
+        encoder.config.num_hidden_layers
+        for name in ("text_encoder", "text_encoder_2")
+        if (encoder := pipelines.components.get(name)) is not None
+        and isinstance(getattr(getattr(encoder, "config", None), "num_hidden_layers", None), int)
+    ]
+    if not depths:
+        return  # no CLIP text encoder to skip layers of: the pipeline's own inputs check decides
+    layers = min(depths)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < layers:
+        raise InvalidInputs(
+            f"clip_skip: {value!r} is not a whole number from 0 to {layers - 1} (the layers of {model_id}'s text "
+            f"encoder that can be skipped: it has {layers})",
+            field="clip_skip",
+            maximum=layers - 1,
+        )
+
+
 def check_input_images(images: dict[str, Image.Image], pipelines: ModelPipelines, model_id: str) -> None:
     """An input image (img2img, inpainting) is at least the model's smallest size: it is denoised at its own."""
     image = images.get("image")

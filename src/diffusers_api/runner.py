@@ -19,7 +19,7 @@ from . import imaging, prompts
 from .denoising.tasks import ProgressCallback
 from .devices import memory_usage
 from .errors import Cancelled, DiffusersAPIError, InvalidInputs, NotReady, PipelineError
-from .limits import check_images, check_input_images, check_prompts, check_size
+from .limits import check_clip_skip, check_images, check_input_images, check_prompts, check_size
 from .models.controls import control_arguments, control_modules, control_pipeline
 from .models.ip_adapter import check_family as check_ip_adapter_family
 from .models.store import LoadedModel, ModelStore
@@ -196,6 +196,7 @@ class Runner:
         pipe_cls = self._pipeline_class(model, request)
         scheduler = model.pipelines.scheduler(self._scheduler_name(model, request))
         self._check_input_names(pipe_cls, _input_names(request))
+        check_clip_skip(request, model.pipelines, model.spec.model_id)
         if request.prompt_weighting or request.long_prompts:
             prompts.check_request(request, pipe_cls, model.spec.model_id)
         if request.ip_adapter is not None:

@@ -127,6 +127,22 @@ def test_the_smallest_size_makes_an_image_even_alone_without_guidance(models_dir
     assert runner.run(ask(width=16, height=16, guidance_scale=1)).images
 
 
+@pytest.mark.parametrize("value", [2, 100, -1, 1.5, "1", True], ids=repr)
+@pytest.mark.parametrize("model_id", ["builtin/tiny-sd", "builtin/tiny-sdxl"])
+def test_a_clip_skip_past_the_text_encoders_layers_is_refused_naming_the_range(
+    models_dir: Path, model_id: str, value: object
+) -> None:
+    """The tiny CLIP text encoders have 2 layers: 0 or 1 can be skipped. diffusers indexes their hidden states with
+    clip_skip unchecked, and a 100 was a 500 (IndexError)."""
+    runner = Runner(Settings(model_id=model_id, models_dir=models_dir))
+    runner.start()
+    with pytest.raises(InvalidInputs) as caught:
+        runner.run(ask(extra={"clip_skip": value}))
+    assert caught.value.message.startswith(f"clip_skip: {value!r} is not a whole number from 0 to 1")
+    assert caught.value.extra == {"field": "clip_skip", "maximum": 1}
+    assert runner.run(ask(extra={"clip_skip": 1})).images
+
+
 def test_an_input_image_below_the_smallest_size_is_refused(runner: Runner) -> None:
     from PIL import Image
 

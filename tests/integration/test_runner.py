@@ -335,7 +335,7 @@ def test_extra_pipeline_arguments_pass_through(runner: Runner) -> None:
     assert plain.images != rescaled.images
 
 
-@pytest.mark.parametrize("clip_skip", [1, 2])
+@pytest.mark.parametrize("clip_skip", [0, 1])
 def test_clip_skip_encodes_from_an_earlier_layer_in_either_loop(runner: Runner, clip_skip: int) -> None:
     """diffusers' clip_skip reads `text_encoder.text_model`, which transformers 5's CLIPTextModel lacks (diffusers
     issue #14124): these requests failed with an AttributeError. Ours and diffusers' own loop give one image."""
@@ -344,7 +344,7 @@ def test_clip_skip_encodes_from_an_earlier_layer_in_either_loop(runner: Runner, 
     skipped = ours.run(ask(seed=3, extra={"clip_skip": clip_skip}))
     theirs = runner.run(ask(seed=3, extra={"clip_skip": clip_skip}))  # no shared steps: diffusers' own loop
     assert (skipped.meta["LOOP"], theirs.meta["LOOP"]) == ("batched", "diffusers")
-    assert skipped.images != plain.images
+    assert (skipped.images != plain.images) == (clip_skip > 0)  # 0 skips no layer
     np.testing.assert_array_equal(pixels(skipped.images[0]), pixels(theirs.images[0]))
 
 
