@@ -389,3 +389,17 @@ def test_bad_ip_adapters_are_refused_naming_the_field(change: dict, fragment: st
 def test_ip_adapter_images_are_not_extra_arguments() -> None:
     with pytest.raises(InvalidInputs, match="set by the server, not by a request: ip_adapter_image"):
         parse_request({"prompt": "x", "extra": {"ip_adapter_image": "aGVsbG8="}})
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"num_inference_steps": 10**9}, {"width": 8192, "height": 8192}, {"num_images_per_prompt": 64},
+     {"cross_attention_kwargs": "x"}, {"prompt": "another"}],
+    ids=["steps", "size", "images", "cross-attention", "prompt"],
+)  # fmt: skip
+def test_a_field_of_the_request_is_refused_in_extra_where_its_checks_would_not_apply(extra: dict) -> None:
+    """Arguments of the call that are the request's own fields are checked there (bounds, MAX_IMAGES, the pixel
+    limit); in `extra` they passed those checks."""
+    with pytest.raises(InvalidInputs, match="fields of the request; give them as such, not in extra") as caught:
+        parse_request({"prompt": "x", "extra": extra})
+    assert ", ".join(sorted(extra)) in caught.value.message

@@ -401,6 +401,12 @@ class GenerateRequest(BaseModel):
         reserved = sorted(RESERVED_CALL_ARGS & value.keys())
         if reserved:
             raise ValueError(f"set by the server, not by a request: {', '.join(reserved)}")
+        # A field's own checks (bounds, MAX_IMAGES, the pixel limit, the model's smallest size) must not be passed by
+        # the same argument in `extra` ({"num_inference_steps": 10**9} there would run a billion steps, past the
+        # field's bound of 1000).
+        fields = sorted(cls.model_fields.keys() & value.keys())
+        if fields:
+            raise ValueError(f"{', '.join(fields)}: fields of the request; give them as such, not in extra")
         return value
 
     @property
