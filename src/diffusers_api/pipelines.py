@@ -115,7 +115,6 @@ class ModelPipelines:
         self._usable_schedulers: list[str] | None = None
         self._available: list[str] | None = None
         _tune_for_device(self.components)
-        _clip_text_model_alias(self.components)
         self._tokenizers = {
             name: LockedTokenizer(module)
             for name, module in self.components.items()
@@ -327,27 +326,6 @@ def _tune_for_device(components: dict[str, Any]) -> None:
         module = components.get(name)
         if isinstance(module, torch.nn.Module) and next(module.parameters()).device.type == "cuda":
             module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-
-
-def _clip_text_model_alias(components: dict[str, Any]) -> None:
-    """diffusers' `clip_skip` (SD 1.x/2.x and the 55 pipelines that copy its `encode_prompt`) reads
-    `text_encoder.text_model.final_layer_norm`, and transformers 5's `CLIPTextModel` holds its layers itself, with
-    no `text_model` (diffusers issue #14124, open with diffusers 0.42.1 and transformers 5.25): every request with
-    a clip_skip failed with an AttributeError. Where the class lacks the attribute, `text_model` names the model's
-    own `text_model` submodule if it has one, and otherwise the model itself, whose `final_layer_norm` it is."""
-    encoder = components.get("text_encoder")
-    cls = type(encoder)
-    if cls.__name__ != "CLIPTextModel" or hasattr(cls, "text_model"):
-        return
-    from transformers import CLIPTextModel
-
-    if "text_model" not in vars(CLIPTextModel):
-        CLIPTextModel.text_model = property(_own_text_model)  # type: ignore[attr-defined]
-
-
-def _own_text_model(model: Any) -> Any:
-    inner = model._modules.get("text_model")
-    return model if inner is None else inner
 
 
 class LockedTokenizer:

@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from diffusers_api.config import Settings
-from diffusers_api.denoising import SharedSteps
 from diffusers_api.errors import (
     Cancelled,
     InvalidImage,
@@ -333,19 +332,6 @@ def test_extra_pipeline_arguments_pass_through(runner: Runner) -> None:
     plain = runner.run(ask(seed=3))
     rescaled = runner.run(ask(seed=3, extra={"guidance_rescale": 0.7}))
     assert plain.images != rescaled.images
-
-
-@pytest.mark.parametrize("clip_skip", [0, 1])
-def test_clip_skip_encodes_from_an_earlier_layer_in_either_loop(runner: Runner, clip_skip: int) -> None:
-    """diffusers' clip_skip reads `text_encoder.text_model`, which transformers 5's CLIPTextModel lacks (diffusers
-    issue #14124): these requests failed with an AttributeError. Ours and diffusers' own loop give one image."""
-    ours = Runner(runner.settings, store=runner.store, steps=SharedSteps())
-    plain = ours.run(ask(seed=3))
-    skipped = ours.run(ask(seed=3, extra={"clip_skip": clip_skip}))
-    theirs = runner.run(ask(seed=3, extra={"clip_skip": clip_skip}))  # no shared steps: diffusers' own loop
-    assert (skipped.meta["LOOP"], theirs.meta["LOOP"]) == ("batched", "diffusers")
-    assert (skipped.images != plain.images) == (clip_skip > 0)  # 0 skips no layer
-    np.testing.assert_array_equal(pixels(skipped.images[0]), pixels(theirs.images[0]))
 
 
 def test_unknown_pipeline_argument_is_refused(runner: Runner) -> None:
