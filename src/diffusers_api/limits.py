@@ -95,12 +95,11 @@ def check_clip_skip(request: GenerateRequest, pipelines: ModelPipelines, model_i
     value = request.extra.get("clip_skip")
     if value is None:
         return
-    depths = [
-        encoder.config.num_hidden_layers
-        for name in ("text_encoder", "text_encoder_2")
-        if (encoder := pipelines.components.get(name)) is not None
-        and isinstance(getattr(getattr(encoder, "config", None), "num_hidden_layers", None), int)
-    ]
+    depths = []
+    for name in ("text_encoder", "text_encoder_2"):
+        layers = getattr(getattr(pipelines.components.get(name), "config", None), "num_hidden_layers", None)
+        if isinstance(layers, int):
+            depths.append(layers)
     if not depths:
         return  # no CLIP text encoder to skip layers of: the pipeline's own inputs check decides
     layers = min(depths)

@@ -26,8 +26,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from ..devices import is_out_of_memory
-from .groups import GroupStats, give_up
+from .groups import GroupStats, batched
 
 if TYPE_CHECKING:
     import torch
@@ -121,14 +120,12 @@ class DecodeGroup:
             inputs.append((task, vae, latents))
         if len(inputs) < 2 or any(vae is not inputs[0][1] for _, vae, _ in inputs):
             return
-        failure = None
-        try:
-            decoded = inputs[0][1].decode(torch.cat([latents for _, _, latents in inputs]), return_dict=False)[0]
-        except Exception as exc:
-            failure, out_of_memory = f"{type(exc).__name__}: {exc}", is_out_of_memory(exc)
-        if failure is not None:
-            # Handled outside the except block: its traceback holds the failed call's tensors until it ends.
-            give_up(self._stats, "VAE decode", len(inputs), failure, out_of_memory)
+
+        def decode() -> torch.Tensor:
+            return inputs[0][1].decode(torch.cat([latents for _, _, latents in inputs]), return_dict=False)[0]
+
+        decoded = batched(self._stats, "VAE decode", len(inputs), decode)
+        if decoded is None:
             return
         images = [task.images for task, _, _ in inputs]
         self._stats.count(sum(images))

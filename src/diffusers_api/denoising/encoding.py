@@ -35,9 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..devices import is_out_of_memory
 from ..errors import Cancelled
-from .groups import GroupStats, give_up
+from .groups import GroupStats, batched
 
 if TYPE_CHECKING:
     from .tasks import Family
@@ -184,15 +183,13 @@ class EncodeGroups:
         live = [member for member in members if not member.left_out]
         if len(live) < 2:
             return
-        failure = None
-        try:
+
+        def encode() -> list[tuple[Any, ...]]:
             outputs = live[0].pipe.encode_prompt(**_batched_call(live))
-            rows = [_rows_of(outputs, index, member, family) for index, member in enumerate(live)]
-        except Exception as exc:
-            failure, out_of_memory = f"{type(exc).__name__}: {exc}", is_out_of_memory(exc)
-        if failure is not None:
-            # Handled outside the except block: its traceback holds the failed call's tensors until it ends.
-            give_up(self.stats, "prompt encode", len(live), failure, out_of_memory)
+            return [_rows_of(outputs, index, member, family) for index, member in enumerate(live)]
+
+        rows = batched(self.stats, "prompt encode", len(live), encode)
+        if rows is None:
             return
         self.stats.count(len(live))
         for member, outputs in zip(live, rows, strict=True):

@@ -6,7 +6,13 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+from ..devices import is_out_of_memory
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +47,21 @@ class GroupStats:
         }
 
 
-def give_up(stats: GroupStats, call: str, members: int, failure: str, out_of_memory: bool) -> None:
+def batched(stats: GroupStats, call: str, members: int, make: Callable[[], T]) -> T | None:
+    """`make()`, the batched `call` of a group of `members` requests; None when it failed for any reason, running
+    out of memory included: counted, logged, and the members then call alone."""
+    try:
+        return make()
+    except Exception as exc:
+        failure, out_of_memory = f"{type(exc).__name__}: {exc}", is_out_of_memory(exc)
+    # Given up outside the except block: its traceback holds the failed call's tensors until it ends.
+    _give_up(stats, call, members, failure, out_of_memory)
+    return None
+
+
+def _give_up(stats: GroupStats, call: str, members: int, failure: str, out_of_memory: bool) -> None:
     """Count and log a failed batched `call` of `members` requests; after running out of memory, free what the
-    failed call may still hold. (Called outside the `except` block: its traceback holds the call's tensors.)"""
+    failed call may still hold."""
     import torch
 
     stats.count_fallback()
