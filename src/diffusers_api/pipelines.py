@@ -115,6 +115,7 @@ class ModelPipelines:
         self._usable_schedulers: list[str] | None = None
         self._available: list[str] | None = None
         _tune_for_device(self.components)
+        _alias_clip_text_model(self.components)
         self._tokenizers = {
             name: LockedTokenizer(module)
             for name, module in self.components.items()
@@ -326,6 +327,24 @@ def _tune_for_device(components: dict[str, Any]) -> None:
         module = components.get(name)
         if isinstance(module, torch.nn.Module) and next(module.parameters()).device.type == "cuda":
             module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+
+def _alias_clip_text_model(components: dict[str, Any]) -> None:
+    """diffusers' `clip_skip` (SD 1.x/2.x and the pipelines that copy their `encode_prompt`) reads
+    `text_encoder.text_model.final_layer_norm`, and transformers 5's `CLIPTextModel` holds its layers itself, with
+    no `text_model` (diffusers issue #14124, open with diffusers 0.42.1 and transformers 5.25): a clip_skip above 0
+    failed with an AttributeError. Each such encoder of this model gets `text_model` naming itself, as an attribute
+    of that instance alone: set on the class, it changed how transformers and diffusers load other models in the
+    process (single-file checkpoints failed with "Cannot copy out of meta tensor"). `object.__setattr__` keeps it
+    out of the module's children, so its state dict, `.to()` and saving are unchanged."""
+    for module in components.values():
+        if (
+            type(module).__name__ == "CLIPTextModel"
+            and "final_layer_norm" in getattr(module, "_modules", {})
+            and "text_model" not in module._modules
+            and not hasattr(type(module), "text_model")
+        ):
+            object.__setattr__(module, "text_model", module)
 
 
 class LockedTokenizer:

@@ -162,7 +162,6 @@ def test_requests_arriving_together_encode_in_one_call(
 # case -> (model, the requests: the first's key, two more of it, then others of keys of their own)
 KEYS = {
     "sd-guidance": ("builtin/tiny-sd", lambda: [call(1), call(2), call(3), call(4, guidance_scale=1.0)]),
-    # (SD's clip_skip reads CLIPTextModel.text_model, which this transformers' CLIPTextModel lacks: SDXL's here)
     "sdxl-none-or-empty-negative-and-clip-skip": (
         "builtin/tiny-sdxl",
         lambda: [call(1), call(2), call(3), call(4, negative_prompt=""), call(5, clip_skip=1)],

@@ -140,8 +140,7 @@ def test_a_clip_skip_past_the_text_encoders_layers_is_refused_naming_the_range(
         runner.run(ask(extra={"clip_skip": value}))
     assert caught.value.message.startswith(f"clip_skip: {value!r} is not a whole number from 0 to 1")
     assert caught.value.extra == {"field": "clip_skip", "maximum": 1}
-    if model_id == "builtin/tiny-sdxl":  # SD 1.x/2.x clip_skip fails in diffusers itself (its issue #14124)
-        assert runner.run(ask(extra={"clip_skip": 1})).images
+    assert runner.run(ask(extra={"clip_skip": 1})).images
 
 
 def test_an_input_image_below_the_smallest_size_is_refused(runner: Runner) -> None:

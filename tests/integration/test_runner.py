@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from diffusers_api.config import Settings
+from diffusers_api.denoising import SharedSteps
 from diffusers_api.errors import (
     Cancelled,
     InvalidImage,
@@ -332,6 +333,36 @@ def test_extra_pipeline_arguments_pass_through(runner: Runner) -> None:
     plain = runner.run(ask(seed=3))
     rescaled = runner.run(ask(seed=3, extra={"guidance_rescale": 0.7}))
     assert plain.images != rescaled.images
+
+
+def test_clip_skip_encodes_from_an_earlier_layer_in_either_loop(runner: Runner) -> None:
+    """diffusers' clip_skip reads `text_encoder.text_model`, which transformers 5's CLIPTextModel lacks (diffusers
+    issue #14124): these requests failed. Ours and diffusers' own loop give one image, unlike no clip_skip (the
+    tiny encoder has 2 layers: 1 is the most it can skip)."""
+    clip_skip = 1
+    ours = Runner(runner.settings, store=runner.store, steps=SharedSteps())
+    plain = ours.run(ask(seed=3))
+    skipped = ours.run(ask(seed=3, extra={"clip_skip": clip_skip}))
+    theirs = runner.run(ask(seed=3, extra={"clip_skip": clip_skip}))  # no shared steps: diffusers' own loop
+    assert (skipped.meta["LOOP"], theirs.meta["LOOP"]) == ("batched", "diffusers")
+    assert skipped.images != plain.images
+    np.testing.assert_array_equal(pixels(skipped.images[0]), pixels(theirs.images[0]))
+
+
+def test_the_clip_text_model_alias_is_the_loaded_encoders_alone(runner: Runner) -> None:
+    """The alias that clip_skip needs names the loaded encoder itself and nothing else: set on the class, it broke
+    single-file checkpoint loading later in the process. It adds no child module, so no state dict key."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    encoder = runner.store.get(ask()).pipelines.components["text_encoder"]
+    assert encoder.text_model is encoder
+    assert not hasattr(CLIPTextModel, "text_model")
+    fresh = CLIPTextModel(
+        CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2, vocab_size=10)
+    )
+    assert not hasattr(fresh, "text_model")
+    assert "text_model" not in dict(encoder.named_children())
+    assert not any(key.startswith("text_model.") for key in encoder.state_dict())
 
 
 def test_unknown_pipeline_argument_is_refused(runner: Runner) -> None:
