@@ -8,6 +8,7 @@ apart in the VAE's output), so the images are held to support/tiny.py's bound, t
 from __future__ import annotations
 
 import copy
+import gc
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from diffusers_api.config import Settings
 from diffusers_api.denoising import Denoiser, Rendezvous, SharedSteps
 from diffusers_api.denoising import tasks as denoise
+from diffusers_api.denoising.decoding import decode_key
 from diffusers_api.denoising.tasks import DenoiseTask, float32_vae
 from diffusers_api.engine import make_engine
 from diffusers_api.models.store import LoadedModel
@@ -161,9 +163,38 @@ def test_a_failing_batched_decode_falls_back_to_each_alone(
     assert rows[0] == 4  # the failed call
     assert sorted(rows[1:]) == [1, 1, 2]  # then one each
     assert requests.denoiser.decode_stats.summary() == {"batches": 0, "images": 0, "mean_images": 0, "fallbacks": 1}
+    # running out of memory halves the cap of that VAE and shape (4 images failed: 2), another error does not
+    cap = requests.denoiser.decode_caps.of(decode_key(requests.tasks[0]), 8)
+    assert cap == (2 if error is torch.cuda.OutOfMemoryError else 8)
     alone = requests.alone([0, 1, 2])
     for batched, solo in zip(together, alone, strict=True):
         assert np.array_equal(batched, solo)  # decoded alone both times
+
+
+def test_a_lowered_cap_holds_for_its_shape_alone_until_the_vae_goes(models_dir: Path) -> None:
+    """After a batched decode of 4 images ran out of memory, requests of that shape decode in pairs, those of
+    another shape as before; a cap of 1 is no group. The caps go with the VAE (held weakly)."""
+    loaded = model(models_dir, "builtin/tiny-sd")
+    small = {"height": 32, "width": 32}
+    requests = Requests(loaded, [call(i) for i in range(4)] + [call(i, **small) for i in range(4, 7)])
+    caps = requests.denoiser.decode_caps
+    caps.lower(decode_key(denoise.prepare(new_pipe(loaded), call(0))), 4)
+    caps.lower(decode_key(denoise.prepare(new_pipe(loaded), call(0))), 8)  # a higher cap does not raise it
+    requests.run()
+    sizes = [len(task.decode_group.tasks) if task.decode_group else 1 for task in requests.tasks]
+    assert sizes == [2, 2, 2, 2, 3, 3, 3]
+    caps.lower(decode_key(requests.tasks[4]), 3)
+    assert caps.of(decode_key(requests.tasks[4]), 8) == 1
+    again = Requests(loaded, [call(i, **small) for i in range(4, 6)])
+    again.denoiser.decode_caps = caps
+    again.run()
+    assert all(task.decode_group is None for task in again.tasks)
+    vae = copy.deepcopy(loaded.pipelines.components["vae"])
+    caps.lower((vae, *decode_key(requests.tasks[4])[1:]), 2)
+    assert len(caps._caps) == 2
+    del vae
+    gc.collect()
+    assert len(caps._caps) == 1
 
 
 def test_decode_batch_max_caps_the_images_of_a_call(models_dir: Path, decodes: Any) -> None:

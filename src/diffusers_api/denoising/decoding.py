@@ -14,7 +14,10 @@ decode recipe (their family's), at most DECODE_BATCH_MAX images per group. Then,
   own thread;
 - a member that no longer wants its image (cancelled after the round) is left out; one whose input cannot be
   made is left to decode alone (and to meet its own error there); a batched call that fails for any reason,
-  running out of memory included, is given up and every member decodes alone, as without groups.
+  running out of memory included, is given up and every member decodes alone, as without groups;
+- a batched call that ran out of memory lowers the cap of its VAE and latent shape to half its images
+  (`DecodeCaps`), so that the next rounds do not run out again (SDXL's VAE decodes in float32: 8 images at
+  1024 px need several GB more than one). A cap of 1 is no group. Caps are kept while the VAE is loaded.
 
 A batched VAE call gives the same images as one call per request up to the last float bits (batched kernels
 round differently; the tests bound it as the batched UNet steps are bounded).
@@ -22,13 +25,17 @@ round differently; the tests bound it as the batched UNet steps are bounded).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from .groups import GroupStats, batched
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
     from .tasks import DenoiseTask
@@ -54,18 +61,54 @@ def decode_key(task: DenoiseTask) -> tuple[Any, ...] | None:
     return (vae, task.family, tuple(latents.shape[1:]), latents.dtype, latents.device, size)
 
 
-def group_decodes(tasks: list[DenoiseTask], max_images: int, stats: GroupStats) -> None:
+class DecodeCaps:
+    """The most images one VAE call may decode for each VAE and latent shape (a decode key), where a batched call
+    of them ran out of memory: half that call's images. Held per VAE module, weakly: an unloaded model's caps go
+    with it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._caps: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], int]] = weakref.WeakKeyDictionary()
+
+    def of(self, key: tuple[Any, ...], limit: int) -> int:
+        """The cap of `key`'s decodes: `limit` (DECODE_BATCH_MAX) unless it was lowered."""
+        with self._lock:
+            return min(limit, self._caps.get(key[0], {}).get(key[1:], limit))
+
+    def lower(self, key: tuple[Any, ...], images: int) -> None:
+        """A batched call of `images` images of `key` ran out of memory: later calls take at most half as many."""
+        cap = max(1, images // 2)
+        with self._lock:
+            caps = self._caps.setdefault(key[0], {})
+            lowered = cap < caps.get(key[1:], images)
+            if lowered:
+                caps[key[1:]] = cap
+        if lowered:
+            _, family, shape, dtype, *_ = key
+            log.warning(
+                "a batched VAE decode of %d images ran out of memory: %s latents %s %s decode at most %d per call "
+                "from now on",
+                images,
+                family.value,
+                "x".join(map(str, shape)),
+                dtype,
+                cap,
+            )
+
+
+def group_decodes(tasks: list[DenoiseTask], max_images: int, stats: GroupStats, caps: DecodeCaps) -> None:
     """Attach a shared `DecodeGroup` to the `tasks` (finished in one round) that can decode together, in groups of
-    at most `max_images` images. A task left alone gets none."""
+    at most `max_images` images (less where `caps` says so). A task left alone gets none."""
     groups: dict[tuple[Any, ...], list[DenoiseTask]] = {}
     for task in tasks:
         key = decode_key(task)
-        if key is not None and task.images < max_images:
+        if key is not None:
             groups.setdefault(key, []).append(task)
-    for members in groups.values():
-        for chunk in _chunks(members, max_images):
+    for key, members in groups.items():
+        cap = caps.of(key, max_images)
+        for chunk in _chunks([task for task in members if task.images < cap], cap):
             if len(chunk) > 1:
-                group = DecodeGroup(chunk, stats)
+                group = DecodeGroup(chunk, stats, functools.partial(caps.lower, key))
                 for task in chunk:
                     task.decode_group = group
 
@@ -86,9 +129,13 @@ def _chunks(tasks: list[DenoiseTask], max_images: int) -> list[list[DenoiseTask]
 class DecodeGroup:
     """Tasks that decode in one VAE call, made by the first of them to ask (`images_of`)."""
 
-    def __init__(self, tasks: list[DenoiseTask], stats: GroupStats) -> None:
+    def __init__(
+        self, tasks: list[DenoiseTask], stats: GroupStats, out_of_memory: Callable[[int], None] | None = None
+    ) -> None:
+        """`out_of_memory(images)`: called when the group's call of that many images ran out of memory."""
         self.tasks = tasks
         self._stats = stats
+        self._out_of_memory = out_of_memory
         self._lock = threading.Lock()
         self._decoded = False  # whether the call was made (or given up)
         self._images: dict[int, torch.Tensor] = {}  # id(task) -> its rows of the VAE's output, until taken
@@ -124,10 +171,13 @@ class DecodeGroup:
         def decode() -> torch.Tensor:
             return inputs[0][1].decode(torch.cat([latents for _, _, latents in inputs]), return_dict=False)[0]
 
-        decoded = batched(self._stats, "VAE decode", len(inputs), decode)
+        images = [task.images for task, _, _ in inputs]
+        lower = self._out_of_memory
+        decoded = batched(
+            self._stats, "VAE decode", len(inputs), decode, None if lower is None else lambda: lower(sum(images))
+        )
         if decoded is None:
             return
-        images = [task.images for task, _, _ in inputs]
         self._stats.count(sum(images))
         for (task, _, _), rows in zip(inputs, decoded.split(images), strict=True):
             self._images[id(task)] = rows

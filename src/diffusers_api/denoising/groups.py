@@ -47,15 +47,24 @@ class GroupStats:
         }
 
 
-def batched(stats: GroupStats, call: str, members: int, make: Callable[[], T]) -> T | None:
+def batched(
+    stats: GroupStats,
+    call: str,
+    members: int,
+    make: Callable[[], T],
+    out_of_memory: Callable[[], None] | None = None,
+) -> T | None:
     """`make()`, the batched `call` of a group of `members` requests; None when it failed for any reason, running
-    out of memory included: counted, logged, and the members then call alone."""
+    out of memory included: counted, logged, and the members then call alone. `out_of_memory` is called after the
+    call ran out of memory (and what it held was freed)."""
     try:
         return make()
     except Exception as exc:
-        failure, out_of_memory = f"{type(exc).__name__}: {exc}", is_out_of_memory(exc)
+        failure, ran_out = f"{type(exc).__name__}: {exc}", is_out_of_memory(exc)
     # Given up outside the except block: its traceback holds the failed call's tensors until it ends.
-    _give_up(stats, call, members, failure, out_of_memory)
+    _give_up(stats, call, members, failure, ran_out)
+    if ran_out and out_of_memory is not None:
+        out_of_memory()
     return None
 
 

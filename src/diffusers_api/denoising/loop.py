@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from ..devices import is_out_of_memory
 from ..errors import Cancelled, NotReady
-from .decoding import group_decodes
+from .decoding import DecodeCaps, group_decodes
 from .forward import ForwardKey, StepRows
 from .groups import GroupStats
 
@@ -79,6 +79,7 @@ class Denoiser:
         self.stats = LoopStats()
         self.decode_batch_max = decode_batch_max
         self.decode_stats = GroupStats("images")
+        self.decode_caps = DecodeCaps()  # lowered where a batched decode ran out of memory
         self._cond = threading.Condition()
         self._inbox: list[DenoiseTask] = []
         self._active: list[DenoiseTask] = []
@@ -172,7 +173,7 @@ class Denoiser:
         if len(finished) < 2 or self.decode_batch_max < 2:
             return
         try:
-            group_decodes(finished, self.decode_batch_max, self.decode_stats)
+            group_decodes(finished, self.decode_batch_max, self.decode_stats, self.decode_caps)
         except Exception:  # grouping only saves time: the tasks decode alone, as without it
             log.exception("grouping finished requests for a batched decode failed")
             for task in finished:
