@@ -9,7 +9,10 @@ instead of text. The pipelines take those as they are, so such a request runs in
   `("a", "b").blend(0.7, 0.3)`.
 - A1111 syntax, `(word:1.3)`, `(word)` (x1.1), `[word]` (/1.1), `\\(` for a literal parenthesis, is parsed here
   (`parse_a1111`) into weighted fragments that are handed to compel as its own prompt structure (compel's string
-  syntax cannot say a literal `+` or `"`: its escapes keep the backslash).
+  syntax cannot say a literal `+` or `"`: its escapes keep the backslash). `BREAK` ends a chunk: each part
+  between BREAKs is encoded as chunks of its own, joined in order, as A1111 pads a chunk at a BREAK.
+- `clip_skip` (diffusers' meaning) takes the same hidden layer diffusers' encode_prompt takes: compel reads the
+  penultimate one, of an encoder whose outputs lose their last `clip_skip - 1` (SD) or `clip_skip` (SDXL) layers.
 - Long prompts: a prompt of more than 77 tokens is encoded in chunks of 77 (compel's truncate_long_prompts=False),
   as the original server's lpw_stable_diffusion did; the positive and negative embeddings are padded to one length
   with compel's empty-prompt chunks. Without `long_prompts`, prompts are cut at 77 tokens as diffusers cuts them.
@@ -92,6 +95,24 @@ def _apply(pieces: list[list[Any]], start: int, factor: float) -> None:
         piece[1] *= factor
 
 
+# A1111's BREAK: the word alone, in capitals (its prompt_parser's re_break).
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+
+
+def split_breaks(fragments: list[tuple[str, float]]) -> list[list[tuple[str, float]]]:
+    """`parse_a1111`'s fragments cut at each BREAK into the parts A1111 encodes as chunks of their own (a bracket
+    may span a BREAK: its weight holds on both sides)."""
+    parts: list[list[tuple[str, float]]] = [[]]
+    for text, weight in fragments:
+        pieces = _BREAK.split(text)
+        for index, piece in enumerate(pieces):
+            if index:
+                parts.append([])
+            if piece:
+                parts[-1].append((piece, weight))
+    return [part or [("", 1.0)] for part in parts]
+
+
 def _merged(pieces: list[list[Any]]) -> list[tuple[str, float]]:
     merged: list[tuple[str, float]] = []
     for text, weight in pieces:
@@ -130,9 +151,10 @@ def check_compel_syntax(text: str) -> None:
         raise PromptSyntaxError(f"'(' at character {depth[-1] + 1} is never closed")
 
 
-def parse(text: str, weighting: Weighting | None) -> Conjunction:
-    """A prompt as compel's structure: compel's parse of it, A1111's read by `parse_a1111`, or (no weighting)
-    the text as it is, one fragment of weight 1."""
+def parse(text: str, weighting: Weighting | None) -> list[Conjunction]:
+    """A prompt as compel's structures, one per part encoded as chunks of its own: compel's parse of it, A1111's
+    read by `parse_a1111` (one part per BREAK more), or (no weighting) the text as it is, one fragment of weight
+    1."""
     from compel.prompt_parser import Conjunction, FlattenedPrompt, PromptParser
 
     if weighting == "compel":
@@ -143,9 +165,9 @@ def parse(text: str, weighting: Weighting | None) -> Conjunction:
             raise PromptSyntaxError(str(exc)) from None
         if any(getattr(prompt, "wants_cross_attention_control", False) for prompt in conjunction.prompts):
             raise PromptSyntaxError(".swap() (cross-attention control) is not supported")
-        return conjunction
-    fragments = parse_a1111(text) if weighting == "a1111" else [(text, 1.0)]
-    return Conjunction([FlattenedPrompt(fragments)], weights=[1.0])
+        return [conjunction]
+    parts = split_breaks(parse_a1111(text)) if weighting == "a1111" else [[(text, 1.0)]]
+    return [Conjunction([FlattenedPrompt(fragments)], weights=[1.0]) for fragments in parts]
 
 
 def _plain_text(conjunction: Conjunction) -> str:
@@ -185,8 +207,6 @@ def check_request(request: GenerateRequest, pipe_cls: type, model_id: str) -> No
     _kind(pipe_cls, model_id, option)
     if request.prompt is None:
         raise InvalidInputs(f"prompt: required with {option}", field="prompt")
-    if "clip_skip" in request.extra:
-        raise InvalidInputs(f"clip_skip: cannot be combined with {option}", field="clip_skip")
     if request.prompt_weighting is None:
         return
     for field in _PROMPT_FIELDS:
@@ -204,6 +224,7 @@ def encode(pipe: Any, kwargs: dict[str, Any], weighting: Weighting | None, long_
 
     kwargs = dict(kwargs)
     kind = _kind(type(pipe), "this model", "prompt_weighting" if weighting else "long_prompts")
+    skip = int(kwargs.pop("clip_skip", None) or 0)  # read here: the pipeline ignores it beside embeddings
     texts = {field: kwargs.pop(field, None) for field in _PROMPT_FIELDS}
     prompts = _listed(texts["prompt"], None, "prompt")
     if prompts is None:
@@ -212,10 +233,11 @@ def encode(pipe: Any, kwargs: dict[str, Any], weighting: Weighting | None, long_
     try:
         with torch.inference_mode():
             if kind == "sd":
-                return kwargs | _encode_sd(pipe, prompts, negatives, weighting, long_prompts)
+                return kwargs | _encode_sd(pipe, prompts, negatives, weighting, long_prompts, skip)
             prompts_2 = _listed(texts["prompt_2"], len(prompts), "prompt_2") or prompts
             negatives_2 = _listed(texts["negative_prompt_2"], len(prompts), "negative_prompt_2") or negatives
-            return kwargs | _encode_sdxl(pipe, (prompts, negatives, prompts_2, negatives_2), weighting, long_prompts)
+            texts_2 = (prompts, negatives, prompts_2, negatives_2)
+            return kwargs | _encode_sdxl(pipe, texts_2, weighting, long_prompts, skip)
     except ValueError as exc:  # compel's own complaints about a prompt (check_request read them all already)
         raise InvalidInputs(f"the prompts cannot be encoded: {exc}") from None
 
@@ -232,14 +254,16 @@ def _listed(value: str | list[str] | None, count: int | None, field: str) -> lis
     return listed
 
 
-def _compel(pipe: Any, encoder: int, long_prompts: bool, embeddings: str) -> Compel:
+def _compel(pipe: Any, encoder: int, long_prompts: bool, embeddings: str, skip: int = 0) -> Compel:
+    """compel over the pipeline's `encoder` (1 or 2); its hidden states lose their last `skip` layers, so that
+    the penultimate one that compel reads for `embeddings` PENULTIMATE_* is the one clip_skip names."""
     from compel import Compel, ReturnedEmbeddingsType
 
     suffix = "" if encoder == 1 else f"_{encoder}"
     tokenizer, text_encoder = getattr(pipe, "tokenizer" + suffix), getattr(pipe, "text_encoder" + suffix)
     return Compel(
         tokenizer=tokenizer,
-        text_encoder=text_encoder,
+        text_encoder=_LastLayersSkipped(text_encoder, skip) if skip else text_encoder,
         textual_inversion_manager=_TextualInversions.of(pipe, tokenizer),
         dtype_for_device_getter=lambda device: text_encoder.dtype,
         truncate_long_prompts=not long_prompts,
@@ -248,21 +272,51 @@ def _compel(pipe: Any, encoder: int, long_prompts: bool, embeddings: str) -> Com
     )
 
 
-def _conditionings(compel: Compel, conjunctions: list[Conjunction]) -> torch.Tensor:
-    """One row per prompt, all padded to the longest (in whole chunks of the empty prompt's embedding)."""
+class _LastLayersSkipped:
+    """A text encoder whose outputs' hidden states end `layers` early (everything else is the encoder's own)."""
+
+    def __init__(self, encoder: Any, layers: int) -> None:
+        self._encoder, self._layers = encoder, layers
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        output = self._encoder(*args, **kwargs)
+        if getattr(output, "hidden_states", None) is not None:
+            output.hidden_states = output.hidden_states[: -self._layers]
+        return output
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._encoder, name)
+
+
+def _conditionings(compels: tuple[Compel, Compel], prompts: list[str], negatives: list[str], parts: Any) -> Any:
+    """One row per prompt then per negative prompt, each its parts' chunks joined, all padded to the longest (in
+    whole chunks of the empty prompt's embedding, of the compel that encoded it). `compels`: the prompts' and the
+    negative prompts' (diffusers applies a clip_skip to the prompts alone). `parts`: text -> its Conjunctions."""
     import torch
 
-    rows = [compel.build_conditioning_tensor_for_conjunction(conjunction)[0] for conjunction in conjunctions]
-    return torch.cat(compel.pad_conditioning_tensors_to_same_length(rows))
+    rows = [
+        (compel, torch.cat([compel.build_conditioning_tensor_for_conjunction(c)[0] for c in parts(text)], dim=1))
+        for compel, texts in zip(compels, (prompts, negatives), strict=True)
+        for text in texts
+    ]
+    length = max(row.shape[1] for _, row in rows)
+    return torch.cat([_padded(compel, row, length) for compel, row in rows])
 
 
 def _encode_sd(
-    pipe: Any, prompts: list[str], negatives: list[str] | None, weighting: Weighting | None, long_prompts: bool
+    pipe: Any,
+    prompts: list[str],
+    negatives: list[str] | None,
+    weighting: Weighting | None,
+    long_prompts: bool,
+    skip: int = 0,
 ) -> dict[str, Any]:
-    """As StableDiffusionPipeline.encode_prompt: the text encoder's last hidden states; "" for no negative."""
+    """As StableDiffusionPipeline.encode_prompt: the text encoder's last hidden states (for the prompts, with a
+    clip_skip, those `skip` layers before them, normalized); "" for no negative."""
     negatives = negatives or [""] * len(prompts)
-    compel = _compel(pipe, 1, long_prompts, "LAST_HIDDEN_STATES_NORMALIZED")
-    rows = _conditionings(compel, [parse(text, weighting) for text in prompts + negatives])
+    plain = _compel(pipe, 1, long_prompts, "LAST_HIDDEN_STATES_NORMALIZED")
+    skipped = _compel(pipe, 1, long_prompts, "PENULTIMATE_HIDDEN_STATES_NORMALIZED", skip - 1) if skip else plain
+    rows = _conditionings((skipped, plain), prompts, negatives, lambda text: parse(text, weighting))
     count = len(prompts)
     return {"prompt_embeds": rows[:count], "negative_prompt_embeds": rows[count:]}
 
@@ -272,9 +326,11 @@ def _encode_sdxl(
     texts: tuple[list[str], list[str] | None, list[str], list[str] | None],
     weighting: Weighting | None,
     long_prompts: bool,
+    skip: int = 0,
 ) -> dict[str, Any]:
-    """As StableDiffusionXLPipeline.encode_prompt: both encoders' penultimate hidden states side by side, the
-    pooled embedding from the second; no negative prompt is zeros where the model forces them."""
+    """As StableDiffusionXLPipeline.encode_prompt: both encoders' penultimate hidden states (for the prompts, with
+    a clip_skip, `skip` layers earlier) side by side, the pooled embedding from the second (of a prompt's first
+    part: A1111 pools the first chunk); no negative prompt is zeros where the model forces them."""
     import torch
 
     prompts, negatives, prompts_2, negatives_2 = texts
@@ -282,22 +338,28 @@ def _encode_sdxl(
     zero_negatives = negatives is None and bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
     negatives = negatives or [""] * count
     negatives_2 = negatives_2 or negatives
-    second = _compel(pipe, 2, long_prompts, "PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED")
-    conjunctions_2 = [parse(text, weighting) for text in prompts_2 + negatives_2]
-    parts = [(second, _conditionings(second, conjunctions_2))]
+    parsed = {text: parse(text, weighting) for text in prompts + negatives + prompts_2 + negatives_2}
+    encoders = [(2, prompts_2, negatives_2)]
     if pipe.text_encoder is not None:  # the refiner has only the second
-        first = _compel(pipe, 1, long_prompts, "PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED")
-        parts.insert(0, (first, _conditionings(first, [parse(text, weighting) for text in prompts + negatives])))
+        encoders.insert(0, (1, prompts, negatives))
+    parts = []
+    for encoder, positive, negative in encoders:
+        plain = _compel(pipe, encoder, long_prompts, "PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED")
+        skipped = (
+            _compel(pipe, encoder, long_prompts, "PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED", skip) if skip else plain
+        )
+        parts.append((plain, _conditionings((skipped, plain), positive, negative, parsed.__getitem__)))
     length = max(rows.shape[1] for _, rows in parts)
     rows = torch.cat([_padded(compel, rows, length) for compel, rows in parts], dim=-1)
     # One prompt at a time, as diffusers encodes them (a batch of several rounds differently in the last bits).
-    provider = second.conditioning_provider
-    pooled = torch.cat([provider.get_pooled_embeddings([_plain_text(c)]) for c in conjunctions_2]).to(rows.dtype)
+    provider = parts[-1][0].conditioning_provider
+    pooled = [provider.get_pooled_embeddings([_plain_text(parsed[text][0])]) for text in prompts_2 + negatives_2]
+    pooled_rows = torch.cat(pooled).to(rows.dtype)
     embeds = {
         "prompt_embeds": rows[:count],
         "negative_prompt_embeds": rows[count:],
-        "pooled_prompt_embeds": pooled[:count],
-        "negative_pooled_prompt_embeds": pooled[count:],
+        "pooled_prompt_embeds": pooled_rows[:count],
+        "negative_pooled_prompt_embeds": pooled_rows[count:],
     }
     if zero_negatives:
         embeds["negative_prompt_embeds"] = torch.zeros_like(embeds["prompt_embeds"])

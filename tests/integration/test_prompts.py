@@ -71,6 +71,42 @@ def test_a_long_prompt_is_encoded_whole_not_cut(runner: Runner) -> None:
     assert not np.array_equal(image(runner, prompt=tail, prompt_weighting="compel", long_prompts=True), whole)
 
 
+def test_clip_skip_with_weighting_takes_the_layer_diffusers_takes(runner: Runner) -> None:
+    """compel reads the penultimate layer; with a clip_skip it reads the one diffusers' encode_prompt reads (SD: 1
+    is the penultimate, normalized; SDXL: 1 is the one before the penultimate, which compel is made to read). A
+    weight of 1 is no weight, so the image is diffusers' own for that clip_skip."""
+    skip = {"extra": {"clip_skip": 1}}
+    plain = image(runner, **skip)
+    assert not np.array_equal(plain, image(runner))
+    assert np.array_equal(image(runner, prompt="a (red)1.0 barn", prompt_weighting="compel", **skip), plain)
+    assert np.array_equal(image(runner, long_prompts=True, **skip), plain)
+    weighted = image(runner, prompt="a (red:1.6) barn", prompt_weighting="a1111", **skip)
+    assert not np.array_equal(weighted, plain)
+    assert not np.array_equal(weighted, image(runner, prompt="a (red:1.6) barn", prompt_weighting="a1111"))
+
+
+def test_a1111_break_encodes_each_part_as_chunks_of_its_own(runner: Runner) -> None:
+    """A1111's BREAK pads the chunk it ends: "a red barn BREAK at night" is the chunk of "a red barn" then that
+    of "at night" (SDXL's pooled embedding is the first chunk's, as A1111 takes it); the negative prompt is
+    padded to the same length."""
+    pipe = build(runner, "txt2img")
+
+    def encoded(prompt: str) -> dict[str, Any]:
+        return prompts.encode(pipe, {"prompt": prompt, "negative_prompt": "blurry"}, "a1111", False)
+
+    parts = encoded("a (red:1.2) barn BREAK at night")
+    first, second = encoded("a (red:1.2) barn"), encoded("at night")
+    assert parts["prompt_embeds"].shape[1] == 2 * first["prompt_embeds"].shape[1] == 154
+    torch.testing.assert_close(
+        parts["prompt_embeds"], torch.cat([first["prompt_embeds"], second["prompt_embeds"]], dim=1), rtol=0, atol=0
+    )
+    assert parts["negative_prompt_embeds"].shape == parts["prompt_embeds"].shape
+    if "pooled_prompt_embeds" in parts:
+        torch.testing.assert_close(parts["pooled_prompt_embeds"], first["pooled_prompt_embeds"], rtol=0, atol=0)
+    joined = image(runner, prompt="a red barn at night", prompt_weighting="a1111")
+    assert not np.array_equal(image(runner, prompt="a red barn BREAK at night", prompt_weighting="a1111"), joined)
+
+
 def test_the_server_setting_pipeline_lpw_stable_diffusion(runner: Runner) -> None:
     """PIPELINE=lpw_stable_diffusion: a request naming no pipeline gets long prompts with A1111 weighting."""
     settings = runner.settings.model_copy(update={"pipeline": "lpw_stable_diffusion"})

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 
 from diffusers_api.errors import InvalidInputs
-from diffusers_api.prompts import PromptSyntaxError, check_compel_syntax, check_request, parse, parse_a1111
+from diffusers_api.prompts import (
+    PromptSyntaxError,
+    check_compel_syntax,
+    check_request,
+    parse,
+    parse_a1111,
+    split_breaks,
+)
 from diffusers_api.schema import GenerateRequest, from_legacy
 
 UP = 1.1
@@ -80,7 +87,7 @@ def test_compel_syntax_that_reads(text: str) -> None:
 
 
 def fragments(text: str, weighting: str | None) -> list[tuple[str, float]]:
-    conjunction = parse(text, weighting)  # type: ignore[arg-type]
+    [conjunction] = parse(text, weighting)  # type: ignore[arg-type]
     return [(f.text, round(f.weight, 6)) for prompt in conjunction.prompts for f in prompt.children]
 
 
@@ -92,9 +99,26 @@ def test_each_syntax_reaches_compel_with_the_same_weights() -> None:
     assert fragments("a (red)1.3 barn++", None) == [("a (red)1.3 barn++", 1.0)]
 
 
+@pytest.mark.parametrize(
+    ("text", "parts"),
+    [
+        ("a red barn BREAK a blue sky", [[("a red barn", 1.0)], [("a blue sky", 1.0)]]),
+        # a bracket may span a BREAK; its weight holds on both sides
+        ("(a red barn BREAK a blue sky:1.3) x", [[("a red barn", 1.3)], [("a blue sky", 1.3), (" x", 1.0)]]),
+        # each BREAK ends a chunk, even an empty one; the word in other cases or inside another is text
+        ("BREAK a BREAK BREAK b", [[("", 1.0)], [("a", 1.0)], [("", 1.0)], [("b", 1.0)]]),
+        ("break a BREAKFAST Break", [[("break a BREAKFAST Break", 1.0)]]),
+    ],
+)
+def test_a1111_break_cuts_the_prompt_into_parts(text: str, parts: list[list[tuple[str, float]]]) -> None:
+    assert [[(t, round(w, 6)) for t, w in part] for part in split_breaks(parse_a1111(text))] == parts
+    assert len(parse(text, "a1111")) == len(parts)
+    assert len(parse(text, "compel")) == len(parse(text, None)) == 1  # compel's syntax has no BREAK
+
+
 def test_compel_conjunction_and_blend() -> None:
-    assert len(parse('("a red barn", "an oil painting").and()', "compel").prompts) == 2
-    blend = parse('("a red barn", "a blue barn").blend(0.7, 0.3)', "compel").prompts[0]
+    assert len(parse('("a red barn", "an oil painting").and()', "compel")[0].prompts) == 2
+    blend = parse('("a red barn", "a blue barn").blend(0.7, 0.3)', "compel")[0].prompts[0]
     assert blend.weights == [0.7, 0.3]
 
 
@@ -138,7 +162,6 @@ def test_other_families_are_refused_naming_the_option_and_family(name: str, fami
         ({"prompt": "a (red barn", "prompt_weighting": "compel"}, "prompt: '(' at character 3 is never closed"),
         ({"prompt": "x", "negative_prompt": ["ok", "bad]"], "prompt_weighting": "a1111"}, "negative_prompt: ']'"),
         ({"prompt": "x", "extra": {"prompt_2": "(y"}, "prompt_weighting": "a1111"}, "prompt_2: '(' at character 1"),
-        ({"prompt": "x", "long_prompts": True, "extra": {"clip_skip": 2}}, "clip_skip: cannot be combined with"),
         ({"long_prompts": True}, "prompt: required with long_prompts"),
     ],
 )

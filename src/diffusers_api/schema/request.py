@@ -291,7 +291,7 @@ class GenerateRequest(BaseModel):
     prompt_weighting: Literal["compel", "a1111"] | None = Field(
         None,
         description="Read weights in the prompts: compel's syntax ((word)1.3, word++, .and(), .blend()) or A1111's"
-        " ((word:1.3), (word), [word]); SD and SDXL models. Default: plain text",
+        " ((word:1.3), (word), [word], BREAK); SD and SDXL models. Default: plain text",
     )
     long_prompts: bool = Field(
         False, description="Encode prompts longer than 77 tokens in chunks instead of cutting them (SD and SDXL)"
