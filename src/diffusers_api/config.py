@@ -138,6 +138,12 @@ class Settings(BaseSettings):
         description="Upscalers a request may name (/v1/upscale, use_extra: upsample): comma-separated name=url"
         " pairs (http(s) URL or local path of a .safetensors or .pth file), added to the Real-ESRGAN defaults",
     )
+    upscale_tile: int = Field(
+        0,
+        ge=0,
+        description="Upscale in tiles of this many input pixels a side (each with a margin of its neighbours');"
+        " 0: the whole image at once, in tiles only after that ran out of memory",
+    )
 
     # --- cloud cache ---------------------------------------------------------------------------------------
     aws_access_key_id: SecretStr | None = None

@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -116,6 +117,60 @@ def test_weights_from_a_local_file_and_from_a_url(runner: Runner, tmp_path: Path
         _, _, timings = upscale(Runner(settings), model="by-url")
         assert "download" not in timings
         assert [path for path, _ in files.requests] == ["/weights/x4.pth"]
+
+
+def levels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image).astype(int)
+
+
+def test_tiles_give_the_whole_images_pixels(runner: Runner, models_dir: Path) -> None:
+    """UPSCALE_TILE: tiles of 16 input pixels, each run with a margin wider than the tiny network sees, so the
+    seams are the whole image's pixels (up to a level where a convolution of another size rounds differently)."""
+    whole, meta, _ = upscale(runner, image=b64_image(64, 48))
+    assert meta["tile"] is None
+    tiled, tiled_meta, _ = upscale(Runner(Settings(models_dir=models_dir, upscale_tile=16)), image=b64_image(64, 48))
+    assert tiled_meta["tile"] == 16
+    assert tiled.size == whole.size == (256, 192)
+    assert np.abs(levels(tiled) - levels(whole)).max() <= 1
+
+
+class Tight:
+    """An upscaler on a device with room for `most` input pixels: more is out of memory, as CUDA says it."""
+
+    def __init__(self, model: Any, most: int) -> None:
+        self.model, self.most, self.scale, self.calls = model, most, model.scale, []
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tuple(batch.shape[-2:]))
+        if batch.shape[-2] * batch.shape[-1] > self.most:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (as the test asks)")
+        return self.model(batch)
+
+
+def test_running_out_of_memory_upscales_in_ever_smaller_tiles(models_dir: Path) -> None:
+    """The whole 128x96 image does not fit, tiles of 64 (with their margins, at most 80x80) do: the same pixels
+    as the whole image. With room for less than the smallest tile, a clear error; other errors are not retried."""
+    from diffusers_api import upscaling
+    from diffusers_api.errors import PipelineError
+    from diffusers_api.models.upscalers import ensure_tiny_upscaler, load_upscaler
+
+    model = load_upscaler(ensure_tiny_upscaler(models_dir), TINY_UPSCALER)
+    batch = torch.rand(1, 3, 96, 128, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        whole = model(batch)
+        tight = Tight(model, most=80 * 80)
+        output, tile = upscaling._run(tight, batch, None)
+        assert tile == 64
+        assert tight.calls[0] == (96, 128) and len(tight.calls) == 1 + 4
+        torch.testing.assert_close(output, whole, rtol=0, atol=1e-5)
+        with pytest.raises(PipelineError, match=r"out of memory in tiles of 32 pixels \(OutOfMemoryError: CUDA"):
+            upscaling._run(Tight(model, most=40 * 40), batch, None)
+
+        def broken(batch: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("not memory")
+
+        with pytest.raises(RuntimeError, match="not memory"):
+            upscaling._run(broken, batch, None)
 
 
 def test_an_esrgan_network_loads_like_real_esrgan_x4plus(tmp_path: Path) -> None:

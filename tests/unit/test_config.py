@@ -28,9 +28,11 @@ def test_environment_names_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_new_limits_are_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOCAL_MODEL_ROOTS", "/data/models, ~/more")
     monkeypatch.setenv("MAX_PROMPT_CHARS", "500")
+    monkeypatch.setenv("UPSCALE_TILE", "256")
     settings = Settings()
     assert settings.local_model_roots == [Path("/data/models"), Path("~/more").expanduser()]
     assert settings.max_prompt_chars == 500
+    assert settings.upscale_tile == 256
 
 
 def test_fill_mode_and_checkpoint_config_url_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,7 +62,9 @@ def test_secrets_are_not_printed() -> None:
     assert "topsecret" not in repr(settings)
 
 
-@pytest.mark.parametrize(("name", "value"), [("port", 0), ("model_precision", "fp8"), ("max_batch_size", 0)])
+@pytest.mark.parametrize(
+    ("name", "value"), [("port", 0), ("model_precision", "fp8"), ("max_batch_size", 0), ("upscale_tile", -1)]
+)
 def test_invalid_values_are_refused(name: str, value: object) -> None:
     with pytest.raises(ValidationError):
         Settings(**{name: value})
