@@ -161,7 +161,8 @@ def test_running_out_of_memory_upscales_in_ever_smaller_tiles(models_dir: Path) 
         tight = Tight(model, most=80 * 80)
         output, tile = upscaling._run(tight, batch, None)
         assert tile == 64
-        assert tight.calls[0] == (96, 128) and len(tight.calls) == 1 + 4
+        assert tight.calls[0] == (96, 128)
+        assert len(tight.calls) == 1 + 4  # the whole image, then 4 tiles
         torch.testing.assert_close(output, whole, rtol=0, atol=1e-5)
         with pytest.raises(PipelineError, match=r"out of memory in tiles of 32 pixels \(OutOfMemoryError: CUDA"):
             upscaling._run(Tight(model, most=40 * 40), batch, None)
