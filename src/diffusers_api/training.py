@@ -9,9 +9,12 @@ Two steps, so that only the first holds the device (the engine runs it alone, `E
 
 The loop is diffusers' DreamBooth example's, without accelerate: each step encodes a batch of instance images
 (random or centre crops) with the VAE, adds noise at random timesteps, and regresses the UNet's prediction on
-the noise (or the velocity, for v-prediction models). A LoRA is peft's, on the attention projections (to_q, to_k,
-to_v, to_out.0), saved in diffusers' LoRA format, so that `lora_weights` loads it. Cancelling stops at the next
-step. torch, diffusers and peft are imported here, lazily.
+the noise (or the velocity, for v-prediction models). With prior preservation each step also takes as many
+class images, with the class prompt, and adds their loss times prior_loss_weight; the class images are the
+request's, and those missing are generated first by the model itself (its txt2img pipeline, no safety checker,
+seeded from the training's seed), as the example generates them. A LoRA is peft's, on the attention projections
+(to_q, to_k, to_v, to_out.0), saved in diffusers' LoRA format, so that `lora_weights` loads it. Cancelling stops
+at the next step. torch, diffusers and peft are imported here, lazily.
 """
 
 from __future__ import annotations
@@ -137,15 +140,21 @@ def _train(
     parts = _sd_parts(model)
     resolution = request.resolution or parts["default_resolution"]
     _check_resolution(resolution, parts["multiple"])
-    images = [_fitted(image, resolution) for image in _decode(request, settings)]
+    images = [_fitted(image, resolution) for image in _decode(request.instance_images, "instance_images", settings)]
     seed = request.seed if request.seed is not None else random.randrange(2**31)
+    given = _decode(request.class_images[: request.class_image_count], "class_images", settings)
+    with phase(timings, "class_images") if request.with_prior_preservation else _nothing():
+        made = _generated_class_images(model, request, request.class_image_count - len(given), resolution, seed, cancel)
+    classes = [_fitted(image, resolution) for image in given + made]
     with phase(timings, "training"), torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)  # the LoRA's initial weights (peft draws them on the CPU)
         unet = _trainable_unet(parts["unet"], request)
-        loss = _loop(unet, parts, images, resolution, request, seed, progress, cancel)
+        loss = _loop(unet, parts, (images, classes), resolution, request, seed, progress, cancel)
         path = _save(unet, model, request, workdir)
     meta = {"MODEL_ID": model.spec.model_id, "PRECISION": model.precision, "device": model.device, "seed": seed}
     meta |= {"resolution": resolution, "learning_rate": request.effective_learning_rate}
+    if request.with_prior_preservation:
+        meta["class_images"] = {"given": len(given), "generated": len(made)}
     return Trained(request.train_mode, path, request.max_train_steps, loss, meta)
 
 
@@ -178,12 +187,46 @@ def _check_resolution(resolution: int, multiple: int) -> None:
         raise InvalidInputs(f"resolution: {resolution} is not a multiple of {multiple}, as this model needs")
 
 
-def _decode(request: TrainRequest, settings: Settings) -> list[Image.Image]:
+def _decode(values: list[str], field: str, settings: Settings) -> list[Image.Image]:
     limits = {"max_bytes": settings.max_body_bytes, "max_pixels": settings.max_image_pixels}
-    return [
-        imaging.decode_image(value, f"instance_images[{index}]", **limits)
-        for index, value in enumerate(request.instance_images)
-    ]
+    return [imaging.decode_image(value, f"{field}[{index}]", **limits) for index, value in enumerate(values)]
+
+
+def _nothing() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _generated_class_images(
+    model: LoadedModel, request: TrainRequest, count: int, resolution: int, seed: int, cancel: threading.Event | None
+) -> list[Image.Image]:
+    """`count` images of the class prompt made by the model's txt2img pipeline at `resolution`, in calls of
+    sample_batch_size, with the pipeline's default steps and guidance (the DreamBooth example's way)."""
+    import torch
+
+    if count <= 0:
+        return []
+    pipelines = model.pipelines
+    scheduler = pipelines.scheduler(type(pipelines.base.scheduler).__name__)
+    pipe: Any = pipelines.build(pipelines.resolve("txt2img"), scheduler, safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    made: list[Image.Image] = []
+    while len(made) < count:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"training cancelled while generating class images ({len(made)} of {count})", step=0)
+        batch = min(request.sample_batch_size, count - len(made))
+        generators = [torch.Generator("cpu").manual_seed(seed + len(made) + i) for i in range(batch)]
+        with torch.inference_mode():
+            output = pipe(
+                prompt=request.class_prompt,
+                num_images_per_prompt=batch,
+                generator=generators,
+                height=resolution,
+                width=resolution,
+            )
+        made += output.images
+    return made
 
 
 def _fitted(image: Image.Image, resolution: int) -> Image.Image:
@@ -219,7 +262,7 @@ def _trainable_unet(unet: Any, request: TrainRequest) -> Any:
 def _loop(
     unet: Any,
     parts: dict[str, Any],
-    images: list[Image.Image],
+    data: tuple[list[Image.Image], list[Image.Image]],
     resolution: int,
     request: TrainRequest,
     seed: int,
@@ -253,14 +296,19 @@ def _loop(
     autocast, scaler = _mixed_precision(request, device)
     generator = torch.Generator("cpu").manual_seed(seed)
     crops = random.Random(seed)
-    prompt = _prompt_embeds(parts, request.instance_prompt, device)
+    images, classes = data
+    batch = request.train_batch_size
+    prompt = _prompt_embeds(parts, request.instance_prompt, device).expand(batch, -1, -1)
+    if classes:  # each step's batch: the instance images, then as many class images with the class prompt
+        assert request.class_prompt is not None
+        prompt = torch.cat([prompt, _prompt_embeds(parts, request.class_prompt, device).expand(batch, -1, -1)])
     loss_value = 0.0
     for step in range(steps):
         loss_value = 0.0
         for _ in range(request.gradient_accumulation_steps):
-            picked = [
-                images[int(i)] for i in torch.randint(len(images), (request.train_batch_size,), generator=generator)
-            ]
+            picked = [images[int(i)] for i in torch.randint(len(images), (batch,), generator=generator)]
+            if classes:
+                picked += [classes[int(i)] for i in torch.randint(len(classes), (batch,), generator=generator)]
             pixels = _pixels(picked, resolution, request.center_crop, crops).to(device)
             latents = _latents(parts["vae"], pixels, generator)
             noise = torch.randn(latents.shape, generator=generator).to(device)
@@ -273,8 +321,12 @@ def _loop(
             else:
                 target = noise
             with autocast:
-                predicted = unet(noisy, timesteps, prompt.expand(latents.shape[0], -1, -1)).sample
-            loss = F.mse_loss(predicted.float(), target.float()) / request.gradient_accumulation_steps
+                predicted = unet(noisy, timesteps, prompt).sample
+            loss = F.mse_loss(predicted[:batch].float(), target[:batch].float())
+            if classes:
+                prior = F.mse_loss(predicted[batch:].float(), target[batch:].float())
+                loss = loss + request.prior_loss_weight * prior
+            loss = loss / request.gradient_accumulation_steps
             scaler.scale(loss).backward()
             loss_value += float(loss.detach())
         scaler.unscale_(optimizer)

@@ -48,7 +48,8 @@ def test_the_originals_machinery_arguments_are_accepted_and_ignored() -> None:
 @pytest.mark.parametrize(
     ("fields", "fragment"),
     [
-        ({"with_prior_preservation": True, "class_prompt": "a dog"}, "prior preservation"),
+        ({"with_prior_preservation": True}, "class_prompt: required with with_prior_preservation"),
+        ({"with_prior_preservation": True, "class_prompt": "a", "num_class_images": 1001}, "num_class_images"),
         ({"train_text_encoder": True}, "training the text encoder"),
         ({"push_to_hub": True}, "hub"),
         ({"dest_url": "https://example.com/x"}, "dest_url: Value error, must be an s3://"),
@@ -58,10 +59,32 @@ def test_the_originals_machinery_arguments_are_accepted_and_ignored() -> None:
         ({"train": "textual_inversion"}, "train: Input should be 'dreambooth'"),
         ({"instance_images": []}, "instance_images"),
     ],
-    ids=["prior", "text-encoder", "hub", "http-dest", "bad-name", "resolution", "steps", "method", "no-images"],
+    ids=[
+        "prior-without-class",
+        "too-many-class-images",
+        "text-encoder",
+        "hub",
+        "http-dest",
+        "bad-name",
+        "resolution",
+        "steps",
+        "method",
+        "no-images",
+    ],
 )
 def test_what_cannot_be_done_is_refused_clearly(fields: dict[str, Any], fragment: str) -> None:
     assert fragment in refused(BASE | fields).message
+
+
+def test_prior_preservation_counts_its_class_images() -> None:
+    assert train().class_image_count == 0
+    assert train(class_prompt="a dog", class_images=["aGVsbG8="]).class_image_count == 0  # not asked: unused
+    prior = {"with_prior_preservation": True, "class_prompt": "a dog"}
+    assert train(**prior).class_image_count == 100  # diffusers' example's default
+    assert train(**prior, class_images=["aGVsbG8="] * 150).class_image_count == 150
+    assert train(**prior, class_images=["aGVsbG8="] * 3, num_class_images=2).class_image_count == 2
+    assert "sample_batch_size" not in IGNORED_ARGS
+    assert train(**prior, sample_batch_size=8).sample_batch_size == 8
 
 
 def test_a_training_needs_a_destination_or_a_name() -> None:

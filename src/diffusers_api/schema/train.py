@@ -38,13 +38,11 @@ IGNORED_ARGS = frozenset(
         "enable_xformers_memory_efficient_attention",
         "allow_tf32",
         "set_grads_to_none",
-        "sample_batch_size",
         "prior_generation_precision",
     }
 )
 # Arguments of the original this server does not implement: refused when they ask for what it cannot do.
 _UNSUPPORTED = {
-    "with_prior_preservation": "prior preservation (class images) is not supported by this server yet",
     "train_text_encoder": "training the text encoder is not supported by this server yet; the UNet is trained",
     "push_to_hub": "pushing to the Hugging Face hub is not supported; give dest_url (s3://) or name",
     "resume_from_checkpoint": "resuming from a checkpoint is not supported",
@@ -106,10 +104,25 @@ class TrainRequest(BaseModel):
     )
     seed: int | None = Field(None, ge=0, lt=2**63, description="Seeds noise, timesteps and the LoRA's start")
     rank: int = Field(4, ge=1, le=256, description="The LoRA's rank (train_mode lora)")
-    prior_loss_weight: float = Field(1.0, ge=0, description="Of prior preservation, which is not supported")
-    class_prompt: str | None = Field(None, description="Of prior preservation, which is not supported")
-    num_class_images: int | None = Field(None, ge=0, description="Of prior preservation, which is not supported")
-    with_prior_preservation: bool = False
+
+    # --- prior preservation ----------------------------------------------------------------------------------
+    with_prior_preservation: bool = Field(
+        False, description="Also train on images of the subject's class, so that the model keeps what the class is"
+    )
+    class_prompt: str | None = Field(
+        None, min_length=1, max_length=2000, description="The class, e.g. 'a photo of a dog' (prior preservation)"
+    )
+    class_images: list[str] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="Images of the class (base64 or data URIs); those missing up to num_class_images are generated"
+        " from class_prompt by the model itself",
+    )
+    num_class_images: int | None = Field(
+        None, ge=1, le=1000, description="Class images to train with (default 100, or as many as class_images has)"
+    )
+    sample_batch_size: int = Field(4, ge=1, le=64, description="Class images generated per pipeline call")
+    prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the class images' loss")
     train_text_encoder: bool = False
     push_to_hub: bool = False
     hub_model_id: str | None = Field(None, description="Ignored (push_to_hub is not supported)")
@@ -167,7 +180,16 @@ class TrainRequest(BaseModel):
             raise ValueError("; ".join(f"{name}: {_UNSUPPORTED[name]}" for name in asked))
         if self.dest_url is None and self.name is None:
             raise ValueError("give dest_url (an s3:// URL to upload the result to), name (to keep it here), or both")
+        if self.with_prior_preservation and self.class_prompt is None:
+            raise ValueError("class_prompt: required with with_prior_preservation (the class the subject belongs to)")
         return self
+
+    @property
+    def class_image_count(self) -> int:
+        """How many class images the training uses (0 without prior preservation)."""
+        if not self.with_prior_preservation:
+            return 0
+        return self.num_class_images or max(len(self.class_images), 100)
 
     @property
     def effective_learning_rate(self) -> float:
