@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the UNet's attention projections
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # the CLIP text encoder's (diffusers' example's)
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name (save_lora_weights)
 Progress = Callable[[int, int], None]
 Emit = Callable[[str, str], None]
@@ -149,10 +150,12 @@ def _train(
     with phase(timings, "training"), torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)  # the LoRA's initial weights (peft draws them on the CPU)
         unet = _trainable_unet(parts["unet"], request)
-        loss = _loop(unet, parts, (images, classes), resolution, request, seed, progress, cancel)
-        path = _save(unet, model, request, workdir)
+        encoder = _trainable_text_encoder(parts["text_encoder"], request) if request.train_text_encoder else None
+        loss = _loop((unet, encoder), parts, (images, classes), resolution, request, seed, progress, cancel)
+        path = _save(unet, encoder, model, request, workdir)
     meta = {"MODEL_ID": model.spec.model_id, "PRECISION": model.precision, "device": model.device, "seed": seed}
     meta |= {"resolution": resolution, "learning_rate": request.effective_learning_rate}
+    meta["train_text_encoder"] = request.train_text_encoder
     if request.with_prior_preservation:
         meta["class_images"] = {"given": len(given), "generated": len(made)}
     return Trained(request.train_mode, path, request.max_train_steps, loss, meta)
@@ -259,8 +262,31 @@ def _trainable_unet(unet: Any, request: TrainRequest) -> Any:
     return trainable
 
 
+def _trainable_text_encoder(encoder: Any, request: TrainRequest) -> Any:
+    """A float32 copy of the model's text encoder: with a LoRA on its attention (q, k, v and out projections), or
+    whole, as diffusers' example trains it beside the UNet."""
+    import torch
+
+    trainable = copy.deepcopy(encoder).to(torch.float32)
+    if request.train_mode == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        trainable.requires_grad_(False)
+        config = LoraConfig(
+            r=request.rank, lora_alpha=request.rank, init_lora_weights="gaussian", target_modules=TEXT_LORA_TARGETS
+        )
+        # peft's own injection: transformers' `add_adapter` wants a newer peft than diffusers' LoRA code needs
+        inject_adapter_in_model(config, trainable)
+    else:
+        trainable.requires_grad_(True)
+    if request.gradient_checkpointing:
+        trainable.gradient_checkpointing_enable()
+    trainable.train()
+    return trainable
+
+
 def _loop(
-    unet: Any,
+    models: tuple[Any, Any],
     parts: dict[str, Any],
     data: tuple[list[Image.Image], list[Image.Image]],
     resolution: int,
@@ -274,8 +300,10 @@ def _loop(
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
+    unet, encoder = models  # the text encoder: None when it is not trained
     device = next(unet.parameters()).device
-    params = [param for param in unet.parameters() if param.requires_grad]
+    trained = [unet] if encoder is None else [unet, encoder]
+    params = [param for module in trained for param in module.parameters() if param.requires_grad]
     optimizer = torch.optim.AdamW(
         params,
         lr=request.effective_learning_rate,
@@ -298,10 +326,14 @@ def _loop(
     crops = random.Random(seed)
     images, classes = data
     batch = request.train_batch_size
-    prompt = _prompt_embeds(parts, request.instance_prompt, device).expand(batch, -1, -1)
+    prompts = [request.instance_prompt]
     if classes:  # each step's batch: the instance images, then as many class images with the class prompt
         assert request.class_prompt is not None
-        prompt = torch.cat([prompt, _prompt_embeds(parts, request.class_prompt, device).expand(batch, -1, -1)])
+        prompts.append(request.class_prompt)
+    ids = _prompt_ids(parts["tokenizer"], prompts)
+    fixed = None
+    if encoder is None:  # the model's own encoder, frozen: its embeddings once
+        fixed = torch.cat([_embeds(parts["text_encoder"], row, device).expand(batch, -1, -1) for row in ids])
     loss_value = 0.0
     for step in range(steps):
         loss_value = 0.0
@@ -321,6 +353,9 @@ def _loop(
             else:
                 target = noise
             with autocast:
+                prompt = fixed
+                if prompt is None:  # the text encoder trains: its embeddings at each step, with their gradients
+                    prompt = encoder(ids.to(device))[0].float().repeat_interleave(batch, 0)
                 predicted = unet(noisy, timesteps, prompt).sample
             loss = F.mse_loss(predicted[:batch].float(), target[:batch].float())
             if classes:
@@ -339,8 +374,9 @@ def _loop(
             progress(step + 1, steps)
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"training cancelled after step {step + 1} of {steps}", step=step + 1)
-    unet.eval()
-    unet.requires_grad_(False)
+    for module in trained:
+        module.eval()
+        module.requires_grad_(False)
     return round(loss_value, 6)
 
 
@@ -358,15 +394,19 @@ def _mixed_precision(request: TrainRequest, device: Any) -> tuple[Any, Any]:
     return torch.autocast("cuda", dtype=dtype), scaler
 
 
-def _prompt_embeds(parts: dict[str, Any], prompt: str, device: Any) -> Any:
+def _prompt_ids(tokenizer: Any, prompts: list[str]) -> Any:
+    """The prompts' token ids, one row each, padded to the tokenizer's length."""
+    return tokenizer(
+        prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
+
+
+def _embeds(encoder: Any, ids: Any, device: Any) -> Any:
+    """A frozen encoder's embeddings of one prompt's ids, as float32 on `device`."""
     import torch
 
-    tokenizer, encoder = parts["tokenizer"], parts["text_encoder"]
-    ids = tokenizer(
-        prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
-    ).input_ids
     with torch.no_grad():
-        return encoder(ids.to(encoder.device))[0].to(device, torch.float32)
+        return encoder(ids[None].to(encoder.device))[0].to(device, torch.float32)
 
 
 def _pixels(images: list[Image.Image], resolution: int, center: bool, crops: random.Random) -> Any:
@@ -392,18 +432,25 @@ def _latents(vae: Any, pixels: Any, generator: Any) -> Any:
     return latents.to(torch.float32)
 
 
-def _save(unet: Any, model: LoadedModel, request: TrainRequest, workdir: Path) -> Path:
+def _save(unet: Any, encoder: Any, model: LoadedModel, request: TrainRequest, workdir: Path) -> Path:
+    """The LoRA (the UNet's, and the text encoder's when it trained) as one file, or the model with its trained
+    modules as a directory."""
     if request.train_mode == "lora":
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        StableDiffusionPipeline.save_lora_weights(workdir, unet_lora_layers=layers, safe_serialization=True)
+        layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))}
+        if encoder is not None:
+            layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
+        StableDiffusionPipeline.save_lora_weights(workdir, **layers, safe_serialization=True)
         return workdir / LORA_FILE
     base = model.pipelines.base
     unet.to(base.unet.dtype)
-    pipe = type(base)(**(base.components | {"unet": unet}))
+    trained = {"unet": unet}
+    if encoder is not None:
+        trained["text_encoder"] = encoder.to(base.text_encoder.dtype)
+    pipe = type(base)(**(base.components | trained))
     pipe.save_pretrained(workdir, safe_serialization=True)
     return workdir
 

@@ -210,6 +210,42 @@ def test_prior_preservation_trains_on_given_and_generated_class_images(engine: E
     assert heavier.loss > result.loss  # the same batches, the class loss weighed 5 times
 
 
+def test_the_text_encoder_trains_beside_the_unet(engine: Engine, settings: Settings) -> None:
+    """train_text_encoder: the LoRA file holds the text encoder's layers too, and they alone change the image; a
+    full fine-tune saves a changed text encoder. The served model's own encoder is untouched."""
+    from safetensors.torch import load_file, save_file
+
+    served = engine.runner.store.get(GenerateRequest(prompt="x")).pipelines.components["text_encoder"]  # type: ignore[attr-defined]
+    before = {key: value.clone() for key, value in served.state_dict().items()}
+    emitter, _ = events()
+    result = asyncio.run(
+        train(engine, training(name=fresh("te"), train_text_encoder=True, max_train_steps=3), emitter, settings)
+    )
+    assert result.meta["train_text_encoder"] is True
+    assert result.lora_weights is not None
+    layers = load_file(trained_lora_path(result.lora_weights, settings.models_dir))
+    text_layers = {key: value for key, value in layers.items() if key.startswith("text_encoder.")}
+    assert text_layers
+    assert len(text_layers) < len(layers)  # the UNet's are there too
+    text_only_id = f"trained/{fresh('text-only')}"
+    save_file(text_layers, trained_lora_path(text_only_id, settings.models_dir))
+    text_only = image(engine, lora_weights=text_only_id)
+    assert np.abs(text_only - image(engine)).max() > 0
+
+    full = asyncio.run(
+        train(
+            engine,
+            training(name=fresh("te-full"), train_mode="full", train_text_encoder=True, max_train_steps=2),
+            *events()[:1],
+            settings,
+        )
+    )
+    assert full.model is not None
+    saved = load_file(trained_model_dir(full.model, settings.models_dir) / "text_encoder" / "model.safetensors")
+    assert any(not torch.equal(saved[key], before[key].to(saved[key].dtype)) for key in saved if key in before)
+    assert all(torch.equal(value, before[key]) for key, value in served.state_dict().items())
+
+
 def test_a_cancelled_training_stops_within_a_step(engine: Engine, settings: Settings) -> None:
     emitter, seen = events()
     cancel = threading.Event()

@@ -50,7 +50,6 @@ def test_the_originals_machinery_arguments_are_accepted_and_ignored() -> None:
     [
         ({"with_prior_preservation": True}, "class_prompt: required with with_prior_preservation"),
         ({"with_prior_preservation": True, "class_prompt": "a", "num_class_images": 1001}, "num_class_images"),
-        ({"train_text_encoder": True}, "training the text encoder"),
         ({"push_to_hub": True}, "hub"),
         ({"dest_url": "https://example.com/x"}, "dest_url: Value error, must be an s3://"),
         ({"name": "../etc"}, "name: String should match pattern"),
@@ -62,7 +61,6 @@ def test_the_originals_machinery_arguments_are_accepted_and_ignored() -> None:
     ids=[
         "prior-without-class",
         "too-many-class-images",
-        "text-encoder",
         "hub",
         "http-dest",
         "bad-name",

@@ -43,7 +43,6 @@ IGNORED_ARGS = frozenset(
 )
 # Arguments of the original this server does not implement: refused when they ask for what it cannot do.
 _UNSUPPORTED = {
-    "train_text_encoder": "training the text encoder is not supported by this server yet; the UNet is trained",
     "push_to_hub": "pushing to the Hugging Face hub is not supported; give dest_url (s3://) or name",
     "resume_from_checkpoint": "resuming from a checkpoint is not supported",
 }
@@ -123,7 +122,9 @@ class TrainRequest(BaseModel):
     )
     sample_batch_size: int = Field(4, ge=1, le=64, description="Class images generated per pipeline call")
     prior_loss_weight: float = Field(1.0, ge=0, description="Weight of the class images' loss")
-    train_text_encoder: bool = False
+    train_text_encoder: bool = Field(
+        False, description="Also train the text encoder (a LoRA of its attention, or whole with train_mode full)"
+    )
     push_to_hub: bool = False
     hub_model_id: str | None = Field(None, description="Ignored (push_to_hub is not supported)")
     resume_from_checkpoint: str | None = None
