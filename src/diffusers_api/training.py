@@ -1,4 +1,5 @@
-"""DreamBooth training of a Stable Diffusion 1.x/2.x model: a LoRA of the UNet's attention, or the whole UNet.
+"""DreamBooth training of a Stable Diffusion 1.x/2.x or SDXL model: a LoRA of the UNet's attention, or the whole
+UNet (and, for SD 1.x/2.x, the text encoder too).
 
 Two steps, so that only the first holds the device (the engine runs it alone, `Engine.run_alone`):
 
@@ -14,7 +15,10 @@ class images, with the class prompt, and adds their loss times prior_loss_weight
 request's, and those missing are generated first by the model itself (its txt2img pipeline, no safety checker,
 seeded from the training's seed), as the example generates them. A LoRA is peft's, on the attention projections
 (to_q, to_k, to_v, to_out.0), saved in diffusers' LoRA format, so that `lora_weights` loads it. Cancelling stops
-at the next step. torch, diffusers and peft are imported here, lazily.
+at the next step. SDXL (diffusers' train_dreambooth_lora_sdxl.py) takes its prompts from both text encoders (the
+pipeline's own encode_prompt: penultimate hidden states, the second's pooled embedding) and the size
+micro-conditions of a square crop at the training resolution; its VAE encodes in float32 where its config asks
+for that (`force_upcast`: SDXL's fp16 VAE overflows). torch, diffusers and peft are imported here, lazily.
 """
 
 from __future__ import annotations
@@ -138,7 +142,7 @@ def _train(
 
     settings = store.settings
     model = store.get(GenerateRequest(**request.model_request()), timings)
-    parts = _sd_parts(model)
+    parts = _sd_parts(model, request)
     resolution = request.resolution or parts["default_resolution"]
     _check_resolution(resolution, parts["multiple"])
     images = [_fitted(image, resolution) for image in _decode(request.instance_images, "instance_images", settings)]
@@ -156,25 +160,36 @@ def _train(
     meta = {"MODEL_ID": model.spec.model_id, "PRECISION": model.precision, "device": model.device, "seed": seed}
     meta |= {"resolution": resolution, "learning_rate": request.effective_learning_rate}
     meta["train_text_encoder"] = request.train_text_encoder
+    meta["family"] = parts["family"]
     if request.with_prior_preservation:
         meta["class_images"] = {"given": len(given), "generated": len(made)}
     return Trained(request.train_mode, path, request.max_train_steps, loss, meta)
 
 
-def _sd_parts(model: LoadedModel) -> dict[str, Any]:
-    """The components DreamBooth trains with; INVALID_INPUTS for models it cannot (SDXL, SD3, Flux, inpainting)."""
+def _sd_parts(model: LoadedModel, request: TrainRequest | None = None) -> dict[str, Any]:
+    """The components DreamBooth trains with; INVALID_INPUTS for models it cannot (SD3, Flux, inpainting, the SDXL
+    refiner) and, on SDXL, for train_text_encoder."""
     components = model.pipelines.components
     unet = components.get("unet")
     family = type(model.pipelines.base).__name__
-    if unet is None or components.get("text_encoder_2") is not None or components.get("vae") is None:
+    sdxl = components.get("text_encoder_2") is not None
+    supported = f"Stable Diffusion 1.x/2.x and SDXL models; {model.spec.model_id} is a {family}"
+    if unet is None or components.get("vae") is None or components.get("text_encoder") is None:
+        raise InvalidInputs(f"training supports {supported}", model=family)
+    if unet.config.in_channels != 4 or getattr(unet.config, "addition_embed_type", None) != (
+        "text_time" if sdxl else None
+    ):
+        raise InvalidInputs(f"training supports the text-to-image UNets of {supported}")
+    if sdxl and request is not None and request.train_text_encoder:
         raise InvalidInputs(
-            f"training supports Stable Diffusion 1.x/2.x models; {model.spec.model_id} is a {family}", model=family
+            "train_text_encoder: supported for Stable Diffusion 1.x/2.x; on SDXL the UNet trains alone",
+            field="train_text_encoder",
         )
-    if unet.config.in_channels != 4 or getattr(unet.config, "addition_embed_type", None):
-        raise InvalidInputs(f"training supports text-to-image SD 1.x/2.x UNets; {model.spec.model_id} is a {family}")
     vae = components["vae"]
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     return {
+        "family": "sdxl" if sdxl else "sd",
+        "pipe": model.pipelines.base,
         "unet": unet,
         "vae": vae,
         "text_encoder": components["text_encoder"],
@@ -331,9 +346,12 @@ def _loop(
         assert request.class_prompt is not None
         prompts.append(request.class_prompt)
     ids = _prompt_ids(parts["tokenizer"], prompts)
-    fixed = None
-    if encoder is None:  # the model's own encoder, frozen: its embeddings once
+    fixed, added = None, None
+    if parts["family"] == "sdxl":  # both encoders, frozen, and SDXL's added conditions
+        fixed, added = _sdxl_conditions(parts["pipe"], prompts, batch, resolution, device)
+    elif encoder is None:  # the model's own encoder, frozen: its embeddings once
         fixed = torch.cat([_embeds(parts["text_encoder"], row, device).expand(batch, -1, -1) for row in ids])
+    vae = _encoding_vae(parts["vae"])
     loss_value = 0.0
     for step in range(steps):
         loss_value = 0.0
@@ -342,7 +360,7 @@ def _loop(
             if classes:
                 picked += [classes[int(i)] for i in torch.randint(len(classes), (batch,), generator=generator)]
             pixels = _pixels(picked, resolution, request.center_crop, crops).to(device)
-            latents = _latents(parts["vae"], pixels, generator)
+            latents = _latents(vae, pixels, generator)
             noise = torch.randn(latents.shape, generator=generator).to(device)
             timesteps = torch.randint(
                 noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
@@ -356,7 +374,7 @@ def _loop(
                 prompt = fixed
                 if prompt is None:  # the text encoder trains: its embeddings at each step, with their gradients
                     prompt = encoder(ids.to(device))[0].float().repeat_interleave(batch, 0)
-                predicted = unet(noisy, timesteps, prompt).sample
+                predicted = unet(noisy, timesteps, prompt, added_cond_kwargs=added).sample
             loss = F.mse_loss(predicted[:batch].float(), target[:batch].float())
             if classes:
                 prior = F.mse_loss(predicted[batch:].float(), target[batch:].float())
@@ -392,6 +410,33 @@ def _mixed_precision(request: TrainRequest, device: Any) -> tuple[Any, Any]:
     dtype = torch.float16 if chosen == "fp16" else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda", enabled=chosen == "fp16")
     return torch.autocast("cuda", dtype=dtype), scaler
+
+
+def _sdxl_conditions(pipe: Any, prompts: list[str], batch: int, resolution: int, device: Any) -> tuple[Any, Any]:
+    """SDXL's prompt embeddings (both encoders', by the pipeline's own encode_prompt) and added conditions (the
+    second encoder's pooled embedding; the size micro-conditions of a square crop at `resolution` from the
+    top-left, as a pipeline asks for an image of that size), `batch` rows of each prompt."""
+    import torch
+
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, do_classifier_free_guidance=False)
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
+    rows = len(prompts) * batch
+    added = {
+        "text_embeds": pooled.to(device, torch.float32).repeat_interleave(batch, 0),
+        "time_ids": time_ids.to(device).expand(rows, -1),
+    }
+    return embeds.to(device, torch.float32).repeat_interleave(batch, 0), added
+
+
+def _encoding_vae(vae: Any) -> Any:
+    """The VAE that encodes the training images: a float32 copy where the model's is half precision and its config
+    says it must run in float32 (SDXL's `force_upcast`), else the model's own."""
+    import torch
+
+    if getattr(vae.config, "force_upcast", False) and vae.dtype != torch.float32:
+        return copy.deepcopy(vae).to(torch.float32)
+    return vae
 
 
 def _prompt_ids(tokenizer: Any, prompts: list[str]) -> Any:
@@ -436,14 +481,16 @@ def _save(unet: Any, encoder: Any, model: LoadedModel, request: TrainRequest, wo
     """The LoRA (the UNet's, and the text encoder's when it trained) as one file, or the model with its trained
     modules as a directory."""
     if request.train_mode == "lora":
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))}
         if encoder is not None:
             layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(get_peft_model_state_dict(encoder))
-        StableDiffusionPipeline.save_lora_weights(workdir, **layers, safe_serialization=True)
+        sdxl = model.pipelines.components.get("text_encoder_2") is not None
+        saver: Any = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+        saver.save_lora_weights(workdir, **layers, safe_serialization=True)
         return workdir / LORA_FILE
     base = model.pipelines.base
     unet.to(base.unet.dtype)

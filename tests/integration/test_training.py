@@ -246,6 +246,29 @@ def test_the_text_encoder_trains_beside_the_unet(engine: Engine, settings: Setti
     assert all(torch.equal(value, before[key]) for key, value in served.state_dict().items())
 
 
+def test_sdxl_trains_a_lora_and_a_full_unet(engine: Engine, settings: Settings) -> None:
+    """SDXL: both text encoders' embeddings, the pooled one and the size conditions reach the UNet; the LoRA is
+    saved in SDXL's format and loads back on the model; a full fine-tune is a model of its own."""
+    sdxl = "builtin/tiny-sdxl"
+    before = image(engine, model=sdxl)
+    emitter, _ = events()
+    result = asyncio.run(train(engine, training(model=sdxl, name=fresh("sdxl"), max_train_steps=3), emitter, settings))
+    assert result.meta["family"] == "sdxl"
+    assert result.lora_weights is not None
+    assert np.abs(image(engine, model=sdxl, lora_weights=result.lora_weights) - before).max() > 0
+    assert np.array_equal(image(engine, model=sdxl), before)  # the served model is untouched
+    full = asyncio.run(
+        train(
+            engine,
+            training(model=sdxl, name=fresh("sdxl-full"), train_mode="full", max_train_steps=2),
+            *events()[:1],
+            settings,
+        )
+    )
+    assert full.model is not None
+    assert np.abs(image(engine, model=full.model) - before).max() > 0
+
+
 def test_a_cancelled_training_stops_within_a_step(engine: Engine, settings: Settings) -> None:
     emitter, seen = events()
     cancel = threading.Event()

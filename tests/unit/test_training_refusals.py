@@ -1,4 +1,4 @@
-"""What training refuses before it starts: models other than SD 1.x/2.x text-to-image, sizes the model cannot
+"""What training refuses before it starts: models other than SD 1.x/2.x and SDXL text-to-image, sizes the model cannot
 take, a dest_url without a bucket, a name in use."""
 
 from __future__ import annotations
@@ -23,18 +23,33 @@ class StableDiffusionXLPipeline:
 def loaded(**components: Any) -> Any:
     config = SimpleNamespace(in_channels=4, addition_embed_type=None, sample_size=8, block_out_channels=(1, 2))
     base = {"unet": SimpleNamespace(config=config), "vae": SimpleNamespace(config=config), "text_encoder": object()}
+    base |= {"tokenizer": object(), "scheduler": SimpleNamespace(config={})}
     pipelines = SimpleNamespace(components=base | components, base=StableDiffusionXLPipeline())
     return SimpleNamespace(pipelines=pipelines, spec=ModelSpec(model_id="some/model"))
 
 
-def test_sdxl_and_transformer_models_are_refused_by_name() -> None:
-    with pytest.raises(InvalidInputs, match=r"supports Stable Diffusion 1\.x/2\.x models; some/model is a StableDiff"):
-        training._sd_parts(loaded(text_encoder_2=object()))
-    with pytest.raises(InvalidInputs, match=r"1\.x/2\.x models"):
+def test_transformer_and_inpainting_models_are_refused_by_name() -> None:
+    with pytest.raises(
+        InvalidInputs, match=r"supports Stable Diffusion 1\.x/2\.x and SDXL models; some/model is a Sta"
+    ):
         training._sd_parts(loaded(unet=None, transformer=object()))
     inpainting = SimpleNamespace(config=SimpleNamespace(in_channels=9, addition_embed_type=None))
-    with pytest.raises(InvalidInputs, match="text-to-image"):
+    with pytest.raises(InvalidInputs, match="the text-to-image UNets of"):
         training._sd_parts(loaded(unet=inpainting))
+    # an SDXL pipeline's UNet takes SDXL's added conditions ("text_time"); the refiner has no first text encoder
+    with pytest.raises(InvalidInputs, match="the text-to-image UNets of"):
+        training._sd_parts(loaded(text_encoder_2=object()))
+    with pytest.raises(InvalidInputs, match="SDXL models"):
+        training._sd_parts(loaded(text_encoder=None, text_encoder_2=object()))
+
+
+def test_sdxl_trains_its_unet_alone() -> None:
+    config = SimpleNamespace(in_channels=4, addition_embed_type="text_time", sample_size=8, block_out_channels=(1, 2))
+    sdxl = loaded(unet=SimpleNamespace(config=config), text_encoder_2=object())
+    assert training._sd_parts(sdxl, request(name="x"))["family"] == "sdxl"
+    assert training._sd_parts(loaded(), request(name="x", train_text_encoder=True))["family"] == "sd"
+    with pytest.raises(InvalidInputs, match=r"train_text_encoder: supported for Stable Diffusion 1\.x/2\.x; on SDXL"):
+        training._sd_parts(sdxl, request(name="x", train_text_encoder=True))
 
 
 def test_a_resolution_the_unet_cannot_halve_is_refused() -> None:

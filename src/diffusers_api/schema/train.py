@@ -49,7 +49,7 @@ _UNSUPPORTED = {
 
 
 class TrainRequest(BaseModel):
-    """DreamBooth training of the served model (SD 1.x/2.x): a LoRA of the UNet's attention (default) or the
+    """DreamBooth training of the served model (SD 1.x/2.x or SDXL): a LoRA of the UNet's attention (default) or the
     whole UNet (`train_mode: "full"`)."""
 
     # No example in the schema: /docs would offer one that runs (tests/integration/test_openapi_examples.py), and
