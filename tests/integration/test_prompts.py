@@ -179,3 +179,28 @@ def test_another_model_family_is_refused(models_dir: Path) -> None:
         "prompt_weighting: supported for Stable Diffusion 1.x/2.x and SDXL models; builtin/tiny-sd3 runs "
         "StableDiffusion3Pipeline (stable-diffusion-3)"
     )
+
+
+def test_clip_skip_past_the_penultimate_layer_matches_diffusers_on_a_deeper_encoder(models_dir: Path) -> None:
+    """The tiny encoders have 2 layers, so clip_skip 1 is all they can skip: with a 4-layer encoder, clip_skip 2
+    and 3 make compel read the penultimate layer of an encoder whose hidden states end early. The embeddings are
+    diffusers' encode_prompt's for that clip_skip, bit for bit (the negative prompt's without it, as diffusers)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffusers_api.pipelines import _alias_clip_text_model
+
+    runner = Runner(Settings(model_id="builtin/tiny-sd", models_dir=models_dir))
+    runner.start()
+    pipe = build(runner, "txt2img")
+    config = CLIPTextConfig(**(pipe.text_encoder.config.to_dict() | {"num_hidden_layers": 4}))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        pipe.text_encoder = CLIPTextModel(config).eval()
+    _alias_clip_text_model({"text_encoder": pipe.text_encoder})
+    for skip in (2, 3):
+        texts = {"prompt": "a red barn", "negative_prompt": "blurry", "clip_skip": skip}
+        ours = prompts.encode(pipe, texts, "a1111", False)
+        with torch.inference_mode():
+            theirs = pipe.encode_prompt("a red barn", "cpu", 1, True, "blurry", clip_skip=skip)
+        torch.testing.assert_close(ours["prompt_embeds"], theirs[0], rtol=0, atol=0)
+        torch.testing.assert_close(ours["negative_prompt_embeds"], theirs[1], rtol=0, atol=0)
