@@ -4,11 +4,10 @@ request by `from_legacy`, and results back out by `to_legacy`, as the original's
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ..errors import InvalidInputs
-from .request import _NEEDS_IMAGE, LPW_PIPELINE, GenerateRequest, is_http_url, validate_inputs
+from .request import _NEEDS_IMAGE, LPW_PIPELINE, GenerateRequest, is_http_url, loads_json, validate_inputs
 from .response import GenerateResult
 from .train import TrainRequest, TrainResult, parse_train_request
 from .upscale import UpscaleRequest, parse_upscale_request
@@ -120,10 +119,7 @@ def decode_envelope(body: bytes | str | Any) -> dict[str, Any]:
     data = body
     for _ in range(2):
         if isinstance(data, bytes | bytearray | str):
-            try:
-                data = json.loads(data)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InvalidInputs(f"request body is not valid JSON: {exc}") from None
+            data = loads_json(data)
     if not isinstance(data, dict):
         raise InvalidInputs("request body must be a JSON object with 'modelInputs' and 'callInputs'")
     return data

@@ -101,6 +101,16 @@ def _require_http(value: str) -> str:
     return value
 
 
+def loads_json(text: str | bytes | bytearray, what: str = "request body") -> Any:
+    """`json.loads`, every way that JSON a client sent can fail to load as INVALID_INPUTS naming `what`: not JSON,
+    not UTF-8 (both ValueErrors), an integer of more than 4300 digits (a ValueError too), or nesting deeper than
+    the parser's recursion allows (a RecursionError, which would otherwise answer 500)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInputs(f"{what} is not valid JSON: {exc}") from None
+
+
 def optional_http_url(value: str | None) -> str | None:
     """A webhook URL (`send_url`): http(s), or none (an empty one is none)."""
     return _require_http(value) if value else None
@@ -390,9 +400,9 @@ class GenerateRequest(BaseModel):
         # The original accepted a JSON string here; keep accepting it.
         if isinstance(value, str):
             try:
-                return json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"not valid JSON: {exc.msg}") from exc
+                return loads_json(value, "the string")
+            except InvalidInputs as exc:
+                raise ValueError(exc.message) from None
         return value
 
     @field_validator("extra")
