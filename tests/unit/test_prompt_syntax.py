@@ -185,3 +185,10 @@ def test_legacy_custom_pipeline_method_errors() -> None:
         legacy(PIPELINE="StableDiffusionPipeline", custom_pipeline_method="img2img")
     with pytest.raises(InvalidInputs, match="must be one of text2img, img2img, inpaint, not 'upscale'"):
         legacy(PIPELINE="lpw_stable_diffusion", custom_pipeline_method="upscale")
+
+
+@pytest.mark.parametrize("method", [["text2img"], {"task": "img2img"}], ids=["list", "object"])
+def test_legacy_custom_pipeline_method_of_another_type(method: object) -> None:
+    """Not a name: looked up among the names it was an unhashable TypeError, a 500."""
+    with pytest.raises(InvalidInputs, match="must be one of text2img, img2img, inpaint, not "):
+        legacy(PIPELINE="lpw_stable_diffusion", custom_pipeline_method=method)

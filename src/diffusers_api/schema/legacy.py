@@ -316,7 +316,7 @@ def _prompt_options(call_inputs: dict[str, Any], data: dict[str, Any]) -> dict[s
         return options
     if call_inputs.get("PIPELINE") != LPW_PIPELINE:
         raise InvalidInputs(f"callInputs.custom_pipeline_method applies to PIPELINE {LPW_PIPELINE} only")
-    if method not in _LPW_METHODS:
+    if not isinstance(method, str) or method not in _LPW_METHODS:  # a list or an object cannot be looked up
         raise InvalidInputs(
             f"callInputs.custom_pipeline_method must be one of {', '.join(_LPW_METHODS)}, not {method!r}",
             accepted=list(_LPW_METHODS),
