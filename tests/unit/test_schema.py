@@ -308,6 +308,13 @@ def test_a_lora_scale_without_loras_is_refused() -> None:
         from_legacy({"modelInputs": {"cross_attention_kwargs": '{"scale": 0.5}'}, "callInputs": {}})
 
 
+@pytest.mark.parametrize("scale", [[0.5], {"a": 1}, "big", True], ids=["list", "object", "text", "bool"])
+def test_a_cross_attention_scale_that_is_no_number_is_refused(scale: object) -> None:
+    """A list or an object was a TypeError out of the validator: a 500."""
+    with pytest.raises(InvalidInputs, match=r"cross_attention_kwargs\.scale must be a number, not "):
+        parse_request({"lora_weights": "https://x/a", "cross_attention_kwargs": {"scale": scale}})
+
+
 def test_a_textual_inversion_token_from_the_url_is_bounded_too() -> None:
     with pytest.raises(ValueError, match="longer than 100 characters"):
         GenerateRequest(textual_inversions=f"https://x/e#token={'t' * 101}")

@@ -359,11 +359,11 @@ class GenerateRequest(BaseModel):
             if "scale" in kwargs:  # it would mean nothing (and diffusers' text encoder scaling fails without LoRAs)
                 raise ValueError("cross_attention_kwargs.scale weighs LoRA weights, and this request names none")
             return self
-        given = kwargs.pop("scale", None)
+        given = _kwargs_scale(kwargs.pop("scale", None))
         for lora in self.lora_weights:
             if lora.scale is None:
                 fragment = lora.fragment_scale
-                lora.scale = float(given) if given is not None else (fragment if fragment is not None else 1.0)
+                lora.scale = given if given is not None else (fragment if fragment is not None else 1.0)
             if not -8 <= lora.scale <= 8:
                 raise ValueError(f"the scale of LoRA {lora.url} is {lora.scale}; it must be between -8 and 8")
         self.cross_attention_kwargs = kwargs or None
@@ -423,6 +423,19 @@ class GenerateRequest(BaseModel):
     def image_count(self) -> int:
         prompts = len(self.prompt) if isinstance(self.prompt, list) else 1
         return prompts * self.num_images_per_prompt
+
+
+def _kwargs_scale(given: object) -> float | None:
+    """`cross_attention_kwargs.scale` as a number: float() of a list or an object was a TypeError, which pydantic
+    does not report as a validation error (a 500)."""
+    if given is None:
+        return None
+    try:
+        if isinstance(given, bool) or not isinstance(given, int | float | str):
+            raise TypeError
+        return float(given)
+    except (TypeError, ValueError):
+        raise ValueError(f"cross_attention_kwargs.scale must be a number, not {given!r}") from None
 
 
 def parse_request(data: Any) -> GenerateRequest:
