@@ -393,9 +393,11 @@ def test_bad_ip_adapters_are_refused_naming_the_field(change: dict, fragment: st
         parse_request({"prompt": "x", "ip_adapter": IP | change})
 
 
-def test_ip_adapter_images_are_not_extra_arguments() -> None:
-    with pytest.raises(InvalidInputs, match="set by the server, not by a request: ip_adapter_image"):
-        parse_request({"prompt": "x", "extra": {"ip_adapter_image": "aGVsbG8="}})
+@pytest.mark.parametrize("name", ["ip_adapter_image", "negative_ip_adapter_image", "negative_ip_adapter_image_embeds"])
+def test_ip_adapter_images_are_not_extra_arguments(name: str) -> None:
+    """Flux's negative_ip_adapter_image reached the pipeline, a 500 (AttributeError) without an IP-Adapter loaded."""
+    with pytest.raises(InvalidInputs, match=f"set by the server, not by a request: {name}"):
+        parse_request({"prompt": "x", "extra": {name: "aGVsbG8="}})
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,9 @@ RESERVED_CALL_ARGS = frozenset(
         "negative_pooled_prompt_embeds",
         "ip_adapter_image",
         "ip_adapter_image_embeds",
+        # Flux's image prompt for true CFG: an IP-Adapter's too, which the request's `ip_adapter` gives
+        "negative_ip_adapter_image",
+        "negative_ip_adapter_image_embeds",
     }
 )
 
