@@ -400,6 +400,15 @@ def test_ip_adapter_images_are_not_extra_arguments(name: str) -> None:
         parse_request({"prompt": "x", "extra": {name: "aGVsbG8="}})
 
 
+@pytest.mark.parametrize("given", ["scale", [1], 2], ids=["string", "list", "number"])
+@pytest.mark.parametrize("name", ["joint_attention_kwargs", "attention_kwargs"])
+def test_keyword_arguments_in_extra_must_be_an_object(name: str, given: object) -> None:
+    """diffusers calls .get() on them: SD3 and Flux answered a string there with an AttributeError, a 500."""
+    with pytest.raises(InvalidInputs, match=f"{name}: must be an object of keyword arguments"):
+        parse_request({"prompt": "x", "extra": {name: given}})
+    assert parse_request({"prompt": "x", "extra": {name: {"scale": 1}}}).extra == {name: {"scale": 1}}
+
+
 @pytest.mark.parametrize(
     "extra",
     [{"num_inference_steps": 10**9}, {"width": 8192, "height": 8192}, {"num_images_per_prompt": 64},

@@ -420,12 +420,23 @@ class GenerateRequest(BaseModel):
         fields = sorted(cls.model_fields.keys() & value.keys())
         if fields:
             raise ValueError(f"{', '.join(fields)}: fields of the request; give them as such, not in extra")
+        # diffusers reads its `*_kwargs` (SD3's and Flux's joint_attention_kwargs, PixArt's and others'
+        # attention_kwargs) with .get() unchecked: a string there was an AttributeError, a 500.
+        not_objects = sorted(
+            name for name, given in value.items() if name.endswith("_kwargs") and not _is_object(given)
+        )
+        if not_objects:
+            raise ValueError(f"{', '.join(not_objects)}: must be an object of keyword arguments (or null)")
         return value
 
     @property
     def image_count(self) -> int:
         prompts = len(self.prompt) if isinstance(self.prompt, list) else 1
         return prompts * self.num_images_per_prompt
+
+
+def _is_object(value: object) -> bool:
+    return value is None or isinstance(value, dict)
 
 
 def _kwargs_scale(given: object) -> float | None:
