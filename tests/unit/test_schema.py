@@ -400,6 +400,14 @@ def test_ip_adapter_images_are_not_extra_arguments(name: str) -> None:
         parse_request({"prompt": "x", "extra": {name: "aGVsbG8="}})
 
 
+@pytest.mark.parametrize("length", [0, -1, 513, 10**6, 1.5, "77", True])
+def test_max_sequence_length_is_bounded(length: object) -> None:
+    """PixArt checks none (10**6 asked for a terabyte), -1 was an OverflowError in SD3's and Flux's tokenizer: 500s."""
+    with pytest.raises(InvalidInputs, match=r"max_sequence_length: .* is not a whole number from 1 to 512"):
+        parse_request({"prompt": "x", "extra": {"max_sequence_length": length}})
+    assert parse_request({"prompt": "x", "extra": {"max_sequence_length": 512}}).extra["max_sequence_length"] == 512
+
+
 @pytest.mark.parametrize("given", ["scale", [1], 2], ids=["string", "list", "number"])
 @pytest.mark.parametrize("name", ["joint_attention_kwargs", "attention_kwargs"])
 def test_keyword_arguments_in_extra_must_be_an_object(name: str, given: object) -> None:

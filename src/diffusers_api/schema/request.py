@@ -427,12 +427,26 @@ class GenerateRequest(BaseModel):
         )
         if not_objects:
             raise ValueError(f"{', '.join(not_objects)}: must be an object of keyword arguments (or null)")
+        _check_sequence_length(value.get("max_sequence_length"))
         return value
 
     @property
     def image_count(self) -> int:
         prompts = len(self.prompt) if isinstance(self.prompt, list) else 1
         return prompts * self.num_images_per_prompt
+
+
+# T5's longest prompt in tokens, as diffusers' SD3 and Flux pipelines bound `max_sequence_length`.
+MAX_SEQUENCE_LENGTH = 512
+
+
+def _check_sequence_length(length: object) -> None:
+    """`max_sequence_length` (an `extra` argument of the T5 families) is a whole number from 1 to 512. PixArt checks
+    none: its attention over 10**6 tokens asked for a terabyte; -1 was an OverflowError in the tokenizer (500s)."""
+    if length is None:
+        return
+    if isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= MAX_SEQUENCE_LENGTH:
+        raise ValueError(f"max_sequence_length: {length!r} is not a whole number from 1 to {MAX_SEQUENCE_LENGTH}")
 
 
 def _is_object(value: object) -> bool:
