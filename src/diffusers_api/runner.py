@@ -19,7 +19,14 @@ from . import imaging, prompts
 from .denoising.tasks import ProgressCallback
 from .devices import memory_usage
 from .errors import Cancelled, DiffusersAPIError, InvalidInputs, NotReady, PipelineError
-from .limits import check_clip_skip, check_images, check_input_images, check_prompts, check_size
+from .limits import (
+    check_clip_skip,
+    check_images,
+    check_input_images,
+    check_prompt_lists,
+    check_prompts,
+    check_size,
+)
 from .models.controls import control_arguments, control_modules, control_pipeline
 from .models.ip_adapter import check_family as check_ip_adapter_family
 from .models.store import LoadedModel, ModelStore
@@ -190,6 +197,7 @@ class Runner:
         check_images(request, self.settings.max_images)
         imaging.check_encodable(request.image_format)
         check_prompts(request, self.settings.max_prompt_chars)
+        check_prompt_lists(request)
         self._check_pixels(request)
         model = self.store.get(request.model_copy(update={"lora_weights": None, "textual_inversions": None}), timings)
         check_size(request, model.pipelines, model.spec.model_id)

@@ -175,6 +175,29 @@ def test_a_prompt_over_the_limit_is_refused_naming_the_field_and_the_limit(
     assert caught.value.extra == {"field": where.split("[")[0], "limit": 10_000, "setting": "MAX_PROMPT_CHARS"}
 
 
+@pytest.mark.parametrize(
+    ("model_id", "fields", "message"),
+    [
+        ("builtin/tiny-pixart", {"prompt": ["a", "b"], "negative_prompt": ["c"]}, "negative_prompt: 1 texts for 2"),
+        ("builtin/tiny-pixart", {"negative_prompt": ["c", "d"]}, "negative_prompt: 2 texts for 1"),
+        ("builtin/tiny-sdxl", {"extra": {"prompt_2": ["a", "b", "c"]}}, "prompt_2: 3 texts for 1"),
+        ("builtin/tiny-sd3", {"extra": {"negative_prompt_3": ["a", "b"]}}, "negative_prompt_3: 2 texts for 1"),
+        ("builtin/tiny-flux", {"prompt": ["a", "b"], "extra": {"prompt_2": ["c"]}}, "prompt_2: 1 texts for 2"),
+    ],
+    ids=["pixart-negative", "pixart-negative-for-one", "sdxl-prompt-2", "sd3-negative-3", "flux-prompt-2"],
+)
+def test_a_list_of_prompts_of_another_length_is_refused_naming_it(
+    models_dir: Path, model_id: str, fields: dict, message: str
+) -> None:
+    """diffusers checks the lengths for some pipelines only: these failed concatenating embeddings (500s)."""
+    runner = Runner(Settings(model_id=model_id, models_dir=models_dir))
+    runner.start()
+    small = {"width": 32, "height": 32} | ({"extra": {"use_resolution_binning": False}} if "pixart" in model_id else {})
+    with pytest.raises(InvalidInputs) as caught:
+        runner.run(ask(**(small | fields)))
+    assert caught.value.message.startswith(f"{message} prompt(s); give one per prompt, or one string for all")
+
+
 def test_the_prompt_limit_is_a_setting(models_dir: Path) -> None:
     runner = Runner(Settings(model_id="builtin/tiny-sd", models_dir=models_dir, max_prompt_chars=20))
     runner.start()
