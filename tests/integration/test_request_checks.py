@@ -252,6 +252,18 @@ def test_a_request_may_not_name_a_directory_outside_the_model_roots(
     assert "outside MODELS_DIR and LOCAL_MODEL_ROOTS" in caught.value.message
 
 
+@pytest.mark.parametrize(
+    "name", ["http://127.0.0.1:1/x", " ", "a\x00b", "a/" + "b" * 5000], ids=["url", "space", "nul", "too-long"]
+)
+def test_a_model_id_that_no_hub_repository_can_have_is_invalid_inputs(switching: Runner, name: str) -> None:
+    """The hub's own check of the name refused these (a 502, STORAGE_ERROR), and a name too long for a path was an
+    OSError from Path.is_dir (a 500)."""
+    with pytest.raises(InvalidInputs) as caught:
+        switching.run(ask(model=name))
+    assert caught.value.message.startswith(f"{name!r} is not a hub repository id: ")
+    assert caught.value.extra == {"requested": name}
+
+
 def test_a_link_inside_the_models_dir_to_elsewhere_is_outside(switching: Runner, tmp_path: Path) -> None:
     link = switching.settings.models_dir / "models--linked--elsewhere"
     link.symlink_to(looks_like_a_model(tmp_path / "elsewhere"), target_is_directory=True)
