@@ -56,6 +56,27 @@ def test_a_string_of_json_too_deep_is_invalid_inputs(client: TestClient) -> None
     assert "cross_attention_kwargs: Value error, the string is not valid JSON" in response.json()["error"]["message"]
 
 
+# Half a surrogate pair, as JSON can escape it: Python reads it into a string that UTF-8 cannot encode.
+LONE = "\\ud800"
+SURROGATES = {
+    "/v1/generate": f'{{"prompt": "x", "scheduler": "a{LONE}"}}',
+    "/v1/jobs": f'{{"prompt": "x", "extra": {{"{LONE}": 1}}}}',
+    "/v1/upscale": f'{{"image": "aGk=", "model": "{LONE}"}}',
+    "/v1/train": f'{{"instance_images": ["aGk="], "instance_prompt": "{LONE}", "name": "x"}}',
+    "/": f'{{"modelInputs": {{"prompt": "x"}}, "callInputs": {{"{LONE}": 1}}}}',
+}
+
+
+@pytest.mark.parametrize(("path", "body"), SURROGATES.items(), ids=SURROGATES.keys())
+def test_a_lone_surrogate_is_invalid_inputs_naming_where(client: TestClient, path: str, body: str) -> None:
+    """Echoed in an error message (an unknown scheduler, input or call input) it made that response a 500
+    (UnicodeEncodeError), and the connection was dropped; tokenizers refused it with a TypeError."""
+    response = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    message = str(error_of(path, response.json())["message"])
+    assert "not valid Unicode (a lone surrogate, \\ud800); send UTF-8 text" in message
+
+
 @pytest.mark.parametrize("path", ["/nope", "/v1/nope", "/v1/jobs/a/b/c", "/ui/static/nope.js"])
 def test_an_unknown_route_is_not_found(client: TestClient, path: str) -> None:
     response = client.get(path)

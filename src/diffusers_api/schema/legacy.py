@@ -7,7 +7,15 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InvalidInputs
-from .request import _NEEDS_IMAGE, LPW_PIPELINE, GenerateRequest, is_http_url, loads_json, validate_inputs
+from .request import (
+    _NEEDS_IMAGE,
+    LPW_PIPELINE,
+    GenerateRequest,
+    check_unicode,
+    is_http_url,
+    loads_json,
+    validate_inputs,
+)
 from .response import GenerateResult
 from .train import TrainRequest, TrainResult, parse_train_request
 from .upscale import UpscaleRequest, parse_upscale_request
@@ -141,6 +149,7 @@ def _envelope_parts(envelope: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     for key, value in (("modelInputs", model_inputs), ("callInputs", call_inputs)):
         if not isinstance(value, dict):
             raise InvalidInputs(f"{key} must be an object, got {type(value).__name__}")
+    check_unicode(envelope)  # before any of its keys is named in an error message
     return model_inputs, call_inputs
 
 
@@ -276,6 +285,7 @@ def train_from_legacy(envelope: dict[str, Any]) -> TrainRequest:
     model_inputs, call_inputs = envelope.get("modelInputs"), envelope["callInputs"]
     if not isinstance(model_inputs, dict):
         raise InvalidInputs("modelInputs must be an object holding the training arguments")
+    check_unicode(envelope)
     data: dict[str, Any] = {"train": call_inputs["train"]}
     for key, value in call_inputs.items():
         if key in _TRAIN_CALL_INPUTS:

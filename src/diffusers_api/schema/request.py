@@ -114,6 +114,48 @@ def loads_json(text: str | bytes | bytearray, what: str = "request body") -> Any
         raise InvalidInputs(f"{what} is not valid JSON: {exc}") from None
 
 
+def valid_unicode(cls: type, data: Any) -> Any:
+    """A `mode="before"` model validator: `unicode_problem` as a validation error."""
+    problem = unicode_problem(data)
+    if problem is not None:
+        raise PydanticCustomError("unicode", problem)
+    return data
+
+
+def check_unicode(data: Any) -> None:
+    """`unicode_problem` as INVALID_INPUTS, for what is read before a model validates it (the legacy envelope)."""
+    problem = unicode_problem(data)
+    if problem is not None:
+        raise InvalidInputs(problem)
+
+
+def unicode_problem(data: Any) -> str | None:
+    """What is wrong, if a string of a request (a key too) is not Unicode that can be written as UTF-8. JSON's
+    escapes can spell half a surrogate pair ("\\ud800"), which Python reads into a string that no UTF-8 encoder
+    takes: echoed in an error message or a result it made the response a 500, and tokenizers refused it with a
+    TypeError. Iterative: a body may nest as deep as the JSON parser allows."""
+    pending: list[tuple[str, Any]] = [("", data)]
+    while pending:
+        where, value = pending.pop()
+        if isinstance(value, dict):
+            pending += [(_place(where, key), key) for key in value]
+            pending += [(_place(where, key), item) for key, item in value.items()]
+        elif isinstance(value, list):
+            pending += [(_place(where, index), item) for index, item in enumerate(value)]
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError as exc:
+                lone = value[exc.start].encode("utf-8", "backslashreplace").decode()
+                return f"{where or 'body'}: not valid Unicode (a lone surrogate, {lone}); send UTF-8 text"
+    return None
+
+
+def _place(where: str, key: object) -> str:
+    name = str(key).encode("utf-8", "backslashreplace").decode()
+    return f"{where}.{name}" if where else name
+
+
 def optional_http_url(value: str | None) -> str | None:
     """A webhook URL (`send_url`): http(s), or none (an empty one is none)."""
     return _require_http(value) if value else None
@@ -330,6 +372,7 @@ class GenerateRequest(BaseModel):
     callback_steps: int | None = Field(None, ge=1, le=1000, description="A progress event every N steps")
 
     _http_url = field_validator("send_url")(optional_http_url)
+    _unicode = model_validator(mode="before")(valid_unicode)
 
     @field_validator("controlnet", mode="before")
     @classmethod
