@@ -155,6 +155,22 @@ def test_an_input_image_below_the_smallest_size_is_refused(runner: Runner) -> No
     assert caught.value.extra == {"field": "image", "minimum": 16}
 
 
+@pytest.mark.parametrize("model_id", ["builtin/tiny-sd3", "builtin/tiny-flux"])
+def test_a_strength_of_0_on_a_flow_matching_model_is_refused(models_dir: Path, model_id: str) -> None:
+    """It leaves no step to denoise: SD3's img2img checks none and failed on the empty timesteps (a 500)."""
+    from PIL import Image
+
+    from diffusers_api.imaging import encode_image, to_base64
+
+    runner = Runner(Settings(model_id=model_id, models_dir=models_dir))  # diffusers' own loop
+    runner.start()
+    image = to_base64(encode_image(Image.new("RGB", (32, 32), (200, 30, 30))))
+    with pytest.raises(InvalidInputs) as caught:
+        runner.run(ask(image=image, strength=0, width=32, height=32))
+    assert caught.value.message.startswith("strength 0 x num_inference_steps 2 = 0: less than one denoising step")
+    assert runner.run(ask(image=image, strength=0.01, width=32, height=32)).images  # rounded up to one step
+
+
 @pytest.mark.parametrize(
     ("fields", "where"),
     [
