@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from diffusers_api.config import Settings
-from diffusers_api.errors import InvalidInputs, InvalidScheduler, NoSuchPipeline
+from diffusers_api.errors import InvalidInputs, InvalidScheduler, ModelNotFound, NoSuchPipeline
 from diffusers_api.runner import Runner
 from diffusers_api.schema import GenerateRequest
 from support.servers import file_server
@@ -278,6 +279,22 @@ def test_a_model_id_that_no_hub_repository_can_have_is_invalid_inputs(switching:
         switching.run(ask(model=name))
     assert caught.value.message.startswith(f"{name!r} is not a hub repository id: ")
     assert caught.value.extra == {"requested": name}
+
+
+def test_a_variant_the_model_has_no_files_of_is_not_found(switching: Runner) -> None:
+    """diffusers refuses it with a ValueError: it was a MODEL_LOAD_ERROR, a 500."""
+    with pytest.raises(ModelNotFound) as caught:
+        switching.run(ask(variant="fp16"))
+    assert "no weight files of variant 'fp16'" in caught.value.message
+    assert caught.value.status == 404
+
+
+@pytest.mark.parametrize("variant", ["../x", "a/b", "fp16.", "x" * 65], ids=["dot-dot", "slash", "dot", "long"])
+def test_a_variant_is_a_word(variant: str) -> None:
+    """It is put into file names (`<name>.<variant>.safetensors`): a `/` or `..` there would leave the model."""
+    with pytest.raises(ValidationError, match="variant"):
+        ask(variant=variant)
+    assert ask(variant="").variant == ""  # none, as the original's clients send it
 
 
 def test_a_link_inside_the_models_dir_to_elsewhere_is_outside(switching: Runner, tmp_path: Path) -> None:

@@ -71,6 +71,9 @@ _HTTP_PATTERN: JsonDict = {"pattern": "^https?://"}
 # A training's result kept in MODELS_DIR (schema/train.py): `trained/<name>`, a model id or a lora_weights entry.
 TRAINED_PREFIX = "trained/"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+# A weight-file variant (`unet/diffusion_pytorch_model.<variant>.safetensors`): a word, so that no `/` or `..` in it
+# reaches a file name; empty is none, as clients of the original send MODEL_VARIANT.
+VARIANT_PATTERN = r"^[A-Za-z0-9_-]{0,64}$"
 _LORA_PATTERN: JsonDict = {"pattern": "^(https?://|trained/)"}
 
 
@@ -285,7 +288,11 @@ class GenerateRequest(BaseModel):
     model: str | None = Field(None, description="Model id (MODEL_ID); defaults to the served model")
     hf_model_id: str | None = Field(None, description="Hub repository when `model` is only an alias")
     revision: str | None = Field(None, description="MODEL_REVISION")
-    variant: str | None = Field(None, description="MODEL_VARIANT (weight-file variant, e.g. fp16)")
+    variant: str | None = Field(
+        None,
+        pattern=VARIANT_PATTERN,
+        description="MODEL_VARIANT (weight-file variant, e.g. fp16: the weight files' names hold it)",
+    )
     precision: Literal["", "fp16", "bf16", "fp32"] | None = Field(
         None, description="MODEL_PRECISION; defaults to the served model's"
     )

@@ -17,6 +17,7 @@ from .request import (
     _HTTP_PATTERN,
     NAME_PATTERN,
     TRAINED_PREFIX,
+    VARIANT_PATTERN,
     _require_http,
     is_trained_name,
     valid_unicode,
@@ -75,7 +76,7 @@ class TrainRequest(BaseModel):
     model: str | None = Field(None, description="Model id (MODEL_ID); defaults to the served model")
     hf_model_id: str | None = Field(None, description="Hub repository when `model` is only an alias")
     revision: str | None = Field(None, description="MODEL_REVISION")
-    variant: str | None = Field(None, description="MODEL_VARIANT")
+    variant: str | None = Field(None, pattern=VARIANT_PATTERN, description="MODEL_VARIANT")
     precision: Literal["", "fp16", "bf16", "fp32"] | None = Field(None, description="MODEL_PRECISION")
     model_url: str | None = Field(None, description="MODEL_URL: cloud-cache archive of the model trained")
     checkpoint_url: str | None = Field(None, description="CHECKPOINT_URL of the model trained")
