@@ -60,7 +60,7 @@ def check_prompt_lists(request: GenerateRequest) -> None:
     for field, value in _prompt_inputs(request).items():
         if field != "prompt" and isinstance(value, list) and len(value) != count:
             raise InvalidInputs(
-                f"{field}: {len(value)} texts for {count} prompt(s); give one per prompt, or one string for all",
+                f"{field}: {len(value)} given for {count} prompts; give one per prompt, or one string for all",
                 field=field,
             )
 

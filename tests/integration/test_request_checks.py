@@ -195,11 +195,11 @@ def test_a_prompt_over_the_limit_is_refused_naming_the_field_and_the_limit(
 @pytest.mark.parametrize(
     ("model_id", "fields", "message"),
     [
-        ("builtin/tiny-pixart", {"prompt": ["a", "b"], "negative_prompt": ["c"]}, "negative_prompt: 1 texts for 2"),
-        ("builtin/tiny-pixart", {"negative_prompt": ["c", "d"]}, "negative_prompt: 2 texts for 1"),
-        ("builtin/tiny-sdxl", {"extra": {"prompt_2": ["a", "b", "c"]}}, "prompt_2: 3 texts for 1"),
-        ("builtin/tiny-sd3", {"extra": {"negative_prompt_3": ["a", "b"]}}, "negative_prompt_3: 2 texts for 1"),
-        ("builtin/tiny-flux", {"prompt": ["a", "b"], "extra": {"prompt_2": ["c"]}}, "prompt_2: 1 texts for 2"),
+        ("builtin/tiny-pixart", {"prompt": ["a", "b"], "negative_prompt": ["c"]}, "negative_prompt: 1 given for 2"),
+        ("builtin/tiny-pixart", {"negative_prompt": ["c", "d"]}, "negative_prompt: 2 given for 1"),
+        ("builtin/tiny-sdxl", {"extra": {"prompt_2": ["a", "b", "c"]}}, "prompt_2: 3 given for 1"),
+        ("builtin/tiny-sd3", {"extra": {"negative_prompt_3": ["a", "b"]}}, "negative_prompt_3: 2 given for 1"),
+        ("builtin/tiny-flux", {"prompt": ["a", "b"], "extra": {"prompt_2": ["c"]}}, "prompt_2: 1 given for 2"),
     ],
     ids=["pixart-negative", "pixart-negative-for-one", "sdxl-prompt-2", "sd3-negative-3", "flux-prompt-2"],
 )
@@ -212,7 +212,7 @@ def test_a_list_of_prompts_of_another_length_is_refused_naming_it(
     small = {"width": 32, "height": 32} | ({"extra": {"use_resolution_binning": False}} if "pixart" in model_id else {})
     with pytest.raises(InvalidInputs) as caught:
         runner.run(ask(**(small | fields)))
-    assert caught.value.message.startswith(f"{message} prompt(s); give one per prompt, or one string for all")
+    assert caught.value.message == f"{message} prompts; give one per prompt, or one string for all"
 
 
 def test_the_prompt_limit_is_a_setting(models_dir: Path) -> None:
