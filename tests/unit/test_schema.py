@@ -400,6 +400,22 @@ def test_ip_adapter_images_are_not_extra_arguments(name: str) -> None:
         parse_request({"prompt": "x", "extra": {name: "aGVsbG8="}})
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"extra": {"guidance_rescale": float("nan")}}, "extra: guidance_rescale is nan; numbers must be finite"),
+        ({"extra": {"sigmas": [1.0, float("inf")]}}, "extra: sigmas.1 is inf; numbers must be finite"),
+        ({"cross_attention_kwargs": '{"a": -Infinity}'}, "cross_attention_kwargs: a is -inf; numbers must be finite"),
+    ],
+    ids=["nan", "inf-in-a-list", "json-string"],
+)
+def test_numbers_passed_through_must_be_finite(fields: dict, message: str) -> None:
+    """As the request's own fields: a 1e999 guidance_rescale made a black image without an error."""
+    with pytest.raises(InvalidInputs) as caught:
+        parse_request({"prompt": "x", **fields})
+    assert caught.value.message == message
+
+
 @pytest.mark.parametrize("length", [0, -1, 513, 10**6, 1.5, "77", True])
 def test_max_sequence_length_is_bounded(length: object) -> None:
     """PixArt checks none (10**6 asked for a terabyte), -1 was an OverflowError in SD3's and Flux's tokenizer: 500s."""

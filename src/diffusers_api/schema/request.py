@@ -7,6 +7,7 @@ One typed request serves HTTP, the RunPod handler and the Python client; the leg
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import parse_qs
@@ -456,6 +457,22 @@ class GenerateRequest(BaseModel):
                 return loads_json(value, "the string")
             except InvalidInputs as exc:
                 raise ValueError(exc.message) from None
+        return value
+
+    @field_validator("extra", "cross_attention_kwargs")
+    @classmethod
+    def _finite_numbers(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """NaN and infinities are refused in the passed-through arguments as in the request's own fields
+        (allow_inf_nan=False): `guidance_rescale: 1e999` there made a black image without an error."""
+        pending: list[tuple[str, Any]] = list((value or {}).items())
+        while pending:
+            where, given = pending.pop()
+            if isinstance(given, float) and not math.isfinite(given):
+                raise PydanticCustomError("finite_number", f"{where} is {given}; numbers must be finite")
+            if isinstance(given, dict):
+                pending += [(f"{where}.{key}", item) for key, item in given.items()]
+            elif isinstance(given, list):
+                pending += [(f"{where}.{index}", item) for index, item in enumerate(given)]
         return value
 
     @field_validator("extra")
