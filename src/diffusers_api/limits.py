@@ -39,9 +39,7 @@ def check_prompts(request: GenerateRequest, max_chars: int) -> None:
     `max_chars` long. diffusers tokenizes a prompt in full (only to warn about what CLIP's 77 tokens drop), on
     the engine's threads but holding the GIL: with two million characters, other threads stalled for over a
     second at a time and a concurrent request took 3.6 s instead of 0.1 s. The bound keeps that to milliseconds."""
-    given = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
-    given |= {name: value for name, value in request.extra.items() if "prompt" in name}
-    for field, value in given.items():
+    for field, value in _prompt_inputs(request).items():
         for where, text in _texts(field, value):
             if len(text) > max_chars:
                 raise InvalidInputs(
@@ -50,6 +48,27 @@ def check_prompts(request: GenerateRequest, max_chars: int) -> None:
                     limit=max_chars,
                     setting="MAX_PROMPT_CHARS",
                 )
+
+
+def check_prompt_lists(request: GenerateRequest) -> None:
+    """A list among the other prompts (negative_prompt, SDXL's prompt_2 ... among `extra`) has one text per prompt.
+    diffusers checks this for some pipelines only: PixArt's negative prompts, and SDXL's, SD3's and Flux's
+    prompt_2 and prompt_3, failed concatenating their embeddings (a RuntimeError, a 500)."""
+    if request.prompt is None:
+        return  # the pipeline asks for one
+    count = len(request.prompt) if isinstance(request.prompt, list) else 1
+    for field, value in _prompt_inputs(request).items():
+        if field != "prompt" and isinstance(value, list) and len(value) != count:
+            raise InvalidInputs(
+                f"{field}: {len(value)} given for {count} prompts; give one per prompt, or one string for all",
+                field=field,
+            )
+
+
+def _prompt_inputs(request: GenerateRequest) -> dict[str, Any]:
+    """The prompt and the other texts a request gives the pipeline: its negative prompt and `extra`'s prompts."""
+    given = {"prompt": request.prompt, "negative_prompt": request.negative_prompt}
+    return given | {name: value for name, value in request.extra.items() if "prompt" in name}
 
 
 def _texts(field: str, value: Any) -> list[tuple[str, str]]:

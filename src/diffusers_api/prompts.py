@@ -35,6 +35,11 @@ if TYPE_CHECKING:
 
 Weighting = Literal["compel", "a1111"]
 A1111_FACTOR = 1.1  # what one pair of () multiplies a weight by, and [] divides it by
+# Bounds of what a prompt may weigh. A weight past 1e20 or so (`word` with 500 `+`, 500 nested brackets, a blend's
+# 1e30) overflowed the attention into NaN and made a black image without an error; compel's parser also recursed
+# past Python's limit on brackets nested 100 deep (a RecursionError, a 500). Real prompts stay far inside both.
+MAX_WEIGHT = 100.0
+MAX_NESTING = 16
 
 _PROMPT_FIELDS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")
 
@@ -63,6 +68,7 @@ def parse_a1111(text: str) -> list[tuple[str, float]]:
             pieces.append([token[-1], 1.0])
         elif token in opened:
             opened[token].append((len(pieces), match.start()))
+            _check_nesting(len(opened["("]) + len(opened["["]), match.start())
         elif weight is not None or token == ")":
             factor = A1111_FACTOR if weight is None else _weight(weight, match.start())
             _apply(pieces, _close(opened["("], "(", token, match.start()), factor)
@@ -74,6 +80,28 @@ def parse_a1111(text: str) -> list[tuple[str, float]]:
         if stack:
             raise PromptSyntaxError(f"'{bracket}' at character {stack[-1][1] + 1} is never closed")
     return _merged(pieces)
+
+
+def _check_nesting(depth: int, position: int) -> None:
+    if depth > MAX_NESTING:
+        raise PromptSyntaxError(f"brackets nested {depth} deep at character {position + 1}; at most {MAX_NESTING}")
+
+
+def _check_weights(conjunction: Conjunction) -> None:
+    """Every weight of a parsed prompt (its fragments', a blend's, an .and()'s) is finite and at most MAX_WEIGHT
+    either side of 0."""
+    from compel.prompt_parser import Blend
+
+    weights = [("an .and() part", weight) for weight in conjunction.weights]
+    for prompt in conjunction.prompts:
+        flats = prompt.prompts if isinstance(prompt, Blend) else [prompt]
+        weights += [("a .blend() part", weight) for weight in getattr(prompt, "weights", [])]
+        weights += [(repr(fragment.text), fragment.weight) for flat in flats for fragment in flat.children]
+    for what, weight in weights:
+        if not -MAX_WEIGHT <= weight <= MAX_WEIGHT:  # NaN too
+            raise PromptSyntaxError(
+                f"the weight of {what} is {weight:.4g}; weights are from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g}"
+            )
 
 
 def _weight(number: str, position: int) -> float:
@@ -142,6 +170,7 @@ def check_compel_syntax(text: str) -> None:
             in_quote = not in_quote
         elif char == "(" and not in_quote:
             depth.append(index)
+            _check_nesting(len(depth), index)
         elif char == ")" and not in_quote:
             if not depth:
                 raise PromptSyntaxError(f"')' at character {index + 1} closes no '('")
@@ -159,15 +188,31 @@ def parse(text: str, weighting: Weighting | None) -> list[Conjunction]:
 
     if weighting == "compel":
         check_compel_syntax(text)
+        _memoizing_parsers()
         try:
             conjunction: Conjunction = PromptParser().parse_conjunction(text)
         except PromptParser.ParsingException as exc:
             raise PromptSyntaxError(str(exc)) from None
+        except RecursionError:  # its grammar recurses some 30 frames a level: MAX_NESTING leaves room, this is a net
+            raise PromptSyntaxError("brackets nested too deep for compel's parser") from None
         if any(getattr(prompt, "wants_cross_attention_control", False) for prompt in conjunction.prompts):
             raise PromptSyntaxError(".swap() (cross-attention control) is not supported")
-        return [conjunction]
-    parts = split_breaks(parse_a1111(text)) if weighting == "a1111" else [[(text, 1.0)]]
-    return [Conjunction([FlattenedPrompt(fragments)], weights=[1.0]) for fragments in parts]
+        conjunctions = [conjunction]
+    else:
+        parts = split_breaks(parse_a1111(text)) if weighting == "a1111" else [[(text, 1.0)]]
+        conjunctions = [Conjunction([FlattenedPrompt(fragments)], weights=[1.0]) for fragments in parts]
+    for part in conjunctions:
+        _check_weights(part)
+    return conjunctions
+
+
+def _memoizing_parsers() -> None:
+    """compel's grammar (pyparsing) backtracks over nested brackets: without memoizing, parsing took about 15 times
+    longer per level, 60 s at 8 levels (the engine's thread held all the while), hours at 12. pyparsing's packrat
+    mode memoizes every parser of the process; it changes no result. Idempotent."""
+    import pyparsing
+
+    pyparsing.ParserElement.enable_packrat()
 
 
 def _plain_text(conjunction: Conjunction) -> str:
@@ -226,32 +271,29 @@ def encode(pipe: Any, kwargs: dict[str, Any], weighting: Weighting | None, long_
     kind = _kind(type(pipe), "this model", "prompt_weighting" if weighting else "long_prompts")
     skip = int(kwargs.pop("clip_skip", None) or 0)  # read here: the pipeline ignores it beside embeddings
     texts = {field: kwargs.pop(field, None) for field in _PROMPT_FIELDS}
-    prompts = _listed(texts["prompt"], None, "prompt")
+    prompts = _listed(texts["prompt"], None)
     if prompts is None:
         raise InvalidInputs("prompt: required with prompt_weighting or long_prompts", field="prompt")
-    negatives = _listed(texts["negative_prompt"], len(prompts), "negative_prompt")
+    negatives = _listed(texts["negative_prompt"], len(prompts))
     try:
         with torch.inference_mode():
             if kind == "sd":
                 return kwargs | _encode_sd(pipe, prompts, negatives, weighting, long_prompts, skip)
-            prompts_2 = _listed(texts["prompt_2"], len(prompts), "prompt_2") or prompts
-            negatives_2 = _listed(texts["negative_prompt_2"], len(prompts), "negative_prompt_2") or negatives
+            prompts_2 = _listed(texts["prompt_2"], len(prompts)) or prompts
+            negatives_2 = _listed(texts["negative_prompt_2"], len(prompts)) or negatives
             texts_2 = (prompts, negatives, prompts_2, negatives_2)
             return kwargs | _encode_sdxl(pipe, texts_2, weighting, long_prompts, skip)
     except ValueError as exc:  # compel's own complaints about a prompt (check_request read them all already)
         raise InvalidInputs(f"the prompts cannot be encoded: {exc}") from None
 
 
-def _listed(value: str | list[str] | None, count: int | None, field: str) -> list[str] | None:
-    """Prompts as a list; a single one given beside `count` prompts is repeated for each."""
+def _listed(value: str | list[str] | None, count: int | None) -> list[str] | None:
+    """Prompts as a list; a single string given beside `count` prompts is repeated for each (a list has one per
+    prompt: limits.check_prompt_lists)."""
     if value is None:
         return None
     listed = [value] if isinstance(value, str) else list(value)
-    if count is not None and len(listed) != count:
-        if len(listed) != 1:
-            raise InvalidInputs(f"{field}: {len(listed)} given for {count} prompts; give one, or one per prompt")
-        listed *= count
-    return listed
+    return listed * count if count is not None and isinstance(value, str) else listed
 
 
 def _compel(pipe: Any, encoder: int, long_prompts: bool, embeddings: str, skip: int = 0) -> Compel:

@@ -19,7 +19,14 @@ from . import imaging, prompts
 from .denoising.tasks import ProgressCallback
 from .devices import memory_usage
 from .errors import Cancelled, DiffusersAPIError, InvalidInputs, NotReady, PipelineError
-from .limits import check_clip_skip, check_images, check_input_images, check_prompts, check_size
+from .limits import (
+    check_clip_skip,
+    check_images,
+    check_input_images,
+    check_prompt_lists,
+    check_prompts,
+    check_size,
+)
 from .models.controls import control_arguments, control_modules, control_pipeline
 from .models.ip_adapter import check_family as check_ip_adapter_family
 from .models.store import LoadedModel, ModelStore
@@ -190,6 +197,7 @@ class Runner:
         check_images(request, self.settings.max_images)
         imaging.check_encodable(request.image_format)
         check_prompts(request, self.settings.max_prompt_chars)
+        check_prompt_lists(request)
         self._check_pixels(request)
         model = self.store.get(request.model_copy(update={"lora_weights": None, "textual_inversions": None}), timings)
         check_size(request, model.pipelines, model.spec.model_id)
@@ -433,15 +441,20 @@ def _input_names(request: GenerateRequest) -> set[str]:
 
 def check_steps_left(pipe: Any, kwargs: dict[str, Any]) -> None:
     """With a strength (SD and SDXL img2img, inpainting), int(strength x steps) steps are denoised: none left would
-    fail half-way (SDXL img2img with empty latents), so it is refused here, naming the cause."""
+    fail half-way (SDXL img2img with empty latents), so it is refused here, naming the cause. The flow-matching
+    pipelines (SD3, Flux) round the steps up, so only a strength of 0 leaves none: SD3 checks none and failed on
+    the empty timesteps (a RuntimeError, a 500)."""
     name, parameters = type(pipe).__name__, call_parameters(type(pipe))
-    if not name.startswith("StableDiffusion") or name.startswith("StableDiffusion3"):
-        return  # the flow-matching pipelines (SD3, Flux) round the steps up: any strength leaves one
+    flow_matching = name.startswith(("StableDiffusion3", "Flux"))
+    if not name.startswith("StableDiffusion") and not flow_matching:
+        return
     if "strength" not in parameters or "num_inference_steps" not in parameters or kwargs.get("denoising_start"):
         return
     steps = kwargs.get("num_inference_steps", parameters["num_inference_steps"].default)
     strength = kwargs.get("strength", parameters["strength"].default)
-    if isinstance(steps, int) and isinstance(strength, int | float) and int(steps * strength) < 1:
+    if not isinstance(steps, int) or not isinstance(strength, int | float):
+        return
+    if (steps * strength if flow_matching else int(steps * strength)) <= 0:
         raise InvalidInputs(
             f"strength {strength:g} x num_inference_steps {steps} = {steps * strength:g}: less than one denoising "
             "step is left; raise strength or num_inference_steps",

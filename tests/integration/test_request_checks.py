@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from diffusers_api.config import Settings
-from diffusers_api.errors import InvalidInputs, InvalidScheduler, NoSuchPipeline
+from diffusers_api.errors import InvalidInputs, InvalidScheduler, ModelNotFound, NoSuchPipeline
 from diffusers_api.runner import Runner
 from diffusers_api.schema import GenerateRequest
 from support.servers import file_server
@@ -154,6 +155,22 @@ def test_an_input_image_below_the_smallest_size_is_refused(runner: Runner) -> No
     assert caught.value.extra == {"field": "image", "minimum": 16}
 
 
+@pytest.mark.parametrize("model_id", ["builtin/tiny-sd3", "builtin/tiny-flux"])
+def test_a_strength_of_0_on_a_flow_matching_model_is_refused(models_dir: Path, model_id: str) -> None:
+    """It leaves no step to denoise: SD3's img2img checks none and failed on the empty timesteps (a 500)."""
+    from PIL import Image
+
+    from diffusers_api.imaging import encode_image, to_base64
+
+    runner = Runner(Settings(model_id=model_id, models_dir=models_dir))  # diffusers' own loop
+    runner.start()
+    image = to_base64(encode_image(Image.new("RGB", (32, 32), (200, 30, 30))))
+    with pytest.raises(InvalidInputs) as caught:
+        runner.run(ask(image=image, strength=0, width=32, height=32))
+    assert caught.value.message.startswith("strength 0 x num_inference_steps 2 = 0: less than one denoising step")
+    assert runner.run(ask(image=image, strength=0.01, width=32, height=32)).images  # rounded up to one step
+
+
 @pytest.mark.parametrize(
     ("fields", "where"),
     [
@@ -172,6 +189,29 @@ def test_a_prompt_over_the_limit_is_refused_naming_the_field_and_the_limit(
     message = f"{where}: 10001 characters, more than the 10000 allowed (MAX_PROMPT_CHARS)"
     assert caught.value.message == message
     assert caught.value.extra == {"field": where.split("[")[0], "limit": 10_000, "setting": "MAX_PROMPT_CHARS"}
+
+
+@pytest.mark.parametrize(
+    ("model_id", "fields", "message"),
+    [
+        ("builtin/tiny-pixart", {"prompt": ["a", "b"], "negative_prompt": ["c"]}, "negative_prompt: 1 given for 2"),
+        ("builtin/tiny-pixart", {"negative_prompt": ["c", "d"]}, "negative_prompt: 2 given for 1"),
+        ("builtin/tiny-sdxl", {"extra": {"prompt_2": ["a", "b", "c"]}}, "prompt_2: 3 given for 1"),
+        ("builtin/tiny-sd3", {"extra": {"negative_prompt_3": ["a", "b"]}}, "negative_prompt_3: 2 given for 1"),
+        ("builtin/tiny-flux", {"prompt": ["a", "b"], "extra": {"prompt_2": ["c"]}}, "prompt_2: 1 given for 2"),
+    ],
+    ids=["pixart-negative", "pixart-negative-for-one", "sdxl-prompt-2", "sd3-negative-3", "flux-prompt-2"],
+)
+def test_a_list_of_prompts_of_another_length_is_refused_naming_it(
+    models_dir: Path, model_id: str, fields: dict, message: str
+) -> None:
+    """diffusers checks the lengths for some pipelines only: these failed concatenating embeddings (500s)."""
+    runner = Runner(Settings(model_id=model_id, models_dir=models_dir))
+    runner.start()
+    small = {"width": 32, "height": 32} | ({"extra": {"use_resolution_binning": False}} if "pixart" in model_id else {})
+    with pytest.raises(InvalidInputs) as caught:
+        runner.run(ask(**(small | fields)))
+    assert caught.value.message == f"{message} prompts; give one per prompt, or one string for all"
 
 
 def test_the_prompt_limit_is_a_setting(models_dir: Path) -> None:
@@ -226,6 +266,34 @@ def test_a_request_may_not_name_a_directory_outside_the_model_roots(
     assert caught.value.status == 422
     assert caught.value.extra == {"field": "model", "setting": "LOCAL_MODEL_ROOTS"}
     assert "outside MODELS_DIR and LOCAL_MODEL_ROOTS" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "name", ["http://127.0.0.1:1/x", " ", "a\x00b", "a/" + "b" * 5000], ids=["url", "space", "nul", "too-long"]
+)
+def test_a_model_id_that_no_hub_repository_can_have_is_invalid_inputs(switching: Runner, name: str) -> None:
+    """The hub's own check of the name refused these (a 502, STORAGE_ERROR), and a name too long for a path was an
+    OSError from Path.is_dir (a 500)."""
+    with pytest.raises(InvalidInputs) as caught:
+        switching.run(ask(model=name))
+    assert caught.value.message.startswith(f"{name!r} is not a hub repository id: ")
+    assert caught.value.extra == {"requested": name}
+
+
+def test_a_variant_the_model_has_no_files_of_is_not_found(switching: Runner) -> None:
+    """diffusers refuses it with a ValueError: it was a MODEL_LOAD_ERROR, a 500."""
+    with pytest.raises(ModelNotFound) as caught:
+        switching.run(ask(variant="fp16"))
+    assert "no weight files of variant 'fp16'" in caught.value.message
+    assert caught.value.status == 404
+
+
+@pytest.mark.parametrize("variant", ["../x", "a/b", "fp16.", "x" * 65], ids=["dot-dot", "slash", "dot", "long"])
+def test_a_variant_is_a_word(variant: str) -> None:
+    """It is put into file names (`<name>.<variant>.safetensors`): a `/` or `..` there would leave the model."""
+    with pytest.raises(ValidationError, match="variant"):
+        ask(variant=variant)
+    assert ask(variant="").variant == ""  # none, as the original's clients send it
 
 
 def test_a_link_inside_the_models_dir_to_elsewhere_is_outside(switching: Runner, tmp_path: Path) -> None:

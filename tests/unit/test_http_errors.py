@@ -34,6 +34,49 @@ def test_a_body_that_is_not_utf8_is_invalid_inputs(client: TestClient, path: str
     assert str(error["message"]).startswith("request body is not valid JSON")
 
 
+# JSON that json.loads fails on without a JSONDecodeError: nested past the recursion limit (a RecursionError), an
+# integer past Python's 4300 digits (a ValueError); POST / and /v1/train read their bodies themselves.
+UNLOADABLE = {"deep": b"[" * 100_000 + b"]" * 100_000, "huge-int": b'{"seed": ' + b"9" * 5000 + b"}"}
+
+
+@pytest.mark.parametrize("body", UNLOADABLE.values(), ids=UNLOADABLE.keys())
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/jobs", "/v1/train", "/"])
+def test_json_that_does_not_load_is_invalid_inputs(client: TestClient, path: str, body: bytes) -> None:
+    response = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    error = error_of(path, response.json())
+    assert error["code"] == "INVALID_INPUTS"
+    assert str(error["message"]).startswith("request body is not valid JSON")
+
+
+def test_a_string_of_json_too_deep_is_invalid_inputs(client: TestClient) -> None:
+    kwargs = "[" * 100_000 + "]" * 100_000
+    response = client.post("/v1/generate", json={"prompt": "x", "cross_attention_kwargs": kwargs})
+    assert response.status_code == 422
+    assert "cross_attention_kwargs: Value error, the string is not valid JSON" in response.json()["error"]["message"]
+
+
+# Half a surrogate pair, as JSON can escape it: Python reads it into a string that UTF-8 cannot encode.
+LONE = "\\ud800"
+SURROGATES = {
+    "/v1/generate": f'{{"prompt": "x", "scheduler": "a{LONE}"}}',
+    "/v1/jobs": f'{{"prompt": "x", "extra": {{"{LONE}": 1}}}}',
+    "/v1/upscale": f'{{"image": "aGk=", "model": "{LONE}"}}',
+    "/v1/train": f'{{"instance_images": ["aGk="], "instance_prompt": "{LONE}", "name": "x"}}',
+    "/": f'{{"modelInputs": {{"prompt": "x"}}, "callInputs": {{"{LONE}": 1}}}}',
+}
+
+
+@pytest.mark.parametrize(("path", "body"), SURROGATES.items(), ids=SURROGATES.keys())
+def test_a_lone_surrogate_is_invalid_inputs_naming_where(client: TestClient, path: str, body: str) -> None:
+    """Echoed in an error message (an unknown scheduler, input or call input) it made that response a 500
+    (UnicodeEncodeError), and the connection was dropped; tokenizers refused it with a TypeError."""
+    response = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    message = str(error_of(path, response.json())["message"])
+    assert "not valid Unicode (a lone surrogate, \\ud800); send UTF-8 text" in message
+
+
 @pytest.mark.parametrize("path", ["/nope", "/v1/nope", "/v1/jobs/a/b/c", "/ui/static/nope.js"])
 def test_an_unknown_route_is_not_found(client: TestClient, path: str) -> None:
     response = client.get(path)

@@ -3,6 +3,9 @@ model families that take weighted prompts, and the legacy call inputs that ask f
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
 
 from diffusers_api.errors import InvalidInputs
@@ -208,3 +211,44 @@ def test_legacy_custom_pipeline_method_errors() -> None:
         legacy(PIPELINE="StableDiffusionPipeline", custom_pipeline_method="img2img")
     with pytest.raises(InvalidInputs, match="must be one of text2img, img2img, inpaint, not 'upscale'"):
         legacy(PIPELINE="lpw_stable_diffusion", custom_pipeline_method="upscale")
+
+
+@pytest.mark.parametrize("method", [["text2img"], {"task": "img2img"}], ids=["list", "object"])
+def test_legacy_custom_pipeline_method_of_another_type(method: object) -> None:
+    """Not a name: looked up among the names it was an unhashable TypeError, a 500."""
+    with pytest.raises(InvalidInputs, match="must be one of text2img, img2img, inpaint, not "):
+        legacy(PIPELINE="lpw_stable_diffusion", custom_pipeline_method=method)
+
+
+# --- bounds: what a prompt may weigh, and how deep its brackets nest --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "weighting", "message"),
+    [
+        ("a" + "+" * 1000, "compel", "the weight of 'a' is 2.47e+41; weights are from -100 to 100"),
+        ("(a)1000000000000000000000000000000", "compel", "the weight of 'a' is 1e+30"),
+        ('("a", "b").blend(1000, 1)', "compel", "the weight of a .blend() part is 1000"),
+        ('("a", "b").and(1000, 1)', "compel", "the weight of an .and() part is 1000"),
+        ("(a:99999999999)", "a1111", "the weight of 'a' is 1e+11"),
+        ("(" * 17 + "a" + ")" * 17, "a1111", "brackets nested 17 deep at character 17; at most 16"),
+        ("(" * 100 + "a" + ")" * 100, "compel", "brackets nested 17 deep at character 17; at most 16"),
+    ],
+    ids=["compel-plus", "compel-number", "blend", "and", "a1111-number", "a1111-nesting", "compel-nesting"],
+)
+def test_weights_past_the_bound_and_brackets_nested_too_deep_are_refused(
+    text: str, weighting: str, message: str
+) -> None:
+    """Such weights overflowed the attention into NaN: a black image and no error. compel's parser recursed past
+    Python's limit on brackets nested 100 deep (a RecursionError, a 500)."""
+    with pytest.raises(PromptSyntaxError, match=re.escape(message)):
+        parse(text, weighting)  # type: ignore[arg-type]
+
+
+def test_compel_reads_nested_brackets_in_linear_time() -> None:
+    """Its parser took 60 s at 8 levels and about 15 times longer per level further (hours at 12), holding the
+    engine's thread; memoized (pyparsing's packrat mode), 16 levels take milliseconds."""
+    started = time.perf_counter()
+    for depth in (8, 12, 16):
+        parse("(" * depth + "a" + ")" * depth, "compel")
+    assert time.perf_counter() - started < 5

@@ -308,6 +308,13 @@ def test_a_lora_scale_without_loras_is_refused() -> None:
         from_legacy({"modelInputs": {"cross_attention_kwargs": '{"scale": 0.5}'}, "callInputs": {}})
 
 
+@pytest.mark.parametrize("scale", [[0.5], {"a": 1}, "big", True], ids=["list", "object", "text", "bool"])
+def test_a_cross_attention_scale_that_is_no_number_is_refused(scale: object) -> None:
+    """A list or an object was a TypeError out of the validator: a 500."""
+    with pytest.raises(InvalidInputs, match=r"cross_attention_kwargs\.scale must be a number, not "):
+        parse_request({"lora_weights": "https://x/a", "cross_attention_kwargs": {"scale": scale}})
+
+
 def test_a_textual_inversion_token_from_the_url_is_bounded_too() -> None:
     with pytest.raises(ValueError, match="longer than 100 characters"):
         GenerateRequest(textual_inversions=f"https://x/e#token={'t' * 101}")
@@ -386,9 +393,44 @@ def test_bad_ip_adapters_are_refused_naming_the_field(change: dict, fragment: st
         parse_request({"prompt": "x", "ip_adapter": IP | change})
 
 
-def test_ip_adapter_images_are_not_extra_arguments() -> None:
-    with pytest.raises(InvalidInputs, match="set by the server, not by a request: ip_adapter_image"):
-        parse_request({"prompt": "x", "extra": {"ip_adapter_image": "aGVsbG8="}})
+@pytest.mark.parametrize("name", ["ip_adapter_image", "negative_ip_adapter_image", "negative_ip_adapter_image_embeds"])
+def test_ip_adapter_images_are_not_extra_arguments(name: str) -> None:
+    """Flux's negative_ip_adapter_image reached the pipeline, a 500 (AttributeError) without an IP-Adapter loaded."""
+    with pytest.raises(InvalidInputs, match=f"set by the server, not by a request: {name}"):
+        parse_request({"prompt": "x", "extra": {name: "aGVsbG8="}})
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"extra": {"guidance_rescale": float("nan")}}, "extra: guidance_rescale is nan; numbers must be finite"),
+        ({"extra": {"sigmas": [1.0, float("inf")]}}, "extra: sigmas.1 is inf; numbers must be finite"),
+        ({"cross_attention_kwargs": '{"a": -Infinity}'}, "cross_attention_kwargs: a is -inf; numbers must be finite"),
+    ],
+    ids=["nan", "inf-in-a-list", "json-string"],
+)
+def test_numbers_passed_through_must_be_finite(fields: dict, message: str) -> None:
+    """As the request's own fields: a 1e999 guidance_rescale made a black image without an error."""
+    with pytest.raises(InvalidInputs) as caught:
+        parse_request({"prompt": "x", **fields})
+    assert caught.value.message == message
+
+
+@pytest.mark.parametrize("length", [0, -1, 513, 10**6, 1.5, "77", True])
+def test_max_sequence_length_is_bounded(length: object) -> None:
+    """PixArt checks none (10**6 asked for a terabyte), -1 was an OverflowError in SD3's and Flux's tokenizer: 500s."""
+    with pytest.raises(InvalidInputs, match=r"max_sequence_length: .* is not a whole number from 1 to 512"):
+        parse_request({"prompt": "x", "extra": {"max_sequence_length": length}})
+    assert parse_request({"prompt": "x", "extra": {"max_sequence_length": 512}}).extra["max_sequence_length"] == 512
+
+
+@pytest.mark.parametrize("given", ["scale", [1], 2], ids=["string", "list", "number"])
+@pytest.mark.parametrize("name", ["joint_attention_kwargs", "attention_kwargs"])
+def test_keyword_arguments_in_extra_must_be_an_object(name: str, given: object) -> None:
+    """diffusers calls .get() on them: SD3 and Flux answered a string there with an AttributeError, a 500."""
+    with pytest.raises(InvalidInputs, match=f"{name}: must be an object of keyword arguments"):
+        parse_request({"prompt": "x", "extra": {name: given}})
+    assert parse_request({"prompt": "x", "extra": {name: {"scale": 1}}}).extra == {name: {"scale": 1}}
 
 
 @pytest.mark.parametrize(

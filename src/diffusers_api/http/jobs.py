@@ -21,10 +21,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..errors import InvalidInputs, Unauthorized
+from ..errors import Unauthorized
 from ..events import EventQueue
 from ..jobs import END_OF_JOB, Job, events_token
 from ..schema import GenerateRequest, JobStatus
+from ..schema.request import loads_json
 from ..schema.train import TrainRequest, parse_train_request
 from .deps import EngineDep, EventsDep, JobsDep, SettingsDep, check_api_key, require_api_key
 from .openapi import JOB_LINKS, errors
@@ -73,19 +74,12 @@ async def create_training(request: Request, jobs: JobsDep, engine: EngineDep, ev
     device when its turn comes (requests sent meanwhile wait), reports `training` progress per optimizer step,
     then uploads the result to `dest_url` and/or keeps it as `trained/<name>`; its result says where it went.
     `DELETE /v1/jobs/{id}` stops it within a step."""
-    return _queued(await jobs.submit_training(engine, events, parse_train_request(_json_body(await request.body()))))
+    return _queued(await jobs.submit_training(engine, events, parse_train_request(loads_json(await request.body()))))
 
 
 def _queued(job: Job) -> JSONResponse:
     """202 with the new job's status, and its URL in `Location`."""
     return JSONResponse(job.describe(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
-
-
-def _json_body(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInputs(f"request body is not valid JSON: {exc}") from None
 
 
 @router.get("/{job_id}", response_model=JobStatus, responses=_ERRORS, summary="A job's status and result")

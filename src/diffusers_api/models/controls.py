@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InvalidInputs, ModelLoadError, ModelMismatch, ModelNotFound
 from . import archive, disk, transfer
 from .builtin import CONTROL_BUILTINS, ensure_builtin, is_builtin
-from .locations import ARCHIVE_SUFFIX, local_path, parse_model_url
+from .locations import ARCHIVE_SUFFIX, is_dir, local_path, parse_model_url
 from .sizes import module_bytes
 from .sources import DOWNLOAD_HINT, cached_or_downloaded, caused_by, not_found_errors, phase
 
@@ -94,7 +94,7 @@ def fetch_control(spec: ControlSpec, settings: Settings, timings: dict[str, floa
         return ensure_builtin(spec.source, settings.models_dir)
     _check_inside_roots(spec.source, settings)
     local = Path(spec.source).expanduser()
-    if local.is_dir():
+    if is_dir(local):
         if not (local / "config.json").is_file():
             raise ModelNotFound(f"controlnet: directory {spec.source} holds no config.json", requested=spec.source)
         return local

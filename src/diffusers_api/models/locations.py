@@ -153,6 +153,15 @@ def local_path(name: str, file: bool = False) -> Path | None:
     if scheme or is_builtin(name):
         return None
     path = Path(name).expanduser()
-    if file or path.is_absolute() or name.startswith((".", "~")) or ".." in path.parts or path.is_dir():
+    if file or path.is_absolute() or name.startswith((".", "~")) or ".." in path.parts or is_dir(path):
         return path
     return None
+
+
+def is_dir(path: Path) -> bool:
+    """`path.is_dir()`, but false where the name cannot be a directory: Path.is_dir raises for a name too long
+    (ENAMETOOLONG), which a request's model id was (a 500)."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False

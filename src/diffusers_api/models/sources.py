@@ -23,10 +23,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ModelLoadError, ModelNotFound, StorageError
+from ..errors import InvalidInputs, ModelLoadError, ModelNotFound, StorageError
 from . import archive, disk, transfer
 from .builtin import CONTROL_BUILTINS, ensure_builtin, is_builtin
-from .locations import ARCHIVE_SUFFIX, HTTPLocation, S3Location, parse_model_url
+from .locations import ARCHIVE_SUFFIX, HTTPLocation, S3Location, is_dir, parse_model_url
 from .trained import is_trained_name, trained_model_dir
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ def _from_source(spec: ModelSpec, settings: Settings, timings: dict[str, float] 
             raise ModelNotFound(f"no model {spec.model_id} was trained here ({trained})", requested=spec.model_id)
         return trained
     local = Path(spec.model_id).expanduser()
-    if local.is_dir():
+    if is_dir(local):
         if not disk.is_published(local):  # before anything in it is read: it may be any directory
             raise ModelNotFound(
                 f"model directory {spec.model_id} holds no model_index.json: it is no diffusers model",
@@ -147,6 +147,8 @@ def cached_or_downloaded(
         except (OSError, ValueError) as exc:
             if caused_by(exc, not_found_errors()):
                 raise ModelNotFound(not_found(exc), requested=requested) from exc
+            if caused_by(exc, _invalid_id_errors()):  # the hub is not asked: the name cannot be a repository's
+                raise InvalidInputs(f"{requested!r} is not a hub repository id: {exc}", requested=requested) from exc
             raise StorageError(f"hub download of {name} failed: {exc}") from exc
 
 
@@ -259,6 +261,12 @@ def not_found_errors() -> tuple[type[BaseException], ...]:
         errors.OfflineModeIsEnabled,
         errors.LocalEntryNotFoundError,
     )
+
+
+def _invalid_id_errors() -> tuple[type[BaseException], ...]:
+    from huggingface_hub import errors
+
+    return (errors.HFValidationError,)
 
 
 def caused_by(exc: BaseException | None, kinds: tuple[type[BaseException], ...]) -> bool:

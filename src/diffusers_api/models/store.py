@@ -363,6 +363,7 @@ class ModelStore:
             kwargs["dtype"] = torch_dtype(spec.precision)  # diffusers 0.42 deprecates torch_dtype=
         if spec.variant and not (spec.model_url or spec.checkpoint_url):
             kwargs["variant"] = spec.variant  # a cache entry was saved without variant suffixes
+            _check_variant(spec, directory)
         try:
             return DiffusionPipeline.from_pretrained(directory, **kwargs)
         except (OSError, ValueError) as exc:
@@ -417,3 +418,15 @@ def _make_variant(
 
 def _transfer_ms(timings: dict[str, float] | None) -> float:
     return sum(timings.get(name, 0.0) for name in TRANSFER_PHASES) if timings else 0.0
+
+
+def _check_variant(spec: ModelSpec, directory: Path) -> None:
+    """The model has weight files of the variant it is asked in (`<name>.<variant>.safetensors`): diffusers refuses
+    one that it has none of with a ValueError, which was a MODEL_LOAD_ERROR (500) though the request was at fault."""
+    marker = f".{spec.variant}."
+    if not any(marker in path.name for path in directory.rglob("*") if path.is_file()):
+        raise ModelNotFound(
+            f"model {spec.describe()}: no weight files of variant {spec.variant!r} (named like "
+            f"diffusion_pytorch_model.{spec.variant}.safetensors)",
+            requested=spec.model_id,
+        )

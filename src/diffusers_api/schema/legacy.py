@@ -4,11 +4,18 @@ request by `from_legacy`, and results back out by `to_legacy`, as the original's
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from ..errors import InvalidInputs
-from .request import _NEEDS_IMAGE, LPW_PIPELINE, GenerateRequest, is_http_url, validate_inputs
+from .request import (
+    _NEEDS_IMAGE,
+    LPW_PIPELINE,
+    GenerateRequest,
+    check_unicode,
+    is_http_url,
+    loads_json,
+    validate_inputs,
+)
 from .response import GenerateResult
 from .train import TrainRequest, TrainResult, parse_train_request
 from .upscale import UpscaleRequest, parse_upscale_request
@@ -120,10 +127,7 @@ def decode_envelope(body: bytes | str | Any) -> dict[str, Any]:
     data = body
     for _ in range(2):
         if isinstance(data, bytes | bytearray | str):
-            try:
-                data = json.loads(data)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InvalidInputs(f"request body is not valid JSON: {exc}") from None
+            data = loads_json(data)
     if not isinstance(data, dict):
         raise InvalidInputs("request body must be a JSON object with 'modelInputs' and 'callInputs'")
     return data
@@ -145,6 +149,7 @@ def _envelope_parts(envelope: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
     for key, value in (("modelInputs", model_inputs), ("callInputs", call_inputs)):
         if not isinstance(value, dict):
             raise InvalidInputs(f"{key} must be an object, got {type(value).__name__}")
+    check_unicode(envelope)  # before any of its keys is named in an error message
     return model_inputs, call_inputs
 
 
@@ -280,6 +285,7 @@ def train_from_legacy(envelope: dict[str, Any]) -> TrainRequest:
     model_inputs, call_inputs = envelope.get("modelInputs"), envelope["callInputs"]
     if not isinstance(model_inputs, dict):
         raise InvalidInputs("modelInputs must be an object holding the training arguments")
+    check_unicode(envelope)
     data: dict[str, Any] = {"train": call_inputs["train"]}
     for key, value in call_inputs.items():
         if key in _TRAIN_CALL_INPUTS:
@@ -320,7 +326,7 @@ def _prompt_options(call_inputs: dict[str, Any], data: dict[str, Any]) -> dict[s
         return options
     if call_inputs.get("PIPELINE") != LPW_PIPELINE:
         raise InvalidInputs(f"callInputs.custom_pipeline_method applies to PIPELINE {LPW_PIPELINE} only")
-    if method not in _LPW_METHODS:
+    if not isinstance(method, str) or method not in _LPW_METHODS:  # a list or an object cannot be looked up
         raise InvalidInputs(
             f"callInputs.custom_pipeline_method must be one of {', '.join(_LPW_METHODS)}, not {method!r}",
             accepted=list(_LPW_METHODS),

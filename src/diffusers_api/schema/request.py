@@ -7,6 +7,7 @@ One typed request serves HTTP, the RunPod handler and the Python client; the leg
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import parse_qs
@@ -50,6 +51,9 @@ RESERVED_CALL_ARGS = frozenset(
         "negative_pooled_prompt_embeds",
         "ip_adapter_image",
         "ip_adapter_image_embeds",
+        # Flux's image prompt for true CFG: an IP-Adapter's too, which the request's `ip_adapter` gives
+        "negative_ip_adapter_image",
+        "negative_ip_adapter_image_embeds",
     }
 )
 
@@ -68,6 +72,9 @@ _HTTP_PATTERN: JsonDict = {"pattern": "^https?://"}
 # A training's result kept in MODELS_DIR (schema/train.py): `trained/<name>`, a model id or a lora_weights entry.
 TRAINED_PREFIX = "trained/"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+# A weight-file variant (`unet/diffusion_pytorch_model.<variant>.safetensors`): a word, so that no `/` or `..` in it
+# reaches a file name; empty is none, as clients of the original send MODEL_VARIANT.
+VARIANT_PATTERN = r"^[A-Za-z0-9_-]{0,64}$"
 _LORA_PATTERN: JsonDict = {"pattern": "^(https?://|trained/)"}
 
 
@@ -99,6 +106,58 @@ def _require_http(value: str) -> str:
     if not is_http_url(value):
         raise ValueError("must be an http:// or https:// URL")
     return value
+
+
+def loads_json(text: str | bytes | bytearray, what: str = "request body") -> Any:
+    """`json.loads`, every way that JSON a client sent can fail to load as INVALID_INPUTS naming `what`: not JSON,
+    not UTF-8 (both ValueErrors), an integer of more than 4300 digits (a ValueError too), or nesting deeper than
+    the parser's recursion allows (a RecursionError, which would otherwise answer 500)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInputs(f"{what} is not valid JSON: {exc}") from None
+
+
+def valid_unicode(cls: type, data: Any) -> Any:
+    """A `mode="before"` model validator: `unicode_problem` as a validation error."""
+    problem = unicode_problem(data)
+    if problem is not None:
+        raise PydanticCustomError("unicode", problem)
+    return data
+
+
+def check_unicode(data: Any) -> None:
+    """`unicode_problem` as INVALID_INPUTS, for what is read before a model validates it (the legacy envelope)."""
+    problem = unicode_problem(data)
+    if problem is not None:
+        raise InvalidInputs(problem)
+
+
+def unicode_problem(data: Any) -> str | None:
+    """What is wrong, if a string of a request (a key too) is not Unicode that can be written as UTF-8. JSON's
+    escapes can spell half a surrogate pair ("\\ud800"), which Python reads into a string that no UTF-8 encoder
+    takes: echoed in an error message or a result it made the response a 500, and tokenizers refused it with a
+    TypeError. Iterative: a body may nest as deep as the JSON parser allows."""
+    pending: list[tuple[str, Any]] = [("", data)]
+    while pending:
+        where, value = pending.pop()
+        if isinstance(value, dict):
+            pending += [(_place(where, key), key) for key in value]
+            pending += [(_place(where, key), item) for key, item in value.items()]
+        elif isinstance(value, list):
+            pending += [(_place(where, index), item) for index, item in enumerate(value)]
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                value.encode()
+            except UnicodeEncodeError as exc:
+                lone = value[exc.start].encode("utf-8", "backslashreplace").decode()
+                return f"{where or 'body'}: not valid Unicode (a lone surrogate, {lone}); send UTF-8 text"
+    return None
+
+
+def _place(where: str, key: object) -> str:
+    name = str(key).encode("utf-8", "backslashreplace").decode()
+    return f"{where}.{name}" if where else name
 
 
 def optional_http_url(value: str | None) -> str | None:
@@ -230,7 +289,11 @@ class GenerateRequest(BaseModel):
     model: str | None = Field(None, description="Model id (MODEL_ID); defaults to the served model")
     hf_model_id: str | None = Field(None, description="Hub repository when `model` is only an alias")
     revision: str | None = Field(None, description="MODEL_REVISION")
-    variant: str | None = Field(None, description="MODEL_VARIANT (weight-file variant, e.g. fp16)")
+    variant: str | None = Field(
+        None,
+        pattern=VARIANT_PATTERN,
+        description="MODEL_VARIANT (weight-file variant, e.g. fp16: the weight files' names hold it)",
+    )
     precision: Literal["", "fp16", "bf16", "fp32"] | None = Field(
         None, description="MODEL_PRECISION; defaults to the served model's"
     )
@@ -317,6 +380,7 @@ class GenerateRequest(BaseModel):
     callback_steps: int | None = Field(None, ge=1, le=1000, description="A progress event every N steps")
 
     _http_url = field_validator("send_url")(optional_http_url)
+    _unicode = model_validator(mode="before")(valid_unicode)
 
     @field_validator("controlnet", mode="before")
     @classmethod
@@ -349,11 +413,11 @@ class GenerateRequest(BaseModel):
             if "scale" in kwargs:  # it would mean nothing (and diffusers' text encoder scaling fails without LoRAs)
                 raise ValueError("cross_attention_kwargs.scale weighs LoRA weights, and this request names none")
             return self
-        given = kwargs.pop("scale", None)
+        given = _kwargs_scale(kwargs.pop("scale", None))
         for lora in self.lora_weights:
             if lora.scale is None:
                 fragment = lora.fragment_scale
-                lora.scale = float(given) if given is not None else (fragment if fragment is not None else 1.0)
+                lora.scale = given if given is not None else (fragment if fragment is not None else 1.0)
             if not -8 <= lora.scale <= 8:
                 raise ValueError(f"the scale of LoRA {lora.url} is {lora.scale}; it must be between -8 and 8")
         self.cross_attention_kwargs = kwargs or None
@@ -390,9 +454,25 @@ class GenerateRequest(BaseModel):
         # The original accepted a JSON string here; keep accepting it.
         if isinstance(value, str):
             try:
-                return json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"not valid JSON: {exc.msg}") from exc
+                return loads_json(value, "the string")
+            except InvalidInputs as exc:
+                raise ValueError(exc.message) from None
+        return value
+
+    @field_validator("extra", "cross_attention_kwargs")
+    @classmethod
+    def _finite_numbers(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """NaN and infinities are refused in the passed-through arguments as in the request's own fields
+        (allow_inf_nan=False): `guidance_rescale: 1e999` there made a black image without an error."""
+        pending: list[tuple[str, Any]] = list((value or {}).items())
+        while pending:
+            where, given = pending.pop()
+            if isinstance(given, float) and not math.isfinite(given):
+                raise PydanticCustomError("finite_number", f"{where} is {given}; numbers must be finite")
+            if isinstance(given, dict):
+                pending += [(f"{where}.{key}", item) for key, item in given.items()]
+            elif isinstance(given, list):
+                pending += [(f"{where}.{index}", item) for index, item in enumerate(given)]
         return value
 
     @field_validator("extra")
@@ -407,12 +487,50 @@ class GenerateRequest(BaseModel):
         fields = sorted(cls.model_fields.keys() & value.keys())
         if fields:
             raise ValueError(f"{', '.join(fields)}: fields of the request; give them as such, not in extra")
+        # diffusers reads its `*_kwargs` (SD3's and Flux's joint_attention_kwargs, PixArt's and others'
+        # attention_kwargs) with .get() unchecked: a string there was an AttributeError, a 500.
+        not_objects = sorted(
+            name for name, given in value.items() if name.endswith("_kwargs") and not _is_object(given)
+        )
+        if not_objects:
+            raise ValueError(f"{', '.join(not_objects)}: must be an object of keyword arguments (or null)")
+        _check_sequence_length(value.get("max_sequence_length"))
         return value
 
     @property
     def image_count(self) -> int:
         prompts = len(self.prompt) if isinstance(self.prompt, list) else 1
         return prompts * self.num_images_per_prompt
+
+
+# T5's longest prompt in tokens, as diffusers' SD3 and Flux pipelines bound `max_sequence_length`.
+MAX_SEQUENCE_LENGTH = 512
+
+
+def _check_sequence_length(length: object) -> None:
+    """`max_sequence_length` (an `extra` argument of the T5 families) is a whole number from 1 to 512. PixArt checks
+    none: its attention over 10**6 tokens asked for a terabyte; -1 was an OverflowError in the tokenizer (500s)."""
+    if length is None:
+        return
+    if isinstance(length, bool) or not isinstance(length, int) or not 1 <= length <= MAX_SEQUENCE_LENGTH:
+        raise ValueError(f"max_sequence_length: {length!r} is not a whole number from 1 to {MAX_SEQUENCE_LENGTH}")
+
+
+def _is_object(value: object) -> bool:
+    return value is None or isinstance(value, dict)
+
+
+def _kwargs_scale(given: object) -> float | None:
+    """`cross_attention_kwargs.scale` as a number: float() of a list or an object was a TypeError, which pydantic
+    does not report as a validation error (a 500)."""
+    if given is None:
+        return None
+    try:
+        if isinstance(given, bool) or not isinstance(given, int | float | str):
+            raise TypeError
+        return float(given)
+    except (TypeError, ValueError):
+        raise ValueError(f"cross_attention_kwargs.scale must be a number, not {given!r}") from None
 
 
 def parse_request(data: Any) -> GenerateRequest:

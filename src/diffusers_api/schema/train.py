@@ -13,7 +13,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from ..errors import InvalidInputs
-from .request import _HTTP_PATTERN, NAME_PATTERN, TRAINED_PREFIX, _require_http, is_trained_name, validate_inputs
+from .request import (
+    _HTTP_PATTERN,
+    NAME_PATTERN,
+    TRAINED_PREFIX,
+    VARIANT_PATTERN,
+    _require_http,
+    is_trained_name,
+    valid_unicode,
+    validate_inputs,
+)
 
 __all__ = ["TRAINED_PREFIX", "TrainRequest", "TrainResult", "is_trained_name", "parse_train_request"]
 
@@ -55,6 +64,7 @@ class TrainRequest(BaseModel):
     # No example in the schema: /docs would offer one that runs (tests/integration/test_openapi_examples.py), and
     # a training needs real images and somewhere to put its result. The README has one.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    _unicode = model_validator(mode="before")(valid_unicode)
 
     train: Literal["dreambooth"] = Field("dreambooth", description="The method (the legacy callInputs.train)")
     train_mode: TrainMode = Field("lora", description="lora: a LoRA of the UNet's attention; full: the whole UNet")
@@ -63,7 +73,7 @@ class TrainRequest(BaseModel):
     model: str | None = Field(None, description="Model id (MODEL_ID); defaults to the served model")
     hf_model_id: str | None = Field(None, description="Hub repository when `model` is only an alias")
     revision: str | None = Field(None, description="MODEL_REVISION")
-    variant: str | None = Field(None, description="MODEL_VARIANT")
+    variant: str | None = Field(None, pattern=VARIANT_PATTERN, description="MODEL_VARIANT")
     precision: Literal["", "fp16", "bf16", "fp32"] | None = Field(None, description="MODEL_PRECISION")
     model_url: str | None = Field(None, description="MODEL_URL: cloud-cache archive of the model trained")
     checkpoint_url: str | None = Field(None, description="CHECKPOINT_URL of the model trained")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from .request import _HTTP_PATTERN, ImageFormat, optional_http_url, upper_image_format, validate_inputs
+from .request import _HTTP_PATTERN, ImageFormat, optional_http_url, upper_image_format, valid_unicode, validate_inputs
 from .response import EncodedImage, GenerateResult, ImagesResponse
 
 DEFAULT_UPSCALER = "RealESRGAN_x4plus"
@@ -31,6 +31,8 @@ class UpscaleRequest(BaseModel):
             "examples": [{"image": _EXAMPLE_IMAGE, "model": "builtin/tiny-upscaler"}],
         },
     )
+
+    _unicode = model_validator(mode="before")(valid_unicode)
 
     image: str = Field(min_length=1, description="The image to upscale: base64 or a data URI")
     model: str = Field(
