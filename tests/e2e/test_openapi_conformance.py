@@ -56,7 +56,8 @@ DRAWN = settings(
 
 @pytest.fixture(scope="module")
 def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    env = {"MAX_BATCH_SIZE": "4", "PROGRESS_INTERVAL_S": "0"}
+    # DRAIN_TIMEOUT_S: the jobs the state machine leaves running are cancelled at the end, not waited for (seconds)
+    env = {"MAX_BATCH_SIZE": "4", "PROGRESS_INTERVAL_S": "0", "DRAIN_TIMEOUT_S": "0"}
     with serving(models_dir, tmp_path_factory.mktemp("conformance") / "server.log", env) as process:
         yield process
 
