@@ -258,44 +258,39 @@ def _fitted(image: Image.Image, resolution: int) -> Image.Image:
 
 def _trainable_unet(unet: Any, request: TrainRequest) -> Any:
     """A float32 copy of the model's UNet: with a LoRA on its attention (only the LoRA trains), or whole."""
-    import torch
-
-    trainable = copy.deepcopy(unet).to(torch.float32)
-    if request.train_mode == "lora":
-        from peft import LoraConfig
-
-        trainable.requires_grad_(False)
-        config = LoraConfig(
-            r=request.rank, lora_alpha=request.rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS
-        )
-        trainable.add_adapter(config)
-    else:
-        trainable.requires_grad_(True)
-    if request.gradient_checkpointing:
-        trainable.enable_gradient_checkpointing()
-    trainable.train()
-    return trainable
+    return _trainable(unet, request, LORA_TARGETS, lambda module, config: module.add_adapter(config))
 
 
 def _trainable_text_encoder(encoder: Any, request: TrainRequest) -> Any:
     """A float32 copy of the model's text encoder: with a LoRA on its attention (q, k, v and out projections), or
     whole, as diffusers' example trains it beside the UNet."""
+    from peft import inject_adapter_in_model
+
+    # peft's own injection: transformers' `add_adapter` wants a newer peft than diffusers' LoRA code needs
+    return _trainable(
+        encoder, request, TEXT_LORA_TARGETS, lambda module, config: inject_adapter_in_model(config, module)
+    )
+
+
+def _trainable(module: Any, request: TrainRequest, targets: list[str], add_lora: Callable[[Any, Any], Any]) -> Any:
+    """A float32 copy of `module` in training mode: frozen with a LoRA on `targets` (`add_lora(copy, config)`) for
+    train_mode lora, else whole; with gradient checkpointing where asked (diffusers' and transformers' names)."""
     import torch
 
-    trainable = copy.deepcopy(encoder).to(torch.float32)
+    trainable = copy.deepcopy(module).to(torch.float32)
     if request.train_mode == "lora":
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig
 
         trainable.requires_grad_(False)
         config = LoraConfig(
-            r=request.rank, lora_alpha=request.rank, init_lora_weights="gaussian", target_modules=TEXT_LORA_TARGETS
+            r=request.rank, lora_alpha=request.rank, init_lora_weights="gaussian", target_modules=targets
         )
-        # peft's own injection: transformers' `add_adapter` wants a newer peft than diffusers' LoRA code needs
-        inject_adapter_in_model(config, trainable)
+        add_lora(trainable, config)
     else:
         trainable.requires_grad_(True)
     if request.gradient_checkpointing:
-        trainable.gradient_checkpointing_enable()
+        enable = getattr(trainable, "enable_gradient_checkpointing", None) or trainable.gradient_checkpointing_enable
+        enable()
     trainable.train()
     return trainable
 
